@@ -1,0 +1,48 @@
+# mlres_jax: set-up, the main job and the tests.
+#   make run    installs everything and trains the Fashion-MNIST multi-level config
+#   make test   installs everything and runs the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
+WORKDIR ?= runs/fashion_mnist
+
+.PHONY: install data run test test-slow clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Fashion-MNIST from Debian's package (SPEC §4). Elsewhere: download the four
+# IDX .gz files from https://github.com/zalandoresearch/fashion-mnist and pass
+# --config.fashion_mnist_dir=FOLDER.
+data:
+	@if [ -f $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  echo "Fashion-MNIST found in $(FASHION_MNIST_DIR)"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y dataset-fashion-mnist || \
+	  { $$SUDO apt-get update && $$SUDO apt-get install -y dataset-fashion-mnist; }; \
+	else \
+	  echo "No apt-get here: download the four Fashion-MNIST IDX .gz files from"; \
+	  echo "https://github.com/zalandoresearch/fashion-mnist and pass --config.fashion_mnist_dir=FOLDER"; \
+	  exit 1; \
+	fi
+
+run: install data
+	$(BIN)/python -m mlres_jax.main --config=configs/fashion_mnist.py --workdir=$(WORKDIR)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-slow: install data
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,17 @@
+"""ResNet-50 (fixed depth, 8-8-8 blocks, h = 1, learning rate restarted at epochs 60 and 110).
+
+Paper Table 3. Run:
+
+    python -m mlres_jax.main --config=configs/resnet50.py --workdir=runs/resnet50
+    (add --config.dataset=cifar100 or --config.dataset=stl10 to switch data)
+"""
+
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.width = 16
+    config.stage_sizes = (8, 8, 8)
+    config.multilevel = False
+    return config

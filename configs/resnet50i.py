@@ -1,0 +1,17 @@
+"""ResNet-50-i (multi-level, 2-2-2 -> 4-4-4 -> 8-8-8 blocks, h 1 -> 0.5 -> 0.25).
+
+Paper Table 3. Run:
+
+    python -m mlres_jax.main --config=configs/resnet50i.py --workdir=runs/resnet50i
+    (add --config.dataset=cifar100 or --config.dataset=stl10 to switch data)
+"""
+
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.width = 16
+    config.stage_sizes = (2, 2, 2)
+    config.multilevel = True
+    return config

@@ -1,0 +1,17 @@
+"""WResNet-122-i (multi-level, 5-5-5 -> 10-10-10 -> 20-20-20 blocks, h 1 -> 0.5 -> 0.25).
+
+Paper Table 4. Run:
+
+    python -m mlres_jax.main --config=configs/wrn122i.py --workdir=runs/wrn122i
+    (add --config.dataset=cifar100 or --config.dataset=stl10 to switch data)
+"""
+
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.width = 32
+    config.stage_sizes = (5, 5, 5)
+    config.multilevel = True
+    return config

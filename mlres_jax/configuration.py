@@ -1,0 +1,143 @@
+"""Checks a run's ConfigDict and fills in the fields derived from the data set.
+
+`resolve` is called before any data is loaded or model built, so a wrong value
+costs the user seconds, not a compile. Every message names the field, the
+value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ml_collections
+
+from mlres_jax import input_pipeline, multilevel
+
+# Paper Sec. 5.2: mini-batch 100 for CIFAR, 32 for STL-10. Fashion-MNIST is
+# not in the paper; it uses CIFAR's 100.
+PAPER_BATCH_SIZES = {"cifar10": 100, "cifar100": 100, "stl10": 32, "fashion_mnist": 100}
+
+MOMENTUM_AT_INTERPOLATION = ("interpolate", "reset")
+
+
+class ConfigError(ValueError):
+    """A config field has a value that is not allowed."""
+
+
+def _fail(field: str, value: Any, allowed: str):
+    raise ConfigError(f"config.{field} = {value!r} is not allowed: {allowed}")
+
+
+def _positive_number(config, field: str):
+    value = config[field]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value > 0):
+        _fail(field, value, "it must be a finite number > 0")
+
+
+def _positive_integer(config, field: str, allow_derived: bool = False):
+    value = config[field]
+    if allow_derived and value == -1:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        extra = " (or -1 to derive it from the data set)" if allow_derived else ""
+        _fail(field, value, f"it must be an integer > 0{extra}")
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Validates ``config`` and returns a copy with derived fields filled in.
+
+    Derived: ``batch_size`` (-1 -> the paper's for the data set),
+    ``crop_padding`` (-1 -> SPEC §4's for the data set), ``data_dir``
+    ('' -> None).
+
+    Args:
+      config: a config from ``configs/*.py``, possibly overridden.
+
+    Returns:
+      A new, unlocked ConfigDict; the input is not changed.
+
+    Raises:
+      ConfigError: naming the first field whose value is not allowed.
+    """
+    config = ml_collections.ConfigDict(config.to_dict())
+
+    if config.dataset not in input_pipeline.DATASETS:
+        _fail("dataset", config.dataset,
+              f"known data sets are {sorted(input_pipeline.DATASETS)}")
+    info = input_pipeline.DATASETS[config.dataset]
+
+    sizes = config.stage_sizes
+    if (not isinstance(sizes, (tuple, list)) or not sizes or any(
+            isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes)):
+        _fail("stage_sizes", sizes,
+              "it must be a non-empty tuple of integers >= 1, e.g. (2, 2, 2)")
+    config.stage_sizes = tuple(sizes)
+    _positive_integer(config, "width")
+    _positive_number(config, "step_size")
+
+    if not isinstance(config.multilevel, bool):
+        _fail("multilevel", config.multilevel, "it must be True or False")
+    if config.interpolation_rule not in multilevel.INTERPOLATION_RULES:
+        _fail("interpolation_rule", config.interpolation_rule,
+              f"known rules are {sorted(multilevel.INTERPOLATION_RULES)}")
+    if config.momentum_at_interpolation not in MOMENTUM_AT_INTERPOLATION:
+        _fail("momentum_at_interpolation", config.momentum_at_interpolation,
+              f"it must be one of {list(MOMENTUM_AT_INTERPOLATION)}")
+
+    _positive_number(config, "num_epochs")
+    boundaries = config.cycle_boundaries
+    if not isinstance(boundaries, (tuple, list)) or any(
+            isinstance(b, bool) or not isinstance(b, (int, float)) for b in boundaries):
+        _fail("cycle_boundaries", boundaries,
+              "it must be a tuple of epochs, e.g. (60, 110), or () for one cycle")
+    edges = [0, *boundaries, config.num_epochs]
+    if any(b <= a for a, b in zip(edges[:-1], edges[1:])):
+        _fail("cycle_boundaries", boundaries,
+              f"epochs must increase strictly inside (0, num_epochs = "
+              f"{config.num_epochs})")
+    config.cycle_boundaries = tuple(float(b) for b in boundaries)
+    if config.multilevel and config.cycle_boundaries:
+        minimum = min(sizes)
+        if config.interpolation_rule == "paper" and minimum < 2:
+            _fail("stage_sizes", sizes,
+                  "the paper's interpolation rule needs at least 2 blocks in "
+                  "every stage (the block after the first copies the second, "
+                  "paper App. B)")
+
+    _positive_number(config, "learning_rate_max")
+    _positive_number(config, "learning_rate_min")
+    if config.learning_rate_min > config.learning_rate_max:
+        _fail("learning_rate_min", config.learning_rate_min,
+              f"it must not exceed learning_rate_max = {config.learning_rate_max}")
+    for field in ("momentum", "weight_decay"):
+        value = config[field]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                0 <= value < 1):
+            _fail(field, value, "it must be a number in [0, 1)")
+
+    _positive_integer(config, "batch_size", allow_derived=True)
+    if config.batch_size == -1:
+        config.batch_size = PAPER_BATCH_SIZES[config.dataset]
+    if config.batch_size > info.num_train:
+        _fail("batch_size", config.batch_size,
+              f"it must not exceed the {info.num_train} training examples of "
+              f"{config.dataset}")
+    _positive_integer(config, "eval_batch_size")
+
+    padding = config.crop_padding
+    if padding == -1:
+        config.crop_padding = info.padding
+    elif isinstance(padding, bool) or not isinstance(padding, int) or not (
+            0 <= padding <= min(info.image_shape[:2])):
+        _fail("crop_padding", padding,
+              f"it must be -1 (derive), or an integer in [0, "
+              f"{min(info.image_shape[:2])}] pixels")
+
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
+        _fail("seed", config.seed, "it must be an integer >= 0")
+    _positive_number(config, "eval_every_epochs")
+    _positive_integer(config, "log_every_steps")
+    config.data_dir = config.data_dir or None
+    return config

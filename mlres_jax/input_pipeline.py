@@ -1,0 +1,585 @@
+"""Data loading, batching and augmentation (SPEC §4, paper App. A).
+
+The paper trains on CIFAR-10, CIFAR-100 and STL-10 with zero padding, a random
+crop back to the original size, a random horizontal flip and per-image
+standardisation; evaluation uses the test split with standardisation only.
+
+Data sources:
+
+* ``cifar10``, ``cifar100``, ``stl10``: tensorflow-datasets ArrayRecord files
+  read through ``tfds.data_source`` (random access, no TensorFlow needed).
+  These cannot be downloaded on the project's machines; they have to be
+  prepared elsewhere with ``tfds build`` (which does need TensorFlow).
+* ``fashion_mnist``: the gzip-compressed IDX files of the Debian package
+  ``dataset-fashion-mnist``, read by :func:`read_idx`. This is the real data
+  set that is available offline (SPEC §4); it is not part of the paper.
+
+Whole splits are held in memory as numpy arrays (the largest, CIFAR train, is
+50000 x 32 x 32 x 3 bytes = 153.6 MB). Augmentation is pure JAX so that it runs
+inside the jitted train step on the accelerator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSetInfo:
+    """Static description of a data set.
+
+    Attributes:
+        name: key in :data:`DATASETS` (and the tfds name of the tfds ones).
+        image_shape: (H, W, C) of every image.
+        num_classes: labels are in [0, num_classes).
+        num_train: number of training examples of the real data set.
+        num_test: number of test examples of the real data set.
+        padding: zero-padding pixels on each side before the random crop
+            (SPEC §4 / paper App. A: 4 for CIFAR, 12 for STL-10;
+            Fashion-MNIST is not in the paper, 2 is this project's choice for
+            its 28x28 images).
+        test_split: tfds split name of the test set.
+    """
+
+    name: str
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    num_train: int
+    num_test: int
+    padding: int
+    test_split: str = "test"
+
+
+# SPEC §4 table (paper App. A); Fashion-MNIST counts from its README.
+DATASETS: dict[str, DataSetInfo] = {
+    "cifar10": DataSetInfo(
+        name="cifar10", image_shape=(32, 32, 3), num_classes=10,
+        num_train=50_000, num_test=10_000, padding=4, test_split="test"),
+    "cifar100": DataSetInfo(
+        name="cifar100", image_shape=(32, 32, 3), num_classes=100,
+        num_train=50_000, num_test=10_000, padding=4, test_split="test"),
+    "stl10": DataSetInfo(
+        name="stl10", image_shape=(96, 96, 3), num_classes=10,
+        num_train=5_000, num_test=8_000, padding=12, test_split="test"),
+    "fashion_mnist": DataSetInfo(
+        name="fashion_mnist", image_shape=(28, 28, 1), num_classes=10,
+        num_train=60_000, num_test=10_000, padding=2, test_split="test"),
+}
+
+_TFDS_DATASETS = ("cifar10", "cifar100", "stl10")
+_TRAIN_SPLIT = "train"
+
+DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+# File names of the original Fashion-MNIST release (and of the Debian package).
+_FASHION_MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+
+# Number of records fetched per ``__getitems__`` call when reading tfds data.
+_READ_CHUNK = 1024
+
+
+class DataSetUnavailableError(Exception):
+    """The data set's files are not on this machine.
+
+    The message names the data set, where it looked, and how to make it
+    available.
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSet:
+    """A whole data set in memory.
+
+    Attributes:
+        info: static description.
+        train_images: uint8[N, H, W, C].
+        train_labels: int32[N].
+        test_images: uint8[M, H, W, C].
+        test_labels: int32[M].
+    """
+
+    info: DataSetInfo
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+
+# ---------------------------------------------------------------------------
+# Loading.
+# ---------------------------------------------------------------------------
+
+
+def _info(name: str) -> DataSetInfo:
+    """Returns DATASETS[name]; ValueError listing the known names otherwise."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown data set {name!r}; known data sets: "
+            f'{", ".join(sorted(DATASETS))}.') from None
+
+
+def _tfds_dir_description(data_dir: str | None) -> str:
+    if data_dir is not None:
+        return data_dir
+    import tensorflow_datasets as tfds  # Lazy: slow to import.
+    return (f"tfds's default data dir {tfds.core.constants.DATA_DIR} "
+            "(~/tensorflow_datasets unless $TFDS_DATA_DIR is set)")
+
+
+def _tfds_unavailable(name: str, split: str, data_dir: str | None,
+                      cause: str) -> DataSetUnavailableError:
+    where = _tfds_dir_description(data_dir)
+    dir_arg = data_dir if data_dir is not None else "DIR"
+    return DataSetUnavailableError(
+        f"Data set {name!r} (split {split!r}) is not prepared in {where}: "
+        f"{cause}\n"
+        "To make it available, on a machine with internet access and "
+        "TensorFlow (pip install -e '.[prepare]'), run\n"
+        f"  tfds build {name} --file_format=array_record "
+        f"--data_dir={dir_arg}\n"
+        f"copy that folder to {dir_arg} on this machine if needed, and pass "
+        f"--config.data_dir={dir_arg}.")
+
+
+def _tfds_source(name: str, split: str, data_dir: str | None) -> Any:
+    """Opens a tfds ArrayRecord data source (lazy; no records are read).
+
+    Raises:
+        DataSetUnavailableError: tfds cannot open it or it has no records.
+    """
+    import tensorflow_datasets as tfds  # Lazy: slow to import.
+    try:
+        source = tfds.data_source(
+            name, split=split, data_dir=data_dir, download=False)
+        length = len(source)
+    except Exception as e:
+        # A missing folder gives e.g. NotImplementedError('Random access data
+        # source for file format FileFormat.TFRECORD is not supported') or
+        # KeyError('... `splits` is empty'); both only mean "not prepared".
+        # tfds's wording is misleading there, so name the missing folder.
+        root = tfds.core.constants.DATA_DIR if data_dir is None else data_dir
+        folder = os.path.join(os.path.expanduser(root), name)
+        if not os.path.isdir(folder):
+            cause = f"there is no folder {folder}."
+        else:
+            cause = f"tfds cannot open it ({type(e).__name__}: {e})."
+        raise _tfds_unavailable(name, split, data_dir, cause) from e
+    if length == 0:
+        raise _tfds_unavailable(
+            name, split, data_dir, "the split has 0 records.")
+    return source
+
+
+def _read_records(source: Any, indices: Sequence[int]) -> list[dict[str, Any]]:
+    """Reads records `indices` in one batch, else one by one.
+
+    ``__getitems__`` batches the ArrayRecord reads; under
+    ``tfds.testing.mock_data`` it is broken (TypeError), so fall back to
+    per-index access there.
+    """
+    try:
+        records = source.__getitems__(list(indices))
+        if len(records) == len(indices):
+            return list(records)
+    except (TypeError, AttributeError, NotImplementedError):
+        pass
+    return [source[int(i)] for i in indices]
+
+
+def _read_tfds_split(info: DataSetInfo, split: str,
+                     data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """Reads a whole tfds split into uint8[N, H, W, C] images, int32[N] labels.
+
+    Raises:
+        DataSetUnavailableError: the split is not prepared.
+        ValueError: an image has the wrong shape.
+    """
+    source = _tfds_source(info.name, split, data_dir)
+    n = len(source)
+    images = np.empty((n, *info.image_shape), np.uint8)
+    labels = np.empty((n,), np.int64)
+    for start in range(0, n, _READ_CHUNK):
+        indices = range(start, min(start + _READ_CHUNK, n))
+        for i, record in zip(indices, _read_records(source, indices)):
+            image = np.asarray(record["image"])
+            if image.shape != info.image_shape:
+                raise ValueError(
+                    f"Data set {info.name!r} split {split!r} record {i}: "
+                    f"image shape {image.shape} != expected "
+                    f"{info.image_shape}.")
+            images[i] = image
+            labels[i] = int(record["label"])
+    logging.info("Read %d records of %s/%s.", n, info.name, split)
+    return images, labels.astype(np.int32)
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Reads an IDX file (the MNIST/Fashion-MNIST format), gzip or plain.
+
+    Format (http://yann.lecun.com/exdb/mnist/): magic = 2 zero bytes, a type
+    byte (0x08 = unsigned byte, the only type supported here) and the number of
+    dimensions d; then d big-endian uint32 sizes; then the data, row-major.
+    Gzip is detected by the file's first two bytes (1f 8b), not by its name.
+
+    Args:
+        path: file to read.
+
+    Returns:
+        uint8 array with the shape given in the header.
+
+    Raises:
+        ValueError: bad magic number, unsupported type, or data size that
+            does not match the header (the message names the file).
+        OSError: the file cannot be read.
+    """
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise ValueError(f"{path}: corrupt gzip data: {e}") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise ValueError(
+            f"{path}: bad IDX magic number {raw[:4].hex()!r} (expected 0000 "
+            "then type and rank bytes).")
+    type_code, ndim = raw[2], raw[3]
+    if type_code != 0x08:
+        raise ValueError(
+            f"{path}: IDX data type 0x{type_code:02x} is not supported (only "
+            "0x08, unsigned byte).")
+    header_len = 4 + 4 * ndim
+    if len(raw) < header_len:
+        raise ValueError(f"{path}: IDX header truncated ({len(raw)} bytes).")
+    shape = tuple(int(s) for s in
+                  np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    expected = int(np.prod(shape, dtype=np.int64))
+    actual = len(raw) - header_len
+    if actual != expected:
+        raise ValueError(
+            f"{path}: IDX header shape {shape} needs {expected} data bytes, "
+            f"file has {actual}.")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(shape)
+
+
+def _fashion_mnist_paths(fashion_mnist_dir: str) -> dict[str, str]:
+    return {k: os.path.join(fashion_mnist_dir, v)
+            for k, v in _FASHION_MNIST_FILES.items()}
+
+
+def _check_fashion_mnist(fashion_mnist_dir: str) -> dict[str, str]:
+    """Returns the four file paths; DataSetUnavailableError if one is missing.
+
+    Raises:
+        DataSetUnavailableError: a file is missing.
+    """
+    paths = _fashion_mnist_paths(fashion_mnist_dir)
+    missing = [os.path.basename(p) for p in paths.values()
+               if not os.path.isfile(p)]
+    if missing:
+        raise DataSetUnavailableError(
+            f"Data set 'fashion_mnist' is not in {fashion_mnist_dir}: "
+            f"missing {', '.join(missing)}.\n"
+            "To make it available, on Debian/Ubuntu run\n"
+            "  sudo apt-get install dataset-fashion-mnist\n"
+            f"(installs to {DEFAULT_FASHION_MNIST_DIR}), or download the four "
+            "files " + ", ".join(_FASHION_MNIST_FILES.values()) +
+            " from https://github.com/zalandoresearch/fashion-mnist into a "
+            "folder DIR and pass --config.fashion_mnist_dir=DIR.")
+    return paths
+
+
+def _load_fashion_mnist(fashion_mnist_dir: str) -> DataSet:
+    """Reads Fashion-MNIST from the IDX files in `fashion_mnist_dir`.
+
+    tfds's own ``fashion_mnist`` builder finds the Debian package's files (as
+    ``manual_dir``) but rejects them: Debian recompressed them, so the archive
+    checksums differ from those tfds registers (SPEC §4). Hence this reader.
+    """
+    paths = _check_fashion_mnist(fashion_mnist_dir)
+    arrays = {k: read_idx(p) for k, p in paths.items()}
+    out = {}
+    for split in ("train", "test"):
+        images = arrays[f"{split}_images"]
+        labels = arrays[f"{split}_labels"]
+        if images.ndim != 3 or labels.ndim != 1:
+            raise ValueError(
+                f"Data set 'fashion_mnist': {paths[split + '_images']} has "
+                f"shape {images.shape} (want [N, 28, 28]) and "
+                f"{paths[split + '_labels']} has shape {labels.shape} "
+                "(want [N]).")
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"Data set 'fashion_mnist' {split}: {images.shape[0]} images "
+                f"but {labels.shape[0]} labels.")
+        out[f"{split}_images"] = images[..., np.newaxis]
+        out[f"{split}_labels"] = labels.astype(np.int32)
+    return DataSet(info=DATASETS["fashion_mnist"], **out)
+
+
+def _validate(ds: DataSet) -> None:
+    """Checks image shapes/dtypes and label ranges (not counts: mock data).
+
+    Raises:
+        ValueError: naming the data set and what is wrong.
+    """
+    info = ds.info
+    for split in ("train", "test"):
+        images = getattr(ds, f"{split}_images")
+        labels = getattr(ds, f"{split}_labels")
+        if images.dtype != np.uint8 or images.shape[1:] != info.image_shape:
+            raise ValueError(
+                f"Data set {info.name!r} {split}: images are {images.dtype}"
+                f"{list(images.shape)}, expected uint8[N, "
+                f'{", ".join(map(str, info.image_shape))}].')
+        if labels.shape != (images.shape[0],):
+            raise ValueError(
+                f"Data set {info.name!r} {split}: labels shape {labels.shape} "
+                f"does not match {images.shape[0]} images.")
+        if labels.size and (labels.min() < 0
+                            or labels.max() >= info.num_classes):
+            raise ValueError(
+                f"Data set {info.name!r} {split}: labels in [{labels.min()}, "
+                f"{labels.max()}], expected [0, {info.num_classes}).")
+
+
+def check_available(name: str, *, data_dir: str | None = None,
+                    fashion_mnist_dir: str = DEFAULT_FASHION_MNIST_DIR
+                    ) -> None:
+    """Cheaply checks that `load(name, ...)` will find the data.
+
+    Opens the data sources or looks for the files; reads no records.
+
+    Args:
+        name: a key of :data:`DATASETS`.
+        data_dir: tfds data dir for cifar10/cifar100/stl10 (None: tfds default).
+        fashion_mnist_dir: folder with the Fashion-MNIST IDX files.
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+        DataSetUnavailableError: the data is not there (the message says how
+            to get it).
+    """
+    info = _info(name)
+    if name == "fashion_mnist":
+        _check_fashion_mnist(fashion_mnist_dir)
+        return
+    assert name in _TFDS_DATASETS, name
+    for split in (_TRAIN_SPLIT, info.test_split):
+        _tfds_source(name, split, data_dir)
+
+
+def load(name: str, *, data_dir: str | None = None,
+         fashion_mnist_dir: str = DEFAULT_FASHION_MNIST_DIR) -> DataSet:
+    """Loads the whole train and test split of a data set into memory.
+
+    Args:
+        name: a key of :data:`DATASETS`.
+        data_dir: tfds data dir for cifar10/cifar100/stl10 (None: tfds default).
+        fashion_mnist_dir: folder with the Fashion-MNIST IDX files.
+
+    Returns:
+        DataSet with images uint8[N, H, W, C] and labels int32[N].
+
+    Raises:
+        ValueError: unknown name, or data with a wrong image shape or labels
+            outside [0, num_classes).
+        DataSetUnavailableError: the data is not there.
+    """
+    info = _info(name)
+    if name == "fashion_mnist":
+        ds = _load_fashion_mnist(fashion_mnist_dir)
+    else:
+        train_images, train_labels = _read_tfds_split(
+            info, _TRAIN_SPLIT, data_dir)
+        test_images, test_labels = _read_tfds_split(
+            info, info.test_split, data_dir)
+        ds = DataSet(info=info, train_images=train_images,
+                     train_labels=train_labels, test_images=test_images,
+                     test_labels=test_labels)
+    _validate(ds)
+    return ds
+
+
+# ---------------------------------------------------------------------------
+# Batching (host side, numpy).
+# ---------------------------------------------------------------------------
+
+
+def train_batch_indices(num_examples: int, batch_size: int, seed: int,
+                        epoch: int) -> np.ndarray:
+    """Shuffled example indices for one training epoch.
+
+    A fresh permutation per epoch from
+    ``np.random.default_rng([seed, epoch])``, so the order depends only on
+    (seed, epoch) (resumable). The last ``num_examples % batch_size`` examples
+    of the permutation are dropped so all batches have the same shape; with
+    ``num_examples < batch_size`` the result has zero rows.
+
+    Args:
+        num_examples: size of the training set, >= 0.
+        batch_size: examples per step, > 0.
+        seed: non-negative seed.
+        epoch: non-negative epoch number.
+
+    Returns:
+        int64[num_examples // batch_size, batch_size], each index at most once.
+
+    Raises:
+        ValueError: batch_size <= 0, num_examples < 0, or a negative seed/epoch.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    if num_examples < 0:
+        raise ValueError(f"num_examples must be >= 0, got {num_examples}.")
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"seed and epoch must be >= 0, got {seed}, {epoch}.")
+    perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    steps = num_examples // batch_size
+    return perm[:steps * batch_size].reshape(steps, batch_size)
+
+
+def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Batches a whole evaluation set in order, padding the last batch.
+
+    Every example appears exactly once with mask True; the last batch is
+    filled up to `batch_size` with zero images, label 0 and mask False, so all
+    batches have one static shape (one compilation of the eval step).
+
+    Args:
+        images: uint8[N, H, W, C].
+        labels: int[N].
+        batch_size: examples per batch, > 0.
+
+    Yields:
+        (images uint8[B, H, W, C], labels int32[B], mask bool[B]).
+
+    Raises:
+        ValueError: batch_size <= 0 or len(images) != len(labels).
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    if len(images) != len(labels):
+        raise ValueError(
+            f"{len(images)} images but {len(labels)} labels.")
+    n = len(images)
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        real = stop - start
+        batch_images = np.zeros((batch_size, *images.shape[1:]), images.dtype)
+        batch_labels = np.zeros((batch_size,), np.int32)
+        mask = np.zeros((batch_size,), bool)
+        batch_images[:real] = images[start:stop]
+        batch_labels[:real] = labels[start:stop]
+        mask[:real] = True
+        yield batch_images, batch_labels, mask
+
+
+# ---------------------------------------------------------------------------
+# Augmentation and standardisation (device side, pure JAX).
+# ---------------------------------------------------------------------------
+
+
+def augment(rng: jax.Array, images: jax.Array, padding: int) -> jax.Array:
+    """Random zero-pad-and-crop and horizontal flip (SPEC §4, paper App. A).
+
+    Each image is zero-padded by `padding` pixels on every side, cropped back
+    to H x W at an offset drawn uniformly from {0..2*padding}^2 independently
+    per example, and mirrored left-right with probability 1/2 per example.
+    Done on the raw values (zero padding = black), before :func:`standardize`.
+    Jit with `padding` static.
+
+    Args:
+        rng: PRNG key.
+        images: uint8 or float [B, H, W, C].
+        padding: static Python int >= 0; 0 means no crop (flip only).
+
+    Returns:
+        float32[B, H, W, C], not standardised.
+
+    Raises:
+        ValueError: negative padding or images not of rank 4.
+    """
+    if padding < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}.")
+    if images.ndim != 4:
+        raise ValueError(
+            f"images must be [B, H, W, C], got shape {images.shape}.")
+    images = jnp.asarray(images).astype(jnp.float32)
+    b, h, w, c = images.shape
+    crop_rng, flip_rng = jax.random.split(rng)
+    if padding > 0:
+        padded = jnp.pad(
+            images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+        offsets = jax.random.randint(crop_rng, (b, 2), 0, 2 * padding + 1)
+        images = jax.vmap(
+            lambda image, off: jax.lax.dynamic_slice(
+                image, (off[0], off[1], 0), (h, w, c)))(padded, offsets)
+    flip = jax.random.bernoulli(flip_rng, 0.5, (b,))
+    return jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
+
+
+def standardize(images: jax.Array) -> jax.Array:
+    """Per-image standardisation as ``tf.image.per_image_standardization``.
+
+    ``(x - mean) / max(std, 1 / sqrt(H * W * C))`` with mean and (population)
+    std over all pixels and channels of each image. SPEC §4 / App. A only say
+    "standardisation"; this is TensorFlow's per-image op (the paper used
+    TensorFlow). The floor keeps constant images finite (they map to zeros).
+
+    Args:
+        images: uint8 or float [..., H, W, C].
+
+    Returns:
+        float32[..., H, W, C].
+    """
+    x = jnp.asarray(images).astype(jnp.float32)
+    axes = (-3, -2, -1)
+    num_values = x.shape[-3] * x.shape[-2] * x.shape[-1]
+    mean = jnp.mean(x, axis=axes, keepdims=True)
+    std = jnp.sqrt(jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True))
+    return (x - mean) / jnp.maximum(std, 1.0 / np.sqrt(num_values))
+
+
+def preprocess_for_train(rng: jax.Array, images: jax.Array,
+                         padding: int) -> jax.Array:
+    """Pad, crop, flip, then standardise (paper App. A order).
+
+    Args:
+        rng: PRNG key.
+        images: uint8 or float [B, H, W, C] with raw 0..255 values.
+        padding: static Python int >= 0.
+
+    Returns:
+        float32[B, H, W, C].
+    """
+    return standardize(augment(rng, images, padding))
+
+
+def preprocess_for_eval(images: jax.Array) -> jax.Array:
+    """Standardise only (evaluation has no augmentation, SPEC §4).
+
+    Args:
+        images: uint8 or float [B, H, W, C].
+
+    Returns:
+        float32[B, H, W, C].
+    """
+    return standardize(images)

@@ -1,0 +1,40 @@
+"""Command line: train a multi-level (or fixed-depth) ResNet from a config file.
+
+  python -m mlres_jax.main --config=configs/fashion_mnist.py --workdir=runs/fmnist
+  python -m mlres_jax.main --config=configs/wrn122i.py --workdir=runs/wrn122i \
+      --config.dataset=cifar100
+
+Any config field can be overridden with ``--config.FIELD=VALUE``. This module
+parses flags and reports a user's mistakes as one line; the work is in
+`mlres_jax.train`.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mlres_jax import configuration, input_pipeline, train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Folder for metrics and summary.json.")
+config_flags.DEFINE_config_file(
+    "config", None, "Training configuration file (configs/*.py).",
+    lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.INFO)
+    try:
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (configuration.ConfigError, input_pipeline.DataSetUnavailableError,
+            OSError) as error:
+        sys.stderr.write(f"error: {error}\n")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,186 @@
+"""Pre-activation ResNet and Wide ResNet with an explicit step size h.
+
+The network is the forward-Euler reading of a ResNet (paper Sec. 3.1, Eq. 2):
+every residual block computes ``Y_{j+1} = S(Y_j) + h * G(Y_j)`` where ``G`` is
+the residual module (BN -> ReLU -> conv3x3 -> BN -> ReLU -> conv3x3) and ``S``
+is the shortcut (the identity, or for the first block of stages 2 and 3 a
+parameter-free stride-2 subsampling with zero-padded channels, "option A").
+
+Parameters are named by stage and block, 1-based like the paper's figures::
+
+    params/stem/conv
+    params/stage1/block1/{norm1, conv1, norm2, conv2}
+    ...
+    params/stage3/block8/...
+    params/final_norm
+    params/head
+
+so that interpolation (`mlres_jax.multilevel`) edits one stage's blocks
+without renaming anything else. ``batch_stats`` mirrors the same names.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# He initialisation (fan-out), the usual choice for ResNets on CIFAR.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+# Batch-norm running statistics are an exponential moving average with this
+# momentum; 0.9 as in the TensorFlow CIFAR ResNets the paper builds on.
+BATCH_NORM_MOMENTUM = 0.9
+BATCH_NORM_EPSILON = 1e-5
+
+
+def block_name(block_index: int) -> str:
+    """Name of the block at 0-based position ``block_index`` within a stage."""
+    return f"block{block_index + 1}"
+
+
+def stage_name(stage_index: int) -> str:
+    """Name of the stage at 0-based position ``stage_index``."""
+    return f"stage{stage_index + 1}"
+
+
+def downsampling_shortcut(x: jax.Array, out_features: int) -> jax.Array:
+    """Parameter-free shortcut S of a downsampling block ("option A").
+
+    Subsamples with stride 2 and appends zero channels.
+
+    Args:
+      x: float[N, H, W, C] block input.
+      out_features: number of output channels, >= C.
+
+    Returns:
+      float[N, ceil(H/2), ceil(W/2), out_features].
+    """
+    x = x[:, ::2, ::2, :]
+    extra = out_features - x.shape[-1]
+    return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra)))
+
+
+class ResidualModule(nn.Module):
+    """The residual module G = F of one block (paper Fig. 2, Eq. 2).
+
+    BN -> ReLU -> conv3x3(stride) -> BN -> ReLU -> conv3x3; convolutions have
+    no bias. The step size h is applied by the caller.
+    """
+
+    features: int
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        norm = functools.partial(
+            nn.BatchNorm,
+            use_running_average=not train,
+            momentum=BATCH_NORM_MOMENTUM,
+            epsilon=BATCH_NORM_EPSILON,
+        )
+        conv = functools.partial(
+            nn.Conv, self.features, (3, 3), use_bias=False,
+            kernel_init=conv_kernel_init,
+        )
+        y = nn.relu(norm(name="norm1")(x))
+        y = conv(strides=(self.strides, self.strides), name="conv1")(y)
+        y = nn.relu(norm(name="norm2")(y))
+        y = conv(name="conv2")(y)
+        return y
+
+
+class Stage(nn.Module):
+    """``num_blocks`` residual blocks of one width; the first may downsample.
+
+    Each block computes ``Y_{j+1} = S(Y_j) + step_size * G(Y_j)``.
+    """
+
+    num_blocks: int
+    features: int
+    downsample: bool
+    step_size: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool):
+        for j in range(self.num_blocks):
+            first = j == 0
+            strides = 2 if (first and self.downsample) else 1
+            residual = self.step_size * ResidualModule(
+                self.features, strides, name=block_name(j))(x, train)
+            if strides == 2 or x.shape[-1] != self.features:
+                shortcut = downsampling_shortcut(x, self.features)
+            else:
+                shortcut = x
+            x = shortcut + residual
+        return x
+
+
+class ResNet(nn.Module):
+    """Pre-activation ResNet for small images (paper Sec. 5.1, App. A).
+
+    Attributes:
+      stage_sizes: blocks per stage, e.g. ``(2, 2, 2)`` for ResNet-14;
+        depth = 2 * sum(stage_sizes) + 2.
+      width: filters of the stem and the first stage (16 for ResNet, 32 for
+        Wide ResNet); each later stage doubles it.
+      num_classes: outputs of the dense head.
+      step_size: the explicit step size h multiplying every residual module
+        (paper Eq. 2, App. C); 1.0 is a plain ResNet.
+
+    Call: ``model.apply(variables, images, train=...)`` with
+    ``images: float32[N, H, W, C]``; returns logits ``float32[N, num_classes]``.
+    With ``train=True`` pass ``mutable=["batch_stats"]``.
+    """
+
+    stage_sizes: Sequence[int] = (2, 2, 2)
+    width: int = 16
+    num_classes: int = 10
+    step_size: float = 1.0
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        x = nn.Conv(self.width, (3, 3), use_bias=False,
+                    kernel_init=conv_kernel_init, name="stem")(images)
+        for i, num_blocks in enumerate(self.stage_sizes):
+            x = Stage(
+                num_blocks=num_blocks,
+                features=self.width * 2**i,
+                downsample=i > 0,
+                step_size=self.step_size,
+                name=stage_name(i),
+            )(x, train)
+        x = nn.BatchNorm(
+            use_running_average=not train, momentum=BATCH_NORM_MOMENTUM,
+            epsilon=BATCH_NORM_EPSILON, name="final_norm")(x)
+        x = nn.relu(x)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, name="head")(x)
+
+
+def depth(stage_sizes: Sequence[int]) -> int:
+    """Layer count of the paper's names: 2 convs per block + stem + dense."""
+    return 2 * sum(stage_sizes) + 2
+
+
+def init_variables(model: ResNet, rng: jax.Array, image_shape: Sequence[int]):
+    """Fresh variables (``params`` and ``batch_stats``) for ``model``.
+
+    Args:
+      model: the network.
+      rng: PRNG key.
+      image_shape: (H, W, C) of one input image.
+
+    Returns:
+      dict with ``params`` and ``batch_stats`` pytrees of float32 arrays.
+    """
+    dummy = jnp.zeros((1, *image_shape), jnp.float32)
+    return dict(jax.jit(functools.partial(model.init, train=False))(rng, dummy))
+
+
+def count_parameters(params) -> int:
+    """Number of trainable scalars in a ``params`` pytree (paper Table 5)."""
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))

@@ -1,0 +1,446 @@
+"""Training and evaluation of a multi-level (or fixed-depth) run.
+
+`train_and_evaluate` runs the cycles of `multilevel.plan_cycles`: it trains
+each cycle's network under one cosine cycle of the learning rate, and at a
+cycle boundary of a multi-level run interpolates the whole train state
+(parameters, batch-norm statistics, momentum) into the next, deeper network
+with h halved. The train step is compiled once per depth.
+
+Side effects (logging, progress bar, TensorBoard events, ``summary.json``)
+live here; the model and the tree surgery are pure and live in `models` and
+`multilevel`.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from absl import logging
+
+from mlres_jax import configuration, input_pipeline, models, multilevel
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training.
+
+    Attributes:
+      step: int32[] global step (0-based count of steps taken).
+      params: trainable parameters (``models.ResNet`` names).
+      batch_stats: batch-norm running statistics, same names.
+      opt_state: optax state; its momentum mirrors ``params``.
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+    @property
+    def variables(self) -> dict:
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def create_model(config: ml_collections.ConfigDict, cycle: multilevel.Cycle,
+                 num_classes: int) -> models.ResNet:
+    """The network trained during ``cycle``."""
+    return models.ResNet(stage_sizes=cycle.stage_sizes, width=config.width,
+                         num_classes=num_classes, step_size=cycle.step_size)
+
+
+def create_optimizer(config: ml_collections.ConfigDict,
+                     schedule: optax.Schedule) -> optax.GradientTransformation:
+    """SGD with momentum and weight decay (paper Sec. 5.2).
+
+    Weight decay is added to the gradient of every parameter before the
+    momentum (L2 regularisation, as ``torch.optim.SGD(weight_decay=...)``).
+    """
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay),
+        optax.sgd(schedule, momentum=config.momentum),
+    )
+
+
+def create_train_state(rng: jax.Array, model: models.ResNet,
+                       tx: optax.GradientTransformation,
+                       image_shape: tuple[int, ...]) -> TrainState:
+    """A fresh train state at step 0."""
+    variables = models.init_variables(model, rng, image_shape)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(variables["params"]),
+    )
+
+
+def interpolate_train_state(state: TrainState, rule: str,
+                            momentum_at_interpolation: str) -> TrainState:
+    """Interpolates a train state to the next depth (paper Sec. 4.1).
+
+    Parameters and batch-norm statistics go through `multilevel.interpolate`.
+    The momentum is, by ``momentum_at_interpolation``, either interpolated
+    the same way (``'interpolate'``, the default: each new block starts with
+    the velocity of the block it copies) or zeroed (``'reset'``). The
+    optimizer's step count is kept, so the global learning-rate schedule goes
+    on; its restart comes from the schedule's cycle boundary.
+    """
+    opt_state = multilevel.interpolate(state.opt_state, rule)
+    if momentum_at_interpolation == "reset":
+        opt_state = multilevel.map_network_trees(
+            lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree), opt_state)
+    return state.replace(
+        params=multilevel.interpolate(state.params, rule),
+        batch_stats=multilevel.interpolate(state.batch_stats, rule),
+        opt_state=opt_state,
+    )
+
+
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example softmax cross entropy: float[B, K], int[B] -> float[B]."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def train_step(state: TrainState, train_images: jax.Array,
+               train_labels: jax.Array, batch_indices: jax.Array,
+               base_rng: jax.Array, *, model: models.ResNet,
+               tx: optax.GradientTransformation, crop_padding: int):
+    """One SGD step on the mini-batch ``batch_indices`` of the training set.
+
+    Args:
+      state: the train state.
+      train_images: uint8[N, H, W, C], the whole training set on device.
+      train_labels: int32[N].
+      batch_indices: int32[B], the examples of this step.
+      base_rng: PRNG key of the run; this step's augmentation uses
+        ``fold_in(base_rng, step)``.
+      model, tx, crop_padding: bound with ``functools.partial``.
+
+    Returns:
+      ``(new_state, metrics)``, metrics float32 scalars ``loss`` (without
+      weight decay) and ``accuracy`` of the mini-batch.
+    """
+    rng = jax.random.fold_in(base_rng, state.step)
+    images = input_pipeline.preprocess_for_train(
+        rng, train_images[batch_indices], crop_padding)
+    labels = train_labels[batch_indices]
+
+    def loss_fn(params):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats}, images,
+            train=True, mutable=["batch_stats"])
+        return cross_entropy_loss(logits, labels).mean(), (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, param_updates),
+        batch_stats=updates["batch_stats"],
+        opt_state=opt_state,
+    )
+    metrics = {"loss": loss,
+               "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+    return new_state, metrics
+
+
+def eval_step(variables, images: jax.Array, labels: jax.Array,
+              mask: jax.Array, *, model: models.ResNet) -> dict:
+    """Sums of loss and errors over the real (``mask``) examples of a batch.
+
+    Args:
+      variables: ``params`` and ``batch_stats``.
+      images: uint8[B, H, W, C]; labels: int32[B]; mask: bool[B].
+
+    Returns:
+      float32 scalars ``loss_sum``, ``error_count``, ``count``.
+    """
+    logits = model.apply(variables, input_pipeline.preprocess_for_eval(images),
+                         train=False)
+    wrong = (jnp.argmax(logits, -1) != labels) & mask
+    return {
+        "loss_sum": jnp.sum(jnp.where(mask, cross_entropy_loss(logits, labels), 0.0)),
+        "error_count": jnp.sum(wrong.astype(jnp.float32)),
+        "count": jnp.sum(mask.astype(jnp.float32)),
+    }
+
+
+def evaluate(compiled_eval_step, variables, images: np.ndarray,
+             labels: np.ndarray, batch_size: int) -> dict[str, float]:
+    """Test loss and error (fraction) over every example of ``images``."""
+    totals = None
+    for batch in input_pipeline.eval_batches(images, labels, batch_size):
+        sums = compiled_eval_step(variables, *batch)
+        totals = sums if totals is None else jax.tree_util.tree_map(
+            jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    count = float(totals["count"])
+    return {"loss": float(totals["loss_sum"]) / count,
+            "error": float(totals["error_count"]) / count,
+            "count": int(count)}
+
+
+def write_json_atomically(path: str, payload: Any) -> None:
+    """Writes JSON to a temporary file in the same folder, then renames it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    with tempfile.NamedTemporaryFile("w", dir=folder, delete=False,
+                                     suffix=".tmp") as handle:
+        json.dump(payload, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(handle.name, path)
+
+
+def _mean_metrics(metrics: list[dict]) -> dict[str, float]:
+    stacked = jax.device_get(jax.tree_util.tree_map(lambda *x: jnp.stack(x), *metrics))
+    return {k: float(np.mean(v)) for k, v in stacked.items()}
+
+
+def _format_sizes(stage_sizes) -> str:
+    return "-".join(str(n) for n in stage_sizes)
+
+
+def _compile(fn, *args):
+    """AOT-compiles ``fn`` for ``args``; returns (executable, seconds)."""
+    start = time.perf_counter()
+    executable = fn.lower(*args).compile()
+    return executable, time.perf_counter() - start
+
+
+def summary_table(summary: dict) -> str:
+    """A plain-text table of a run's cycles and totals, for stdout."""
+    header = (f"{'cycle':>5} {'blocks':>10} {'h':>7} {'params':>10} {'epochs':>7} "
+              f"{'steps':>7} {'compile s':>9} {'train s':>8} {'eval s':>7} "
+              f"{'train loss':>10} {'test error':>10}")
+    lines = [header, "-" * len(header)]
+    for c in summary["cycles"]:
+        lines.append(
+            f"{c['cycle']:>5} {_format_sizes(c['stage_sizes']):>10} "
+            f"{c['step_size']:>7.4g} {c['num_params']:>10,} {c['epochs']:>7.4g} "
+            f"{c['steps']:>7} {c['compile_seconds']:>9.1f} "
+            f"{c['train_seconds']:>8.1f} {c['eval_seconds']:>7.1f} "
+            f"{c['final_train_loss']:>10.4f} {100 * c['test_error']:>9.2f}%")
+    t = summary["totals"]
+    lines.append("-" * len(header))
+    lines.append(
+        f"total: {t['steps']} steps, train {t['train_seconds']:.1f} s "
+        f"(compile {t['compile_seconds']:.1f} s), eval {t['eval_seconds']:.1f} s, "
+        f"wall {t['wall_seconds']:.1f} s; final test error "
+        f"{100 * t['final_test_error']:.2f}% ({t['test_examples']} examples)")
+    return "\n".join(lines)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs every cycle of a run and evaluates on the whole test split.
+
+    Args:
+      config: see ``configs/default.py``; validated first.
+      workdir: folder for TensorBoard events and ``summary.json``; created.
+
+    Returns:
+      The summary written to ``workdir/summary.json``: per cycle the stage
+      sizes, h, parameter count, epochs, steps, compile/train/eval seconds
+      (wall clock; train includes compile), final train loss and test error;
+      the totals; and the history of evaluations.
+
+    Raises:
+      configuration.ConfigError: for a field with a value not allowed.
+      input_pipeline.DataSetUnavailableError: if the data set is missing.
+      OSError: if ``workdir`` cannot be written.
+    """
+    run_start = time.perf_counter()
+    config = configuration.resolve(config)
+    input_pipeline.check_available(config.dataset, data_dir=config.data_dir,
+                                   fashion_mnist_dir=config.fashion_mnist_dir)
+    os.makedirs(workdir, exist_ok=True)
+    if not os.access(workdir, os.W_OK):
+        raise OSError(f"workdir {workdir!r} is not writable")
+
+    logging.info("Loading %s ...", config.dataset)
+    data = input_pipeline.load(config.dataset, data_dir=config.data_dir,
+                               fashion_mnist_dir=config.fashion_mnist_dir)
+    info = data.info
+    num_train = len(data.train_labels)
+    steps_per_epoch = num_train // config.batch_size
+    if steps_per_epoch == 0:
+        raise configuration.ConfigError(
+            f"config.batch_size = {config.batch_size} is larger than the "
+            f"{num_train} training examples found for {config.dataset}")
+    cycles = multilevel.plan_cycles(
+        stage_sizes=config.stage_sizes, step_size=config.step_size,
+        num_epochs=config.num_epochs, cycle_boundaries=config.cycle_boundaries,
+        steps_per_epoch=steps_per_epoch, multilevel=config.multilevel)
+    schedule = multilevel.learning_rate_schedule(
+        cycles, config.learning_rate_max, config.learning_rate_min)
+    tx = create_optimizer(config, schedule)
+    total_steps = cycles[-1].end_step
+    eval_every_steps = max(1, round(config.eval_every_epochs * steps_per_epoch))
+    logging.info(
+        "%s: %d train / %d test examples, batch %d, %d steps per epoch; "
+        "%d cycles: %s", config.dataset, num_train, len(data.test_labels),
+        config.batch_size, steps_per_epoch, len(cycles),
+        ", ".join(f"{_format_sizes(c.stage_sizes)} h={c.step_size:g} for "
+                  f"{c.num_steps} steps" for c in cycles))
+
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    writer = SummaryWriter(logdir=workdir)
+    writer.add_text("config", f"```\n{config}\n```", 0)
+
+    rng = jax.random.PRNGKey(config.seed)
+    init_rng, augment_rng = jax.random.split(rng)
+    train_images = jax.device_put(data.train_images)
+    train_labels = jax.device_put(data.train_labels)
+
+    state = None
+    model = None
+    cycle_records, history = [], []
+    step_functions = {}
+    for cycle in cycles:
+        cycle_start = time.perf_counter()
+        previous_model = model
+        model = create_model(config, cycle, info.num_classes)
+        if state is None:
+            state = create_train_state(init_rng, model, tx, info.image_shape)
+        elif model.stage_sizes != previous_model.stage_sizes:
+            state = interpolate_train_state(
+                state, config.interpolation_rule, config.momentum_at_interpolation)
+            logging.info("Interpolated %s -> %s blocks, h = %g",
+                         _format_sizes(previous_model.stage_sizes),
+                         _format_sizes(model.stage_sizes), model.step_size)
+        key = (model.stage_sizes, model.step_size)
+        compile_seconds = 0.0
+        if key not in step_functions:
+            train_fn = jax.jit(functools.partial(
+                train_step, model=model, tx=tx, crop_padding=config.crop_padding),
+                donate_argnums=0)
+            indices = jnp.zeros((config.batch_size,), jnp.int32)
+            compiled_train, seconds = _compile(
+                train_fn, state, train_images, train_labels, indices, augment_rng)
+            compile_seconds += seconds
+            eval_fn = jax.jit(functools.partial(eval_step, model=model))
+            image_shape = (config.eval_batch_size, *info.image_shape)
+            compiled_eval, seconds = _compile(
+                eval_fn, state.variables,
+                jax.ShapeDtypeStruct(image_shape, jnp.uint8),
+                jax.ShapeDtypeStruct((config.eval_batch_size,), jnp.int32),
+                jax.ShapeDtypeStruct((config.eval_batch_size,), jnp.bool_))
+            compile_seconds += seconds
+            step_functions[key] = (compiled_train, compiled_eval)
+        compiled_train, compiled_eval = step_functions[key]
+        num_params = models.count_parameters(state.params)
+
+        eval_seconds = 0.0
+        window, since_eval = [], []
+        last_epoch_metrics = collections.deque(maxlen=steps_per_epoch)
+        order, order_epoch = None, None
+        bar = tqdm.tqdm(
+            total=cycle.num_steps, disable=not config.progress_bar, unit="step",
+            desc=f"cycle {cycle.index + 1}/{len(cycles)} "
+                 f"{_format_sizes(cycle.stage_sizes)} h={cycle.step_size:g}")
+        test = {"error": float("nan"), "loss": float("nan")}
+        for step in range(cycle.first_step, cycle.end_step):
+            epoch, position = divmod(step, steps_per_epoch)
+            if order_epoch != epoch:
+                order = jax.device_put(input_pipeline.train_batch_indices(
+                    num_train, config.batch_size, config.seed, epoch).astype(np.int32))
+                order_epoch = epoch
+            state, metrics = compiled_train(
+                state, train_images, train_labels, order[position], augment_rng)
+            window.append(metrics)
+            since_eval.append(metrics)
+            last_epoch_metrics.append(metrics)
+            bar.update(1)
+            if (step + 1) % config.log_every_steps == 0:
+                means = _mean_metrics(window)
+                window = []
+                for name, value in means.items():
+                    writer.add_scalar(f"train/{name}", value, step + 1)
+                writer.add_scalar("train/learning_rate", float(schedule(step)), step + 1)
+                bar.set_postfix(loss=f"{means['loss']:.3f}",
+                                acc=f"{means['accuracy']:.3f}")
+            if (step + 1) % eval_every_steps == 0 or step + 1 == cycle.end_step:
+                eval_start = time.perf_counter()
+                test = evaluate(compiled_eval, state.variables, data.test_images,
+                                data.test_labels, config.eval_batch_size)
+                eval_seconds += time.perf_counter() - eval_start
+                train_means = _mean_metrics(since_eval)
+                since_eval = []
+                record = {
+                    "epoch": (step + 1) / steps_per_epoch, "step": step + 1,
+                    "cycle": cycle.index + 1,
+                    "train_loss": train_means["loss"],
+                    "train_error": 1 - train_means["accuracy"],
+                    "test_loss": test["loss"], "test_error": test["error"],
+                    "learning_rate": float(schedule(step)),
+                }
+                history.append(record)
+                writer.add_scalar("test/error", test["error"], step + 1)
+                writer.add_scalar("test/loss", test["loss"], step + 1)
+                writer.add_scalar("train/epoch_error", record["train_error"], step + 1)
+                bar.write(
+                    f"epoch {record['epoch']:.2f} (cycle {cycle.index + 1}, "
+                    f"{_format_sizes(cycle.stage_sizes)}): train loss "
+                    f"{record['train_loss']:.4f} error {100 * record['train_error']:.2f}%"
+                    f" | test loss {test['loss']:.4f} error {100 * test['error']:.2f}%")
+        bar.close()
+        final = _mean_metrics(list(last_epoch_metrics))
+        cycle_seconds = time.perf_counter() - cycle_start
+        cycle_records.append({
+            "cycle": cycle.index + 1,
+            "stage_sizes": list(cycle.stage_sizes),
+            "depth": models.depth(cycle.stage_sizes),
+            "step_size": cycle.step_size,
+            "num_params": num_params,
+            "epochs": cycle.num_steps / steps_per_epoch,
+            "steps": cycle.num_steps,
+            "compile_seconds": compile_seconds,
+            "train_seconds": cycle_seconds - eval_seconds,
+            "eval_seconds": eval_seconds,
+            "final_train_loss": final["loss"],
+            "final_train_error": 1 - final["accuracy"],
+            "test_loss": test["loss"],
+            "test_error": test["error"],
+        })
+        writer.flush()
+
+    writer.close()
+    lengths = [c.num_steps for c in cycles]
+    summary = {
+        "config": config.to_dict(),
+        "dataset": {"name": config.dataset, "train_examples": num_train,
+                    "test_examples": len(data.test_labels),
+                    "steps_per_epoch": steps_per_epoch},
+        "cycles": cycle_records,
+        "totals": {
+            "steps": total_steps,
+            "train_seconds": sum(c["train_seconds"] for c in cycle_records),
+            "compile_seconds": sum(c["compile_seconds"] for c in cycle_records),
+            "eval_seconds": sum(c["eval_seconds"] for c in cycle_records),
+            "wall_seconds": time.perf_counter() - run_start,
+            "final_test_error": cycle_records[-1]["test_error"],
+            "final_test_accuracy": 1 - cycle_records[-1]["test_error"],
+            "test_examples": len(data.test_labels),
+            "num_params_first_cycle": cycle_records[0]["num_params"],
+            "num_params_last_cycle": cycle_records[-1]["num_params"],
+            "theoretical_cost_ratio": (multilevel.theoretical_cost_ratio(lengths)
+                                       if config.multilevel else 1.0),
+        },
+        "history": history,
+    }
+    write_json_atomically(os.path.join(workdir, "summary.json"), summary)
+    print(summary_table(summary), flush=True)
+    return summary

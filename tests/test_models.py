@@ -1,0 +1,108 @@
+"""Tests of the network: parameter counts (paper Table 5), names, step size."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mlres_jax import models
+
+# SPEC §1 / paper Table 5: (width, blocks per stage, CIFAR-10, CIFAR-100).
+PAPER_PARAMETER_COUNTS = [
+    (16, 2, 172_506, 178_356),    # ResNet-14
+    (16, 5, 464_154, 470_004),    # ResNet-32
+    (16, 8, 755_802, 761_652),    # ResNet-50
+    (16, 20, 1_922_394, 1_928_244),  # ResNet-122
+    (32, 2, 685_994, 697_604),    # WResNet-14
+    (32, 5, 1_849_898, 1_861_508),  # WResNet-32
+    (32, 8, 3_013_802, 3_025_412),  # WResNet-50
+    (32, 20, 7_669_418, 7_681_028),  # WResNet-122
+]
+
+
+def _param_count(width, blocks, num_classes, image_shape=(32, 32, 3)):
+    model = models.ResNet((blocks,) * 3, width=width, num_classes=num_classes)
+    shapes = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape))))
+    return models.count_parameters(shapes["params"])
+
+
+@pytest.mark.parametrize("width,blocks,cifar10,cifar100", PAPER_PARAMETER_COUNTS)
+def test_parameter_counts_match_paper_table5(width, blocks, cifar10, cifar100):
+    assert _param_count(width, blocks, 10) == cifar10
+    assert _param_count(width, blocks, 100) == cifar100
+    # STL-10 (96x96, 10 classes): global pooling makes it equal CIFAR-10's.
+    assert _param_count(width, blocks, 10, (96, 96, 3)) == cifar10
+
+
+def test_depth_follows_paper_names():
+    assert models.depth((8, 8, 8)) == 50
+    assert models.depth((20, 20, 20)) == 122
+    assert models.depth((2, 2, 2)) == 14
+
+
+def test_parameters_are_named_by_stage_and_block():
+    model = models.ResNet((2, 3, 1), width=4, num_classes=5)
+    variables = models.init_variables(model, jax.random.PRNGKey(0), (8, 8, 3))
+    params = variables["params"]
+    assert set(params) == {"stem", "stage1", "stage2", "stage3", "final_norm", "head"}
+    assert set(params["stage2"]) == {"block1", "block2", "block3"}
+    assert set(params["stage2"]["block1"]) == {"norm1", "conv1", "norm2", "conv2"}
+    # The first block of stage 2 takes 4 channels and downsamples to 8.
+    chex.assert_shape(params["stage2"]["block1"]["conv1"]["kernel"], (3, 3, 4, 8))
+    chex.assert_shape(params["stage2"]["block2"]["conv1"]["kernel"], (3, 3, 8, 8))
+    assert set(variables["batch_stats"]["stage3"]["block1"]) == {"norm1", "norm2"}
+
+
+def test_downsampling_shortcut_subsamples_and_zero_pads():
+    x = jnp.arange(1 * 4 * 4 * 2, dtype=jnp.float32).reshape(1, 4, 4, 2)
+    y = models.downsampling_shortcut(x, 4)
+    chex.assert_shape(y, (1, 2, 2, 4))
+    # Pixels (0,0), (0,2), (2,0), (2,2) of the input, channels then zeros.
+    expected = np.zeros((1, 2, 2, 4), np.float32)
+    for i, row in enumerate((0, 2)):
+        for j, col in enumerate((0, 2)):
+            expected[0, i, j, :2] = np.asarray(x[0, row, col])
+    chex.assert_trees_all_close(y, expected)
+
+
+def _perturb_blocks(params, scale):
+    """Adds ``scale`` to every parameter inside the stages."""
+    return {k: (jax.tree_util.tree_map(lambda p: p + scale, v)
+                if k.startswith("stage") else v) for k, v in params.items()}
+
+
+def test_step_size_scales_the_residual_module():
+    images = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
+    for h, blocks_matter in ((0.0, False), (0.5, True)):
+        model = models.ResNet((1, 1, 1), width=4, num_classes=3, step_size=h)
+        variables = models.init_variables(model, jax.random.PRNGKey(0), (8, 8, 3))
+        logits = model.apply(variables, images)
+        perturbed = dict(variables, params=_perturb_blocks(variables["params"], 0.3))
+        other = model.apply(perturbed, images)
+        # h = 0: Y_{j+1} = S(Y_j), so the blocks' parameters cannot matter.
+        assert bool(jnp.allclose(logits, other, atol=1e-6)) != blocks_matter
+
+
+def test_one_block_forward_equals_hand_composition():
+    """Y1 = Y0 + h * G(Y0) for a one-stage, one-block network."""
+    h = 0.25
+    model = models.ResNet((1,), width=4, num_classes=3, step_size=h)
+    images = jax.random.normal(jax.random.PRNGKey(2), (2, 6, 6, 3))
+    variables = models.init_variables(model, jax.random.PRNGKey(0), (6, 6, 3))
+    params = variables["params"]
+    stem = jax.lax.conv_general_dilated(
+        images, params["stem"]["kernel"], (1, 1), "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    residual = models.ResidualModule(4).apply(
+        {"params": params["stage1"]["block1"],
+         "batch_stats": variables["batch_stats"]["stage1"]["block1"]},
+        stem, train=False)
+    y1 = stem + h * residual
+    stats = variables["batch_stats"]["final_norm"]
+    normed = ((y1 - stats["mean"]) / jnp.sqrt(stats["var"] + models.BATCH_NORM_EPSILON)
+              * params["final_norm"]["scale"] + params["final_norm"]["bias"])
+    pooled = jnp.mean(jax.nn.relu(normed), axis=(1, 2))
+    expected = pooled @ params["head"]["kernel"] + params["head"]["bias"]
+    chex.assert_trees_all_close(model.apply(variables, images), expected, atol=1e-5)

@@ -1,0 +1,217 @@
+"""Tests of interpolation, the cycle plan, the schedule and the cost model."""
+
+import copy
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mlres_jax import models, multilevel, train
+
+
+def _variables(stage_sizes, width=4, image_shape=(8, 8, 3)):
+    model = models.ResNet(stage_sizes, width=width, num_classes=5)
+    return model, models.init_variables(model, jax.random.PRNGKey(0), image_shape)
+
+
+def _label_blocks(tree):
+    """Sets every leaf of stage s, block b to the number 100 * s + b."""
+    def label(stage_key, stage):
+        s = int(stage_key[len("stage"):])
+        return {bk: jax.tree_util.tree_map(
+            lambda x, v=100 * s + int(bk[len("block"):]): jnp.full_like(x, v), block)
+            for bk, block in stage.items()}
+    return multilevel.map_network_trees(
+        lambda net: {k: (label(k, v) if k.startswith("stage") else v)
+                     for k, v in net.items()}, tree)
+
+
+def _block_labels(tree, stage):
+    """The label of each block of ``stage`` in order, checking all leaves agree."""
+    stage_tree = tree[f"stage{stage}"]
+    labels = []
+    for b in range(1, len(stage_tree) + 1):
+        values = {float(x.ravel()[0]) for x in jax.tree_util.tree_leaves(stage_tree[f"block{b}"])}
+        assert len(values) == 1
+        labels.append(int(values.pop()) - 100 * stage)
+    return labels
+
+
+@pytest.mark.parametrize("stage_sizes", [(2, 2, 2), (3, 2, 4), (5, 5, 5)])
+def test_interpolation_matches_fresh_deeper_model(stage_sizes):
+    model, variables = _variables(stage_sizes)
+    deeper_model, deeper = multilevel.deepen(model, variables)
+    assert deeper_model.stage_sizes == tuple(2 * n for n in stage_sizes)
+    assert deeper_model.step_size == model.step_size / 2
+    _, fresh = _variables(deeper_model.stage_sizes)
+    assert jax.tree_util.tree_structure(deeper) == jax.tree_util.tree_structure(fresh)
+    chex.assert_trees_all_equal_shapes_and_dtypes(deeper, fresh)
+    # The deeper variables run in the deeper model.
+    logits = deeper_model.apply(deeper, jnp.ones((2, 8, 8, 3)))
+    chex.assert_shape(logits, (2, 5))
+    chex.assert_tree_all_finite(logits)
+
+
+def test_paper_copy_pattern_in_every_stage_including_batch_stats():
+    _, variables = _variables((3, 3, 3))
+    deeper = multilevel.interpolate(_label_blocks(variables))
+    for collection in ("params", "batch_stats"):
+        for stage in (1, 2, 3):
+            # SPEC §2: [b1, b2, b3] -> [b1, b2, b2, b2, b3, b3].
+            assert _block_labels(deeper[collection], stage) == [1, 2, 2, 2, 3, 3]
+
+
+def test_uneven_stage_sizes_each_follow_the_rule():
+    _, variables = _variables((2, 4, 3))
+    deeper = multilevel.interpolate(_label_blocks(variables))["params"]
+    assert _block_labels(deeper, 1) == [1, 2, 2, 2]
+    assert _block_labels(deeper, 2) == [1, 2, 2, 2, 3, 3, 4, 4]
+    assert _block_labels(deeper, 3) == [1, 2, 2, 2, 3, 3]
+
+
+def test_copies_are_equal_values_in_distinct_buffers():
+    _, variables = _variables((2, 2, 2))
+    deeper = multilevel.interpolate(variables)["params"]["stage2"]
+    chex.assert_trees_all_equal(deeper["block2"], deeper["block3"], deeper["block4"])
+    kernels = [deeper[f"block{b}"]["conv1"]["kernel"] for b in (2, 3, 4)]
+    pointers = {k.unsafe_buffer_pointer() for k in kernels}
+    assert len(pointers) == 3
+
+
+def test_stem_final_norm_and_head_unchanged():
+    _, variables = _variables((2, 2, 2))
+    deeper = multilevel.interpolate(variables)
+    for key in ("stem", "final_norm", "head"):
+        chex.assert_trees_all_equal(deeper["params"][key], variables["params"][key])
+
+
+def test_one_block_stage_raises_clear_error():
+    _, variables = _variables((2, 1, 2))
+    with pytest.raises(ValueError, match=r"stage2.*at least 2 blocks.*second"):
+        multilevel.interpolate(variables)
+
+
+def test_unknown_rule_raises():
+    _, variables = _variables((2, 2, 2))
+    with pytest.raises(ValueError, match="unknown interpolation rule 'nearest'.*paper"):
+        multilevel.interpolate(variables, rule="nearest")
+
+
+def test_input_tree_is_left_unchanged():
+    _, variables = _variables((2, 3, 2))
+    before = copy.deepcopy(jax.device_get(variables))
+    structure = jax.tree_util.tree_structure(variables)
+    multilevel.interpolate(variables)
+    assert jax.tree_util.tree_structure(variables) == structure
+    chex.assert_trees_all_equal(jax.device_get(variables), before)
+
+
+@pytest.mark.parametrize("policy", ["interpolate", "reset"])
+def test_momentum_at_interpolation(policy):
+    model, variables = _variables((2, 2, 2))
+    tx = train.create_optimizer(
+        _Config(weight_decay=2e-4, momentum=0.9), optax.constant_schedule(0.1))
+    state = train.create_train_state(jax.random.PRNGKey(0), model, tx, (8, 8, 3))
+    # Give the momentum known values: one step's trace is the gradient-like
+    # tree, here simply labelled by block.
+    trace = _label_blocks(state.params)
+    opt_state = (state.opt_state[0],
+                 (optax.TraceState(trace=trace), state.opt_state[1][1]))
+    count_before = int(optax.tree_utils.tree_get(opt_state, "count"))
+    state = state.replace(opt_state=opt_state)
+    deeper = train.interpolate_train_state(state, "paper", policy)
+    new_trace = deeper.opt_state[1][0].trace
+    _, fresh = _variables((4, 4, 4))
+    chex.assert_trees_all_equal_shapes(new_trace, fresh["params"])
+    if policy == "interpolate":
+        assert _block_labels(new_trace, 2) == [1, 2, 2, 2]
+    else:
+        for leaf in jax.tree_util.tree_leaves(new_trace):
+            assert not np.any(np.asarray(leaf))
+    assert int(optax.tree_utils.tree_get(deeper.opt_state, "count")) == count_before
+
+
+class _Config(dict):
+    __getattr__ = dict.__getitem__
+
+
+# --- The schedule (paper Eq. 9, Sec. 5.2) ------------------------------------
+
+ETA_MAX, ETA_MIN = 0.5, 0.001
+
+
+def _eq9(t_cur, t_total):
+    return ETA_MIN + 0.5 * (ETA_MAX - ETA_MIN) * (1 + math.cos(math.pi * t_cur / t_total))
+
+
+def test_paper_cycle_plan():
+    cycles = multilevel.plan_cycles(
+        stage_sizes=(2, 2, 2), step_size=1.0, num_epochs=160,
+        cycle_boundaries=(60, 110), steps_per_epoch=500, multilevel=True)
+    assert [c.stage_sizes for c in cycles] == [(2, 2, 2), (4, 4, 4), (8, 8, 8)]
+    assert [c.step_size for c in cycles] == [1.0, 0.5, 0.25]
+    assert [c.first_step for c in cycles] == [0, 30_000, 55_000]
+    assert [c.num_steps for c in cycles] == [30_000, 25_000, 25_000]
+    baseline = multilevel.plan_cycles(
+        stage_sizes=(8, 8, 8), step_size=1.0, num_epochs=160,
+        cycle_boundaries=(60, 110), steps_per_epoch=500, multilevel=False)
+    assert {c.stage_sizes for c in baseline} == {(8, 8, 8)}
+    assert [c.first_step for c in baseline] == [0, 30_000, 55_000]
+
+
+def test_cycle_without_steps_raises():
+    with pytest.raises(ValueError, match="cycle 2 would have 0 steps"):
+        multilevel.plan_cycles(stage_sizes=(2, 2, 2), step_size=1.0, num_epochs=3,
+                               cycle_boundaries=(1.0, 1.0), steps_per_epoch=4,
+                               multilevel=True)
+
+
+def test_learning_rate_restarts_follow_eq9():
+    cycles = multilevel.plan_cycles(
+        stage_sizes=(2, 2, 2), step_size=1.0, num_epochs=160,
+        cycle_boundaries=(60, 110), steps_per_epoch=1, multilevel=True)
+    schedule = multilevel.learning_rate_schedule(cycles, ETA_MAX, ETA_MIN)
+    expected = {
+        0: ETA_MAX,                 # start of cycle 1
+        30: _eq9(30, 60),           # midpoint of cycle 1 = (max + min) / 2
+        59: _eq9(59, 60),           # last step of cycle 1
+        60: ETA_MAX,                # restart: start of cycle 2
+        85: _eq9(25, 50),           # midpoint of cycle 2
+        110: ETA_MAX,               # start of cycle 3
+        135: _eq9(25, 50),          # midpoint of cycle 3
+        160: ETA_MIN,               # end of cycle 3: T_cur = T
+    }
+    assert expected[30] == pytest.approx((ETA_MAX + ETA_MIN) / 2)
+    for step, value in expected.items():
+        assert float(schedule(step)) == pytest.approx(value, rel=1e-5), step
+    # Annealing within a cycle is monotone.
+    values = np.array([float(schedule(s)) for s in range(60, 110)])
+    assert np.all(np.diff(values) < 0)
+
+
+# --- Paper Sec. 4.2, Table 2 --------------------------------------------------
+
+@pytest.mark.parametrize("k,percent", [(0, 0), (1, 25), (2, 42), (3, 53), (4, 61), (5, 67)])
+def test_theoretical_time_saved_matches_table2(k, percent):
+    assert round(100 * multilevel.theoretical_time_saved(k)) == percent
+
+
+def test_theoretical_time_saved_equals_cost_model_for_equal_cycles():
+    for k in range(6):
+        ratio = multilevel.theoretical_cost_ratio([1.0] * (k + 1))
+        assert 1 - ratio == pytest.approx(multilevel.theoretical_time_saved(k))
+
+
+def test_paper_unequal_split_cost_ratio():
+    # SPEC §3: (60/4 + 50/2 + 50) / 160.
+    assert multilevel.theoretical_cost_ratio([60, 50, 50]) == pytest.approx(0.5625)
+    assert multilevel.cycle_epochs(160, (60, 110)) == [60, 50, 50]
+
+
+def test_theoretical_time_saved_rejects_negative():
+    with pytest.raises(ValueError, match="num_interpolations"):
+        multilevel.theoretical_time_saved(-1)
