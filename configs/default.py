@@ -71,6 +71,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Write training metrics (loss, accuracy, learning rate) every this many
     # steps.
     config.log_every_steps = 100
+    # Save a checkpoint every this many steps, and at the end of every cycle.
+    config.checkpoint_every_steps = 1000
+    # Number of most recent checkpoints kept in <workdir>/checkpoints.
+    config.checkpoints_to_keep = 3
     # Show a progress bar on stderr.
     config.progress_bar = True
 

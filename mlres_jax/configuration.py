@@ -139,5 +139,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _fail("seed", config.seed, "it must be an integer >= 0")
     _positive_number(config, "eval_every_epochs")
     _positive_integer(config, "log_every_steps")
+    _positive_integer(config, "checkpoint_every_steps")
+    _positive_integer(config, "checkpoints_to_keep")
     config.data_dir = config.data_dir or None
     return config

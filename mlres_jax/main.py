@@ -14,7 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mlres_jax import configuration, input_pipeline, train
+from mlres_jax import checkpoint, configuration, input_pipeline, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Folder for metrics and summary.json.")
@@ -31,6 +31,7 @@ def main(argv):
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (configuration.ConfigError, input_pipeline.DataSetUnavailableError,
+            checkpoint.CheckpointError, train.NonFiniteLossError,
             OSError) as error:
         sys.stderr.write(f"error: {error}\n")
         sys.exit(2)

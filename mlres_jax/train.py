@@ -13,7 +13,6 @@ live here; the model and the tree surgery are pure and live in `models` and
 
 from __future__ import annotations
 
-import collections
 import functools
 import json
 import os
@@ -30,7 +29,7 @@ import optax
 import tqdm
 from absl import logging
 
-from mlres_jax import configuration, input_pipeline, models, multilevel
+from mlres_jax import checkpoint, configuration, input_pipeline, models, multilevel
 
 
 @flax.struct.dataclass
@@ -42,12 +41,19 @@ class TrainState:
       params: trainable parameters (``models.ResNet`` names).
       batch_stats: batch-norm running statistics, same names.
       opt_state: optax state; its momentum mirrors ``params``.
+      metric_sums: float32[] sums of ``loss``, ``accuracy`` and ``count``
+        over the steps since the last evaluation (kept in the state so that a
+        resumed run reports the same train metrics).
+      nonfinite_step: int32[] the first step whose loss, gradient or update
+        was not finite, or -1. Such a step leaves the state unchanged.
     """
 
     step: jax.Array
     params: Any
     batch_stats: Any
     opt_state: Any
+    metric_sums: dict
+    nonfinite_step: jax.Array
 
     @property
     def variables(self) -> dict:
@@ -84,7 +90,13 @@ def create_train_state(rng: jax.Array, model: models.ResNet,
         params=variables["params"],
         batch_stats=variables["batch_stats"],
         opt_state=tx.init(variables["params"]),
+        metric_sums=zero_metric_sums(),
+        nonfinite_step=jnp.array(-1, jnp.int32),
     )
+
+
+def zero_metric_sums() -> dict:
+    return {name: jnp.zeros((), jnp.float32) for name in ("loss", "accuracy", "count")}
 
 
 def interpolate_train_state(state: TrainState, rule: str,
@@ -131,7 +143,9 @@ def train_step(state: TrainState, train_images: jax.Array,
 
     Returns:
       ``(new_state, metrics)``, metrics float32 scalars ``loss`` (without
-      weight decay) and ``accuracy`` of the mini-batch.
+      weight decay) and ``accuracy`` of the mini-batch. If the loss, a
+      gradient or an update is not finite, the returned state is the input
+      state with ``nonfinite_step`` set (if not set already).
     """
     rng = jax.random.fold_in(base_rng, state.step)
     images = input_pipeline.preprocess_for_train(
@@ -147,14 +161,24 @@ def train_step(state: TrainState, train_images: jax.Array,
     (loss, (logits, updates)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    metrics = {"loss": loss,
+               "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+    sums = {"loss": loss, "accuracy": metrics["accuracy"], "count": 1.0}
     new_state = state.replace(
         step=state.step + 1,
         params=optax.apply_updates(state.params, param_updates),
         batch_stats=updates["batch_stats"],
         opt_state=opt_state,
+        metric_sums=jax.tree_util.tree_map(jnp.add, state.metric_sums, sums),
     )
-    metrics = {"loss": loss,
-               "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+    finite = jax.tree_util.tree_reduce(
+        jnp.logical_and,
+        jax.tree_util.tree_map(lambda x: jnp.all(jnp.isfinite(x)),
+                               (loss, grads, param_updates, updates["batch_stats"])))
+    failed = state.replace(nonfinite_step=jnp.where(
+        state.nonfinite_step < 0, state.step, state.nonfinite_step))
+    new_state = jax.tree_util.tree_map(
+        lambda good, bad: jnp.where(finite, good, bad), new_state, failed)
     return new_state, metrics
 
 
@@ -194,6 +218,10 @@ def evaluate(compiled_eval_step, variables, images: np.ndarray,
             "count": int(count)}
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training produced a non-finite loss, gradient or update."""
+
+
 def write_json_atomically(path: str, payload: Any) -> None:
     """Writes JSON to a temporary file in the same folder, then renames it."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -205,11 +233,6 @@ def write_json_atomically(path: str, payload: Any) -> None:
     os.replace(handle.name, path)
 
 
-def _mean_metrics(metrics: list[dict]) -> dict[str, float]:
-    stacked = jax.device_get(jax.tree_util.tree_map(lambda *x: jnp.stack(x), *metrics))
-    return {k: float(np.mean(v)) for k, v in stacked.items()}
-
-
 def _format_sizes(stage_sizes) -> str:
     return "-".join(str(n) for n in stage_sizes)
 
@@ -219,6 +242,29 @@ def _compile(fn, *args):
     start = time.perf_counter()
     executable = fn.lower(*args).compile()
     return executable, time.perf_counter() - start
+
+
+def compile_step_functions(model, tx, config, state, train_images, train_labels, rng,
+                           image_shape):
+    """Compiles the train and eval steps for ``model``'s depth.
+
+    Returns:
+      ``(train_executable, eval_executable, compile_seconds)``.
+    """
+    train_fn = jax.jit(functools.partial(
+        train_step, model=model, tx=tx, crop_padding=config.crop_padding),
+        donate_argnums=0)
+    indices = jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)
+    compiled_train, train_seconds = _compile(
+        train_fn, state, train_images, train_labels, indices, rng)
+    eval_fn = jax.jit(functools.partial(eval_step, model=model))
+    batch = config.eval_batch_size
+    compiled_eval, eval_seconds = _compile(
+        eval_fn, state.variables,
+        jax.ShapeDtypeStruct((batch, *image_shape), jnp.uint8),
+        jax.ShapeDtypeStruct((batch,), jnp.int32),
+        jax.ShapeDtypeStruct((batch,), jnp.bool_))
+    return compiled_train, compiled_eval, train_seconds + eval_seconds
 
 
 def summary_table(summary: dict) -> str:
@@ -244,12 +290,41 @@ def summary_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _checkpoint_bytes(config, cycles, num_classes, image_shape) -> int:
+    """Disk space the checkpoints of the deepest network will take, roughly."""
+    model = models.ResNet(cycles[-1].stage_sizes, width=config.width,
+                          num_classes=num_classes)
+    shapes = jax.eval_shape(lambda: models.init_variables(
+        model, jax.random.PRNGKey(0), image_shape))
+    state_bytes = 4 * (2 * models.count_parameters(shapes["params"])
+                       + models.count_parameters(shapes["batch_stats"]))
+    return (config.checkpoints_to_keep + 1) * state_bytes + 2**20
+
+
+def _raise_if_nonfinite(state: TrainState, cycle: multilevel.Cycle,
+                        steps_per_epoch: int, checkpointer) -> None:
+    bad = int(state.nonfinite_step)
+    if bad < 0:
+        return
+    kept = checkpointer.all_steps()
+    raise NonFiniteLossError(
+        f"non-finite loss or gradient at step {bad} (cycle {cycle.index + 1}, "
+        f"epoch {bad / steps_per_epoch:.2f}); training stopped. "
+        + (f"The last good checkpoint, step {kept[-1]}, is kept in "
+           f"{checkpointer.directory}." if kept else "No checkpoint was written yet."))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs every cycle of a run and evaluates on the whole test split.
 
+    If ``workdir`` holds checkpoints of the same run, training resumes from
+    the newest readable one and ends with the same result as an
+    uninterrupted run.
+
     Args:
       config: see ``configs/default.py``; validated first.
-      workdir: folder for TensorBoard events and ``summary.json``; created.
+      workdir: folder for checkpoints, TensorBoard events and
+        ``summary.json``; created.
 
     Returns:
       The summary written to ``workdir/summary.json``: per cycle the stage
@@ -260,15 +335,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     Raises:
       configuration.ConfigError: for a field with a value not allowed.
       input_pipeline.DataSetUnavailableError: if the data set is missing.
+      checkpoint.ConfigMismatchError: if the workdir's checkpoints are of a
+        run with another model or schedule.
+      checkpoint.CheckpointError: if a checkpoint cannot be written or none
+        of the existing ones can be read.
+      NonFiniteLossError: if the loss or a gradient stops being finite.
       OSError: if ``workdir`` cannot be written.
     """
     run_start = time.perf_counter()
     config = configuration.resolve(config)
     input_pipeline.check_available(config.dataset, data_dir=config.data_dir,
                                    fashion_mnist_dir=config.fashion_mnist_dir)
-    os.makedirs(workdir, exist_ok=True)
-    if not os.access(workdir, os.W_OK):
-        raise OSError(f"workdir {workdir!r} is not writable")
+    checkpoint.check_writable(workdir, needed_bytes=0)
 
     logging.info("Loading %s ...", config.dataset)
     data = input_pipeline.load(config.dataset, data_dir=config.data_dir,
@@ -284,10 +362,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         stage_sizes=config.stage_sizes, step_size=config.step_size,
         num_epochs=config.num_epochs, cycle_boundaries=config.cycle_boundaries,
         steps_per_epoch=steps_per_epoch, multilevel=config.multilevel)
+    checkpoint.check_writable(workdir, _checkpoint_bytes(
+        config, cycles, info.num_classes, info.image_shape))
     schedule = multilevel.learning_rate_schedule(
         cycles, config.learning_rate_max, config.learning_rate_min)
     tx = create_optimizer(config, schedule)
-    total_steps = cycles[-1].end_step
     eval_every_steps = max(1, round(config.eval_every_epochs * steps_per_epoch))
     logging.info(
         "%s: %d train / %d test examples, batch %d, %d steps per epoch; "
@@ -296,63 +375,90 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         ", ".join(f"{_format_sizes(c.stage_sizes)} h={c.step_size:g} for "
                   f"{c.num_steps} steps" for c in cycles))
 
+    init_rng, augment_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+
+    def abstract_state(meta: dict):
+        differences = checkpoint.config_differences(meta["config"], config.to_dict())
+        if differences:
+            raise checkpoint.ConfigMismatchError(
+                f"cannot resume from the checkpoint of step {meta['step']} in "
+                f"{workdir}: the config differs in " + "; ".join(differences)
+                + ". Use another --workdir, or the checkpoint's values.")
+        return jax.eval_shape(lambda: create_train_state(
+            init_rng, checkpoint.model_from_meta(meta), tx, info.image_shape))
+
+    checkpointer = checkpoint.Checkpointer(workdir, config.checkpoints_to_keep)
+    restored = checkpointer.restore_latest(abstract_state)
+    state, state_sizes, step = None, None, 0
+    history, cycle_records = [], []
+    elapsed = {"train_seconds": 0.0, "eval_seconds": 0.0, "compile_seconds": 0.0}
+    if restored is not None:
+        state, meta = restored
+        state_sizes, step = tuple(meta["stage_sizes"]), meta["step"]
+        history, cycle_records = meta["history"], meta["cycle_records"]
+        elapsed = meta["cycle_elapsed"]
+        logging.info("Resumed from the checkpoint of step %d: cycle %d (%s blocks), "
+                     "epoch %.2f", step, meta["cycle"], _format_sizes(state_sizes),
+                     step / steps_per_epoch)
+
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
     writer = SummaryWriter(logdir=workdir)
-    writer.add_text("config", f"```\n{config}\n```", 0)
-
-    rng = jax.random.PRNGKey(config.seed)
-    init_rng, augment_rng = jax.random.split(rng)
+    writer.add_text("config", f"```\n{config}\n```", step)
     train_images = jax.device_put(data.train_images)
     train_labels = jax.device_put(data.train_labels)
+    compiled = {}
 
-    state = None
-    model = None
-    cycle_records, history = [], []
-    step_functions = {}
     for cycle in cycles:
-        cycle_start = time.perf_counter()
-        previous_model = model
+        if cycle.end_step <= step:
+            continue  # finished before the restored checkpoint
+        if step > cycle.first_step:
+            timers = dict(elapsed)
+        else:
+            timers = {"train_seconds": 0.0, "eval_seconds": 0.0, "compile_seconds": 0.0}
+        segment_start = time.perf_counter()
+        segment_eval = 0.0
         model = create_model(config, cycle, info.num_classes)
         if state is None:
             state = create_train_state(init_rng, model, tx, info.image_shape)
-        elif model.stage_sizes != previous_model.stage_sizes:
+        elif state_sizes != cycle.stage_sizes:
             state = interpolate_train_state(
                 state, config.interpolation_rule, config.momentum_at_interpolation)
             logging.info("Interpolated %s -> %s blocks, h = %g",
-                         _format_sizes(previous_model.stage_sizes),
-                         _format_sizes(model.stage_sizes), model.step_size)
-        key = (model.stage_sizes, model.step_size)
-        compile_seconds = 0.0
-        if key not in step_functions:
-            train_fn = jax.jit(functools.partial(
-                train_step, model=model, tx=tx, crop_padding=config.crop_padding),
-                donate_argnums=0)
-            indices = jnp.zeros((config.batch_size,), jnp.int32)
-            compiled_train, seconds = _compile(
-                train_fn, state, train_images, train_labels, indices, augment_rng)
-            compile_seconds += seconds
-            eval_fn = jax.jit(functools.partial(eval_step, model=model))
-            image_shape = (config.eval_batch_size, *info.image_shape)
-            compiled_eval, seconds = _compile(
-                eval_fn, state.variables,
-                jax.ShapeDtypeStruct(image_shape, jnp.uint8),
-                jax.ShapeDtypeStruct((config.eval_batch_size,), jnp.int32),
-                jax.ShapeDtypeStruct((config.eval_batch_size,), jnp.bool_))
-            compile_seconds += seconds
-            step_functions[key] = (compiled_train, compiled_eval)
-        compiled_train, compiled_eval = step_functions[key]
+                         _format_sizes(state_sizes), _format_sizes(cycle.stage_sizes),
+                         cycle.step_size)
+        state_sizes = cycle.stage_sizes
+        key = (cycle.stage_sizes, cycle.step_size)
+        if key not in compiled:
+            compiled[key] = compile_step_functions(
+                model, tx, config, state, train_images, train_labels, augment_rng,
+                info.image_shape)
+            timers["compile_seconds"] += compiled[key][2]
+        compiled_train, compiled_eval, _ = compiled[key]
         num_params = models.count_parameters(state.params)
 
-        eval_seconds = 0.0
-        window, since_eval = [], []
-        last_epoch_metrics = collections.deque(maxlen=steps_per_epoch)
-        order, order_epoch = None, None
+        def current_timers():
+            return {"train_seconds": timers["train_seconds"] + time.perf_counter()
+                    - segment_start - segment_eval,
+                    "eval_seconds": timers["eval_seconds"] + segment_eval,
+                    "compile_seconds": timers["compile_seconds"]}
+
+        def save(at_step):
+            _raise_if_nonfinite(state, cycle, steps_per_epoch, checkpointer)
+            checkpointer.save(at_step, state, {
+                "dataset": config.dataset, "width": config.width,
+                "num_classes": info.num_classes, "image_shape": list(info.image_shape),
+                "stage_sizes": list(cycle.stage_sizes), "step_size": cycle.step_size,
+                "cycle": cycle.index + 1, "epoch": at_step / steps_per_epoch,
+                "config": config.to_dict(), "history": history,
+                "cycle_records": cycle_records, "cycle_elapsed": current_timers()})
+
+        window, order, order_epoch = [], None, None
         bar = tqdm.tqdm(
-            total=cycle.num_steps, disable=not config.progress_bar, unit="step",
+            total=cycle.num_steps, initial=step - cycle.first_step if step > cycle.first_step else 0,
+            disable=not config.progress_bar, unit="step",
             desc=f"cycle {cycle.index + 1}/{len(cycles)} "
                  f"{_format_sizes(cycle.stage_sizes)} h={cycle.step_size:g}")
-        test = {"error": float("nan"), "loss": float("nan")}
-        for step in range(cycle.first_step, cycle.end_step):
+        for step in range(max(step, cycle.first_step), cycle.end_step):
             epoch, position = divmod(step, steps_per_epoch)
             if order_epoch != epoch:
                 order = jax.device_put(input_pipeline.train_batch_indices(
@@ -361,44 +467,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             state, metrics = compiled_train(
                 state, train_images, train_labels, order[position], augment_rng)
             window.append(metrics)
-            since_eval.append(metrics)
-            last_epoch_metrics.append(metrics)
             bar.update(1)
-            if (step + 1) % config.log_every_steps == 0:
-                means = _mean_metrics(window)
+            done = step + 1
+            if done % config.log_every_steps == 0:
+                _raise_if_nonfinite(state, cycle, steps_per_epoch, checkpointer)
+                means = jax.device_get(jax.tree_util.tree_map(
+                    lambda *x: jnp.mean(jnp.stack(x)), *window))
                 window = []
                 for name, value in means.items():
-                    writer.add_scalar(f"train/{name}", value, step + 1)
-                writer.add_scalar("train/learning_rate", float(schedule(step)), step + 1)
-                bar.set_postfix(loss=f"{means['loss']:.3f}",
-                                acc=f"{means['accuracy']:.3f}")
-            if (step + 1) % eval_every_steps == 0 or step + 1 == cycle.end_step:
+                    writer.add_scalar(f"train/{name}", float(value), done)
+                writer.add_scalar("train/learning_rate", float(schedule(step)), done)
+                bar.set_postfix(loss=f"{float(means['loss']):.3f}",
+                                acc=f"{float(means['accuracy']):.3f}")
+            if done % eval_every_steps == 0 or done == cycle.end_step:
+                _raise_if_nonfinite(state, cycle, steps_per_epoch, checkpointer)
                 eval_start = time.perf_counter()
                 test = evaluate(compiled_eval, state.variables, data.test_images,
                                 data.test_labels, config.eval_batch_size)
-                eval_seconds += time.perf_counter() - eval_start
-                train_means = _mean_metrics(since_eval)
-                since_eval = []
+                segment_eval += time.perf_counter() - eval_start
+                sums = jax.device_get(state.metric_sums)
+                state = state.replace(metric_sums=zero_metric_sums())
                 record = {
-                    "epoch": (step + 1) / steps_per_epoch, "step": step + 1,
+                    "epoch": done / steps_per_epoch, "step": done,
                     "cycle": cycle.index + 1,
-                    "train_loss": train_means["loss"],
-                    "train_error": 1 - train_means["accuracy"],
+                    "train_loss": float(sums["loss"] / sums["count"]),
+                    "train_error": float(1 - sums["accuracy"] / sums["count"]),
                     "test_loss": test["loss"], "test_error": test["error"],
                     "learning_rate": float(schedule(step)),
                 }
                 history.append(record)
-                writer.add_scalar("test/error", test["error"], step + 1)
-                writer.add_scalar("test/loss", test["loss"], step + 1)
-                writer.add_scalar("train/epoch_error", record["train_error"], step + 1)
+                for name in ("test_error", "test_loss", "train_error"):
+                    writer.add_scalar(name.replace("_", "/", 1), record[name], done)
                 bar.write(
                     f"epoch {record['epoch']:.2f} (cycle {cycle.index + 1}, "
                     f"{_format_sizes(cycle.stage_sizes)}): train loss "
                     f"{record['train_loss']:.4f} error {100 * record['train_error']:.2f}%"
                     f" | test loss {test['loss']:.4f} error {100 * test['error']:.2f}%")
+            if done % config.checkpoint_every_steps == 0 and done != cycle.end_step:
+                save(done)
+        step = cycle.end_step
         bar.close()
-        final = _mean_metrics(list(last_epoch_metrics))
-        cycle_seconds = time.perf_counter() - cycle_start
+        final = history[-1]
         cycle_records.append({
             "cycle": cycle.index + 1,
             "stage_sizes": list(cycle.stage_sizes),
@@ -407,30 +516,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "num_params": num_params,
             "epochs": cycle.num_steps / steps_per_epoch,
             "steps": cycle.num_steps,
-            "compile_seconds": compile_seconds,
-            "train_seconds": cycle_seconds - eval_seconds,
-            "eval_seconds": eval_seconds,
-            "final_train_loss": final["loss"],
-            "final_train_error": 1 - final["accuracy"],
-            "test_loss": test["loss"],
-            "test_error": test["error"],
+            **current_timers(),
+            "final_train_loss": final["train_loss"],
+            "final_train_error": final["train_error"],
+            "test_loss": final["test_loss"],
+            "test_error": final["test_error"],
         })
+        save(cycle.end_step)
         writer.flush()
 
     writer.close()
+    checkpointer.close()
+    summary = _summary(config, data, steps_per_epoch, cycles, cycle_records, history,
+                       time.perf_counter() - run_start)
+    write_json_atomically(os.path.join(workdir, "summary.json"), summary)
+    print(summary_table(summary), flush=True)
+    return summary
+
+
+def _summary(config, data, steps_per_epoch, cycles, cycle_records, history,
+             wall_seconds) -> dict:
     lengths = [c.num_steps for c in cycles]
-    summary = {
+    return {
         "config": config.to_dict(),
-        "dataset": {"name": config.dataset, "train_examples": num_train,
+        "dataset": {"name": config.dataset, "train_examples": len(data.train_labels),
                     "test_examples": len(data.test_labels),
                     "steps_per_epoch": steps_per_epoch},
         "cycles": cycle_records,
         "totals": {
-            "steps": total_steps,
+            "steps": cycles[-1].end_step,
             "train_seconds": sum(c["train_seconds"] for c in cycle_records),
             "compile_seconds": sum(c["compile_seconds"] for c in cycle_records),
             "eval_seconds": sum(c["eval_seconds"] for c in cycle_records),
-            "wall_seconds": time.perf_counter() - run_start,
+            # Of this invocation (a resumed run counts from its restart).
+            "wall_seconds": wall_seconds,
             "final_test_error": cycle_records[-1]["test_error"],
             "final_test_accuracy": 1 - cycle_records[-1]["test_error"],
             "test_examples": len(data.test_labels),
@@ -441,6 +560,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         },
         "history": history,
     }
-    write_json_atomically(os.path.join(workdir, "summary.json"), summary)
-    print(summary_table(summary), flush=True)
-    return summary
