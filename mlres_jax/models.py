@@ -17,6 +17,11 @@ Parameters are named by stage and block, 1-based like the paper's figures::
 
 so that interpolation (`mlres_jax.multilevel`) edits one stage's blocks
 without renaming anything else. ``batch_stats`` mirrors the same names.
+
+For the analyses (`mlres_jax.analysis`) every residual module sows its input
+Y_j and its output F(Y_j) into the collection ``"intermediates"``
+(``intermediates/stage2/block3/{block_input, F}``, each a 1-tuple); this is a
+no-op unless the caller makes that collection mutable.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # momentum; 0.9 as in the TensorFlow CIFAR ResNets the paper builds on.
 BATCH_NORM_MOMENTUM = 0.9
 BATCH_NORM_EPSILON = 1e-5
+
+# Collection into which every residual module sows Y_j and F(Y_j).
+INTERMEDIATES = "intermediates"
 
 
 def block_name(block_index: int) -> str:
@@ -69,6 +77,10 @@ class ResidualModule(nn.Module):
 
     BN -> ReLU -> conv3x3(stride) -> BN -> ReLU -> conv3x3; convolutions have
     no bias. The step size h is applied by the caller.
+
+    When ``"intermediates"`` is mutable, sows ``block_input`` (Y_j,
+    float32[N, H, W, C_in]) and ``F`` (F(Y_j), float32[N, H', W', features]),
+    the residual module's output before it is multiplied by h.
     """
 
     features: int
@@ -90,6 +102,8 @@ class ResidualModule(nn.Module):
         y = conv(strides=(self.strides, self.strides), name="conv1")(y)
         y = nn.relu(norm(name="norm2")(y))
         y = conv(name="conv2")(y)
+        self.sow(INTERMEDIATES, "block_input", x)
+        self.sow(INTERMEDIATES, "F", y)
         return y
 
 
@@ -97,15 +111,23 @@ class Stage(nn.Module):
     """``num_blocks`` residual blocks of one width; the first may downsample.
 
     Each block computes ``Y_{j+1} = S(Y_j) + step_size * G(Y_j)``.
+
+    With ``downsample_by_shortcut`` the stage first applies the parameter-free
+    downsampling shortcut S alone, and all its blocks keep the shape: this is
+    the stage after a lesion removed its downsampling block (paper Sec. 3.3,
+    Veit et al. 2016). Then ``downsample`` must be False.
     """
 
     num_blocks: int
     features: int
     downsample: bool
     step_size: float
+    downsample_by_shortcut: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool):
+        if self.downsample_by_shortcut:
+            x = downsampling_shortcut(x, self.features)
         for j in range(self.num_blocks):
             first = j == 0
             strides = 2 if (first and self.downsample) else 1
@@ -130,6 +152,11 @@ class ResNet(nn.Module):
       num_classes: outputs of the dense head.
       step_size: the explicit step size h multiplying every residual module
         (paper Eq. 2, App. C); 1.0 is a plain ResNet.
+      shortcut_only_stages: 0-based indices (>= 1) of stages whose first,
+        downsampling block was removed in a lesion (paper Sec. 3.3): such a
+        stage downsamples by its parameter-free shortcut S alone and all of
+        its ``stage_sizes[i]`` blocks keep the shape. Empty (the default) for
+        every trained network; see `mlres_jax.analysis.lesioned_model`.
 
     Call: ``model.apply(variables, images, train=...)`` with
     ``images: float32[N, H, W, C]``; returns logits ``float32[N, num_classes]``.
@@ -140,17 +167,25 @@ class ResNet(nn.Module):
     width: int = 16
     num_classes: int = 10
     step_size: float = 1.0
+    shortcut_only_stages: Sequence[int] = ()
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        for i in self.shortcut_only_stages:
+            if not 1 <= i < len(self.stage_sizes):
+                raise ValueError(
+                    f"shortcut_only_stages holds {i}, but only stages 1.."
+                    f"{len(self.stage_sizes) - 1} (0-based) downsample")
         x = nn.Conv(self.width, (3, 3), use_bias=False,
                     kernel_init=conv_kernel_init, name="stem")(images)
         for i, num_blocks in enumerate(self.stage_sizes):
+            shortcut_only = i in self.shortcut_only_stages
             x = Stage(
                 num_blocks=num_blocks,
                 features=self.width * 2**i,
-                downsample=i > 0,
+                downsample=i > 0 and not shortcut_only,
                 step_size=self.step_size,
+                downsample_by_shortcut=shortcut_only,
                 name=stage_name(i),
             )(x, train)
         x = nn.BatchNorm(

@@ -4,6 +4,8 @@ Everything here is pure: functions of pytrees and numbers, no I/O.
 
 * `interpolate` doubles every stage's blocks (prolongation, paper Sec. 4.1,
   Fig. 5, App. B); `deepen` also returns the next model with h halved.
+* `coarsen` is its inverse (restriction, SPEC §2): it keeps every other
+  block of each stage; `restrict` also returns the model with h doubled.
 * `plan_cycles` lays out the cycles of a run (paper Table 1, Sec. 5.2) and
   `learning_rate_schedule` builds the cosine learning rate that restarts at
   every cycle (SGDR, paper Eq. 9) from optax.
@@ -40,8 +42,12 @@ def _is_network_tree(node: Any) -> bool:
         isinstance(k, str) and _STAGE_KEY.match(k) for k in node)
 
 
-def _ordered_blocks(stage_name: str, stage: Mapping) -> list:
-    """The stage's block subtrees in order block1, block2, ...; checks names."""
+def ordered_blocks(stage_name: str, stage: Mapping) -> list:
+    """The block subtrees of one stage in order ``block1, block2, ...``.
+
+    Raises:
+      ValueError: for a key that is not a block name, or gaps in the numbers.
+    """
     numbers = []
     for key in stage:
         match = _BLOCK_KEY.match(key) if isinstance(key, str) else None
@@ -55,6 +61,11 @@ def _ordered_blocks(stage_name: str, stage: Mapping) -> list:
             f"{stage_name} has blocks {sorted(numbers)}; expected block1.."
             f"block{len(numbers)} without gaps")
     return [stage[models.block_name(i)] for i in range(len(numbers))]
+
+
+def is_stage_key(key: Any) -> bool:
+    """Whether ``key`` names a stage (``stage1``, ``stage2``, ...)."""
+    return isinstance(key, str) and _STAGE_KEY.match(key) is not None
 
 
 def paper_prolongation_sources(num_blocks: int) -> list[int]:
@@ -104,7 +115,7 @@ def _interpolate_network_tree(tree: Mapping, rule: str) -> dict:
     result = {}
     for key, node in tree.items():
         if isinstance(key, str) and _STAGE_KEY.match(key):
-            blocks = _ordered_blocks(key, node)
+            blocks = ordered_blocks(key, node)
             try:
                 sources = sources_fn(len(blocks))
             except ValueError as error:
@@ -192,6 +203,90 @@ def deepen(model: models.ResNet, variables, rule: str = "paper"):
       ValueError: as `interpolate`.
     """
     return interpolated_model(model), interpolate(variables, rule)
+
+
+# ---------------------------------------------------------------------------
+# Coarsening (restriction): the inverse of interpolation.
+
+
+def _coarsen_network_tree(tree: Mapping) -> dict:
+    result = {}
+    for key, node in tree.items():
+        if is_stage_key(key):
+            blocks = ordered_blocks(key, node)
+            if len(blocks) % 2:
+                raise ValueError(
+                    f"cannot coarsen {key}: it has {len(blocks)} blocks, and "
+                    "coarsening keeps blocks 1, 3, 5, ... of an even number of "
+                    "blocks (the inverse of interpolation, which doubles them)")
+            result[key] = {models.block_name(i): blocks[2 * i]
+                           for i in range(len(blocks) // 2)}
+        else:
+            result[key] = node
+    return result
+
+
+def coarsen(tree):
+    """Coarsens (restricts) a network to half the blocks in every stage.
+
+    The inverse of `interpolate` (SPEC §2; multigrid restriction, paper
+    Sec. 4): every stage of 2n blocks keeps its blocks at 0-based positions
+    0, 2, 4, ..., 2n - 2 and becomes a stage of n blocks, renumbered
+    ``block1..blockn``; stem, final norm and head are unchanged. Under the
+    paper's rule ``[b1, b2, b3] -> [b1, b2, b2, b2, b3, b3]`` these positions
+    hold ``b1, b2, b3``, so ``coarsen(interpolate(tree))`` equals ``tree``
+    exactly. Parameters, batch-norm statistics and anything else stored per
+    block are kept alike; the kept leaves are the input's arrays (not copies).
+
+    The caller doubles the step size h (see `restrict`).
+
+    Args:
+      tree: any pytree containing network trees (see `interpolate`).
+
+    Returns:
+      A new pytree with the tree structure and shapes of the same variables
+      of a fresh model with halved stage sizes. The input is not modified.
+
+    Raises:
+      ValueError: for a stage with an odd number of blocks, or stage contents
+        not named ``block1..blockN``.
+    """
+    return map_network_trees(_coarsen_network_tree, tree)
+
+
+def coarsened_model(model: models.ResNet) -> models.ResNet:
+    """The model after one coarsening: stage sizes halved, h doubled.
+
+    Raises:
+      ValueError: for an odd stage size.
+    """
+    odd = [n for n in model.stage_sizes if n % 2]
+    if odd:
+        raise ValueError(
+            f"cannot coarsen stage sizes {tuple(model.stage_sizes)}: every "
+            f"stage needs an even number of blocks")
+    return model.clone(
+        stage_sizes=tuple(n // 2 for n in model.stage_sizes),
+        step_size=model.step_size * 2)
+
+
+def restrict(model: models.ResNet, variables):
+    """Coarsens ``variables`` and returns them with the matching model.
+
+    The inverse of `deepen`: ``restrict(*deepen(model, variables))`` gives back
+    ``model`` and ``variables``.
+
+    Args:
+      model: the current network.
+      variables: its ``{"params", "batch_stats"}`` pytree.
+
+    Returns:
+      ``(coarser_model, coarser_variables)``: stage sizes halved, h doubled.
+
+    Raises:
+      ValueError: as `coarsen`.
+    """
+    return coarsened_model(model), coarsen(variables)
 
 
 # ---------------------------------------------------------------------------
@@ -354,8 +449,10 @@ def cycle_epochs(num_epochs: float, cycle_boundaries: Sequence[float]) -> list[f
 
 
 __all__ = [
-    "Cycle", "INTERPOLATION_RULES", "cosine_cycle_schedule", "cycle_epochs",
-    "cycle_start_steps", "deepen", "interpolate", "interpolated_model",
-    "learning_rate_schedule", "paper_prolongation_sources", "plan_cycles",
-    "map_network_trees", "theoretical_cost_ratio", "theoretical_time_saved",
+    "Cycle", "INTERPOLATION_RULES", "coarsen", "coarsened_model",
+    "cosine_cycle_schedule", "cycle_epochs", "cycle_start_steps", "deepen",
+    "interpolate", "interpolated_model", "is_stage_key",
+    "learning_rate_schedule", "map_network_trees", "ordered_blocks",
+    "paper_prolongation_sources", "plan_cycles", "restrict",
+    "theoretical_cost_ratio", "theoretical_time_saved",
 ]
