@@ -164,11 +164,29 @@ class Checkpointer:
                 continue
             if failures:
                 logging.warning("Restored the checkpoint of step %d instead", step)
+                self._set_aside_steps_after(step)
             return state, meta
         if failures:
             raise CheckpointError(
                 f"no readable checkpoint in {self.directory}: " + "; ".join(failures))
         return None
+
+    def _set_aside_steps_after(self, step: int) -> None:
+        """Moves unreadable checkpoints newer than ``step`` out of the way.
+
+        They go to ``<workdir>/unreadable_checkpoints/<step>`` (kept for
+        inspection, never deleted), so that training can save those steps
+        again.
+        """
+        aside = os.path.join(os.path.dirname(self.directory), "unreadable_checkpoints")
+        for bad in [s for s in self.all_steps() if s > step]:
+            os.makedirs(aside, exist_ok=True)
+            target = os.path.join(aside, str(bad))
+            if os.path.exists(target):
+                target += f".{len(os.listdir(aside))}"
+            os.replace(os.path.join(self.directory, str(bad)), target)
+            logging.warning("Moved the unreadable checkpoint of step %d to %s", bad, target)
+        self._manager.reload()
 
     def restore_raw(self, step: int | None = None) -> tuple[dict, dict]:
         """Restores a checkpoint as plain nested dicts, without a target.

@@ -188,6 +188,8 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(
         train.train_and_evaluate(config, workdir)
     assert "checkpoint of step 18 is unreadable" in caplog.text
     assert "Restored the checkpoint of step 16 instead" in caplog.text
+    # The damaged checkpoint is set aside, not deleted.
+    assert os.path.isdir(os.path.join(workdir, "unreadable_checkpoints", "18"))
     _assert_same_run(workdir, reference)
 
 
@@ -197,8 +199,8 @@ def test_resume_with_different_model_is_refused(data_dir, reference, tmp_path):
                              workdir)
     steps_before = checkpoint.Checkpointer(workdir, create=False).all_steps()
     with pytest.raises(checkpoint.ConfigMismatchError,
-                       match=r"width: checkpoint 2, now 4.*learning_rate_max: "
-                             r"checkpoint 0.5, now 0.3"):
+                       match=r"learning_rate_max: checkpoint 0.5, now 0.3; "
+                             r"width: checkpoint 2, now 4"):
         train.train_and_evaluate(
             _config(data_dir, num_epochs=1.0, cycle_boundaries=(), width=4,
                     learning_rate_max=0.3), workdir)
@@ -272,3 +274,20 @@ def test_summary_is_replaced_atomically(tmp_path):
     with open(path) as handle:
         assert json.load(handle) == {"a": 2}
     assert os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_grow_interpolates_a_saved_checkpoint(data_dir, reference, tmp_path):
+    from mlres_jax import grow  # pylint: disable=import-outside-toplevel
+    workdir, output = str(tmp_path / "run"), str(tmp_path / "grown")
+    train.train_and_evaluate(_config(data_dir, num_epochs=1.0, cycle_boundaries=()),
+                             workdir)
+    model, variables, _ = checkpoint.load_model(workdir)
+    meta = grow.grow(workdir, output)
+    grown_model, grown_variables, grown_meta = checkpoint.load_model(output)
+    assert grown_model.stage_sizes == (4, 4, 4) and grown_model.step_size == 0.5
+    assert grown_meta["grown_from"]["step"] == 8 == meta["step"]
+    expected_model, expected = multilevel.deepen(model, variables)
+    assert expected_model == grown_model
+    chex.assert_trees_all_equal(jax.device_get(grown_variables), jax.device_get(expected))
+    with pytest.raises(checkpoint.CheckpointError, match="already holds checkpoints"):
+        grow.grow(workdir, output)

@@ -1,0 +1,69 @@
+"""Offline interpolation of a saved network: depth d in, depth 2d out.
+
+  python -m mlres_jax.grow --workdir=runs/resnet14 --output=runs/resnet14_grown
+
+Reads the latest (or ``--step``) checkpoint of ``--workdir``, interpolates its
+parameters and batch-norm statistics with `multilevel.deepen` (stage sizes
+doubled, h halved; paper Sec. 4.1, App. B) and writes a model checkpoint to
+``--output`` that `checkpoint.load_model` and the analyses read.
+"""
+
+import sys
+
+from absl import app, flags, logging
+
+from mlres_jax import checkpoint, multilevel
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Run folder holding checkpoints/ to read.")
+flags.DEFINE_string("output", None, "Folder to write the interpolated checkpoint to.")
+flags.DEFINE_integer("step", None, "Checkpoint step to read; the latest if unset.")
+flags.DEFINE_string("rule", "paper", "Interpolation rule: "
+                    f"{sorted(multilevel.INTERPOLATION_RULES)}.")
+flags.mark_flags_as_required(["workdir", "output"])
+
+
+def grow(workdir: str, output: str, step: int | None = None, rule: str = "paper") -> dict:
+    """Interpolates a checkpoint of ``workdir`` into a new one in ``output``.
+
+    Returns:
+      The written checkpoint's metadata.
+
+    Raises:
+      checkpoint.CheckpointError: if the checkpoint cannot be read, or
+        ``output`` already holds checkpoints.
+      ValueError: if the network cannot be interpolated under ``rule``.
+    """
+    model, variables, meta = checkpoint.load_model(workdir, step)
+    try:
+        existing = checkpoint.Checkpointer(output, create=False).all_steps()
+    except Exception:  # no such folder yet
+        existing = []
+    if existing:
+        raise checkpoint.CheckpointError(
+            f"{output} already holds checkpoints {existing}; choose an empty folder")
+    deeper_model, deeper_variables = multilevel.deepen(model, variables, rule)
+    new_meta = dict(meta, stage_sizes=list(deeper_model.stage_sizes),
+                    step_size=deeper_model.step_size,
+                    grown_from={"workdir": workdir, "step": meta["step"], "rule": rule},
+                    history=[], cycle_records=[])
+    checkpoint.save_model(output, deeper_variables, new_meta, step=meta["step"])
+    logging.info("Interpolated %s (h = %g) into %s (h = %g): %s",
+                 list(model.stage_sizes), model.step_size,
+                 list(deeper_model.stage_sizes), deeper_model.step_size, output)
+    return new_meta
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.INFO)
+    try:
+        grow(FLAGS.workdir, FLAGS.output, FLAGS.step, FLAGS.rule)
+    except (checkpoint.CheckpointError, ValueError) as error:
+        sys.stderr.write(f"error: {error}\n")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)
