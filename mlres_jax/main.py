@@ -9,6 +9,8 @@ parses flags and reports a user's mistakes as one line; the work is in
 `mlres_jax.train`.
 """
 
+import logging as python_logging
+import os
 import sys
 
 from absl import app, flags, logging
@@ -24,10 +26,17 @@ config_flags.DEFINE_config_file(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def quiet_library_info(record: python_logging.LogRecord) -> bool:
+    """Drops INFO records of orbax (dozens per checkpoint); keeps warnings."""
+    return (record.levelno >= python_logging.WARNING
+            or f"{os.sep}orbax{os.sep}" not in record.pathname)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(quiet_library_info)
     try:
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (configuration.ConfigError, input_pipeline.DataSetUnavailableError,
