@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 WORKDIR ?= runs/fashion_mnist
 
-.PHONY: install data run test test-slow clean
+.PHONY: install data run test test-slow bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,15 @@ test: install
 
 test-slow: install data
 	$(BIN)/python -m pytest -q -m slow
+
+BENCH_DIR ?= runs/bench
+BENCH_ARGS ?=
+# Per-depth costs (a few minutes on 2 cores), then the paper's Table 3 comparison
+# on Fashion-MNIST (about 40-45 minutes on 2 idle cores): tables, JSON and the
+# curves plot in $(BENCH_DIR). After an interruption: make bench BENCH_ARGS=--resume
+bench: install data
+	$(BIN)/python -m benchmarks.throughput --families=8,resnet,wresnet --output_dir=$(BENCH_DIR)/throughput
+	$(BIN)/python -m benchmarks.compare --output_dir=$(BENCH_DIR)/compare $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

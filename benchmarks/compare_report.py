@@ -1,0 +1,223 @@
+"""Results of ``benchmarks/compare.py``: statistics over seeds, the table, the plot.
+
+Pure functions of the per-run records, except `plot_curves` and
+`write_outputs`, which write files (atomically).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from benchmarks import common
+
+# The three models, in the order they are trained and shown.
+MODELS = ("first_cycle", "last_cycle", "multilevel")
+LABELS = {"first_cycle": "first-cycle model", "last_cycle": "last-cycle model",
+          "multilevel": "multi-level"}
+
+
+def aggregate(records: dict[str, list[dict]]) -> dict[str, dict]:
+    """Mean ± std over seeds per model, and the time saved against the last-cycle model.
+
+    Args:
+      records: model -> `run_record` per seed (same seeds, same order, for
+        every model present).
+
+    Returns:
+      model -> ``{"test_error", "train_seconds", "wall_seconds",
+      "compile_seconds", "eval_seconds"}`` as `common.mean_std` dicts, plus for
+      models other than the last-cycle one ``"time_saved_train"`` and
+      ``"time_saved_wall"``: the saving per seed (paired by seed) and its
+      mean ± std. The savings are absent until the last-cycle model has run.
+    """
+    result = {}
+    last = records.get("last_cycle")
+    for name, runs in records.items():
+        if not runs:
+            continue
+        stats = {key: common.mean_std([r[key] for r in runs])
+                 for key in ("test_error", "train_seconds", "wall_seconds")}
+        for key in ("compile_seconds", "eval_seconds"):
+            values = [r[key] for r in runs if r[key] is not None]
+            stats[key] = common.mean_std(values) if values else None
+        if name != "last_cycle" and last and len(last) == len(runs):
+            for kind in ("train", "wall"):
+                per_seed = [common.time_saved(r[f"{kind}_seconds"],
+                                              ref[f"{kind}_seconds"])
+                            for r, ref in zip(runs, last)]
+                stats[f"time_saved_{kind}"] = {
+                    **common.mean_std(per_seed), "per_seed": per_seed}
+        result[name] = stats
+    return result
+
+
+def _blocks_text(description: dict) -> str:
+    sizes = [common.format_sizes(s) for s in description["stage_sizes"]]
+    unique = [s for i, s in enumerate(sizes) if i == 0 or s != sizes[i - 1]]
+    return " → ".join(unique)
+
+
+def _h_text(description: dict) -> str:
+    steps = description["step_sizes"]
+    unique = [h for i, h in enumerate(steps) if i == 0 or h != steps[i - 1]]
+    return " → ".join(f"{h:g}" for h in unique)
+
+
+def results_table(stats: dict[str, dict], descriptions: dict[str, dict]) -> str:
+    """The Table-3-like markdown table of the three models.
+
+    Args:
+      stats: from `aggregate`.
+      descriptions: model -> `model_description`.
+
+    Returns:
+      Markdown: model, blocks, h, parameters, test error (%), train and wall
+      time (s), compile and eval time (s), train and wall time saved against
+      the last-cycle model (%).
+    """
+    headers = ["model", "blocks", "h", "params", "test error (%)",
+               "train time (s)", "wall time (s)", "compile (s)", "eval (s)",
+               "train time saved", "wall time saved"]
+    rows = []
+    for name in MODELS:
+        if name not in stats:
+            continue
+        s, d = stats[name], descriptions[name]
+        rows.append([
+            f"{LABELS[name]} (depth {d['depth']})", _blocks_text(d), _h_text(d),
+            f"{d['num_params']:,}",
+            common.format_mean_std(s["test_error"], scale=100),
+            common.format_mean_std(s["train_seconds"], digits=1),
+            common.format_mean_std(s["wall_seconds"], digits=1),
+            common.format_mean_std(s["compile_seconds"], digits=1),
+            common.format_mean_std(s["eval_seconds"], digits=1),
+            common.format_mean_std(s.get("time_saved_train"), scale=100,
+                                   digits=1, suffix=" %"),
+            common.format_mean_std(s.get("time_saved_wall"), scale=100,
+                                   digits=1, suffix=" %"),
+        ])
+    return common.markdown_table(headers, rows)
+
+
+def report_markdown(report: dict) -> str:
+    """``compare.md``: the table and the lines that say what it means."""
+    theory = report["theoretical"]
+    split = " / ".join(f"{e:g}" for e in theory["cycle_epochs"])
+    settings = report["settings"]
+    lines = [
+        f"# Multi-level vs fixed depth: {settings['dataset']}, width "
+        f"{settings['width']}, {settings['num_epochs']:g} epochs",
+        "",
+        results_table(report["stats"], report["models"]),
+        "",
+        f"- Theoretical saving of the multi-level run for cycles of {split} "
+        f"epochs (paper Sec. 4.2): {100 * theory['time_saved']:.2f} % "
+        f"(cost ratio {theory['cost_ratio']:.4f}).",
+        f"- Seeds: {', '.join(str(s) for s in settings['seeds'])}; "
+        "mean ± sample std over seeds where more than one.",
+        "- Train time: the run without evaluation and data loading (training "
+        "steps, initialisation, compilation, interpolation, checkpoints). Wall "
+        "time: the whole run. Saved = 1 - t / t(last-cycle model), per seed.",
+        f"- Machine: {common.machine_line(report['machine'])}.",
+    ]
+    paper = report.get("paper_reference")
+    if paper:
+        lines.append(
+            f"- Paper (GTX 1080, same data): {paper['last_cycle']['name']} "
+            f"{paper['last_cycle']['test_error_percent']} % / "
+            f"{paper['last_cycle']['minutes']} min, {paper['multilevel']['name']} "
+            f"{paper['multilevel']['test_error_percent']} % / "
+            f"{paper['multilevel']['minutes']} min: "
+            f"{100 * paper['time_saved']:.1f} % saved.")
+    resumed = [f"{name} seed {r['seed']}" for name, runs in report["runs"].items()
+               for r in runs if r.get("status") == "resumed"]
+    if resumed:
+        lines.append(
+            f"- **Resumed from checkpoints**: {', '.join(resumed)}. Their train "
+            "time leaves out the work lost since the last checkpoint, and their "
+            "wall time is that of the last invocation only.")
+    if not report["complete"]:
+        lines.append("- **Incomplete**: not every run has finished.")
+    return "\n".join(lines) + "\n"
+
+
+def mean_curves(histories: Sequence[list[dict]]) -> dict[str, list[float]]:
+    """Per-epoch means over seeds of ``train_error`` and ``test_error``.
+
+    Args:
+      histories: one summary ``history`` per seed (records with ``epoch``,
+        ``train_error``, ``test_error``).
+
+    Returns:
+      ``{"epoch", "train_error", "test_error"}``, lists over the epochs that
+      every seed evaluated, in order.
+    """
+    by_epoch: dict[float, list[dict]] = {}
+    for history in histories:
+        for record in history:
+            by_epoch.setdefault(round(record["epoch"], 6), []).append(record)
+    epochs = sorted(e for e, rs in by_epoch.items() if len(rs) == len(histories))
+    return {"epoch": epochs,
+            **{key: [sum(r[key] for r in by_epoch[e]) / len(by_epoch[e])
+                     for e in epochs] for key in ("train_error", "test_error")}}
+
+
+def plot_curves(curves: dict[str, dict], boundaries: Sequence[float],
+                path: str, title: str) -> None:
+    """Train and test error per epoch of each model, cycle boundaries dashed.
+
+    Args:
+      curves: model -> `mean_curves` output.
+      boundaries: epochs at which cycles start (vertical lines).
+      path: the PNG file, written atomically.
+      title: the figure's title.
+    """
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    for axis, key, name in zip(axes, ("train_error", "test_error"),
+                               ("train error (augmented, mean since last eval)",
+                                "test error")):
+        for model, curve in curves.items():
+            axis.plot(curve["epoch"], [100 * v for v in curve[key]],
+                      marker="o", markersize=3, label=LABELS[model])
+        for i, boundary in enumerate(boundaries):
+            axis.axvline(boundary, color="grey", linestyle="--", linewidth=1,
+                         label="cycle boundary" if i == 0 else None)
+        axis.set_xlim(left=0)
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(f"{name} (%)")
+        axis.grid(alpha=0.3)
+    axes[1].legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    common.save_figure_atomically(figure, path)
+    plt.close(figure)
+
+
+def _seeds_text(seeds: Sequence[int]) -> str:
+    if len(seeds) == 1:
+        return f"seed {seeds[0]}"
+    return "mean over seeds " + ", ".join(str(seed) for seed in seeds)
+
+
+def write_outputs(output_dir: str, report: dict, curves: dict) -> None:
+    """Writes ``compare.json``, ``compare.md`` and (given curves) ``compare_curves.png``.
+
+    Args:
+      output_dir: an existing folder.
+      report: from ``compare.build_report``.
+      curves: model -> `mean_curves`; empty while runs are missing (no plot).
+    """
+    common.write_json_atomically(os.path.join(output_dir, "compare.json"), report)
+    common.write_text_atomically(os.path.join(output_dir, "compare.md"),
+                                 report_markdown(report))
+    if curves:
+        settings = report["settings"]
+        plot_curves(curves, settings["cycle_boundaries"],
+                    os.path.join(output_dir, "compare_curves.png"),
+                    f"{settings['dataset']}: first-cycle, last-cycle and "
+                    f"multi-level model ({_seeds_text(settings['seeds'])})")

@@ -1,0 +1,1 @@
+"""Config files for ``benchmarks/compare.py`` (``--preset=NAME`` loads ``NAME.py``)."""

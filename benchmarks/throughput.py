@@ -1,0 +1,590 @@
+r"""Cost of every depth of a multi-level run: compile time, images/s, memory.
+
+For each family (ResNet, 16 filters; Wide ResNet, 32 filters) and each depth
+of a multi-level run (2-2-2, 4-4-4, 8-8-8 with h = 1, 0.5, 0.25 by default) it
+compiles the project's real ``train.train_step`` and ``train.eval_step``
+(``functools.partial`` + ``jax.jit(...).lower(...).compile()``, as the
+training loop does), runs them on synthetic data of the data set's image
+shape and measures:
+
+* compile time of the train step and of the eval step (s; tracing and
+  lowering included, as ``train.py`` counts it);
+* steady-state training and evaluation throughput (images/s): every timed
+  step is dispatched and waited for alone; the median over ``--steps`` steps
+  after ``--warmup`` untimed ones, with the quartiles and min/max;
+* memory: XLA's estimate for the compiled train step (arguments + outputs -
+  donated aliases + temporaries, bytes; per configuration) and the peak the
+  runtime saw — ``memory_stats()['peak_bytes_in_use']`` of the device where
+  JAX provides it (GPU), else the process's max RSS (CPU; the whole Python
+  process, not only JAX). Both peaks are high-water marks of the process so
+  far, so configurations run from the smallest to the largest;
+* the share of a cycle's time spent compiling: (train + eval compile) /
+  (train + eval compile + cycle steps x median step time), for cycles of
+  ``--cycle_epochs`` epochs of the data set at ``--batch_size``
+  (evaluation time not counted);
+* per family, the multi-level run's saving predicted from these step times
+  against the theoretical one: does the step time double with the depth?
+
+Writes ``throughput.json`` and ``throughput.md`` into ``--output_dir`` and
+prints the table. Usage (from the repository root)::
+
+    python -m benchmarks.throughput                        # a few minutes on 2 CPUs
+    python -m benchmarks.throughput --families=8 --steps=10   # compare's CPU model
+    python -m benchmarks.throughput --dataset=cifar10 --cycle_epochs=60,50,50 \
+        --steps=50 --warmup=5                              # paper sizes, on a GPU
+
+``--families`` takes ``resnet`` (width 16), ``wresnet`` (width 32) or a
+width as an integer. Timings on a shared machine are noisy: look at the
+spread.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+import functools  # noqa: E402
+import resource  # noqa: E402
+import time  # noqa: E402
+from typing import Sequence  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+from configs import default  # noqa: E402
+from mlres_jax import input_pipeline, models, multilevel, train  # noqa: E402
+
+FAMILIES = {"resnet": 16, "wresnet": 32}
+FAMILY_NAMES = {16: "ResNet", 32: "WResNet"}
+
+FLAGS = flags.FLAGS
+
+
+# ---------------------------------------------------------------------------
+# Flags.
+
+
+def parse_families(text: str) -> list[tuple[str, int]]:
+    """``"resnet,wresnet,8"`` -> ``[("ResNet", 16), ("WResNet", 32), ("ResNet w8", 8)]``.
+
+    Raises:
+      common.FlagError: for an unknown name or a width that is not an
+        integer >= 1.
+    """
+    allowed = ("a comma-separated list of 'resnet', 'wresnet' or first-stage "
+               "widths (integers >= 1), e.g. 'resnet,wresnet' or '8'")
+    families = []
+    for part in (p.strip().lower() for p in str(text).split(",")):
+        if part in FAMILIES:
+            width = FAMILIES[part]
+        elif part.isdigit() and int(part) >= 1:
+            width = int(part)
+        else:
+            raise common.flag_error("families", text, allowed)
+        families.append((FAMILY_NAMES.get(width, f"ResNet w{width}"), width))
+    if len({w for _, w in families}) != len(families):
+        raise common.flag_error("families", text, allowed + ", each once")
+    return families
+
+
+def image_shape_for(dataset: str, text: str) -> tuple[int, int, int]:
+    """The synthetic images' (H, W, C): ``--image_shape`` or the data set's.
+
+    Raises:
+      common.FlagError: unknown data set, or a shape that is not three
+        integers >= 1 (H, W >= 4 so that two stride-2 stages fit).
+    """
+    if dataset not in input_pipeline.DATASETS:
+        raise common.flag_error("dataset", dataset,
+                                f"known data sets are {sorted(input_pipeline.DATASETS)}")
+    if not text:
+        return tuple(input_pipeline.DATASETS[dataset].image_shape)
+    try:
+        shape = tuple(common.parse_int_list("image_shape", text, minimum=1))
+    except common.FlagError:
+        shape = ()
+    if len(shape) != 3 or min(shape[:2]) < 4:
+        raise common.flag_error("image_shape", text,
+                                "three integers H,W,C with H, W >= 4 and C >= 1, "
+                                "e.g. '32,32,3'")
+    return shape
+
+
+def level_plan(stage_sizes: Sequence[int], levels: int) -> list[tuple[tuple[int, ...], float]]:
+    """Blocks and h of each level: ``(2,2,2), 3`` -> 2-2-2 h=1, 4-4-4 h=0.5, 8-8-8 h=0.25."""
+    return [(tuple(n * 2**i for n in stage_sizes), 1.0 / 2**i) for i in range(levels)]
+
+
+def cycle_steps(cycle_epochs: Sequence[float], levels: int, num_train: int,
+                batch_size: int) -> list[int]:
+    """Training steps per cycle for ``cycle_epochs`` (one per level, or one for all).
+
+    Raises:
+      common.FlagError: if the number of values is neither 1 nor ``levels``.
+    """
+    if len(cycle_epochs) == 1:
+        cycle_epochs = list(cycle_epochs) * levels
+    if len(cycle_epochs) != levels:
+        raise common.flag_error(
+            "cycle_epochs", ",".join(f"{e:g}" for e in cycle_epochs),
+            f"one number of epochs per level ({levels} values, --levels) or one for all")
+    steps_per_epoch = max(1, num_train // batch_size)
+    return [max(1, round(e * steps_per_epoch)) for e in cycle_epochs]
+
+
+def default_cycle_epochs(levels: int) -> list[float]:
+    """The CPU compare preset's cycles (2.25, 1.875, 1.875 epochs) for 3 levels, else 2 each."""
+    return [2.25, 1.875, 1.875] if levels == 3 else [2.0] * levels
+
+
+def check_flags() -> dict:
+    """Parses and checks every flag before anything is compiled.
+
+    Returns:
+      The settings of the run (families, levels, shapes, step counts).
+
+    Raises:
+      common.FlagError: naming the first flag with a value not allowed.
+    """
+    image_shape = image_shape_for(FLAGS.dataset, FLAGS.image_shape)
+    stage_sizes = common.parse_int_list("stage_sizes", FLAGS.stage_sizes, minimum=1)
+    for flag, minimum in (("levels", 1), ("batch_size", 1), ("eval_batch_size", 1),
+                          ("warmup", 0), ("steps", 1), ("eval_steps", 1),
+                          ("seed", 0)):
+        if FLAGS[flag].value < minimum:
+            raise common.flag_error(flag, FLAGS[flag].value,
+                                    f"it must be an integer >= {minimum}")
+    if FLAGS.levels > 1 and min(stage_sizes) < 2:
+        raise common.flag_error(
+            "stage_sizes", FLAGS.stage_sizes,
+            "with --levels > 1 every stage needs >= 2 blocks (the paper's "
+            "interpolation rule copies the second block, App. B)")
+    info = input_pipeline.DATASETS[FLAGS.dataset]
+    epochs = (common.parse_float_list("cycle_epochs", FLAGS.cycle_epochs)
+              if FLAGS.cycle_epochs else default_cycle_epochs(FLAGS.levels))
+    return {
+        "dataset": FLAGS.dataset, "image_shape": list(image_shape),
+        "num_classes": info.num_classes, "crop_padding": info.padding,
+        "families": parse_families(FLAGS.families),
+        "levels": level_plan(stage_sizes, FLAGS.levels),
+        "batch_size": FLAGS.batch_size, "eval_batch_size": FLAGS.eval_batch_size,
+        "warmup": FLAGS.warmup, "steps": FLAGS.steps, "eval_steps": FLAGS.eval_steps,
+        "cycle_epochs": epochs if len(epochs) > 1 else epochs * FLAGS.levels,
+        "cycle_steps": cycle_steps(epochs, FLAGS.levels, info.num_train,
+                                   FLAGS.batch_size),
+        "seed": FLAGS.seed,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Measuring one configuration.
+
+
+def compile_timed(fn, *args):
+    """AOT-compiles ``fn`` for ``args``.
+
+    Returns:
+      ``(executable, seconds)``: tracing, lowering and XLA compilation, wall
+      clock.
+    """
+    start = time.perf_counter()
+    executable = fn.lower(*args).compile()
+    return executable, time.perf_counter() - start
+
+
+def time_calls(call, count: int) -> list[float]:
+    """Wall seconds of ``count`` calls of ``call(i)``, each waited for alone."""
+    seconds = []
+    for i in range(count):
+        start = time.perf_counter()
+        jax.block_until_ready(call(i))
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def xla_memory_bytes(executable) -> int | None:
+    """XLA's memory estimate of a compiled step: arguments + outputs - aliases + temporaries."""
+    try:
+        stats = executable.memory_analysis()
+    except Exception:  # pylint: disable=broad-except  # not every backend has it
+        return None
+    if stats is None:
+        return None
+    return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
+               - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+
+
+def xla_flops(executable) -> float | None:
+    """XLA's floating-point operation count of one call, if the backend reports it."""
+    try:
+        analysis = executable.cost_analysis()
+    except Exception:  # pylint: disable=broad-except
+        return None
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops is not None and flops > 0 else None
+
+
+def peak_memory() -> dict:
+    """The process's memory high-water mark so far.
+
+    Returns:
+      ``{"bytes", "source"}``: the first device's ``peak_bytes_in_use`` where
+      JAX reports it (``source="device peak_bytes_in_use"``), otherwise the
+      process's max resident set size (``source="process max RSS"``; Linux
+      reports KiB, converted to bytes).
+    """
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # pylint: disable=broad-except
+        stats = None
+    if stats and "peak_bytes_in_use" in stats:
+        return {"bytes": int(stats["peak_bytes_in_use"]),
+                "source": "device peak_bytes_in_use"}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes
+    return {"bytes": int(rss * scale), "source": "process max RSS"}
+
+
+def images_per_second(batch_size: int, seconds: dict) -> dict:
+    """Images/s from step-time statistics (`common.percentiles`).
+
+    Returns:
+      ``median`` (at the median step time) and the range implied by the
+      quartiles (``p25``, ``p75``) and the extremes (``min``, ``max``),
+      in images per second.
+    """
+    return {"median": batch_size / seconds["median"],
+            "p25": batch_size / seconds["p75"], "p75": batch_size / seconds["p25"],
+            "min": batch_size / seconds["max"], "max": batch_size / seconds["min"]}
+
+
+def compile_share(compile_seconds: float, steps: int, step_seconds: float) -> float:
+    """Fraction of a cycle's time spent compiling.
+
+    Args:
+      compile_seconds: train + eval step compilation, s.
+      steps: training steps in the cycle.
+      step_seconds: time of one training step, s.
+
+    Returns:
+      ``compile / (compile + steps * step_seconds)``.
+    """
+    return compile_seconds / (compile_seconds + steps * step_seconds)
+
+
+def _synthetic_images(rng: np.random.Generator, count: int, shape, num_classes: int):
+    """uint8[count, H, W, C] random images and int32[count] labels, on the device."""
+    images = rng.integers(0, 256, (count, *shape), dtype=np.uint8)
+    labels = rng.integers(0, num_classes, (count,), dtype=np.int32)
+    return jax.device_put(images), jax.device_put(labels)
+
+
+def time_train_step(model: models.ResNet, settings: dict):
+    """Compiles `train.train_step` for ``model`` and times it.
+
+    The data is a pool of 8 batches of random images; every step gets a new
+    random mini-batch of it, as the training loop gathers from the whole
+    training set on the device.
+
+    Returns:
+      ``(compiled, compile_seconds, step_seconds, state)``: step seconds as
+      `common.percentiles` of ``settings["steps"]`` steps after
+      ``settings["warmup"]``; the state after the last step.
+    """
+    rng = np.random.default_rng(settings["seed"])
+    batch = settings["batch_size"]
+    images, labels = _synthetic_images(rng, 8 * batch, settings["image_shape"],
+                                       settings["num_classes"])
+    indices = [jax.device_put(rng.permutation(8 * batch)[:batch].astype(np.int32))
+               for _ in range(settings["warmup"] + settings["steps"])]
+    augment_rng = jax.random.PRNGKey(settings["seed"] + 1)
+    config = default.get_config()
+    tx = train.create_optimizer(config, multilevel.cosine_cycle_schedule(
+        10_000, config.learning_rate_max, config.learning_rate_min))
+    state = train.create_train_state(jax.random.PRNGKey(settings["seed"]), model,
+                                     tx, tuple(settings["image_shape"]))
+    train_fn = jax.jit(functools.partial(
+        train.train_step, model=model, tx=tx,
+        crop_padding=settings["crop_padding"]), donate_argnums=0)
+    compiled, compile_seconds = compile_timed(
+        train_fn, state, images, labels, indices[0], augment_rng)
+    holder = {"state": state}  # the state is donated: keep only the newest
+
+    def call(i):
+        holder["state"], metrics = compiled(holder["state"], images, labels,
+                                            indices[i], augment_rng)
+        return holder["state"], metrics
+
+    time_calls(call, settings["warmup"])
+    seconds = time_calls(lambda i: call(settings["warmup"] + i), settings["steps"])
+    return compiled, compile_seconds, common.percentiles(seconds), holder["state"]
+
+
+def time_eval_step(model: models.ResNet, variables, settings: dict):
+    """Compiles `train.eval_step` for ``model`` and times it on random images.
+
+    Returns:
+      ``(compile_seconds, step_seconds)``: step seconds as `common.percentiles`
+      of ``settings["eval_steps"]`` batches after one untimed batch.
+    """
+    rng = np.random.default_rng(settings["seed"] + 2)
+    batch = settings["eval_batch_size"]
+    images, labels = _synthetic_images(rng, batch, settings["image_shape"],
+                                       settings["num_classes"])
+    mask = jax.device_put(np.ones((batch,), bool))
+    eval_fn = jax.jit(functools.partial(train.eval_step, model=model))
+    compiled, compile_seconds = compile_timed(eval_fn, variables, images, labels, mask)
+
+    def call(_):
+        return compiled(variables, images, labels, mask)
+
+    time_calls(call, 1)
+    return compile_seconds, common.percentiles(time_calls(call, settings["eval_steps"]))
+
+
+def measure(width: int, stage_sizes: tuple[int, ...], step_size: float,
+            settings: dict) -> dict:
+    """Compiles and times the train and eval step of one network.
+
+    Args:
+      width: first-stage filters.
+      stage_sizes: blocks per stage.
+      step_size: h.
+      settings: from `check_flags`.
+
+    Returns:
+      Parameter count; compile seconds of both steps; step seconds as
+      `common.percentiles`; images/s; XLA memory estimate (bytes) and flops
+      of the train step; the peak memory so far (`peak_memory`).
+    """
+    model = models.ResNet(stage_sizes=stage_sizes, width=width,
+                          num_classes=settings["num_classes"], step_size=step_size)
+    compiled_train, train_compile, train_seconds, state = time_train_step(model, settings)
+    eval_compile, eval_seconds = time_eval_step(model, state.variables, settings)
+    return {
+        "num_params": models.count_parameters(state.params),
+        "compile_train_seconds": train_compile,
+        "compile_eval_seconds": eval_compile,
+        "train_step_seconds": train_seconds,
+        "train_images_per_second": images_per_second(settings["batch_size"], train_seconds),
+        "eval_step_seconds": eval_seconds,
+        "eval_images_per_second": images_per_second(settings["eval_batch_size"],
+                                                    eval_seconds),
+        "train_step_flops": xla_flops(compiled_train),
+        "train_step_xla_memory_bytes": xla_memory_bytes(compiled_train),
+        "peak_memory": peak_memory(),
+    }
+
+
+# ---------------------------------------------------------------------------
+# The whole benchmark.
+
+
+def model_name(family: str, stage_sizes: Sequence[int]) -> str:
+    """The row's name: ``"ResNet-50"``, ``"WResNet-14"``, ``"ResNet-14 w8"`` (width 8)."""
+    base, _, width = family.partition(" ")
+    name = f"{base}-{models.depth(stage_sizes)}"
+    return f"{name} {width}" if width else name
+
+
+def run_order(families, levels) -> list[tuple[str, int, int]]:
+    """(family, width, level index), smallest activations (width x blocks) first.
+
+    Peak-memory readings are high-water marks of the process, so each
+    configuration should be at least as large as those before it.
+    """
+    items = [(name, width, i) for name, width in families for i in range(len(levels))]
+    return sorted(items, key=lambda item: (item[1] * sum(levels[item[2]][0]), item[1]))
+
+
+def family_summary(rows: list[dict], cycle_steps_list: Sequence[int]) -> dict:
+    """What the step times of one family's depths say about the multi-level saving.
+
+    Args:
+      rows: the family's rows, first level first (with ``train_step_seconds``,
+        ``compile_train_seconds``, ``compile_eval_seconds``).
+      cycle_steps_list: training steps of each cycle.
+
+    Returns:
+      ``step_time_ratio_to_deepest`` (measured) and ``theoretical_ratio``
+      (1/2 per level below the deepest); ``predicted_time_saved`` of the
+      multi-level run against the deepest fixed model from the median step
+      times, without and with compilation (the multi-level run compiles every
+      depth, the fixed model once); and ``theoretical_time_saved``.
+    """
+    step = [r["train_step_seconds"]["median"] for r in rows]
+    compiles = [r["compile_train_seconds"] + r["compile_eval_seconds"] for r in rows]
+    total_steps = sum(cycle_steps_list)
+    multi_steps = sum(n * t for n, t in zip(cycle_steps_list, step))
+    fixed_steps = total_steps * step[-1]
+    last = len(rows) - 1
+    return {
+        "step_time_ratio_to_deepest": [t / step[-1] for t in step],
+        "theoretical_ratio": [1 / 2 ** (last - i) for i in range(len(rows))],
+        "predicted_time_saved_steps_only": common.time_saved(multi_steps, fixed_steps),
+        "predicted_time_saved_with_compile": common.time_saved(
+            multi_steps + sum(compiles), fixed_steps + compiles[-1]),
+        "theoretical_time_saved": 1 - multilevel.theoretical_cost_ratio(cycle_steps_list),
+    }
+
+
+def results_table(rows: list[dict]) -> str:
+    """The markdown table of all measured configurations."""
+    headers = ["model", "blocks", "h", "params", "compile train / eval (s)",
+               "train step (s), median [IQR]", "train images/s [min-max]",
+               "eval images/s", "XLA mem (MB)", "peak mem (MB)", "compile share"]
+    body = []
+    for r in rows:
+        t, ips = r["train_step_seconds"], r["train_images_per_second"]
+        memory = r["train_step_xla_memory_bytes"]
+        body.append([
+            model_name(r["family"], r["stage_sizes"]),
+            common.format_sizes(r["stage_sizes"]), f"{r['step_size']:g}",
+            f"{r['num_params']:,}",
+            f"{r['compile_train_seconds']:.1f} / {r['compile_eval_seconds']:.1f}",
+            f"{t['median']:.3f} [{t['p25']:.3f}-{t['p75']:.3f}]",
+            f"{ips['median']:.0f} [{ips['min']:.0f}-{ips['max']:.0f}]",
+            f"{r['eval_images_per_second']['median']:.0f}",
+            "—" if memory is None else f"{memory / 1e6:.0f}",
+            f"{r['peak_memory']['bytes'] / 1e6:.0f}",
+            f"{100 * r['compile_share']:.1f} % of {r['cycle_steps']} steps",
+        ])
+    return common.markdown_table(headers, body)
+
+
+def summary_lines(families_summary: dict) -> list[str]:
+    """One line per family: measured step-time ratios and predicted vs theoretical saving."""
+    lines = []
+    for name, s in families_summary.items():
+        ratios = ", ".join(f"{v:.2f}" for v in s["step_time_ratio_to_deepest"])
+        theory = ", ".join(f"{v:.2f}" for v in s["theoretical_ratio"])
+        lines.append(
+            f"- {name}: step time relative to the deepest {ratios} (theory "
+            f"{theory}); multi-level saving predicted from these step times "
+            f"{100 * s['predicted_time_saved_steps_only']:.1f} % (steps only), "
+            f"{100 * s['predicted_time_saved_with_compile']:.1f} % (with "
+            f"compilation); theoretical {100 * s['theoretical_time_saved']:.1f} %.")
+    return lines
+
+
+def report_markdown(report: dict) -> str:
+    """``throughput.md``: the table and what its columns mean."""
+    s = report["settings"]
+    rows = report["rows"]
+    peak_source = rows[0]["peak_memory"]["source"] if rows else "—"
+    lines = [
+        f"# Per-depth cost: {s['dataset']} images {'x'.join(map(str, s['image_shape']))}, "
+        f"batch {s['batch_size']} (eval {s['eval_batch_size']})",
+        "",
+        results_table(rows),
+        "",
+        *summary_lines(report["families"]),
+        f"- Step times: median of {s['steps']} timed train steps after "
+        f"{s['warmup']} untimed ({s['eval_steps']} eval batches after 1); each "
+        "step waited for alone. "
+        f"Compile share: compile / (compile + cycle steps x median step), cycles of "
+        f"{', '.join(f'{e:g}' for e in s['cycle_epochs'])} epochs; evaluation not counted.",
+        f"- Peak mem: {peak_source}, high-water mark of the process so far "
+        "(configurations ran smallest first). XLA mem: the compiled train "
+        "step's arguments + outputs - donated + temporaries.",
+        f"- Machine: {common.machine_line(report['machine'])}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def run_benchmark(settings: dict) -> dict:
+    """Measures every (family, level) of ``settings``; returns the report.
+
+    Returns:
+      ``machine``, ``settings`` and ``rows`` (one per configuration, family
+      by family, first level first: `measure` output plus family, width,
+      stage sizes, h, cycle steps and compile share) and ``families``
+      (`family_summary` per family).
+    """
+    machine = common.machine_info()
+    levels = settings["levels"]
+    measured = {}
+    for name, width, level in run_order(settings["families"], levels):
+        sizes, h = levels[level]
+        logging.info("Measuring %s, width %d, %s blocks, h = %g",
+                     model_name(name, sizes), width, common.format_sizes(sizes), h)
+        measured[(width, level)] = measure(width, sizes, h, settings)
+    rows, families = [], {}
+    for name, width in settings["families"]:
+        family_rows = []
+        for level, (sizes, h) in enumerate(levels):
+            row = {"family": name, "width": width, "stage_sizes": list(sizes),
+                   "step_size": h, "cycle_steps": settings["cycle_steps"][level],
+                   **measured[(width, level)]}
+            row["compile_share"] = compile_share(
+                row["compile_train_seconds"] + row["compile_eval_seconds"],
+                row["cycle_steps"], row["train_step_seconds"]["median"])
+            family_rows.append(row)
+        rows += family_rows
+        families[name] = family_summary(family_rows, settings["cycle_steps"])
+    plain_settings = {**settings,
+                      "families": [{"name": n, "width": w} for n, w in settings["families"]],
+                      "levels": [{"stage_sizes": list(s), "step_size": h}
+                                 for s, h in levels]}
+    return {"benchmark": "throughput", "machine": machine,
+            "settings": plain_settings, "rows": rows, "families": families}
+
+
+def define_flags() -> None:
+    """Defines the command-line flags (only when run as a script, so that
+    importing this module, e.g. in tests, defines none)."""
+    flags.DEFINE_string("dataset", "fashion_mnist",
+                        f"Image shape, classes, crop padding and epoch length of "
+                        f"this data set: one of {sorted(input_pipeline.DATASETS)}.")
+    flags.DEFINE_string("image_shape", "", "H,W,C of the synthetic images; "
+                        "default: the data set's.")
+    flags.DEFINE_string("families", "resnet,wresnet",
+                        "Comma-separated: 'resnet' (width 16), 'wresnet' (width "
+                        "32) or first-stage widths as integers.")
+    flags.DEFINE_string("stage_sizes", "2,2,2", "Blocks per stage of the first level.")
+    flags.DEFINE_integer("levels", 3, "Depths measured: the first level and "
+                         "LEVELS - 1 interpolations (blocks x2, h / 2 each).")
+    flags.DEFINE_integer("batch_size", 100, "Training mini-batch (images).")
+    flags.DEFINE_integer("eval_batch_size", 500, "Evaluation batch (images).")
+    flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
+    flags.DEFINE_integer("steps", 5, "Timed training steps per configuration.")
+    flags.DEFINE_integer("eval_steps", 3, "Timed evaluation steps per configuration.")
+    flags.DEFINE_string("cycle_epochs", "",
+                        "Epochs per cycle, one per level (or one for all), for the "
+                        "compile share and the predicted saving. Default: "
+                        "benchmarks/presets/cpu.py's 2.25,1.875,1.875 for 3 levels, "
+                        "else 2 per level; the paper's is 60,50,50.")
+    flags.DEFINE_string("output_dir", "runs/bench/throughput",
+                        "Folder for throughput.json and throughput.md.")
+    flags.DEFINE_integer("seed", 0, "Seed of the synthetic data and initialisation.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.INFO)
+    try:
+        settings = check_flags()
+        os.makedirs(FLAGS.output_dir, exist_ok=True)
+    except (common.FlagError, OSError) as error:
+        sys.stderr.write(f"error: {error}\n")
+        sys.exit(2)
+    report = run_benchmark(settings)
+    common.write_json_atomically(os.path.join(FLAGS.output_dir, "throughput.json"), report)
+    text = report_markdown(report)
+    common.write_text_atomically(os.path.join(FLAGS.output_dir, "throughput.md"), text)
+    print(text, flush=True)
+    print(f"Wrote throughput.json and throughput.md to {FLAGS.output_dir}", flush=True)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,359 @@
+"""Tests of the benchmark scripts: their arithmetic, tables and a tiny compare run.
+
+Timings are measured, never asserted: only that they are there and that the
+savings are computed from them as documented.
+"""
+
+import glob
+import json
+import math
+import os
+
+import ml_collections
+import pytest
+import tensorflow_datasets as tfds
+
+from benchmarks import common, compare, compare_report, throughput
+from configs import default, fashion_mnist, resnet50, resnet50i
+
+NUM_EXAMPLES = 40  # mock examples per split
+
+
+# ---------------------------------------------------------------------------
+# common: statistics, formatting, tables, flags.
+
+
+def test_mean_std_uses_sample_std_and_none_for_one_value():
+    stats = common.mean_std([1.0, 2.0, 3.0])
+    assert stats == {"mean": 2.0, "std": 1.0, "n": 3}  # sqrt((1 + 0 + 1) / 2)
+    assert common.mean_std([0.25]) == {"mean": 0.25, "std": None, "n": 1}
+    with pytest.raises(ValueError):
+        common.mean_std([])
+
+
+def test_format_mean_std():
+    assert common.format_mean_std({"mean": 0.1234, "std": 0.0056, "n": 3},
+                                  scale=100) == "12.34 ± 0.56"
+    assert common.format_mean_std({"mean": 41.25, "std": None, "n": 1},
+                                  digits=1, suffix=" %") == "41.2 %"
+    assert common.format_mean_std(None) == "—"
+
+
+def test_time_saved_against_hand_computed_example():
+    # The paper's 60/50/50 split costs (60/4 + 50/2 + 50) / 160 = 0.5625 of
+    # the last-cycle model: 675 s against 1200 s is 43.75 % saved.
+    assert common.time_saved(675.0, 1200.0) == pytest.approx(0.4375)
+    assert common.time_saved(67.0, 114.0) == pytest.approx(47 / 114)  # Table 3
+    assert common.time_saved(150.0, 100.0) == pytest.approx(-0.5)  # slower
+    with pytest.raises(ValueError, match="reference"):
+        common.time_saved(1.0, 0.0)
+
+
+def test_percentiles_of_five_values():
+    stats = common.percentiles([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert stats == {"median": 3.0, "p25": 2.0, "p75": 4.0, "min": 1.0,
+                     "max": 5.0, "n": 5}
+    assert common.percentiles([2.0, 4.0])["median"] == 3.0
+
+
+def test_markdown_table_and_row_length_check():
+    text = common.markdown_table(["model", "error"], [["a", "1.5"], ["b", 2]])
+    assert text.splitlines() == ["| model | error |", "| --- | ---: |",
+                                 "| a | 1.5 |", "| b | 2 |"]
+    with pytest.raises(ValueError, match="2 cells"):
+        common.markdown_table(["model"], [["a", "b"]])
+
+
+@pytest.mark.parametrize("text", ["", "a,b", "0,-1", "1,1"])
+def test_parse_int_list_names_the_flag(text):
+    with pytest.raises(common.FlagError, match=r"--seeds="):
+        common.parse_int_list("seeds", text, minimum=0, unique=True)
+
+
+def test_parse_lists():
+    assert common.parse_int_list("seeds", "0, 1,2", unique=True) == [0, 1, 2]
+    assert common.parse_float_list("cycle_epochs", "60,50,50") == [60, 50, 50]
+    with pytest.raises(common.FlagError, match="--cycle_epochs='1,0'"):
+        common.parse_float_list("cycle_epochs", "1,0")
+
+
+def test_atomic_writes_leave_no_temporary_files(tmp_path):
+    common.write_json_atomically(str(tmp_path / "a.json"), {"x": 1})
+    common.write_text_atomically(str(tmp_path / "a.md"), "hello\n")
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
+    assert (tmp_path / "a.md").read_text() == "hello\n"
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "a.md"]
+
+
+def test_machine_info_names_platform_and_cpus():
+    info = common.machine_info()
+    assert info["platform"] in ("cpu", "gpu", "tpu", "cuda", "rocm")
+    assert info["devices"] and info["cpu_count"] >= 1
+
+
+# ---------------------------------------------------------------------------
+# compare: configs, theory, aggregation, table.
+
+
+def test_model_configs_derive_the_paper_baselines():
+    configs = compare.model_configs(resnet50i.get_config(), seed=3)
+    first, last, multi = (configs[m] for m in compare.MODELS)
+    assert (first.stage_sizes, first.step_size, first.multilevel) == ((2, 2, 2), 1.0, False)
+    assert (last.stage_sizes, last.step_size, last.multilevel) == ((8, 8, 8), 1.0, False)
+    assert (multi.stage_sizes, multi.step_size, multi.multilevel) == ((2, 2, 2), 1.0, True)
+    for config in configs.values():  # same data, steps and restarts
+        assert (config.seed, config.num_epochs, config.cycle_boundaries) == (
+            3, 160, (60.0, 110.0))
+    # The derived last-cycle model is the paper's ResNet-50 config.
+    reference = resnet50.get_config()
+    assert (last.width, last.stage_sizes) == (reference.width, tuple(reference.stage_sizes))
+
+
+def test_model_configs_refuse_a_fixed_depth_config():
+    with pytest.raises(compare.CompareError, match="config.multilevel = False"):
+        compare.model_configs(resnet50.get_config(), seed=0)
+    config = fashion_mnist.get_config()
+    config.cycle_boundaries = ()
+    with pytest.raises(compare.CompareError, match="config.cycle_boundaries"):
+        compare.model_configs(config, seed=0)
+
+
+def test_theoretical_saving_of_paper_split_and_cpu_preset():
+    paper = compare.theoretical_saving(resnet50i.get_config())
+    assert paper["cycle_epochs"] == [60, 50, 50]
+    assert paper["cost_ratio"] == pytest.approx(0.5625)
+    assert paper["time_saved"] == pytest.approx(0.4375)
+    cpu = compare.load_config_file(os.path.join(compare.PRESETS_DIR, "cpu.py"))
+    # The CPU preset keeps the paper's proportions: 2.25 / 1.875 / 1.875 epochs.
+    assert compare.theoretical_saving(cpu)["time_saved"] == pytest.approx(0.4375)
+    assert compare.last_cycle_stage_sizes(cpu) == (8, 8, 8)
+
+
+def test_paper_reference_only_for_the_papers_setting():
+    reference = compare.paper_reference(resnet50i.get_config())
+    assert reference["multilevel"]["name"] == "ResNet-50-i"
+    assert reference["time_saved"] == pytest.approx(1 - 67 / 114)
+    config = resnet50i.get_config()
+    config.dataset = "cifar100"
+    assert compare.paper_reference(config)["multilevel"]["test_error_percent"] == 28.71
+    assert compare.paper_reference(fashion_mnist.get_config()) is None
+
+
+def _record(seed, error, train_seconds, wall_seconds):
+    return {"seed": seed, "workdir": "x", "test_error": error,
+            "train_seconds": train_seconds, "wall_seconds": wall_seconds,
+            "compile_seconds": 1.0, "eval_seconds": 2.0, "steps": 10}
+
+
+def test_aggregate_pairs_savings_by_seed_and_table_shows_them():
+    records = {
+        "first_cycle": [_record(0, 0.20, 250, 300), _record(1, 0.22, 250, 300)],
+        "last_cycle": [_record(0, 0.10, 1000, 1100), _record(1, 0.12, 1200, 1300)],
+        "multilevel": [_record(0, 0.11, 600, 700), _record(1, 0.13, 600, 700)],
+    }
+    stats = compare_report.aggregate(records)
+    saved = stats["multilevel"]["time_saved_train"]
+    assert saved["per_seed"] == pytest.approx([0.4, 0.5])  # 1-600/1000, 1-600/1200
+    assert saved["mean"] == pytest.approx(0.45)
+    assert saved["std"] == pytest.approx(math.sqrt(2 * 0.05**2))
+    assert "time_saved_train" not in stats["last_cycle"]
+    assert stats["last_cycle"]["test_error"]["mean"] == pytest.approx(0.11)
+
+    descriptions = {
+        "first_cycle": {"stage_sizes": [[2, 2, 2]] * 3, "step_sizes": [1.0] * 3,
+                        "num_params": 43490, "depth": 14},
+        "last_cycle": {"stage_sizes": [[8, 8, 8]] * 3, "step_sizes": [1.0] * 3,
+                       "num_params": 189986, "depth": 50},
+        "multilevel": {"stage_sizes": [[2, 2, 2], [4, 4, 4], [8, 8, 8]],
+                       "step_sizes": [1.0, 0.5, 0.25], "num_params": 189986,
+                       "depth": 50},
+    }
+    table = compare_report.results_table(stats, descriptions)
+    multi_row = next(line for line in table.splitlines() if "multi-level" in line)
+    assert "2-2-2 → 4-4-4 → 8-8-8" in multi_row and "1 → 0.5 → 0.25" in multi_row
+    assert "12.00 ± 1.41" in multi_row  # test error %, mean ± std
+    assert "600.0 ± 0.0" in multi_row   # train seconds
+    assert "45.0 ± 7.1 %" in multi_row  # train time saved
+    last_row = next(line for line in table.splitlines() if "last-cycle" in line)
+    assert "1100.0 ± 141.4" in last_row and "| 8-8-8 |" in last_row
+    assert "189,986" in last_row
+
+
+def test_mean_curves_average_seeds_per_epoch():
+    histories = [
+        [{"epoch": 1.0, "train_error": 0.5, "test_error": 0.4},
+         {"epoch": 2.0, "train_error": 0.3, "test_error": 0.2}],
+        [{"epoch": 1.0, "train_error": 0.7, "test_error": 0.6}],
+    ]
+    curves = compare_report.mean_curves(histories)
+    assert curves["epoch"] == [1.0]  # epoch 2 is missing from seed 1
+    assert curves["train_error"] == pytest.approx([0.6])
+    assert curves["test_error"] == pytest.approx([0.5])
+
+
+# ---------------------------------------------------------------------------
+# throughput: flags and arithmetic.
+
+
+def test_throughput_flag_parsing():
+    assert throughput.parse_families("resnet,wresnet,8") == [
+        ("ResNet", 16), ("WResNet", 32), ("ResNet w8", 8)]
+    with pytest.raises(common.FlagError, match="--families='resnet,vgg'"):
+        throughput.parse_families("resnet,vgg")
+    assert throughput.image_shape_for("cifar10", "") == (32, 32, 3)
+    assert throughput.image_shape_for("fashion_mnist", "") == (28, 28, 1)
+    assert throughput.image_shape_for("cifar10", "16,16,3") == (16, 16, 3)
+    with pytest.raises(common.FlagError, match="--image_shape='32,32'"):
+        throughput.image_shape_for("cifar10", "32,32")
+    with pytest.raises(common.FlagError, match="--dataset='imagenet'"):
+        throughput.image_shape_for("imagenet", "")
+
+
+def test_throughput_level_plan_and_cycle_steps():
+    assert throughput.level_plan((2, 2, 2), 3) == [
+        ((2, 2, 2), 1.0), ((4, 4, 4), 0.5), ((8, 8, 8), 0.25)]
+    # Fashion-MNIST at batch 100: 600 steps per epoch.
+    assert throughput.cycle_steps([2.25, 1.875, 1.875], 3, 60_000, 100) == [1350, 1125, 1125]
+    assert throughput.cycle_steps([50.0], 2, 50_000, 100) == [25_000, 25_000]
+    with pytest.raises(common.FlagError, match="--cycle_epochs"):
+        throughput.cycle_steps([1.0, 2.0], 3, 60_000, 100)
+    assert throughput.default_cycle_epochs(3) == [2.25, 1.875, 1.875]
+    assert throughput.default_cycle_epochs(2) == [2.0, 2.0]
+
+
+def test_throughput_arithmetic():
+    assert throughput.compile_share(10.0, 90, 1.0) == pytest.approx(0.1)
+    ips = throughput.images_per_second(100, {"median": 0.5, "p25": 0.4, "p75": 1.0,
+                                      "min": 0.25, "max": 2.0})
+    assert ips == {"median": 200.0, "p25": 100.0, "p75": 250.0, "min": 50.0,
+                   "max": 400.0}
+    rows = [{"train_step_seconds": {"median": t}, "compile_train_seconds": 1.0,
+             "compile_eval_seconds": 0.0} for t in (0.25, 0.5, 1.0)]
+    summary = throughput.family_summary(rows, [60, 50, 50])
+    assert summary["step_time_ratio_to_deepest"] == [0.25, 0.5, 1.0]
+    # Step times exactly proportional to depth: the paper's 43.75 %.
+    assert summary["predicted_time_saved_steps_only"] == pytest.approx(0.4375)
+    assert summary["theoretical_time_saved"] == pytest.approx(0.4375)
+    # With compilation: 1 - (90 + 3) / (160 + 1).
+    assert summary["predicted_time_saved_with_compile"] == pytest.approx(1 - 93 / 161)
+
+
+def test_throughput_runs_smallest_configuration_first():
+    levels = throughput.level_plan((2, 2, 2), 3)
+    order = throughput.run_order([("ResNet", 16), ("WResNet", 32)], levels)
+    assert order[0] == ("ResNet", 16, 0) and order[-1] == ("WResNet", 32, 2)
+
+
+# ---------------------------------------------------------------------------
+# compare end to end on tensorflow-datasets mock data.
+
+
+def _tiny_config() -> ml_collections.ConfigDict:
+    config = default.get_config()
+    config.dataset = "cifar10"
+    config.width = 2
+    # One stage keeps the three compilations of the 4 models short: this
+    # checks the benchmark's plumbing, the models have their own tests.
+    config.stage_sizes = (2,)
+    config.multilevel = True
+    config.batch_size = 8            # 5 steps per epoch
+    config.num_epochs = 2.0
+    config.cycle_boundaries = (1.0,)  # 2 -> 4 blocks
+    config.eval_batch_size = 16
+    config.log_every_steps = 5
+    config.progress_bar = False
+    return config
+
+
+@pytest.fixture(scope="module")
+def tiny_comparison(tmp_path_factory):
+    output_dir = str(tmp_path_factory.mktemp("compare"))
+    with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+        report = compare.run_comparison(_tiny_config(), [0], output_dir)
+    return output_dir, report
+
+
+def test_compare_json_has_three_models_and_savings(tiny_comparison):
+    output_dir, report = tiny_comparison
+    with open(os.path.join(output_dir, "compare.json")) as handle:
+        on_disk = json.load(handle)
+    assert on_disk["complete"] is True
+    assert set(on_disk["stats"]) == set(compare.MODELS)
+    assert set(on_disk["runs"]) == set(compare.MODELS)
+    models = on_disk["models"]
+    assert models["first_cycle"]["stage_sizes"] == [[2], [2]]
+    assert models["last_cycle"]["stage_sizes"] == [[4], [4]]
+    assert models["last_cycle"]["step_sizes"] == [1.0, 1.0]
+    assert models["multilevel"]["stage_sizes"] == [[2], [4]]
+    assert models["multilevel"]["step_sizes"] == [1.0, 0.5]
+    assert on_disk["theoretical"]["time_saved"] == pytest.approx(0.25)  # 1 - (1/2 + 1) / 2
+    for model in ("first_cycle", "multilevel"):
+        saved = on_disk["stats"][model]["time_saved_train"]
+        run = on_disk["runs"][model][0]
+        last = on_disk["runs"]["last_cycle"][0]
+        assert saved["per_seed"] == pytest.approx(
+            [1 - run["train_seconds"] / last["train_seconds"]])
+        assert "time_saved_wall" in on_disk["stats"][model]
+    assert on_disk["machine"]["devices"] and on_disk["machine"]["cpu_count"] >= 1
+    assert report["stats"] == on_disk["stats"]
+
+
+def test_compare_writes_table_plot_and_each_run(tiny_comparison):
+    output_dir, report = tiny_comparison
+    with open(os.path.join(output_dir, "compare.md")) as handle:
+        text = handle.read()
+    error = 100 * report["stats"]["multilevel"]["test_error"]["mean"]
+    assert f"{error:.2f}" in text and "25.00 %" in text  # theoretical saving
+    assert os.path.getsize(os.path.join(output_dir, "compare_curves.png")) > 0
+    for model in compare.MODELS:
+        workdir = compare.run_dir(output_dir, model, 0)
+        with open(os.path.join(workdir, "summary.json")) as handle:
+            summary = json.load(handle)
+        assert summary["totals"]["steps"] == 10  # same steps for every model
+        assert summary["totals"]["test_examples"] == NUM_EXAMPLES
+    assert not glob.glob(os.path.join(output_dir, "*.tmp"))
+
+
+def test_compare_resume_reuses_finished_runs(tiny_comparison, monkeypatch):
+    output_dir, report = tiny_comparison
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(compare.train, "train_and_evaluate", must_not_train)
+    with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
+        again = compare.run_comparison(_tiny_config(), [0], output_dir, resume=True)
+    assert [r["status"] for r in again["runs"]["multilevel"]] == ["reused"]
+    for name in compare.MODELS:
+        assert [{**r, "status": None} for r in again["runs"][name]] == [
+            {**r, "status": None} for r in report["runs"][name]]
+
+
+def test_compare_refuses_earlier_runs_without_resume(tiny_comparison, monkeypatch):
+    output_dir, _ = tiny_comparison
+    monkeypatch.setattr(compare.train, "train_and_evaluate",
+                        lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(compare.CompareError, match="--resume"):
+        compare.run_comparison(_tiny_config(), [0], output_dir)
+
+
+def test_compare_resume_refuses_a_finished_run_of_another_config(tiny_comparison,
+                                                                  monkeypatch):
+    output_dir, _ = tiny_comparison
+    monkeypatch.setattr(compare.train, "train_and_evaluate",
+                        lambda *a, **k: pytest.fail("training started"))
+    config = _tiny_config()
+    config.learning_rate_max = 0.1
+    with pytest.raises(compare.CompareError, match="differs in learning_rate_max"):
+        compare.run_comparison(config, [0], output_dir, resume=True)
+
+
+def test_compare_bad_config_fails_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(compare.train, "train_and_evaluate",
+                        lambda *a, **k: pytest.fail("training started"))
+    config = _tiny_config()
+    config.batch_size = 0
+    from mlres_jax import configuration  # pylint: disable=import-outside-toplevel
+    with pytest.raises(configuration.ConfigError, match="config.batch_size = 0"):
+        compare.run_comparison(config, [0, 1], str(tmp_path))
+    assert not os.listdir(tmp_path)
