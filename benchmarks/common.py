@@ -8,12 +8,10 @@ touch the file system or ask JAX about the machine.
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
 import platform
 import sys
-import tempfile
 from typing import Any, Sequence
 
 import jax
@@ -196,39 +194,6 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
 def format_sizes(stage_sizes: Sequence[int]) -> str:
     """``(2, 2, 2)`` -> ``"2-2-2"``, the paper's notation for blocks per stage."""
     return "-".join(str(n) for n in stage_sizes)
-
-
-def _atomic_write(path: str, write, mode: str = "w") -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    suffix = os.path.splitext(path)[1] + ".tmp"
-    with tempfile.NamedTemporaryFile(mode, dir=folder, delete=False,
-                                     suffix=suffix) as handle:
-        try:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        except BaseException:
-            os.unlink(handle.name)
-            raise
-    os.replace(handle.name, path)
-
-
-def write_text_atomically(path: str, text: str) -> None:
-    """Writes ``text`` to a temporary file beside ``path``, then renames it."""
-    _atomic_write(path, lambda handle: handle.write(text))
-
-
-def write_json_atomically(path: str, payload: Any) -> None:
-    """Writes ``payload`` as indented JSON, atomically (temp file + rename)."""
-    _atomic_write(path, lambda handle: json.dump(payload, handle, indent=2))
-
-
-def save_figure_atomically(figure, path: str) -> None:
-    """Saves a matplotlib figure as PNG, atomically (temp file + rename)."""
-    _atomic_write(path, lambda handle: figure.savefig(handle, format="png",
-                                                      dpi=120),
-                  mode="wb")
 
 
 def _cpu_model() -> str:

@@ -10,6 +10,7 @@ import os
 from typing import Sequence
 
 from benchmarks import common
+from mlres_jax import files
 
 # The three models, in the order they are trained and shown.
 MODELS = ("first_cycle", "last_cycle", "multilevel")
@@ -194,7 +195,7 @@ def plot_curves(curves: dict[str, dict], boundaries: Sequence[float],
     axes[1].legend()
     figure.suptitle(title)
     figure.tight_layout()
-    common.save_figure_atomically(figure, path)
+    files.save_figure(figure, path)
     plt.close(figure)
 
 
@@ -212,8 +213,8 @@ def write_outputs(output_dir: str, report: dict, curves: dict) -> None:
       report: from ``compare.build_report``.
       curves: model -> `mean_curves`; empty while runs are missing (no plot).
     """
-    common.write_json_atomically(os.path.join(output_dir, "compare.json"), report)
-    common.write_text_atomically(os.path.join(output_dir, "compare.md"),
+    files.write_json(os.path.join(output_dir, "compare.json"), report)
+    files.write_text(os.path.join(output_dir, "compare.md"),
                                  report_markdown(report))
     if curves:
         settings = report["settings"]

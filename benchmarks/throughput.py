@@ -58,7 +58,7 @@ from absl import app, flags, logging  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from configs import default  # noqa: E402
-from mlres_jax import input_pipeline, models, multilevel, train  # noqa: E402
+from mlres_jax import files, input_pipeline, models, multilevel, train  # noqa: E402
 
 FAMILIES = {"resnet": 16, "wresnet": 32}
 FAMILY_NAMES = {16: "ResNet", 32: "WResNet"}
@@ -578,9 +578,9 @@ def main(argv):
         sys.stderr.write(f"error: {error}\n")
         sys.exit(2)
     report = run_benchmark(settings)
-    common.write_json_atomically(os.path.join(FLAGS.output_dir, "throughput.json"), report)
+    files.write_json(os.path.join(FLAGS.output_dir, "throughput.json"), report)
     text = report_markdown(report)
-    common.write_text_atomically(os.path.join(FLAGS.output_dir, "throughput.md"), text)
+    files.write_text(os.path.join(FLAGS.output_dir, "throughput.md"), text)
     print(text, flush=True)
     print(f"Wrote throughput.json and throughput.md to {FLAGS.output_dir}", flush=True)
 

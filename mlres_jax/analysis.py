@@ -13,9 +13,8 @@ output is ``G(Y_j) = h * F(Y_j)`` (paper Sec. 3.1, Eq. 2). This module holds
 * **figures** built as matplotlib ``Figure`` objects (Agg canvas, no pyplot
   state): `norms_figure`, `gamma_figure`, `lesion_figure`,
   `F_against_time_figure`, `training_curves_figure`;
-* **files**, each written atomically (temporary file, then ``os.replace``):
-  `save_figure`, `write_csv`, `write_json`, and `plot_training_curves`, which
-  the training loop calls at the end of a run.
+* `plot_training_curves`, which the training loop calls at the end of a run
+  (files are written atomically by `mlres_jax.files`).
 
 Indices in arguments are 0-based (``stage_index``, ``block_index``); names
 and records for people (CSV, plots) are 1-based like the parameter names
@@ -25,13 +24,8 @@ and records for people (CSV, plots) are 1-based like the parameter names
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
-import io
-import json
-import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any, Callable, Sequence
 
@@ -41,7 +35,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from mlres_jax import input_pipeline, models, multilevel
+from mlres_jax import files, input_pipeline, models, multilevel
 
 # ---------------------------------------------------------------------------
 # Lesions (paper Sec. 3.3): pure tree surgery.
@@ -650,46 +644,7 @@ def training_curves_figure(history: Sequence[Mapping[str, Any]],
 
 
 # ---------------------------------------------------------------------------
-# Files, each written atomically.
-
-
-def _write_atomically(path: str, write: Callable[[io.IOBase], None],
-                      mode: str = "w") -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(mode, dir=folder, delete=False,
-                                         suffix=".tmp")
-    try:
-        with handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        if os.path.exists(handle.name):
-            os.remove(handle.name)
-        raise
-
-
-def save_figure(figure: Figure, path: str) -> None:
-    """Writes ``figure`` as a PNG (150 dpi) to ``path`` atomically."""
-    _write_atomically(path, lambda f: figure.savefig(f, format="png", dpi=150),
-                      mode="wb")
-
-
-def write_csv(path: str, records: Sequence[Mapping[str, Any]]) -> None:
-    """Writes records (dicts with the same keys) as CSV with a header, atomically."""
-    def write(handle):
-        fields = list(records[0]) if records else []
-        writer = csv.DictWriter(handle, fieldnames=fields, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(records)
-    _write_atomically(path, write)
-
-
-def write_json(path: str, payload: Any) -> None:
-    """Writes ``payload`` as indented JSON, atomically."""
-    _write_atomically(path, lambda f: json.dump(payload, f, indent=2))
+# Files (written atomically by `mlres_jax.files`).
 
 
 def plot_training_curves(history: Sequence[Mapping[str, Any]],
@@ -707,4 +662,4 @@ def plot_training_curves(history: Sequence[Mapping[str, Any]],
       ValueError: for an empty history.
       OSError: if ``path`` cannot be written.
     """
-    save_figure(training_curves_figure(history, cycle_boundaries), path)
+    files.save_figure(training_curves_figure(history, cycle_boundaries), path)

@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import numpy as np
 from absl import app, flags, logging
 
-from mlres_jax import analysis, input_pipeline, models
+from mlres_jax import analysis, files, input_pipeline, models
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string(
@@ -221,10 +221,10 @@ def run_norms(pairs: list[tuple[str, int]], options: Options) -> dict:
                "G_over_input_first_blocks": ratios["first_blocks"],
                "G_over_input_other_blocks": ratios["other_blocks"]}
     paths = [_path(options, n) for n in ("norms.png", "norms.csv", "norms.json")]
-    analysis.save_figure(analysis.norms_figure(
+    files.save_figure(analysis.norms_figure(
         norms, f"Norms of the residual modules: {loaded.label}"), paths[0])
-    analysis.write_csv(paths[1], norms.records())
-    analysis.write_json(paths[2], summary)
+    files.write_csv(paths[1], norms.records())
+    files.write_json(paths[2], summary)
     print(f"{loaded.label}: mean ||G(Y_j)|| / ||Y_j|| is "
           f"{ratios['first_blocks']:.4f} for the first block of each stage and "
           f"{ratios['other_blocks']:.4f} for the other blocks; "
@@ -249,8 +249,8 @@ def run_gamma(pairs: list[tuple[str, int]], options: Options) -> list[dict]:
             "num_examples": norms.num_examples})
         print(f"{loaded.label}: d = {norms.num_blocks}, gamma = {norms.gamma:.4f}")
     paths = [_path(options, "gamma.png"), _path(options, "gamma.csv")]
-    analysis.save_figure(analysis.gamma_figure(records), paths[0])
-    analysis.write_csv(paths[1], records)
+    files.save_figure(analysis.gamma_figure(records), paths[0])
+    files.write_csv(paths[1], records)
     _report(*paths)
     return records
 
@@ -291,11 +291,11 @@ def run_lesion(pairs: list[tuple[str, int]], options: Options) -> dict:
                    num_examples=len(loaded.images))
     paths = [_path(options, n) for n in
              ("lesion.png", "lesion_removals.csv", "lesion_shuffles.csv", "lesion.json")]
-    analysis.save_figure(analysis.lesion_figure(
+    files.save_figure(analysis.lesion_figure(
         removals, shuffles, baseline, f"Removing one block: {loaded.label}"), paths[0])
-    analysis.write_csv(paths[1], removals)
-    analysis.write_csv(paths[2], shuffles)
-    analysis.write_json(paths[3], summary)
+    files.write_csv(paths[1], removals)
+    files.write_csv(paths[2], shuffles)
+    files.write_json(paths[3], summary)
     down = summary["error_increase_removing_downsampling_block"]
     other = summary["error_increase_removing_other_block"]
     print(f"{loaded.label}: test error {100 * baseline:.2f} %; removing a block "
@@ -324,8 +324,8 @@ def run_step_size(pairs: list[tuple[str, int]], options: Options) -> list[dict]:
         print(f"{loaded.label}: T = d·h = {norms.num_blocks * norms.step_size:g}, "
               f"mean ||F(Y_j)|| = {np.mean(norms.F_norm):.4f}")
     paths = [_path(options, "step_size.png"), _path(options, "step_size.csv")]
-    analysis.save_figure(analysis.F_against_time_figure(curves), paths[0])
-    analysis.write_csv(paths[1], rows)
+    files.save_figure(analysis.F_against_time_figure(curves), paths[0])
+    files.write_csv(paths[1], rows)
     _report(*paths)
     return rows
 
@@ -351,7 +351,7 @@ def run_curves(workdirs: Sequence[str], options: Options) -> list[dict]:
         raise AnalysisInputError(f"{path} has no evaluations in 'history'")
     paths = [_path(options, "training_curves.png"), _path(options, "training_curves.csv")]
     analysis.plot_training_curves(history, boundaries, paths[0])
-    analysis.write_csv(paths[1], history)
+    files.write_csv(paths[1], history)
     last = history[-1]
     print(f"{len(history)} evaluations; last at epoch {last['epoch']:g}: train error "
           f"{100 * last['train_error']:.2f} %, test error {100 * last['test_error']:.2f} %")

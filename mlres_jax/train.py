@@ -14,9 +14,7 @@ live here; the model and the tree surgery are pure and live in `models` and
 from __future__ import annotations
 
 import functools
-import json
 import os
-import tempfile
 import time
 from typing import Any
 
@@ -29,7 +27,7 @@ import optax
 import tqdm
 from absl import logging
 
-from mlres_jax import analysis, checkpoint, configuration, input_pipeline, models, multilevel
+from mlres_jax import analysis, checkpoint, configuration, files, input_pipeline, models, multilevel
 
 
 @flax.struct.dataclass
@@ -221,17 +219,6 @@ def evaluate(compiled_eval_step, variables, images: np.ndarray,
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a non-finite loss, gradient or update."""
-
-
-def write_json_atomically(path: str, payload: Any) -> None:
-    """Writes JSON to a temporary file in the same folder, then renames it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile("w", dir=folder, delete=False,
-                                     suffix=".tmp") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(handle.name, path)
 
 
 def _format_sizes(stage_sizes) -> str:
@@ -531,7 +518,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpointer.close()
     summary = _summary(config, data, steps_per_epoch, cycles, cycle_records, history,
                        time.perf_counter() - run_start)
-    write_json_atomically(os.path.join(workdir, "summary.json"), summary)
+    files.write_json(os.path.join(workdir, "summary.json"), summary)
     analysis.plot_training_curves(history, config.cycle_boundaries,
                                   os.path.join(workdir, "training_curves.png"))
     print(summary_table(summary), flush=True)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlres_jax import analysis, input_pipeline, models
+from mlres_jax import analysis, files, input_pipeline, models
 
 IMAGE_SHAPE = (8, 8, 3)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -371,13 +371,13 @@ def test_figures_and_tables_are_written(tmp_path):
         "step_size.png": analysis.F_against_time_figure([("h = 0.5", norms)]),
     }
     for name, figure in figures.items():
-        analysis.save_figure(figure, str(tmp_path / name))
+        files.save_figure(figure, str(tmp_path / name))
         _assert_png(tmp_path / name)
-    analysis.write_csv(str(tmp_path / "norms.csv"), norms.records())
+    files.write_csv(str(tmp_path / "norms.csv"), norms.records())
     lines = (tmp_path / "norms.csv").read_text().splitlines()
     assert lines[0].startswith("block,stage,block_in_stage,first_in_stage,t,")
     assert len(lines) == 6
-    analysis.write_json(str(tmp_path / "x.json"), {"gamma": norms.gamma})
+    files.write_json(str(tmp_path / "x.json"), {"gamma": norms.gamma})
     assert (tmp_path / "x.json").read_text() == '{\n  "gamma": 0.5\n}'
 
 

@@ -14,6 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from benchmarks import common, compare, compare_report, throughput
+from mlres_jax import files
 from configs import default, fashion_mnist, resnet50, resnet50i
 
 NUM_EXAMPLES = 40  # mock examples per split
@@ -78,8 +79,8 @@ def test_parse_lists():
 
 
 def test_atomic_writes_leave_no_temporary_files(tmp_path):
-    common.write_json_atomically(str(tmp_path / "a.json"), {"x": 1})
-    common.write_text_atomically(str(tmp_path / "a.md"), "hello\n")
+    files.write_json(str(tmp_path / "a.json"), {"x": 1})
+    files.write_text(str(tmp_path / "a.md"), "hello\n")
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 1}
     assert (tmp_path / "a.md").read_text() == "hello\n"
     assert sorted(os.listdir(tmp_path)) == ["a.json", "a.md"]

@@ -267,15 +267,6 @@ def test_failing_save_keeps_earlier_checkpoints(data_dir, tmp_path, monkeypatch)
     chex.assert_tree_all_finite(variables)
 
 
-def test_summary_is_replaced_atomically(tmp_path):
-    path = str(tmp_path / "summary.json")
-    train.write_json_atomically(path, {"a": 1})
-    train.write_json_atomically(path, {"a": 2})
-    with open(path) as handle:
-        assert json.load(handle) == {"a": 2}
-    assert os.listdir(tmp_path) == ["summary.json"]
-
-
 def test_grow_interpolates_a_saved_checkpoint(data_dir, reference, tmp_path):
     from mlres_jax import grow  # pylint: disable=import-outside-toplevel
     workdir, output = str(tmp_path / "run"), str(tmp_path / "grown")

@@ -1,0 +1,47 @@
+"""Tests of the atomic result-file writers."""
+
+import json
+import os
+import stat
+
+import pytest
+
+from mlres_jax import files
+
+
+def test_replaces_atomically_and_leaves_no_temporary_file(tmp_path):
+    path = str(tmp_path / "summary.json")
+    files.write_json(path, {"a": 1})
+    files.write_json(path, {"a": 2})
+    with open(path) as handle:
+        assert json.load(handle) == {"a": 2}
+    assert os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path):
+    path = str(tmp_path / "a.json")
+    files.write_json(path, {"a": 1})
+    with pytest.raises(TypeError):
+        files.write_json(path, {"a": object()})  # not JSON-serialisable
+    with open(path) as handle:
+        assert json.load(handle) == {"a": 1}
+    assert os.listdir(tmp_path) == ["a.json"]
+
+
+def test_files_get_plain_permissions_not_temporary_0600(tmp_path):
+    # A regression: tempfile creates 0600 files, so results were unreadable
+    # for other users. Expected: 0666 less the umask, as open() would give.
+    old = os.umask(0o022)
+    try:
+        path = str(tmp_path / "table.md")
+        files.write_text(path, "| a |\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+
+
+def test_csv_has_header_and_rows(tmp_path):
+    path = str(tmp_path / "norms.csv")
+    files.write_csv(path, [{"block": 1, "norm": 0.5}, {"block": 2, "norm": 0.25}])
+    with open(path) as handle:
+        assert handle.read() == "block,norm\n1,0.5\n2,0.25\n"
