@@ -6,9 +6,9 @@ cycle boundary of a multi-level run interpolates the whole train state
 (parameters, batch-norm statistics, momentum) into the next, deeper network
 with h halved. The train step is compiled once per depth.
 
-Side effects (logging, progress bar, TensorBoard events, ``summary.json``)
-live here; the model and the tree surgery are pure and live in `models` and
-`multilevel`.
+Side effects (logging, progress bar, TensorBoard events, checkpoints through
+`checkpoint`, ``summary.json`` and the training-curves PNG) live here; the
+model and the tree surgery are pure and live in `models` and `multilevel`.
 """
 
 from __future__ import annotations
