@@ -15,12 +15,17 @@ from absl import app, flags, logging
 from mlres_jax import checkpoint, multilevel
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Run folder holding checkpoints/ to read.")
-flags.DEFINE_string("output", None, "Folder to write the interpolated checkpoint to.")
-flags.DEFINE_integer("step", None, "Checkpoint step to read; the latest if unset.")
-flags.DEFINE_string("rule", "paper", "Interpolation rule: "
-                    f"{sorted(multilevel.INTERPOLATION_RULES)}.")
-flags.mark_flags_as_required(["workdir", "output"])
+
+
+def define_flags() -> None:
+    """Defines the command's flags (only when run as a program, so that the
+    module can be imported beside other absl commands)."""
+    flags.DEFINE_string("workdir", None, "Run folder holding checkpoints/ to read.")
+    flags.DEFINE_string("output", None, "Folder to write the interpolated checkpoint to.")
+    flags.DEFINE_integer("step", None, "Checkpoint step to read; the latest if unset.")
+    flags.DEFINE_string("rule", "paper", "Interpolation rule: "
+                        f"{sorted(multilevel.INTERPOLATION_RULES)}.")
+    flags.mark_flags_as_required(["workdir", "output"])
 
 
 def grow(workdir: str, output: str, step: int | None = None, rule: str = "paper") -> dict:
@@ -48,16 +53,20 @@ def grow(workdir: str, output: str, step: int | None = None, rule: str = "paper"
                     grown_from={"workdir": workdir, "step": meta["step"], "rule": rule},
                     history=[], cycle_records=[])
     checkpoint.save_model(output, deeper_variables, new_meta, step=meta["step"])
-    logging.info("Interpolated %s (h = %g) into %s (h = %g): %s",
-                 list(model.stage_sizes), model.step_size,
-                 list(deeper_model.stage_sizes), deeper_model.step_size, output)
+    print(f"Interpolated {_format_sizes(model.stage_sizes)} blocks (h = "
+          f"{model.step_size:g}) into {_format_sizes(deeper_model.stage_sizes)} "
+          f"(h = {deeper_model.step_size:g}): {output}", flush=True)
     return new_meta
+
+
+def _format_sizes(stage_sizes) -> str:
+    return "-".join(str(n) for n in stage_sizes)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
+    logging.set_verbosity(logging.WARNING)  # orbax logs dozens of INFO lines
     try:
         grow(FLAGS.workdir, FLAGS.output, FLAGS.step, FLAGS.rule)
     except (checkpoint.CheckpointError, ValueError) as error:
@@ -66,4 +75,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

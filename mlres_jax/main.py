@@ -46,5 +46,28 @@ def main(argv):
         sys.exit(2)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a one-line error for a bad ``--config.FIELD``.
+
+    A field the config does not have (``--config.batchsize=10``) or a value
+    of the wrong type makes ml_collections raise while the flags are parsed,
+    before `main` runs; without this the user would get a traceback.
+    """
+    try:
+        return FLAGS(argv)
+    except flags.Error as error:
+        sys.stderr.write(f"error: {error}\nPass --helpfull to see the flags.\n")
+        sys.exit(2)
+    except (AttributeError, KeyError) as error:
+        sys.stderr.write(
+            f"error: the config has no field {str(error).strip(chr(34))}; the fields "
+            "and what they mean are listed in configs/default.py\n")
+        sys.exit(2)
+    except (TypeError, ValueError) as error:
+        overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
+        sys.stderr.write(f"error: a --config override is not valid ({overrides}): {error}\n")
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

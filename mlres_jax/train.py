@@ -14,6 +14,7 @@ model and the tree surgery are pure and live in `models` and `multilevel`.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 from typing import Any
@@ -389,6 +390,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.info("Resumed from the checkpoint of step %d: cycle %d (%s blocks), "
                      "epoch %.2f", step, meta["cycle"], _format_sizes(state_sizes),
                      step / steps_per_epoch)
+        summary_path = os.path.join(workdir, "summary.json")
+        if step == cycles[-1].end_step and os.path.exists(summary_path):
+            logging.info("The run in %s is already complete; nothing to do. Its "
+                         "summary: %s", workdir, summary_path)
+            checkpointer.close()
+            with open(summary_path) as handle:
+                summary = json.load(handle)
+            print(summary_table(summary), flush=True)
+            return summary
 
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
     writer = SummaryWriter(logdir=workdir)

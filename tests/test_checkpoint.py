@@ -204,10 +204,14 @@ def test_resume_with_different_model_is_refused(data_dir, reference, tmp_path):
         train.train_and_evaluate(
             _config(data_dir, num_epochs=1.0, cycle_boundaries=(), width=4,
                     learning_rate_max=0.3), workdir)
-    # Safe fields (logging, evaluation batch) may change.
-    train.train_and_evaluate(
+    # Safe fields (logging, evaluation batch) may change. The run is complete:
+    # nothing is trained again and summary.json, wall time included, is kept.
+    with open(os.path.join(workdir, "summary.json")) as handle:
+        summary_before = json.load(handle)
+    summary = train.train_and_evaluate(
         _config(data_dir, num_epochs=1.0, cycle_boundaries=(), log_every_steps=1,
                 eval_batch_size=7), workdir)
+    assert summary == summary_before
     assert checkpoint.Checkpointer(workdir, create=False).all_steps() == steps_before
 
 

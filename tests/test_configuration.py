@@ -98,3 +98,12 @@ def test_cli_bad_config_value_gives_message_not_traceback(tmp_path):
     assert result.returncode != 0
     assert "config.learning_rate_max = -0.5" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_cli_unknown_config_field_gives_message_not_traceback(tmp_path):
+    # A regression: ml_collections raised during flag parsing, before main().
+    result = _run_main("--config=configs/fashion_mnist.py", f"--workdir={tmp_path}",
+                       "--config.batchsize=10")
+    assert result.returncode == 2
+    assert "the config has no field 'batchsize'" in result.stderr
+    assert "Traceback" not in result.stderr
