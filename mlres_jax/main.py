@@ -11,6 +11,7 @@ parses flags and reports a user's mistakes as one line; the work is in
 
 import logging as python_logging
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -59,9 +60,15 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.stderr.write(f"error: {error}\nPass --helpfull to see the flags.\n")
         sys.exit(2)
     except (AttributeError, KeyError) as error:
+        # ml_collections nests the KeyError's repr in the message: take the
+        # field name and the "Did you mean" suggestion out of it.
+        text = str(error)
+        name = re.search(r"[A-Za-z_]\w*", text)
+        suggestion = re.search(r'Did you mean "(\w+)"', text)
         sys.stderr.write(
-            f"error: the config has no field {str(error).strip(chr(34))}; the fields "
-            "and what they mean are listed in configs/default.py\n")
+            f"error: the config has no field '{name.group(0) if name else text}'"
+            + (f"; did you mean '{suggestion.group(1)}'?" if suggestion else ".")
+            + " The fields and what they mean are in configs/default.py\n")
         sys.exit(2)
     except (TypeError, ValueError) as error:
         overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
