@@ -191,11 +191,6 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
     return "\n".join(lines)
 
 
-def format_sizes(stage_sizes: Sequence[int]) -> str:
-    """``(2, 2, 2)`` -> ``"2-2-2"``, the paper's notation for blocks per stage."""
-    return "-".join(str(n) for n in stage_sizes)
-
-
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:

@@ -10,7 +10,7 @@ import os
 from typing import Sequence
 
 from benchmarks import common
-from mlres_jax import files
+from mlres_jax import files, models
 
 # The three models, in the order they are trained and shown.
 MODELS = ("first_cycle", "last_cycle", "multilevel")
@@ -54,7 +54,7 @@ def aggregate(records: dict[str, list[dict]]) -> dict[str, dict]:
 
 
 def _blocks_text(description: dict) -> str:
-    sizes = [common.format_sizes(s) for s in description["stage_sizes"]]
+    sizes = [models.format_stage_sizes(s) for s in description["stage_sizes"]]
     unique = [s for i, s in enumerate(sizes) if i == 0 or s != sizes[i - 1]]
     return " → ".join(unique)
 

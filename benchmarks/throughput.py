@@ -447,7 +447,7 @@ def results_table(rows: list[dict]) -> str:
         memory = r["train_step_xla_memory_bytes"]
         body.append([
             model_name(r["family"], r["stage_sizes"]),
-            common.format_sizes(r["stage_sizes"]), f"{r['step_size']:g}",
+            models.format_stage_sizes(r["stage_sizes"]), f"{r['step_size']:g}",
             f"{r['num_params']:,}",
             f"{r['compile_train_seconds']:.1f} / {r['compile_eval_seconds']:.1f}",
             f"{t['median']:.3f} [{t['p25']:.3f}-{t['p75']:.3f}]",
@@ -515,7 +515,7 @@ def run_benchmark(settings: dict) -> dict:
     for name, width, level in run_order(settings["families"], levels):
         sizes, h = levels[level]
         logging.info("Measuring %s, width %d, %s blocks, h = %g",
-                     model_name(name, sizes), width, common.format_sizes(sizes), h)
+                     model_name(name, sizes), width, models.format_stage_sizes(sizes), h)
         measured[(width, level)] = measure(width, sizes, h, settings)
     rows, families = [], {}
     for name, width in settings["families"]:

@@ -90,7 +90,7 @@ class Loaded:
 
     @property
     def label(self) -> str:
-        sizes = "-".join(str(n) for n in self.model.stage_sizes)
+        sizes = models.format_stage_sizes(self.model.stage_sizes)
         return (f"{sizes}, h = {self.model.step_size:g} "
                 f"({os.path.basename(os.path.normpath(self.workdir))}, step {self.step})")
 

@@ -258,11 +258,8 @@ def save_model(workdir: str, variables: dict, meta: dict, step: int = 0) -> None
         checkpointer.close()
 
 
-def check_writable(workdir: str, needed_bytes: int) -> None:
-    """Fails early if ``workdir`` cannot hold the run's files.
-
-    Creates the folder, writes and removes a probe file, and compares the free
-    space with ``needed_bytes``.
+def check_writable(workdir: str) -> None:
+    """Fails early if ``workdir`` cannot be created and written.
 
     Raises:
       OSError: naming the folder and what is wrong.
@@ -275,6 +272,14 @@ def check_writable(workdir: str, needed_bytes: int) -> None:
         os.remove(probe)
     except OSError as error:
         raise OSError(f"workdir {workdir!r} is not writable: {error}") from None
+
+
+def check_free_space(workdir: str, needed_bytes: int) -> None:
+    """Fails early if ``workdir`` has less than ``needed_bytes`` free.
+
+    Raises:
+      OSError: naming the folder, the free and the needed space.
+    """
     free = shutil.disk_usage(workdir).free
     if free < needed_bytes:
         raise OSError(

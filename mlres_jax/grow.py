@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags, logging
 
-from mlres_jax import checkpoint, multilevel
+from mlres_jax import checkpoint, models, multilevel
 
 FLAGS = flags.FLAGS
 
@@ -53,14 +53,11 @@ def grow(workdir: str, output: str, step: int | None = None, rule: str = "paper"
                     grown_from={"workdir": workdir, "step": meta["step"], "rule": rule},
                     history=[], cycle_records=[])
     checkpoint.save_model(output, deeper_variables, new_meta, step=meta["step"])
-    print(f"Interpolated {_format_sizes(model.stage_sizes)} blocks (h = "
-          f"{model.step_size:g}) into {_format_sizes(deeper_model.stage_sizes)} "
+    print(f"Interpolated {models.format_stage_sizes(model.stage_sizes)} blocks (h = "
+          f"{model.step_size:g}) into {models.format_stage_sizes(deeper_model.stage_sizes)} "
           f"(h = {deeper_model.step_size:g}): {output}", flush=True)
     return new_meta
 
-
-def _format_sizes(stage_sizes) -> str:
-    return "-".join(str(n) for n in stage_sizes)
 
 
 def main(argv):

@@ -196,6 +196,11 @@ class ResNet(nn.Module):
         return nn.Dense(self.num_classes, name="head")(x)
 
 
+def format_stage_sizes(stage_sizes: Sequence[int]) -> str:
+    """``(2, 2, 2)`` -> ``"2-2-2"``, the paper's notation for blocks per stage."""
+    return "-".join(str(n) for n in stage_sizes)
+
+
 def depth(stage_sizes: Sequence[int]) -> int:
     """Layer count of the paper's names: 2 convs per block + stem + dense."""
     return 2 * sum(stage_sizes) + 2

@@ -222,9 +222,6 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a non-finite loss, gradient or update."""
 
 
-def _format_sizes(stage_sizes) -> str:
-    return "-".join(str(n) for n in stage_sizes)
-
 
 def _compile(fn, *args):
     """AOT-compiles ``fn`` for ``args``; returns (executable, seconds)."""
@@ -264,7 +261,7 @@ def summary_table(summary: dict) -> str:
     lines = [header, "-" * len(header)]
     for c in summary["cycles"]:
         lines.append(
-            f"{c['cycle']:>5} {_format_sizes(c['stage_sizes']):>10} "
+            f"{c['cycle']:>5} {models.format_stage_sizes(c['stage_sizes']):>10} "
             f"{c['step_size']:>7.4g} {c['num_params']:>10,} {c['epochs']:>7.4g} "
             f"{c['steps']:>7} {c['compile_seconds']:>9.1f} "
             f"{c['train_seconds']:>8.1f} {c['eval_seconds']:>7.1f} "
@@ -336,7 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config = configuration.resolve(config)
     input_pipeline.check_available(config.dataset, data_dir=config.data_dir,
                                    fashion_mnist_dir=config.fashion_mnist_dir)
-    checkpoint.check_writable(workdir, needed_bytes=0)
+    checkpoint.check_writable(workdir)
 
     logging.info("Loading %s ...", config.dataset)
     data = input_pipeline.load(config.dataset, data_dir=config.data_dir,
@@ -352,7 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         stage_sizes=config.stage_sizes, step_size=config.step_size,
         num_epochs=config.num_epochs, cycle_boundaries=config.cycle_boundaries,
         steps_per_epoch=steps_per_epoch, multilevel=config.multilevel)
-    checkpoint.check_writable(workdir, _checkpoint_bytes(
+    checkpoint.check_free_space(workdir, _checkpoint_bytes(
         config, cycles, info.num_classes, info.image_shape))
     schedule = multilevel.learning_rate_schedule(
         cycles, config.learning_rate_max, config.learning_rate_min)
@@ -362,7 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "%s: %d train / %d test examples, batch %d, %d steps per epoch; "
         "%d cycles: %s", config.dataset, num_train, len(data.test_labels),
         config.batch_size, steps_per_epoch, len(cycles),
-        ", ".join(f"{_format_sizes(c.stage_sizes)} h={c.step_size:g} for "
+        ", ".join(f"{models.format_stage_sizes(c.stage_sizes)} h={c.step_size:g} for "
                   f"{c.num_steps} steps" for c in cycles))
 
     init_rng, augment_rng = jax.random.split(jax.random.PRNGKey(config.seed))
@@ -388,7 +385,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         history, cycle_records = meta["history"], meta["cycle_records"]
         elapsed = meta["cycle_elapsed"]
         logging.info("Resumed from the checkpoint of step %d: cycle %d (%s blocks), "
-                     "epoch %.2f", step, meta["cycle"], _format_sizes(state_sizes),
+                     "epoch %.2f", step, meta["cycle"], models.format_stage_sizes(state_sizes),
                      step / steps_per_epoch)
         summary_path = os.path.join(workdir, "summary.json")
         if step == cycles[-1].end_step and os.path.exists(summary_path):
@@ -423,7 +420,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             state = interpolate_train_state(
                 state, config.interpolation_rule, config.momentum_at_interpolation)
             logging.info("Interpolated %s -> %s blocks, h = %g",
-                         _format_sizes(state_sizes), _format_sizes(cycle.stage_sizes),
+                         models.format_stage_sizes(state_sizes), models.format_stage_sizes(cycle.stage_sizes),
                          cycle.step_size)
         state_sizes = cycle.stage_sizes
         key = (cycle.stage_sizes, cycle.step_size)
@@ -456,7 +453,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             total=cycle.num_steps, initial=step - cycle.first_step if step > cycle.first_step else 0,
             disable=not config.progress_bar, unit="step",
             desc=f"cycle {cycle.index + 1}/{len(cycles)} "
-                 f"{_format_sizes(cycle.stage_sizes)} h={cycle.step_size:g}")
+                 f"{models.format_stage_sizes(cycle.stage_sizes)} h={cycle.step_size:g}")
         for step in range(max(step, cycle.first_step), cycle.end_step):
             epoch, position = divmod(step, steps_per_epoch)
             if order_epoch != epoch:
@@ -499,7 +496,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     writer.add_scalar(name.replace("_", "/", 1), record[name], done)
                 bar.write(
                     f"epoch {record['epoch']:.2f} (cycle {cycle.index + 1}, "
-                    f"{_format_sizes(cycle.stage_sizes)}): train loss "
+                    f"{models.format_stage_sizes(cycle.stage_sizes)}): train loss "
                     f"{record['train_loss']:.4f} error {100 * record['train_error']:.2f}%"
                     f" | test loss {test['loss']:.4f} error {100 * test['error']:.2f}%")
             if done % config.checkpoint_every_steps == 0 and done != cycle.end_step:

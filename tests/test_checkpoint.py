@@ -148,14 +148,18 @@ def test_sigkill_in_cycle1_at_boundary_and_in_last_cycle_then_resume(
     _assert_same_run(workdir, reference)
 
 
+def _drop_checkpoints_after(workdir, step):
+    for folder in glob.glob(os.path.join(workdir, "checkpoints", "*")):
+        if int(os.path.basename(folder)) > step:
+            shutil.rmtree(folder)
+
+
 def test_resume_exactly_at_interpolation_boundary(data_dir, reference, tmp_path):
     workdir = str(tmp_path)
     config = _config(data_dir)
     train.train_and_evaluate(config, workdir)
     # Keep only what existed when cycle 1 had just ended, before interpolation.
-    for folder in glob.glob(os.path.join(workdir, "checkpoints", "*")):
-        if int(os.path.basename(folder)) > 8:
-            shutil.rmtree(folder)
+    _drop_checkpoints_after(workdir, 8)
     os.remove(os.path.join(workdir, "summary.json"))
     train.train_and_evaluate(config, workdir)
     _assert_same_run(workdir, reference)
@@ -180,9 +184,7 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(
     train.train_and_evaluate(config, workdir)
     # As if killed during the save of step 18 after a crash at step 19:
     # drop the later checkpoints and damage step 18's state.
-    for folder in glob.glob(os.path.join(workdir, "checkpoints", "*")):
-        if int(os.path.basename(folder)) > 18:
-            shutil.rmtree(folder)
+    _drop_checkpoints_after(workdir, 18)
     _truncate_largest_file(os.path.join(workdir, "checkpoints", "18", "state"))
     with caplog.at_level("WARNING"):
         train.train_and_evaluate(config, workdir)
