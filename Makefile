@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-# Fashion-MNIST from Debian's package (SPEC §4). Elsewhere: download the four
+# Fashion-MNIST from Debian's package (see the README). Elsewhere: download the four
 # IDX .gz files from https://github.com/zalandoresearch/fashion-mnist and pass
 # --config.fashion_mnist_dir=FOLDER.
 data:

@@ -2,7 +2,7 @@ r"""The paper's Table 3 on this machine: first-cycle, last-cycle and multi-level
 
 Trains three models one after another with the same data, the same number of
 steps and the same cyclic learning rate (cosine from eta_max to eta_min,
-restarted at the same cycle boundaries; SPEC §3, §5):
+restarted at the same cycle boundaries; paper Sec. 5.2, Table 3):
 
 * ``first_cycle``: fixed depth, the first cycle's blocks and h (ResNet-14 in
   the paper);
@@ -20,8 +20,9 @@ events). Then it writes, in ``OUTPUT_DIR``:
   cycle boundaries marked (paper Fig. 6).
 
 Times are those of each run's ``summary.json``: *train time* is the run's
-wall time without evaluation and data loading (``totals.train_seconds``: the
-training steps, initialisation, compilation, interpolation and checkpoints);
+wall time without evaluation, checkpointing and data loading
+(``totals.train_seconds``: the training steps, initialisation, compilation
+and interpolation);
 *wall time* is the whole run (``totals.wall_seconds``). Time saved = 1 -
 t(model) / t(last-cycle model), per seed, then mean ± std over seeds.
 
@@ -47,25 +48,17 @@ reused, unfinished ones continue from their checkpoints (and are marked
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
-import sys
+from typing import Sequence
 
-# The config files import `configs` from the repository root.
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-from typing import Sequence  # noqa: E402
-
-import ml_collections  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from benchmarks import common, compare_report  # noqa: E402
-from mlres_jax import (checkpoint, configuration, input_pipeline, models,  # noqa: E402
-                       multilevel, train)
+from benchmarks import common, compare_report
+from mlres_jax import checkpoint, cli, configuration, input_pipeline, models, multilevel, train
 
 PRESETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
 PRESETS = ("cpu", "paper")
@@ -75,7 +68,7 @@ FLAGS = flags.FLAGS
 MODELS = compare_report.MODELS
 LABELS = compare_report.LABELS
 
-# SPEC §5 (paper Tables 3 and 4, GTX 1080, TensorFlow): (width, first-cycle
+# Paper Tables 3 and 4 (GTX 1080, TensorFlow): (width, first-cycle
 # blocks per stage) -> names of the fixed-depth and the multi-level model, and
 # per data set (test error %, minutes) of each.
 PAPER_RESULTS = {
@@ -164,7 +157,7 @@ def theoretical_saving(config: ml_collections.ConfigDict) -> dict:
 
 
 def paper_reference(config: ml_collections.ConfigDict) -> dict | None:
-    """The paper's numbers for the same models and data (SPEC §5), if it has them.
+    """The paper's numbers for the same models and data (Tables 3-4), if it has them.
 
     Returns:
       None unless the config is one of the paper's multi-level settings (160
@@ -417,8 +410,7 @@ def config_from_flags() -> ml_collections.ConfigDict:
 
 
 def define_flags() -> None:
-    """Defines the command-line flags (only when run as a script, so that
-    importing this module, e.g. in tests, defines none)."""
+    """Defines the command-line flags (called only when run as a program)."""
     config_flags.DEFINE_config_file(
         "config", os.path.join(PRESETS_DIR, "cpu.py"),
         "A multi-level training config (configs/*i.py, benchmarks/presets/*.py); "
@@ -441,7 +433,6 @@ def define_flags() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
     try:
         seeds = common.parse_int_list("seeds", FLAGS.seeds, minimum=0, unique=True)
         report = run_comparison(config_from_flags(), seeds, FLAGS.output_dir,
@@ -449,13 +440,11 @@ def main(argv):
     except (common.FlagError, CompareError, configuration.ConfigError,
             input_pipeline.DataSetUnavailableError, checkpoint.CheckpointError,
             OSError) as error:
-        sys.stderr.write(f"error: {error}\n")
-        sys.exit(2)
+        cli.fail(str(error))
     print(compare_report.report_markdown(report), flush=True)
     print(f"Wrote compare.md, compare.json and compare_curves.png to "
           f"{FLAGS.output_dir}", flush=True)
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run_command(main, define_flags)

@@ -2,13 +2,13 @@ r"""Cost of every depth of a multi-level run: compile time, images/s, memory.
 
 For each family (ResNet, 16 filters; Wide ResNet, 32 filters) and each depth
 of a multi-level run (2-2-2, 4-4-4, 8-8-8 with h = 1, 0.5, 0.25 by default) it
-compiles the project's real ``train.train_step`` and ``train.eval_step``
-(``functools.partial`` + ``jax.jit(...).lower(...).compile()``, as the
-training loop does), runs them on synthetic data of the data set's image
+compiles the project's real train and eval steps with the builders training
+uses (``steps.make_train_step``, ``steps.make_eval_step``,
+``steps.compile_ahead``), runs them on synthetic data of the data set's image
 shape and measures:
 
 * compile time of the train step and of the eval step (s; tracing and
-  lowering included, as ``train.py`` counts it);
+  lowering included, as training counts it);
 * steady-state training and evaluation throughput (images/s): every timed
   step is dispatched and waited for alone; the median over ``--steps`` steps
   after ``--warmup`` untimed ones, with the quartiles and min/max;
@@ -41,24 +41,18 @@ spread.
 from __future__ import annotations
 
 import os
+import resource
 import sys
+import time
+from typing import Sequence
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+import jax
+import numpy as np
+from absl import app, flags, logging
 
-import functools  # noqa: E402
-import resource  # noqa: E402
-import time  # noqa: E402
-from typing import Sequence  # noqa: E402
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-
-from benchmarks import common  # noqa: E402
-from configs import default  # noqa: E402
-from mlres_jax import files, input_pipeline, models, multilevel, train  # noqa: E402
+from benchmarks import common
+from configs import default
+from mlres_jax import cli, files, input_pipeline, models, multilevel, steps
 
 FAMILIES = {"resnet": 16, "wresnet": 32}
 FAMILY_NAMES = {16: "ResNet", 32: "WResNet"}
@@ -186,18 +180,6 @@ def check_flags() -> dict:
 # Measuring one configuration.
 
 
-def compile_timed(fn, *args):
-    """AOT-compiles ``fn`` for ``args``.
-
-    Returns:
-      ``(executable, seconds)``: tracing, lowering and XLA compilation, wall
-      clock.
-    """
-    start = time.perf_counter()
-    executable = fn.lower(*args).compile()
-    return executable, time.perf_counter() - start
-
-
 def time_calls(call, count: int) -> list[float]:
     """Wall seconds of ``count`` calls of ``call(i)``, each waited for alone."""
     seconds = []
@@ -288,7 +270,7 @@ def _synthetic_images(rng: np.random.Generator, count: int, shape, num_classes: 
 
 
 def time_train_step(model: models.ResNet, settings: dict):
-    """Compiles `train.train_step` for ``model`` and times it.
+    """Compiles `steps.train_step` for ``model`` and times it.
 
     The data is a pool of 8 batches of random images; every step gets a new
     random mini-batch of it, as the training loop gathers from the whole
@@ -307,15 +289,13 @@ def time_train_step(model: models.ResNet, settings: dict):
                for _ in range(settings["warmup"] + settings["steps"])]
     augment_rng = jax.random.PRNGKey(settings["seed"] + 1)
     config = default.get_config()
-    tx = train.create_optimizer(config, multilevel.cosine_cycle_schedule(
+    optimizer = steps.create_optimizer(config, multilevel.cosine_cycle_schedule(
         10_000, config.learning_rate_max, config.learning_rate_min))
-    state = train.create_train_state(jax.random.PRNGKey(settings["seed"]), model,
-                                     tx, tuple(settings["image_shape"]))
-    train_fn = jax.jit(functools.partial(
-        train.train_step, model=model, tx=tx,
-        crop_padding=settings["crop_padding"]), donate_argnums=0)
-    compiled, compile_seconds = compile_timed(
-        train_fn, state, images, labels, indices[0], augment_rng)
+    state = steps.create_train_state(jax.random.PRNGKey(settings["seed"]), model,
+                                     optimizer, tuple(settings["image_shape"]))
+    compiled, compile_seconds = steps.compile_ahead(
+        steps.make_train_step(model, optimizer, settings["crop_padding"]),
+        state, images, labels, indices[0], augment_rng)
     holder = {"state": state}  # the state is donated: keep only the newest
 
     def call(i):
@@ -329,7 +309,7 @@ def time_train_step(model: models.ResNet, settings: dict):
 
 
 def time_eval_step(model: models.ResNet, variables, settings: dict):
-    """Compiles `train.eval_step` for ``model`` and times it on random images.
+    """Compiles `steps.eval_step` for ``model`` and times it on random images.
 
     Returns:
       ``(compile_seconds, step_seconds)``: step seconds as `common.percentiles`
@@ -340,8 +320,8 @@ def time_eval_step(model: models.ResNet, variables, settings: dict):
     images, labels = _synthetic_images(rng, batch, settings["image_shape"],
                                        settings["num_classes"])
     mask = jax.device_put(np.ones((batch,), bool))
-    eval_fn = jax.jit(functools.partial(train.eval_step, model=model))
-    compiled, compile_seconds = compile_timed(eval_fn, variables, images, labels, mask)
+    compiled, compile_seconds = steps.compile_ahead(
+        steps.make_eval_step(model), variables, images, labels, mask)
 
     def call(_):
         return compiled(variables, images, labels, mask)
@@ -539,8 +519,7 @@ def run_benchmark(settings: dict) -> dict:
 
 
 def define_flags() -> None:
-    """Defines the command-line flags (only when run as a script, so that
-    importing this module, e.g. in tests, defines none)."""
+    """Defines the command-line flags (called only when run as a program)."""
     flags.DEFINE_string("dataset", "fashion_mnist",
                         f"Image shape, classes, crop padding and epoch length of "
                         f"this data set: one of {sorted(input_pipeline.DATASETS)}.")
@@ -570,13 +549,11 @@ def define_flags() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
     try:
         settings = check_flags()
         os.makedirs(FLAGS.output_dir, exist_ok=True)
     except (common.FlagError, OSError) as error:
-        sys.stderr.write(f"error: {error}\n")
-        sys.exit(2)
+        cli.fail(str(error))
     report = run_benchmark(settings)
     files.write_json(os.path.join(FLAGS.output_dir, "throughput.json"), report)
     text = report_markdown(report)
@@ -586,5 +563,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run_command(main, define_flags)

@@ -16,7 +16,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
-    # --- Data (SPEC §4, paper App. A) --------------------------------------
+    # --- Data (paper App. A) -------------------------------------------------
     # One of 'cifar10', 'cifar100', 'stl10' (tensorflow-datasets, ArrayRecord
     # format) or 'fashion_mnist' (the Debian package's IDX files).
     config.dataset = 'cifar10'
@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     # set (CIFAR 4, STL-10 12, Fashion-MNIST 2); 0 disables the crop.
     config.crop_padding = -1
 
-    # --- Model (SPEC §1) ------------------------------------------------------
+    # --- Model (paper Sec. 5.1, App. A, Table 5) -----------------------------
     # Filters of the first stage: 16 for ResNet, 32 for Wide ResNet.
     config.width = 16
     # Blocks per stage of the first cycle's model.
@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Explicit step size h of the first cycle's model (paper Eq. 2, App. C).
     config.step_size = 1.0
 
-    # --- Multi-level method (SPEC §2, §3) -------------------------------------
+    # --- Multi-level method (paper Sec. 4.1, App. B) ------------------------
     # True: interpolate at every cycle boundary (stage sizes x2, h / 2).
     # False: fixed depth with the same learning-rate restarts (the paper's
     # first-cycle and last-cycle baselines).
@@ -48,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     # (carried through the same copy as the parameters) or 'reset' (zeroed).
     config.momentum_at_interpolation = 'interpolate'
 
-    # --- Schedule and optimiser (SPEC §3, paper Eq. 9) ------------------------
+    # --- Schedule and optimiser (paper Sec. 5.2, Eq. 9) ----------------------
     # Length of the run in epochs (fractions allowed).
     config.num_epochs = 160.0
     # Epochs at which a new cycle starts (interpolation and/or LR restart).

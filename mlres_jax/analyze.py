@@ -1,4 +1,4 @@
-"""Command line: the paper's analyses (SPEC §6) of a run's checkpoints.
+"""Command line: the paper's analyses (Sec. 3.2, 3.3, App. C) of a run's checkpoints.
 
   python -m mlres_jax.analyze norms     --workdir=runs/fashion_mnist
   python -m mlres_jax.analyze gamma     --workdir=runs/a --workdir=runs/b --steps=all
@@ -14,7 +14,8 @@ with `mlres_jax.checkpoint.load_model`; the test split is the one of the
 run's data set, found where the run found it unless ``--fashion_mnist_dir``
 or ``--data_dir`` say otherwise. A user's mistake (no such workdir,
 checkpoint or ``summary.json``, data set missing) ends the command with one
-line on stderr and exit status 2. The work is in `mlres_jax.analysis`.
+line on stderr and exit status 2. The numbers come from
+`mlres_jax.measurements`, the plots from `mlres_jax.figures`.
 """
 
 from __future__ import annotations
@@ -22,40 +23,43 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 from typing import Callable, Sequence
 
 import numpy as np
 from absl import app, flags, logging
 
-from mlres_jax import analysis, files, input_pipeline, models
+from mlres_jax import checkpoint, cli, figures, files, input_pipeline, measurements, models
 
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string(
-    "workdir", None,
-    "Run folder(s) holding checkpoints/ (and summary.json for curves). "
-    "gamma and step-size take several; the others one.")
-flags.DEFINE_string(
-    "steps", "latest",
-    "Which checkpoints of each workdir: 'latest', 'all', or comma-separated "
-    "steps, e.g. '1800,3600'.")
-flags.DEFINE_string("output_dir", None,
-                    "Folder for the PNG, CSV and JSON files; default "
-                    "<first workdir>/analysis.")
-flags.DEFINE_integer("num_examples", 0,
-                     "Use the first N test images; 0 (default) uses all.")
-flags.DEFINE_integer("batch_size", 0,
-                     "Images per forward pass; 0 (default): the run's eval_batch_size.")
-flags.DEFINE_integer("num_shuffles", 3, "lesion: random shuffles per stage.")
-flags.DEFINE_integer("seed", 0, "lesion: seed of the shuffles.")
-flags.DEFINE_string("fashion_mnist_dir", None,
-                    "Folder of the Fashion-MNIST files; default: the run's.")
-flags.DEFINE_string("data_dir", None, "tfds data dir; default: the run's.")
-flags.mark_flag_as_required("workdir")
-flags.register_validator("num_examples", lambda n: n >= 0, "must be >= 0")
-flags.register_validator("batch_size", lambda n: n >= 0, "must be >= 0")
-flags.register_validator("num_shuffles", lambda n: n >= 0, "must be >= 0")
+
+
+def define_flags() -> None:
+    """Defines the analyses' flags (the command is the first argument)."""
+    flags.DEFINE_multi_string(
+        "workdir", None,
+        "Run folder(s) holding checkpoints/ (and summary.json for curves). "
+        "gamma and step-size take several; the others one.")
+    flags.DEFINE_string(
+        "steps", "latest",
+        "Which checkpoints of each workdir: 'latest', 'all', or comma-separated "
+        "steps, e.g. '1800,3600'.")
+    flags.DEFINE_string("output_dir", None,
+                        "Folder for the PNG, CSV and JSON files; default "
+                        "<first workdir>/analysis.")
+    flags.DEFINE_integer("num_examples", 0,
+                         "Use the first N test images; 0 (default) uses all.")
+    flags.DEFINE_integer("batch_size", 0,
+                         "Images per forward pass; 0 (default): the run's eval_batch_size.")
+    flags.DEFINE_integer("num_shuffles", 3, "lesion: random shuffles per stage.")
+    flags.DEFINE_integer("seed", 0, "lesion: seed of the shuffles.")
+    flags.DEFINE_string("fashion_mnist_dir", None,
+                        "Folder of the Fashion-MNIST files; default: the run's.")
+    flags.DEFINE_string("data_dir", None, "tfds data dir; default: the run's.")
+    flags.mark_flag_as_required("workdir")
+    flags.register_validator("num_examples", lambda n: n >= 0, "must be >= 0")
+    flags.register_validator("batch_size", lambda n: n >= 0, "must be >= 0")
+    flags.register_validator("num_shuffles", lambda n: n >= 0, "must be >= 0")
 
 
 class AnalysisInputError(Exception):
@@ -83,7 +87,7 @@ class Loaded:
     step: int
     model: models.ResNet
     variables: dict
-    meta: dict
+    metadata: checkpoint.CheckpointMetadata
     images: np.ndarray
     labels: np.ndarray
     batch_size: int
@@ -100,22 +104,17 @@ class Loaded:
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
-    """Steps of the finished checkpoints in ``<workdir>/checkpoints``, sorted.
-
-    orbax writes a step into a temporary folder and renames it to the step
-    number when complete, so only folders named by a number count.
+    """Steps of the complete checkpoints in ``<workdir>/checkpoints``, sorted.
 
     Raises:
       AnalysisInputError: if the workdir or its checkpoints are missing.
     """
     if not os.path.isdir(workdir):
         raise AnalysisInputError(f"workdir {workdir!r} does not exist")
-    folder = os.path.join(workdir, "checkpoints")
-    steps = sorted(int(name) for name in (os.listdir(folder) if os.path.isdir(folder) else [])
-                   if name.isdigit() and os.path.isdir(os.path.join(folder, name)))
+    steps = checkpoint.list_steps(workdir)
     if not steps:
         raise AnalysisInputError(
-            f"no checkpoint in {folder}: train a run with "
+            f"no checkpoint in {checkpoint.checkpoint_dir(workdir)}: train a run with "
             f"'python -m mlres_jax.main --workdir={workdir} ...' first")
     return steps
 
@@ -156,9 +155,10 @@ class _Loader:
         self._options = options
         self._test_sets = {}
 
-    def _test_set(self, meta: dict) -> tuple[np.ndarray, np.ndarray]:
-        config = meta.get("config", {})
-        name = meta["dataset"]
+    def _test_set(self, metadata: checkpoint.CheckpointMetadata
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        config = metadata.config
+        name = metadata.dataset
         data_dir = self._options.data_dir or config.get("data_dir")
         fashion_mnist_dir = (self._options.fashion_mnist_dir
                              or config.get("fashion_mnist_dir")
@@ -178,13 +178,12 @@ class _Loader:
         return self._test_sets[key]
 
     def load(self, workdir: str, step: int) -> Loaded:
-        from mlres_jax import checkpoint  # pylint: disable=import-outside-toplevel
-        model, variables, meta = checkpoint.load_model(workdir, step)
-        images, labels = self._test_set(meta)
+        model, variables, metadata = checkpoint.load_model(workdir, step)
+        images, labels = self._test_set(metadata)
         batch_size = (self._options.batch_size
-                      or meta.get("config", {}).get("eval_batch_size") or 500)
+                      or metadata.config.get("eval_batch_size") or 500)
         logging.info("Loaded %s: %d test images", workdir, len(images))
-        return Loaded(workdir, int(meta.get("step", step)), model, variables, meta,
+        return Loaded(workdir, metadata.step, model, variables, metadata,
                       images, labels, int(batch_size))
 
 
@@ -212,7 +211,7 @@ def _report(*paths: str) -> None:
 def run_norms(pairs: list[tuple[str, int]], options: Options) -> dict:
     """Fig. 4: per-block ||Y_j|| and ||G(Y_j)|| of one checkpoint."""
     loaded = _Loader(options).load(*_only_one(pairs, "norms"))
-    norms = analysis.block_norms(loaded.model, loaded.variables, loaded.images,
+    norms = measurements.block_norms(loaded.model, loaded.variables, loaded.images,
                                  batch_size=loaded.batch_size)
     ratios = norms.ratio_summary()
     summary = {"workdir": loaded.workdir, "step": loaded.step,
@@ -221,7 +220,7 @@ def run_norms(pairs: list[tuple[str, int]], options: Options) -> dict:
                "G_over_input_first_blocks": ratios["first_blocks"],
                "G_over_input_other_blocks": ratios["other_blocks"]}
     paths = [_path(options, n) for n in ("norms.png", "norms.csv", "norms.json")]
-    files.save_figure(analysis.norms_figure(
+    files.save_figure(figures.norms_figure(
         norms, f"Norms of the residual modules: {loaded.label}"), paths[0])
     files.write_csv(paths[1], norms.records())
     files.write_json(paths[2], summary)
@@ -239,7 +238,7 @@ def run_gamma(pairs: list[tuple[str, int]], options: Options) -> list[dict]:
     records = []
     for workdir, step in pairs:
         loaded = loader.load(workdir, step)
-        norms = analysis.block_norms(loaded.model, loaded.variables, loaded.images,
+        norms = measurements.block_norms(loaded.model, loaded.variables, loaded.images,
                                      batch_size=loaded.batch_size)
         records.append({
             "label": os.path.basename(os.path.normpath(workdir)), "workdir": workdir,
@@ -249,7 +248,7 @@ def run_gamma(pairs: list[tuple[str, int]], options: Options) -> list[dict]:
             "num_examples": norms.num_examples})
         print(f"{loaded.label}: d = {norms.num_blocks}, gamma = {norms.gamma:.4f}")
     paths = [_path(options, "gamma.png"), _path(options, "gamma.csv")]
-    files.save_figure(analysis.gamma_figure(records), paths[0])
+    files.save_figure(figures.gamma_figure(records), paths[0])
     files.write_csv(paths[1], records)
     _report(*paths)
     return records
@@ -278,11 +277,11 @@ def run_lesion(pairs: list[tuple[str, int]], options: Options) -> dict:
     """Sec. 3.3: test error with each block removed, and with shuffled stages."""
     loaded = _Loader(options).load(*_only_one(pairs, "lesion"))
     common = dict(batch_size=loaded.batch_size)
-    baseline = analysis.error_rate(loaded.model, loaded.variables, loaded.images,
+    baseline = measurements.error_rate(loaded.model, loaded.variables, loaded.images,
                                    loaded.labels, **common)
-    removals = analysis.removal_errors(loaded.model, loaded.variables, loaded.images,
+    removals = measurements.removal_errors(loaded.model, loaded.variables, loaded.images,
                                        loaded.labels, **common)
-    shuffles = analysis.shuffle_errors(
+    shuffles = measurements.shuffle_errors(
         loaded.model, loaded.variables, loaded.images, loaded.labels,
         num_shuffles=options.num_shuffles, seed=options.seed, **common)
     summary = dict(_lesion_summary(baseline, removals, shuffles),
@@ -291,7 +290,7 @@ def run_lesion(pairs: list[tuple[str, int]], options: Options) -> dict:
                    num_examples=len(loaded.images))
     paths = [_path(options, n) for n in
              ("lesion.png", "lesion_removals.csv", "lesion_shuffles.csv", "lesion.json")]
-    files.save_figure(analysis.lesion_figure(
+    files.save_figure(figures.lesion_figure(
         removals, shuffles, baseline, f"Removing one block: {loaded.label}"), paths[0])
     files.write_csv(paths[1], removals)
     files.write_csv(paths[2], shuffles)
@@ -317,14 +316,14 @@ def run_step_size(pairs: list[tuple[str, int]], options: Options) -> list[dict]:
     curves, rows = [], []
     for workdir, step in pairs:
         loaded = loader.load(workdir, step)
-        norms = analysis.block_norms(loaded.model, loaded.variables, loaded.images,
+        norms = measurements.block_norms(loaded.model, loaded.variables, loaded.images,
                                      batch_size=loaded.batch_size)
         curves.append((loaded.label, norms))
         rows += [dict(workdir=workdir, step=loaded.step, **row) for row in norms.records()]
         print(f"{loaded.label}: T = d·h = {norms.num_blocks * norms.step_size:g}, "
               f"mean ||F(Y_j)|| = {np.mean(norms.F_norm):.4f}")
     paths = [_path(options, "step_size.png"), _path(options, "step_size.csv")]
-    files.save_figure(analysis.F_against_time_figure(curves), paths[0])
+    files.save_figure(figures.F_against_time_figure(curves), paths[0])
     files.write_csv(paths[1], rows)
     _report(*paths)
     return rows
@@ -350,7 +349,7 @@ def run_curves(workdirs: Sequence[str], options: Options) -> list[dict]:
     if not history:
         raise AnalysisInputError(f"{path} has no evaluations in 'history'")
     paths = [_path(options, "training_curves.png"), _path(options, "training_curves.csv")]
-    analysis.plot_training_curves(history, boundaries, paths[0])
+    figures.plot_training_curves(history, boundaries, paths[0])
     files.write_csv(paths[1], history)
     last = history[-1]
     print(f"{len(history)} evaluations; last at epoch {last['epoch']:g}: train error "
@@ -370,13 +369,11 @@ def main(argv):
         raise app.UsageError(
             f"give one command of {', '.join([*COMMANDS, 'curves'])}; got {argv[1:]}")
     command = argv[1]
-    logging.set_verbosity(logging.WARNING)
     options = Options(
         output_dir=FLAGS.output_dir or os.path.join(FLAGS.workdir[0], "analysis"),
         num_examples=FLAGS.num_examples, batch_size=FLAGS.batch_size,
         num_shuffles=FLAGS.num_shuffles, seed=FLAGS.seed,
         fashion_mnist_dir=FLAGS.fashion_mnist_dir, data_dir=FLAGS.data_dir)
-    from mlres_jax import checkpoint  # pylint: disable=import-outside-toplevel
     start = time.perf_counter()
     try:
         if command == "curves":
@@ -385,10 +382,9 @@ def main(argv):
             COMMANDS[command](resolve_checkpoints(FLAGS.workdir, FLAGS.steps), options)
     except (AnalysisInputError, checkpoint.CheckpointError,
             input_pipeline.DataSetUnavailableError, OSError) as error:
-        sys.stderr.write(f"error: {error}\n")
-        sys.exit(2)
+        cli.fail(str(error))
     print(f"{command} took {time.perf_counter() - start:.1f} s")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_command(main, define_flags, verbosity=logging.WARNING)

@@ -3,11 +3,11 @@
 Each checkpoint is one orbax step folder ``<workdir>/checkpoints/<step>`` with
 two items: ``state``, the whole train state (parameters, batch-norm
 statistics, optimizer state, step, running metric sums), and ``meta``, a JSON
-document that says how to rebuild the network of that depth (stage sizes,
-step size h, width, classes, image shape), which cycle it belongs to, the
-run's config and the history so far. Restoring reads ``meta`` first, builds
-the abstract state of that depth and restores into it (the pattern of
-STYLE.md's init2winit note).
+document (`CheckpointMetadata`) that says how to rebuild the network of that
+depth (stage sizes, step size h, width, classes, image shape), which cycle it
+belongs to, the run's config and the history so far. Restoring reads ``meta``
+first, builds the abstract state of that depth and restores into it, as
+init2winit's checkpoints do for trees whose shape changes.
 
 orbax writes each step into a temporary folder and renames it when complete,
 so a save killed half-way never replaces a good checkpoint; a checkpoint that
@@ -17,6 +17,7 @@ one, with a warning.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from typing import Any, Callable
@@ -29,7 +30,14 @@ from absl import logging
 from mlres_jax import models
 
 CHECKPOINT_FOLDER = "checkpoints"
-META_FORMAT = 1
+# Version of `CheckpointMetadata`'s JSON; a checkpoint of another version is
+# refused with a message rather than misread.
+METADATA_FORMAT = 2
+
+# What a checkpoint holds: the whole train state of a run, or only a model's
+# variables (written by `save_model`, e.g. by ``mlres_jax.grow``).
+TRAIN_STATE = "train_state"
+MODEL = "model"
 
 # Config fields a resumed run may change: they do not change the model, the
 # data order, the optimisation or the schedule.
@@ -46,6 +54,87 @@ class CheckpointError(Exception):
 
 class ConfigMismatchError(CheckpointError):
     """The run's config differs from the checkpoint's in a field that matters."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointMetadata:
+    """What a checkpoint says about itself, stored as JSON beside the state.
+
+    The one description of a checkpoint: training writes it, and resuming,
+    ``mlres_jax.grow`` and ``mlres_jax.analyze`` read it.
+
+    Attributes:
+      step: global step (0-based count of steps taken) of the checkpoint.
+      dataset: the data set's name (``input_pipeline.DATASETS``).
+      width: filters of the first stage.
+      num_classes: outputs of the network's head.
+      image_shape: (H, W, C) of the images the network takes.
+      stage_sizes: blocks per stage of the saved network.
+      step_size: its step size h (paper Eq. 2).
+      cycle: 1-based cycle the checkpoint belongs to.
+      epoch: ``step / steps_per_epoch`` (a float; None where unknown).
+      config: the run's resolved config as a dict.
+      history: the evaluation records so far (as in ``summary.json``).
+      cycle_records: the records of the cycles finished so far.
+      stopwatch: `stopwatch.Stopwatch` readings of the current cycle, s.
+      kind: `TRAIN_STATE` (a run's whole train state) or `MODEL` (variables
+        only, as written by `save_model`).
+      grown_from: for a `MODEL` written by ``mlres_jax.grow``: the
+        ``workdir``, ``step`` and ``rule`` it was interpolated from.
+    """
+
+    step: int
+    dataset: str
+    width: int
+    num_classes: int
+    image_shape: tuple[int, ...]
+    stage_sizes: tuple[int, ...]
+    step_size: float
+    cycle: int
+    epoch: float | None
+    config: dict
+    history: list = dataclasses.field(default_factory=list)
+    cycle_records: list = dataclasses.field(default_factory=list)
+    stopwatch: dict = dataclasses.field(default_factory=dict)
+    kind: str = TRAIN_STATE
+    grown_from: dict | None = None
+
+    def model(self) -> models.ResNet:
+        """The network this checkpoint holds the variables of."""
+        return models.ResNet(stage_sizes=tuple(self.stage_sizes), width=self.width,
+                             num_classes=self.num_classes, step_size=self.step_size)
+
+    def to_json(self) -> dict:
+        """A JSON-serialisable dict, with the format version."""
+        return dict(dataclasses.asdict(self), format=METADATA_FORMAT,
+                    image_shape=list(self.image_shape),
+                    stage_sizes=list(self.stage_sizes))
+
+    @classmethod
+    def from_json(cls, data: dict, where: str = "") -> "CheckpointMetadata":
+        """Reads `to_json`'s output.
+
+        Raises:
+          CheckpointError: for another format version or missing fields,
+            naming ``where`` (e.g. the checkpoint's folder).
+        """
+        data = dict(data)
+        version = data.pop("format", None)
+        if version != METADATA_FORMAT:
+            raise CheckpointError(
+                f"the checkpoint {where} has metadata format {version!r}, but "
+                f"this version of mlres_jax reads format {METADATA_FORMAT}; use "
+                "the mlres_jax version that wrote it, or start a new run")
+        fields = dataclasses.fields(cls)
+        names = {field.name for field in fields}
+        missing = sorted(field.name for field in fields if field.name not in data
+                         and field.default is dataclasses.MISSING
+                         and field.default_factory is dataclasses.MISSING)
+        if missing:
+            raise CheckpointError(f"the checkpoint metadata {where} lacks {missing}")
+        known = {k: v for k, v in data.items() if k in names}
+        return cls(**dict(known, image_shape=tuple(known["image_shape"]),
+                          stage_sizes=tuple(known["stage_sizes"])))
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
@@ -72,18 +161,15 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 
 
 def checkpoint_dir(workdir: str) -> str:
+    """``<workdir>/checkpoints``, absolute."""
     return os.path.join(os.path.abspath(workdir), CHECKPOINT_FOLDER)
-
-
-def model_from_meta(meta: dict) -> models.ResNet:
-    """The network a checkpoint's ``meta`` describes."""
-    return models.ResNet(stage_sizes=tuple(meta["stage_sizes"]),
-                         width=meta["width"], num_classes=meta["num_classes"],
-                         step_size=meta["step_size"])
 
 
 class Checkpointer:
     """Saves and restores the train state of one workdir.
+
+    Use it as a context manager (``with Checkpointer(workdir) as c:``) or
+    call `close`.
 
     Args:
       workdir: the run's folder; checkpoints go to ``workdir/checkpoints``.
@@ -101,21 +187,28 @@ class Checkpointer:
                 enable_async_checkpointing=False),
             item_names=("state", "meta"))
 
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def all_steps(self) -> list[int]:
+        """Steps of the complete checkpoints, ascending."""
         return sorted(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, meta: dict) -> None:
-        """Writes ``state`` and ``meta`` as checkpoint ``step``, atomically.
+    def save(self, state: Any, metadata: CheckpointMetadata) -> None:
+        """Writes ``state`` and ``metadata`` as checkpoint ``metadata.step``, atomically.
 
         Raises:
           CheckpointError: if the write fails (disk full, permissions); the
             earlier checkpoints stay as they were.
         """
+        step = metadata.step
         try:
             self._manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                meta=ocp.args.JsonSave(dict(meta, format=META_FORMAT, step=step))),
-                force=True)
+                meta=ocp.args.JsonSave(metadata.to_json())), force=True)
             self._manager.wait_until_finished()
         except Exception as error:  # orbax raises many types for I/O errors.
             kept = [s for s in self.all_steps() if s != step]
@@ -124,23 +217,31 @@ class Checkpointer:
                 f"failed: {error}. Earlier checkpoints are kept: steps {kept}"
             ) from error
 
-    def read_meta(self, step: int) -> dict:
+    def read_metadata(self, step: int) -> CheckpointMetadata:
+        """The metadata of checkpoint ``step``.
+
+        Raises:
+          CheckpointError: for metadata of another format version.
+          Exception: orbax's, if the JSON cannot be read.
+        """
         restored = self._manager.restore(
             step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return dict(restored["meta"])
+        return CheckpointMetadata.from_json(
+            restored["meta"], os.path.join(self.directory, str(step)))
 
     def restore_latest(
-        self, abstract_state_fn: Callable[[dict], Any]
-    ) -> tuple[Any, dict] | None:
+        self, abstract_state_fn: Callable[[CheckpointMetadata], Any]
+    ) -> tuple[Any, CheckpointMetadata] | None:
         """Restores the newest readable checkpoint.
 
         Args:
-          abstract_state_fn: maps a checkpoint's ``meta`` to the abstract
+          abstract_state_fn: maps a checkpoint's metadata to the abstract
             state (``jax.eval_shape`` of a fresh state) of that depth.
 
         Returns:
-          ``(state, meta)``, or None if there is no checkpoint. A checkpoint
-          that cannot be read is skipped, with a warning, for the one before.
+          ``(state, metadata)``, or None if there is no checkpoint. A
+          checkpoint that cannot be read is skipped, with a warning, for the
+          one before.
 
         Raises:
           CheckpointError: if checkpoints exist but none can be read.
@@ -149,8 +250,8 @@ class Checkpointer:
         failures = []
         for step in reversed(steps):
             try:
-                meta = self.read_meta(step)
-                target = abstract_state_fn(meta)
+                metadata = self.read_metadata(step)
+                target = abstract_state_fn(metadata)
                 restored = self._manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(target)))
                 state = restored["state"]
@@ -165,7 +266,7 @@ class Checkpointer:
             if failures:
                 logging.warning("Restored the checkpoint of step %d instead", step)
                 self._set_aside_steps_after(step)
-            return state, meta
+            return state, metadata
         if failures:
             raise CheckpointError(
                 f"no readable checkpoint in {self.directory}: " + "; ".join(failures))
@@ -188,11 +289,14 @@ class Checkpointer:
             logging.warning("Moved the unreadable checkpoint of step %d to %s", bad, target)
         self._manager.reload()
 
-    def restore_raw(self, step: int | None = None) -> tuple[dict, dict]:
-        """Restores a checkpoint as plain nested dicts, without a target.
+    def restore_variables(self, step: int | None = None) -> tuple[dict, CheckpointMetadata]:
+        """Restores the model variables of a checkpoint, without a target.
+
+        Args:
+          step: which checkpoint; the latest if None.
 
         Returns:
-          ``(state_tree, meta)``.
+          ``({"params", "batch_stats"} as numpy arrays, metadata)``.
 
         Raises:
           CheckpointError: if there is no such checkpoint or it is unreadable.
@@ -205,17 +309,29 @@ class Checkpointer:
             raise CheckpointError(
                 f"no checkpoint of step {step} in {self.directory}; steps: {steps}")
         try:
-            meta = self.read_meta(step)
+            metadata = self.read_metadata(step)
             restored = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore()))
+        except CheckpointError:
+            raise
         except Exception as error:
             raise CheckpointError(
                 f"checkpoint of step {step} in {self.directory} is unreadable: "
                 f"{error}") from error
-        return restored["state"], meta
+        tree = restored["state"]
+        return {"params": tree["params"], "batch_stats": tree["batch_stats"]}, metadata
 
     def close(self) -> None:
+        """Releases orbax's resources (thread pools)."""
         self._manager.close()
+
+
+def list_steps(workdir: str) -> list[int]:
+    """Steps of the complete checkpoints in ``<workdir>/checkpoints``; [] if none."""
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        return []
+    with Checkpointer(workdir, create=False) as checkpointer:
+        return checkpointer.all_steps()
 
 
 def load_model(workdir: str, step: int | None = None):
@@ -226,36 +342,34 @@ def load_model(workdir: str, step: int | None = None):
       step: which checkpoint; the latest if None.
 
     Returns:
-      ``(model, variables, meta)``: a `models.ResNet` of the checkpoint's
+      ``(model, variables, metadata)``: a `models.ResNet` of the checkpoint's
       depth and step size h, ``{"params", "batch_stats"}`` as jax arrays, and
-      the checkpoint's metadata (``stage_sizes``, ``step_size``, ``width``,
-      ``dataset``, ``cycle``, ``step``, ``config``, ...).
+      the checkpoint's `CheckpointMetadata`.
 
     Raises:
       CheckpointError: if there is no readable checkpoint.
     """
     if not os.path.isdir(checkpoint_dir(workdir)):
         raise CheckpointError(f"no checkpoints in {checkpoint_dir(workdir)}")
-    checkpointer = Checkpointer(workdir, create=False)
-    try:
-        tree, meta = checkpointer.restore_raw(step)
-    finally:
-        checkpointer.close()
-    variables = jax.tree_util.tree_map(
-        jax.numpy.asarray, {"params": tree["params"], "batch_stats": tree["batch_stats"]})
-    return model_from_meta(meta), variables, meta
+    with Checkpointer(workdir, create=False) as checkpointer:
+        variables, metadata = checkpointer.restore_variables(step)
+    return (metadata.model(), jax.tree_util.tree_map(jax.numpy.asarray, variables),
+            metadata)
 
 
-def save_model(workdir: str, variables: dict, meta: dict, step: int = 0) -> None:
-    """Writes a model-only checkpoint that `load_model` reads.
+def save_model(workdir: str, variables: dict, metadata: CheckpointMetadata) -> None:
+    """Writes a model-only checkpoint (kind `MODEL`) that `load_model` reads.
 
     Used by the offline interpolation command (``mlres_jax.grow``).
+
+    Args:
+      workdir: folder to write ``checkpoints/<metadata.step>`` into.
+      variables: ``{"params", "batch_stats"}``.
+      metadata: its description; saved with ``kind = MODEL``.
     """
-    checkpointer = Checkpointer(workdir, max_to_keep=1)
-    try:
-        checkpointer.save(step, jax.tree_util.tree_map(np.asarray, variables), meta)
-    finally:
-        checkpointer.close()
+    with Checkpointer(workdir, max_to_keep=1) as checkpointer:
+        checkpointer.save(jax.tree_util.tree_map(np.asarray, variables),
+                          dataclasses.replace(metadata, kind=MODEL))
 
 
 def check_writable(workdir: str) -> None:

@@ -12,13 +12,11 @@ from typing import Any
 
 import ml_collections
 
-from mlres_jax import input_pipeline, multilevel
+from mlres_jax import input_pipeline, multilevel, steps
 
 # Paper Sec. 5.2: mini-batch 100 for CIFAR, 32 for STL-10. Fashion-MNIST is
 # not in the paper; it uses CIFAR's 100.
 PAPER_BATCH_SIZES = {"cifar10": 100, "cifar100": 100, "stl10": 32, "fashion_mnist": 100}
-
-MOMENTUM_AT_INTERPOLATION = ("interpolate", "reset")
 
 
 class ConfigError(ValueError):
@@ -49,7 +47,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Validates ``config`` and returns a copy with derived fields filled in.
 
     Derived: ``batch_size`` (-1 -> the paper's for the data set),
-    ``crop_padding`` (-1 -> SPEC §4's for the data set), ``data_dir``
+    ``crop_padding`` (-1 -> the data set's, paper App. A), ``data_dir``
     ('' -> None).
 
     Args:
@@ -62,12 +60,21 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       ConfigError: naming the first field whose value is not allowed.
     """
     config = ml_collections.ConfigDict(config.to_dict())
-
     if config.dataset not in input_pipeline.DATASETS:
         _fail("dataset", config.dataset,
               f"known data sets are {sorted(input_pipeline.DATASETS)}")
     info = input_pipeline.DATASETS[config.dataset]
+    _check_model(config)
+    _check_multilevel(config)
+    _check_schedule(config)
+    _check_optimizer(config)
+    _resolve_batches_and_padding(config, info)
+    _check_bookkeeping(config)
+    config.data_dir = config.data_dir or None
+    return config
 
+
+def _check_model(config) -> None:
     sizes = config.stage_sizes
     if (not isinstance(sizes, (tuple, list)) or not sizes or any(
             isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes)):
@@ -77,15 +84,20 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _positive_integer(config, "width")
     _positive_number(config, "step_size")
 
+
+def _check_multilevel(config) -> None:
     if not isinstance(config.multilevel, bool):
         _fail("multilevel", config.multilevel, "it must be True or False")
     if config.interpolation_rule not in multilevel.INTERPOLATION_RULES:
         _fail("interpolation_rule", config.interpolation_rule,
               f"known rules are {sorted(multilevel.INTERPOLATION_RULES)}")
-    if config.momentum_at_interpolation not in MOMENTUM_AT_INTERPOLATION:
+    if config.momentum_at_interpolation not in steps.MOMENTUM_AT_INTERPOLATION:
         _fail("momentum_at_interpolation", config.momentum_at_interpolation,
-              f"it must be one of {list(MOMENTUM_AT_INTERPOLATION)}")
+              f"it must be one of {list(steps.MOMENTUM_AT_INTERPOLATION)}")
 
+
+def _check_schedule(config) -> None:
+    """The run's length and cycle boundaries (paper Sec. 5.2)."""
     _positive_number(config, "num_epochs")
     boundaries = config.cycle_boundaries
     if not isinstance(boundaries, (tuple, list)) or any(
@@ -98,14 +110,15 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
               f"epochs must increase strictly inside (0, num_epochs = "
               f"{config.num_epochs})")
     config.cycle_boundaries = tuple(float(b) for b in boundaries)
-    if config.multilevel and config.cycle_boundaries:
-        minimum = min(sizes)
-        if config.interpolation_rule == "paper" and minimum < 2:
-            _fail("stage_sizes", sizes,
-                  "the paper's interpolation rule needs at least 2 blocks in "
-                  "every stage (the block after the first copies the second, "
-                  "paper App. B)")
+    if (config.multilevel and config.cycle_boundaries
+            and config.interpolation_rule == "paper" and min(config.stage_sizes) < 2):
+        _fail("stage_sizes", config.stage_sizes,
+              "the paper's interpolation rule needs at least 2 blocks in "
+              "every stage (the block after the first copies the second, "
+              "paper App. B)")
 
+
+def _check_optimizer(config) -> None:
     _positive_number(config, "learning_rate_max")
     _positive_number(config, "learning_rate_min")
     if config.learning_rate_min > config.learning_rate_max:
@@ -117,6 +130,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 0 <= value < 1):
             _fail(field, value, "it must be a number in [0, 1)")
 
+
+def _resolve_batches_and_padding(config, info: input_pipeline.DataSetInfo) -> None:
     _positive_integer(config, "batch_size", allow_derived=True)
     if config.batch_size == -1:
         config.batch_size = PAPER_BATCH_SIZES[config.dataset]
@@ -125,7 +140,6 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
               f"it must not exceed the {info.num_train} training examples of "
               f"{config.dataset}")
     _positive_integer(config, "eval_batch_size")
-
     padding = config.crop_padding
     if padding == -1:
         config.crop_padding = info.padding
@@ -135,11 +149,11 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
               f"it must be -1 (derive), or an integer in [0, "
               f"{min(info.image_shape[:2])}] pixels")
 
+
+def _check_bookkeeping(config) -> None:
     if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
         _fail("seed", config.seed, "it must be an integer >= 0")
     _positive_number(config, "eval_every_epochs")
     _positive_integer(config, "log_every_steps")
     _positive_integer(config, "checkpoint_every_steps")
     _positive_integer(config, "checkpoints_to_keep")
-    config.data_dir = config.data_dir or None
-    return config

@@ -8,18 +8,17 @@ doubled, h halved; paper Sec. 4.1, App. B) and writes a model checkpoint to
 ``--output`` that `checkpoint.load_model` and the analyses read.
 """
 
-import sys
+import dataclasses
 
 from absl import app, flags, logging
 
-from mlres_jax import checkpoint, models, multilevel
+from mlres_jax import checkpoint, cli, models, multilevel
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    """Defines the command's flags (only when run as a program, so that the
-    module can be imported beside other absl commands)."""
+    """Defines ``--workdir``, ``--output``, ``--step`` and ``--rule``."""
     flags.DEFINE_string("workdir", None, "Run folder holding checkpoints/ to read.")
     flags.DEFINE_string("output", None, "Folder to write the interpolated checkpoint to.")
     flags.DEFINE_integer("step", None, "Checkpoint step to read; the latest if unset.")
@@ -28,49 +27,44 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["workdir", "output"])
 
 
-def grow(workdir: str, output: str, step: int | None = None, rule: str = "paper") -> dict:
+def grow(workdir: str, output: str, step: int | None = None,
+         rule: str = "paper") -> checkpoint.CheckpointMetadata:
     """Interpolates a checkpoint of ``workdir`` into a new one in ``output``.
 
     Returns:
-      The written checkpoint's metadata.
+      The written checkpoint's metadata (kind ``checkpoint.MODEL``, with
+      ``grown_from`` naming the source).
 
     Raises:
       checkpoint.CheckpointError: if the checkpoint cannot be read, or
         ``output`` already holds checkpoints.
       ValueError: if the network cannot be interpolated under ``rule``.
     """
-    model, variables, meta = checkpoint.load_model(workdir, step)
-    try:
-        existing = checkpoint.Checkpointer(output, create=False).all_steps()
-    except Exception:  # no such folder yet
-        existing = []
+    model, variables, metadata = checkpoint.load_model(workdir, step)
+    existing = checkpoint.list_steps(output)
     if existing:
         raise checkpoint.CheckpointError(
             f"{output} already holds checkpoints {existing}; choose an empty folder")
     deeper_model, deeper_variables = multilevel.deepen(model, variables, rule)
-    new_meta = dict(meta, stage_sizes=list(deeper_model.stage_sizes),
-                    step_size=deeper_model.step_size,
-                    grown_from={"workdir": workdir, "step": meta["step"], "rule": rule},
-                    history=[], cycle_records=[])
-    checkpoint.save_model(output, deeper_variables, new_meta, step=meta["step"])
+    grown = dataclasses.replace(
+        metadata, stage_sizes=tuple(deeper_model.stage_sizes),
+        step_size=deeper_model.step_size, history=[], cycle_records=[], stopwatch={},
+        grown_from={"workdir": workdir, "step": metadata.step, "rule": rule})
+    checkpoint.save_model(output, deeper_variables, grown)
     print(f"Interpolated {models.format_stage_sizes(model.stage_sizes)} blocks (h = "
           f"{model.step_size:g}) into {models.format_stage_sizes(deeper_model.stage_sizes)} "
           f"(h = {deeper_model.step_size:g}): {output}", flush=True)
-    return new_meta
-
+    return dataclasses.replace(grown, kind=checkpoint.MODEL)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # orbax logs dozens of INFO lines
     try:
         grow(FLAGS.workdir, FLAGS.output, FLAGS.step, FLAGS.rule)
     except (checkpoint.CheckpointError, ValueError) as error:
-        sys.stderr.write(f"error: {error}\n")
-        sys.exit(2)
+        cli.fail(str(error))
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run_command(main, define_flags, verbosity=logging.WARNING)

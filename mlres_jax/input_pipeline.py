@@ -1,4 +1,4 @@
-"""Data loading, batching and augmentation (SPEC §4, paper App. A).
+"""Data loading, batching and augmentation (paper App. A).
 
 The paper trains on CIFAR-10, CIFAR-100 and STL-10 with zero padding, a random
 crop back to the original size, a random horizontal flip and per-image
@@ -12,7 +12,7 @@ Data sources:
   prepared elsewhere with ``tfds build`` (which does need TensorFlow).
 * ``fashion_mnist``: the gzip-compressed IDX files of the Debian package
   ``dataset-fashion-mnist``, read by :func:`read_idx`. This is the real data
-  set that is available offline (SPEC §4); it is not part of the paper.
+  set that is available offline (see the README); it is not part of the paper.
 
 Whole splits are held in memory as numpy arrays (the largest, CIFAR train, is
 50000 x 32 x 32 x 3 bytes = 153.6 MB). Augmentation is pure JAX so that it runs
@@ -21,8 +21,10 @@ inside the jitted train step on the accelerator.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
+import logging as python_logging
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -44,7 +46,7 @@ class DataSetInfo:
         num_train: number of training examples of the real data set.
         num_test: number of test examples of the real data set.
         padding: zero-padding pixels on each side before the random crop
-            (SPEC §4 / paper App. A: 4 for CIFAR, 12 for STL-10;
+            (paper App. A: 4 for CIFAR, 12 for STL-10;
             Fashion-MNIST is not in the paper, 2 is this project's choice for
             its 28x28 images).
         test_split: tfds split name of the test set.
@@ -59,7 +61,7 @@ class DataSetInfo:
     test_split: str = "test"
 
 
-# SPEC §4 table (paper App. A); Fashion-MNIST counts from its README.
+# Paper App. A (sizes, classes, padding); Fashion-MNIST counts from its README.
 DATASETS: dict[str, DataSetInfo] = {
     "cifar10": DataSetInfo(
         name="cifar10", image_shape=(32, 32, 3), num_classes=10,
@@ -157,6 +159,27 @@ def _tfds_unavailable(name: str, split: str, data_dir: str | None,
         f"--config.data_dir={dir_arg}.")
 
 
+@contextlib.contextmanager
+def _without_tfds_warnings() -> Iterator[None]:
+    """Drops tfds's warnings while a data set is opened.
+
+    Probing a data set that is not prepared makes tfds warn that a "variant
+    folder has no dataset_info.json" before it fails; the error raised then
+    says what is missing and what to do, so the warning is only noise. tfds
+    logs through absl, i.e. the Python logger "absl".
+    """
+    def keep(record: python_logging.LogRecord) -> bool:
+        return (record.levelno >= python_logging.ERROR
+                or "tensorflow_datasets" not in record.pathname)
+
+    logger = python_logging.getLogger("absl")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
 def _tfds_source(name: str, split: str, data_dir: str | None) -> Any:
     """Opens a tfds ArrayRecord data source (lazy; no records are read).
 
@@ -165,8 +188,9 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> Any:
     """
     import tensorflow_datasets as tfds  # Lazy: slow to import.
     try:
-        source = tfds.data_source(
-            name, split=split, data_dir=data_dir, download=False)
+        with _without_tfds_warnings():
+            source = tfds.data_source(
+                name, split=split, data_dir=data_dir, download=False)
         length = len(source)
     except Exception as e:
         # A missing folder gives e.g. NotImplementedError('Random access data
@@ -310,7 +334,7 @@ def _load_fashion_mnist(fashion_mnist_dir: str) -> DataSet:
 
     tfds's own ``fashion_mnist`` builder finds the Debian package's files (as
     ``manual_dir``) but rejects them: Debian recompressed them, so the archive
-    checksums differ from those tfds registers (SPEC §4). Hence this reader.
+    checksums differ from those tfds registers. Hence this reader.
     """
     paths = _check_fashion_mnist(fashion_mnist_dir)
     arrays = {k: read_idx(p) for k, p in paths.items()}
@@ -498,7 +522,7 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int
 
 
 def augment(rng: jax.Array, images: jax.Array, padding: int) -> jax.Array:
-    """Random zero-pad-and-crop and horizontal flip (SPEC §4, paper App. A).
+    """Random zero-pad-and-crop and horizontal flip (paper App. A).
 
     Each image is zero-padded by `padding` pixels on every side, cropped back
     to H x W at an offset drawn uniformly from {0..2*padding}^2 independently
@@ -540,7 +564,7 @@ def standardize(images: jax.Array) -> jax.Array:
     """Per-image standardisation as ``tf.image.per_image_standardization``.
 
     ``(x - mean) / max(std, 1 / sqrt(H * W * C))`` with mean and (population)
-    std over all pixels and channels of each image. SPEC §4 / App. A only say
+    std over all pixels and channels of each image. Paper App. A only says
     "standardisation"; this is TensorFlow's per-image op (the paper used
     TensorFlow). The floor keeps constant images finite (they map to zeros).
 
@@ -574,7 +598,7 @@ def preprocess_for_train(rng: jax.Array, images: jax.Array,
 
 
 def preprocess_for_eval(images: jax.Array) -> jax.Array:
-    """Standardise only (evaluation has no augmentation, SPEC §4).
+    """Standardise only (evaluation has no augmentation, paper App. A).
 
     Args:
         images: uint8 or float [B, H, W, C].

@@ -4,7 +4,7 @@ Everything here is pure: functions of pytrees and numbers, no I/O.
 
 * `interpolate` doubles every stage's blocks (prolongation, paper Sec. 4.1,
   Fig. 5, App. B); `deepen` also returns the next model with h halved.
-* `coarsen` is its inverse (restriction, SPEC §2): it keeps every other
+* `coarsen` is its inverse (restriction, as in multigrid): it keeps every other
   block of each stage; `restrict` also returns the model with h doubled.
 * `plan_cycles` lays out the cycles of a run (paper Table 1, Sec. 5.2) and
   `learning_rate_schedule` builds the cosine learning rate that restarts at
@@ -136,7 +136,7 @@ def _interpolate_network_tree(tree: Mapping, rule: str) -> dict:
 def interpolate(tree, rule: str = "paper"):
     """Interpolates (prolongs) a network to twice the blocks in every stage.
 
-    Paper Sec. 4.1, Fig. 5 and App. B (SPEC §2): every stage of n blocks
+    Paper Sec. 4.1, Fig. 5 and App. B: every stage of n blocks
     becomes a stage of 2n blocks; all stages at once; stem, final norm and
     head unchanged. Under ``rule="paper"`` the new block after each old block is
     its copy, except after the first block, which gets a copy of the second:
@@ -229,7 +229,7 @@ def _coarsen_network_tree(tree: Mapping) -> dict:
 def coarsen(tree):
     """Coarsens (restricts) a network to half the blocks in every stage.
 
-    The inverse of `interpolate` (SPEC §2; multigrid restriction, paper
+    The inverse of `interpolate` (multigrid restriction, paper
     Sec. 4): every stage of 2n blocks keeps its blocks at 0-based positions
     0, 2, 4, ..., 2n - 2 and becomes a stage of n blocks, renumbered
     ``block1..blockn``; stem, final norm and head are unchanged. Under the
@@ -414,7 +414,7 @@ def theoretical_cost_ratio(cycle_lengths: Sequence[float]) -> float:
 
     A cycle's cost is proportional to its length times its depth, and the
     depth halves going back one cycle. For the paper's 60/50/50 epochs:
-    ``(60/4 + 50/2 + 50) / 160 = 0.5625`` (SPEC §3).
+    ``(60/4 + 50/2 + 50) / 160 = 0.5625``.
 
     Args:
       cycle_lengths: length of each cycle (epochs or steps), first to last.

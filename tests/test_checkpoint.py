@@ -12,17 +12,16 @@ import time
 
 import chex
 import jax
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
 
 from configs import default
-from mlres_jax import checkpoint, models, multilevel, train
+from mlres_jax import checkpoint, models, multilevel, steps, stopwatch, train
 from tests import fake_data
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING_FIELDS = {"train_seconds", "eval_seconds", "compile_seconds", "wall_seconds"}
+TIMING_FIELDS = {*stopwatch.ACTIVITIES, "wall_seconds"}
 
 # 64 fake training images, batch 8: 8 steps per epoch; cycles of 1 epoch each.
 OVERRIDES = {
@@ -54,17 +53,17 @@ def _without_timing(tree):
 
 
 def _final(workdir):
-    _, variables, meta = checkpoint.load_model(workdir)
+    _, variables, metadata = checkpoint.load_model(workdir)
     with open(os.path.join(workdir, "summary.json")) as handle:
         summary = json.load(handle)
-    return jax.device_get(variables), meta, summary
+    return jax.device_get(variables), metadata, summary
 
 
 def _assert_same_run(workdir, reference):
-    variables, meta, summary = _final(workdir)
-    ref_variables, ref_meta, ref_summary = reference
+    variables, metadata, summary = _final(workdir)
+    ref_variables, ref_metadata, ref_summary = reference
     chex.assert_trees_all_equal(variables, ref_variables)  # bitwise
-    assert meta["step"] == ref_meta["step"] == 24
+    assert metadata.step == ref_metadata.step == 24
     assert _without_timing(summary["history"]) == _without_timing(ref_summary["history"])
     assert _without_timing(summary["cycles"]) == _without_timing(ref_summary["cycles"])
 
@@ -83,14 +82,29 @@ def test_checkpoints_hold_depth_metadata(data_dir, reference, tmp_path):
     checkpointer = checkpoint.Checkpointer(workdir, create=False)
     # Only the cycle ends: steps 8, 16, 24 at 2-2-2, 4-4-4, 8-8-8.
     assert checkpointer.all_steps() == [8, 16, 24]
-    metas = [checkpointer.read_meta(s) for s in (8, 16, 24)]
-    assert [m["stage_sizes"] for m in metas] == [[2, 2, 2], [4, 4, 4], [8, 8, 8]]
-    assert [m["step_size"] for m in metas] == [1.0, 0.5, 0.25]
-    assert [m["cycle"] for m in metas] == [1, 2, 3]
+    metadata = [checkpointer.read_metadata(s) for s in (8, 16, 24)]
+    assert [m.stage_sizes for m in metadata] == [(2, 2, 2), (4, 4, 4), (8, 8, 8)]
+    assert [m.step_size for m in metadata] == [1.0, 0.5, 0.25]
+    assert [m.cycle for m in metadata] == [1, 2, 3]
     model, variables, _ = checkpoint.load_model(workdir, step=16)
     assert model.stage_sizes == (4, 4, 4) and model.step_size == 0.5
     chex.assert_trees_all_equal_shapes(variables, models.init_variables(
         model, jax.random.PRNGKey(0), (28, 28, 1)))
+
+
+def test_metadata_round_trip_and_other_formats_refused():
+    metadata = checkpoint.CheckpointMetadata(
+        step=5, dataset="cifar10", width=16, num_classes=10, image_shape=(32, 32, 3),
+        stage_sizes=(2, 2, 2), step_size=1.0, cycle=1, epoch=0.1, config={"seed": 0})
+    data = json.loads(json.dumps(metadata.to_json()))  # as orbax stores it
+    assert data["format"] == checkpoint.METADATA_FORMAT
+    assert checkpoint.CheckpointMetadata.from_json(data) == metadata
+    assert metadata.model() == models.ResNet((2, 2, 2), width=16, num_classes=10)
+    with pytest.raises(checkpoint.CheckpointError, match="metadata format 1"):
+        checkpoint.CheckpointMetadata.from_json(dict(data, format=1), "in /x/5")
+    incomplete = {k: v for k, v in data.items() if k not in ("width", "cycle")}
+    with pytest.raises(checkpoint.CheckpointError, match=r"lacks \['cycle', 'width'\]"):
+        checkpoint.CheckpointMetadata.from_json(incomplete)
 
 
 def _launch(data_dir, workdir):
@@ -220,7 +234,7 @@ def test_resume_with_different_model_is_refused(data_dir, reference, tmp_path):
 def test_nonfinite_update_stops_and_keeps_last_good_checkpoint(
         data_dir, tmp_path, monkeypatch):
     poison_at = 7  # 0-based step whose update becomes NaN
-    create_optimizer = train.create_optimizer
+    create_optimizer = steps.create_optimizer
 
     def poisoned(config, schedule):
         def update(updates, state, params=None):
@@ -230,15 +244,15 @@ def test_nonfinite_update_stops_and_keeps_last_good_checkpoint(
             lambda params: jax.numpy.zeros((), jax.numpy.int32), update)
         return optax.chain(create_optimizer(config, schedule), poison)
 
-    monkeypatch.setattr(train, "create_optimizer", poisoned)
+    monkeypatch.setattr(steps, "create_optimizer", poisoned)
     workdir = str(tmp_path)
     with pytest.raises(train.NonFiniteLossError,
                        match=r"non-finite loss or gradient at step 7 \(cycle 1, "
                              r"epoch 0.88\).*last good checkpoint, step 6"):
         train.train_and_evaluate(_config(data_dir), workdir)
     assert checkpoint.Checkpointer(workdir, create=False).all_steps() == [3, 6]
-    _, variables, meta = checkpoint.load_model(workdir)
-    assert meta["step"] == 6
+    _, variables, metadata = checkpoint.load_model(workdir)
+    assert metadata.step == 6
     chex.assert_tree_all_finite(variables)
 
 
@@ -268,8 +282,8 @@ def test_failing_save_keeps_earlier_checkpoints(data_dir, tmp_path, monkeypatch)
     with pytest.raises(checkpoint.CheckpointError,
                        match=r"step 9.*No space left on device.*kept: steps \[3, 6, 8\]"):
         train.train_and_evaluate(_config(data_dir), workdir)
-    model, variables, meta = checkpoint.load_model(workdir)
-    assert meta["step"] == 8 and model.stage_sizes == (2, 2, 2)
+    model, variables, metadata = checkpoint.load_model(workdir)
+    assert metadata.step == 8 and model.stage_sizes == (2, 2, 2)
     chex.assert_tree_all_finite(variables)
 
 
@@ -279,10 +293,10 @@ def test_grow_interpolates_a_saved_checkpoint(data_dir, reference, tmp_path):
     train.train_and_evaluate(_config(data_dir, num_epochs=1.0, cycle_boundaries=()),
                              workdir)
     model, variables, _ = checkpoint.load_model(workdir)
-    meta = grow.grow(workdir, output)
-    grown_model, grown_variables, grown_meta = checkpoint.load_model(output)
+    written = grow.grow(workdir, output)
+    grown_model, grown_variables, grown = checkpoint.load_model(output)
     assert grown_model.stage_sizes == (4, 4, 4) and grown_model.step_size == 0.5
-    assert grown_meta["grown_from"]["step"] == 8 == meta["step"]
+    assert grown.grown_from["step"] == 8 == written.step
     expected_model, expected = multilevel.deepen(model, variables)
     assert expected_model == grown_model
     chex.assert_trees_all_equal(jax.device_get(grown_variables), jax.device_get(expected))

@@ -1,4 +1,4 @@
-"""Tests of coarsening (restriction), the inverse of interpolation (SPEC §2)."""
+"""Tests of coarsening (restriction), the inverse of interpolation (multigrid restriction)."""
 
 import chex
 import jax

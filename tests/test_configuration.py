@@ -31,7 +31,7 @@ def test_paper_configs_resolve_to_paper_settings(name):
     config = configuration.resolve(_config(name))
     assert (config.width, config.stage_sizes, config.multilevel) == (
         width, (blocks,) * 3, multilevel)
-    # SPEC §3: 160 epochs, cycles restart at 60 and 110, eta 0.5 -> 0.001,
+    # Paper Sec. 5.2: 160 epochs, cycles restart at 60 and 110, eta 0.5 -> 0.001,
     # SGD momentum 0.9, weight decay 2e-4, batch 100 on CIFAR.
     assert config.num_epochs == 160
     assert config.cycle_boundaries == (60.0, 110.0)

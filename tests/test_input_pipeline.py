@@ -1,4 +1,4 @@
-"""Tests of mlres_jax.input_pipeline (SPEC §4 data, App. A augmentation)."""
+"""Tests of mlres_jax.input_pipeline (paper App. A: data and augmentation)."""
 
 import gzip
 import io
@@ -169,7 +169,7 @@ def test_unknown_name_lists_known_names():
 
 
 def test_infos_match_spec_table():
-    # SPEC §4 table.
+    # Paper App. A: sizes, classes, padding.
     expected = {
         "cifar10": ((32, 32, 3), 10, 50_000, 10_000, 4),
         "cifar100": ((32, 32, 3), 100, 50_000, 10_000, 4),

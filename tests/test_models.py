@@ -8,7 +8,7 @@ import pytest
 
 from mlres_jax import models
 
-# SPEC §1 / paper Table 5: (width, blocks per stage, CIFAR-10, CIFAR-100).
+# Paper Table 5: (width, blocks per stage, CIFAR-10, CIFAR-100).
 PAPER_PARAMETER_COUNTS = [
     (16, 2, 172_506, 178_356),    # ResNet-14
     (16, 5, 464_154, 470_004),    # ResNet-32

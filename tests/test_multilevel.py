@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from mlres_jax import models, multilevel, train
+from mlres_jax import models, multilevel, steps
 
 
 def _variables(stage_sizes, width=4, image_shape=(8, 8, 3)):
@@ -61,7 +61,7 @@ def test_paper_copy_pattern_in_every_stage_including_batch_stats():
     deeper = multilevel.interpolate(_label_blocks(variables))
     for collection in ("params", "batch_stats"):
         for stage in (1, 2, 3):
-            # SPEC §2: [b1, b2, b3] -> [b1, b2, b2, b2, b3, b3].
+            # Paper App. B: [b1, b2, b3] -> [b1, b2, b2, b2, b3, b3].
             assert _block_labels(deeper[collection], stage) == [1, 2, 2, 2, 3, 3]
 
 
@@ -113,9 +113,9 @@ def test_input_tree_is_left_unchanged():
 @pytest.mark.parametrize("policy", ["interpolate", "reset"])
 def test_momentum_at_interpolation(policy):
     model, variables = _variables((2, 2, 2))
-    tx = train.create_optimizer(
+    tx = steps.create_optimizer(
         _Config(weight_decay=2e-4, momentum=0.9), optax.constant_schedule(0.1))
-    state = train.create_train_state(jax.random.PRNGKey(0), model, tx, (8, 8, 3))
+    state = steps.create_train_state(jax.random.PRNGKey(0), model, tx, (8, 8, 3))
     # Give the momentum known values: one step's trace is the gradient-like
     # tree, here simply labelled by block.
     trace = _label_blocks(state.params)
@@ -123,7 +123,7 @@ def test_momentum_at_interpolation(policy):
                  (optax.TraceState(trace=trace), state.opt_state[1][1]))
     count_before = int(optax.tree_utils.tree_get(opt_state, "count"))
     state = state.replace(opt_state=opt_state)
-    deeper = train.interpolate_train_state(state, "paper", policy)
+    deeper = steps.interpolate_train_state(state, "paper", policy)
     new_trace = deeper.opt_state[1][0].trace
     _, fresh = _variables((4, 4, 4))
     chex.assert_trees_all_equal_shapes(new_trace, fresh["params"])
@@ -207,7 +207,7 @@ def test_theoretical_time_saved_equals_cost_model_for_equal_cycles():
 
 
 def test_paper_unequal_split_cost_ratio():
-    # SPEC §3: (60/4 + 50/2 + 50) / 160.
+    # Paper Sec. 4.2 with the 60/50/50 split of Sec. 5.2: (60/4 + 50/2 + 50) / 160.
     assert multilevel.theoretical_cost_ratio([60, 50, 50]) == pytest.approx(0.5625)
     assert multilevel.cycle_epochs(160, (60, 110)) == [60, 50, 50]
 

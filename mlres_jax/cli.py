@@ -1,0 +1,84 @@
+"""What every command of the project shares: flags, quiet logs, one-line errors.
+
+Each command module (``mlres_jax.main``, ``mlres_jax.grow``,
+``mlres_jax.analyze``, ``benchmarks.compare``, ``benchmarks.throughput``)
+defines its flags in a ``define_flags()`` function that it calls only when
+run as a program, and starts with `run_command`, so that importing a command
+(in a test, or beside another command) defines no flag.
+"""
+
+from __future__ import annotations
+
+import logging as python_logging
+import os
+import re
+import sys
+from typing import Callable, Sequence
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+
+# Libraries whose INFO records only bury the run's own lines: orbax (dozens
+# per checkpoint) and JAX's backend probing ("Unable to initialize backend
+# 'tpu'" on every machine without a TPU). Their warnings still show.
+_CHATTY_LIBRARIES = (f"{os.sep}orbax{os.sep}", f"{os.sep}jax{os.sep}_src{os.sep}")
+
+
+def quiet_library_info(record: python_logging.LogRecord) -> bool:
+    """Logging filter: drops the INFO records of chatty libraries, keeps warnings."""
+    return (record.levelno >= python_logging.WARNING
+            or not any(part in record.pathname for part in _CHATTY_LIBRARIES))
+
+
+def fail(message: str) -> None:
+    """Ends the command with ``error: message`` on stderr and exit status 2."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a one-line error for a bad flag or ``--config.FIELD``.
+
+    A field the config does not have (``--config.batchsize=10``) or a value
+    of the wrong type makes ml_collections raise while the flags are parsed,
+    before the command's main runs; without this the user would get a
+    traceback.
+    """
+    try:
+        return FLAGS(argv)
+    except flags.Error as error:
+        fail(f"{error}\nPass --helpfull to see the flags.")
+    except (AttributeError, KeyError) as error:
+        # ml_collections nests the KeyError's repr in the message: take the
+        # field name and the "Did you mean" suggestion out of it.
+        text = str(error)
+        name = re.search(r"[A-Za-z_]\w*", text)
+        suggestion = re.search(r'Did you mean "(\w+)"', text)
+        fail(f"the config has no field '{name.group(0) if name else text}'"
+             + (f"; did you mean '{suggestion.group(1)}'?" if suggestion else ".")
+             + " The fields and what they mean are in configs/default.py")
+    except (TypeError, ValueError) as error:
+        overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
+        fail(f"a --config override is not valid ({overrides}): {error}")
+    return []  # not reached
+
+
+def run_command(main: Callable[[Sequence[str]], None], define_flags: Callable[[], None],
+                *, verbosity: int = logging.INFO) -> None:
+    """Defines the flags, quiets library logs and runs ``main`` under absl.
+
+    Args:
+      main: the command's ``main(argv)``.
+      define_flags: defines the command's flags.
+      verbosity: absl's logging level for the run (``logging.INFO`` or
+        ``logging.WARNING``).
+    """
+    define_flags()
+
+    def main_with_logging(argv):
+        logging.set_verbosity(verbosity)
+        logging.get_absl_handler().addFilter(quiet_library_info)
+        main(argv)
+
+    app.run(main_with_logging, flags_parser=parse_flags)

@@ -1,0 +1,144 @@
+"""What a run reports: its evaluation records, per-cycle records and summary.
+
+Plain data and text, no plotting (figures are in `mlres_jax.figures`):
+
+* `evaluation_record` and `evaluation_line`: one evaluation of the history;
+* `cycle_record`: one finished cycle;
+* `run_summary`: the content of ``summary.json``;
+* `summary_table`: the end-of-run table printed on stdout.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from mlres_jax import models, multilevel, stopwatch
+
+
+def evaluation_record(*, step: int, steps_per_epoch: int, cycle: multilevel.Cycle,
+                      train: dict, test: dict, learning_rate: float) -> dict:
+    """One record of the history (``summary.json``'s ``history``).
+
+    Args:
+      step: global steps taken when evaluating.
+      steps_per_epoch: to express ``step`` in epochs.
+      cycle: the cycle evaluated in.
+      train: ``{"loss", "error"}`` means over the steps since the previous
+        evaluation (`steps.take_metric_means`).
+      test: ``{"loss", "error"}`` on the test split (`steps.evaluate`).
+      learning_rate: at the last step taken.
+
+    Returns:
+      ``epoch``, ``step``, ``cycle`` (1-based), ``train_loss``,
+      ``train_error``, ``test_loss``, ``test_error`` (fractions) and
+      ``learning_rate``.
+    """
+    return {
+        "epoch": step / steps_per_epoch, "step": step, "cycle": cycle.index + 1,
+        "train_loss": train["loss"], "train_error": train["error"],
+        "test_loss": test["loss"], "test_error": test["error"],
+        "learning_rate": float(learning_rate),
+    }
+
+
+def evaluation_line(record: dict, stage_sizes: Sequence[int]) -> str:
+    """The progress line of one evaluation, e.g. ``epoch 2.00 (cycle 1, 2-2-2): ...``."""
+    return (f"epoch {record['epoch']:.2f} (cycle {record['cycle']}, "
+            f"{models.format_stage_sizes(stage_sizes)}): train loss "
+            f"{record['train_loss']:.4f} error {100 * record['train_error']:.2f}%"
+            f" | test loss {record['test_loss']:.4f} error "
+            f"{100 * record['test_error']:.2f}%")
+
+
+def cycle_record(cycle: multilevel.Cycle, *, num_params: int, steps_per_epoch: int,
+                 seconds: dict, last_evaluation: dict) -> dict:
+    """The record of a finished cycle (``summary.json``'s ``cycles``).
+
+    Args:
+      cycle: the cycle.
+      num_params: trainable parameters of its network.
+      steps_per_epoch: to express its length in epochs.
+      seconds: its `stopwatch.Stopwatch` readings.
+      last_evaluation: the evaluation record at its end.
+    """
+    return {
+        "cycle": cycle.index + 1,
+        "stage_sizes": list(cycle.stage_sizes),
+        "depth": models.depth(cycle.stage_sizes),
+        "step_size": cycle.step_size,
+        "num_params": num_params,
+        "epochs": cycle.num_steps / steps_per_epoch,
+        "steps": cycle.num_steps,
+        **{name: seconds[name] for name in stopwatch.ACTIVITIES},
+        "final_train_loss": last_evaluation["train_loss"],
+        "final_train_error": last_evaluation["train_error"],
+        "test_loss": last_evaluation["test_loss"],
+        "test_error": last_evaluation["test_error"],
+    }
+
+
+def run_summary(*, config: dict, dataset: dict, cycles: Sequence[multilevel.Cycle],
+                cycle_records: list[dict], history: list[dict],
+                wall_seconds: float) -> dict:
+    """The content of ``summary.json``.
+
+    Args:
+      config: the resolved config as a dict.
+      dataset: ``name``, ``train_examples``, ``test_examples``,
+        ``steps_per_epoch``.
+      cycles: the run's plan (`multilevel.plan_cycles`).
+      cycle_records: one `cycle_record` per cycle.
+      history: every `evaluation_record`.
+      wall_seconds: wall time of this invocation (a resumed run counts from
+        its restart).
+
+    Returns:
+      ``config``, ``dataset``, ``cycles``, ``totals`` (steps, the seconds of
+      each activity, wall seconds, final test error and accuracy, parameter
+      counts of the first and last cycle, and the theoretical cost ratio of
+      paper Sec. 4.2) and ``history``.
+    """
+    lengths = [c.num_steps for c in cycles]
+    last = cycle_records[-1]
+    return {
+        "config": config,
+        "dataset": dataset,
+        "cycles": cycle_records,
+        "totals": {
+            "steps": cycles[-1].end_step,
+            **{name: sum(c[name] for c in cycle_records) for name in stopwatch.ACTIVITIES},
+            "wall_seconds": wall_seconds,
+            "final_test_error": last["test_error"],
+            "final_test_accuracy": 1 - last["test_error"],
+            "test_examples": dataset["test_examples"],
+            "num_params_first_cycle": cycle_records[0]["num_params"],
+            "num_params_last_cycle": last["num_params"],
+            "theoretical_cost_ratio": (multilevel.theoretical_cost_ratio(lengths)
+                                       if config["multilevel"] else 1.0),
+        },
+        "history": history,
+    }
+
+
+def summary_table(summary: dict) -> str:
+    """A plain-text table of a run's cycles and totals, for stdout."""
+    header = (f"{'cycle':>5} {'blocks':>10} {'h':>7} {'params':>10} {'epochs':>7} "
+              f"{'steps':>7} {'compile s':>9} {'train s':>8} {'eval s':>7} "
+              f"{'train loss':>10} {'test error':>10}")
+    lines = [header, "-" * len(header)]
+    for c in summary["cycles"]:
+        lines.append(
+            f"{c['cycle']:>5} {models.format_stage_sizes(c['stage_sizes']):>10} "
+            f"{c['step_size']:>7.4g} {c['num_params']:>10,} {c['epochs']:>7.4g} "
+            f"{c['steps']:>7} {c['compile_seconds']:>9.1f} "
+            f"{c['train_seconds']:>8.1f} {c['eval_seconds']:>7.1f} "
+            f"{c['final_train_loss']:>10.4f} {100 * c['test_error']:>9.2f}%")
+    t = summary["totals"]
+    lines.append("-" * len(header))
+    lines.append(
+        f"total: {t['steps']} steps, train {t['train_seconds']:.1f} s "
+        f"(compile {t['compile_seconds']:.1f} s), eval {t['eval_seconds']:.1f} s, "
+        f"checkpoints {t['checkpoint_seconds']:.1f} s, wall {t['wall_seconds']:.1f} s; "
+        f"final test error {100 * t['final_test_error']:.2f}% "
+        f"({t['test_examples']} examples)")
+    return "\n".join(lines)

@@ -1,0 +1,351 @@
+"""The train state and the jitted train and eval steps, for any depth.
+
+Pure JAX: no files, no logging. `train` drives these functions; the analyses
+and the benchmarks build and compile the same steps through the same builders
+(`make_train_step`, `make_eval_step`, `compile_steps`), so what they measure
+is what training runs.
+
+* `TrainState` holds everything that changes during training;
+  `create_train_state` makes a fresh one and `interpolate_train_state` carries
+  one into the next, deeper network (paper Sec. 4.1).
+* `train_step` is one SGD step on a mini-batch gathered from the training set
+  on the device and augmented there (paper App. A); `eval_step` sums loss and
+  errors over a padded batch; `evaluate` runs it over a whole split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mlres_jax import input_pipeline, models, multilevel
+
+# The running train metrics are summed over two windows: since the last
+# logged point ("log", every `log_every_steps`) and since the last
+# evaluation ("eval"). Both live in the train state, so a resumed run
+# reports the same numbers as one that never stopped.
+METRIC_WINDOWS = ("log", "eval")
+METRIC_NAMES = ("loss", "accuracy", "count")
+
+MOMENTUM_AT_INTERPOLATION = ("interpolate", "reset")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training.
+
+    Attributes:
+      step: int32[] global step (0-based count of steps taken).
+      params: trainable parameters (``models.ResNet`` names).
+      batch_stats: batch-norm running statistics, same names.
+      opt_state: optax state; its momentum mirrors ``params``.
+      metric_sums: per window of `METRIC_WINDOWS`, float32[] sums of
+        ``loss``, ``accuracy`` and ``count`` over the steps since the window
+        was last read (`take_metric_means`).
+      nonfinite_step: int32[] the first step whose loss, gradient or update
+        was not finite, or -1. Such a step leaves the state unchanged.
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    metric_sums: dict
+    nonfinite_step: jax.Array
+
+    @property
+    def variables(self) -> dict:
+        """``{"params", "batch_stats"}``, what ``model.apply`` takes."""
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def create_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """SGD with momentum and weight decay (paper Sec. 5.2).
+
+    Weight decay is added to the gradient of every parameter before the
+    momentum (L2 regularisation, as ``torch.optim.SGD(weight_decay=...)``).
+
+    Args:
+      config: with ``momentum`` and ``weight_decay``.
+      schedule: learning rate as a function of the global step.
+    """
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay),
+        optax.sgd(schedule, momentum=config.momentum),
+    )
+
+
+def zero_metric_sums() -> dict:
+    """Zero sums for every window: ``{window: {name: float32[]}}``."""
+    return {window: {name: jnp.zeros((), jnp.float32) for name in METRIC_NAMES}
+            for window in METRIC_WINDOWS}
+
+
+def create_train_state(rng: jax.Array, model: models.ResNet,
+                       optimizer: optax.GradientTransformation,
+                       image_shape: tuple[int, ...]) -> TrainState:
+    """A fresh train state at step 0 for ``model`` and images of ``image_shape`` (H, W, C)."""
+    variables = models.init_variables(model, rng, image_shape)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=optimizer.init(variables["params"]),
+        metric_sums=zero_metric_sums(),
+        nonfinite_step=jnp.array(-1, jnp.int32),
+    )
+
+
+def interpolate_train_state(state: TrainState, rule: str,
+                            momentum_at_interpolation: str) -> TrainState:
+    """Interpolates a train state to the next depth (paper Sec. 4.1).
+
+    Parameters and batch-norm statistics go through `multilevel.interpolate`.
+    The momentum is, by ``momentum_at_interpolation``, either interpolated
+    the same way (``'interpolate'``: each new block starts with the velocity
+    of the block it copies) or zeroed (``'reset'``). The optimizer's step
+    count is kept, so the global learning-rate schedule goes on; its restart
+    comes from the schedule's cycle boundary.
+
+    Raises:
+      ValueError: for an unknown rule or policy, or a network the rule cannot
+        interpolate (`multilevel.interpolate`).
+    """
+    if momentum_at_interpolation not in MOMENTUM_AT_INTERPOLATION:
+        raise ValueError(f"momentum_at_interpolation must be one of "
+                         f"{list(MOMENTUM_AT_INTERPOLATION)}, got "
+                         f"{momentum_at_interpolation!r}")
+    opt_state = multilevel.interpolate(state.opt_state, rule)
+    if momentum_at_interpolation == "reset":
+        opt_state = multilevel.map_network_trees(
+            lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree), opt_state)
+    return state.replace(
+        params=multilevel.interpolate(state.params, rule),
+        batch_stats=multilevel.interpolate(state.batch_stats, rule),
+        opt_state=opt_state,
+    )
+
+
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example softmax cross entropy: float[B, K], int[B] -> float[B]."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def train_step(state: TrainState, train_images: jax.Array,
+               train_labels: jax.Array, batch_indices: jax.Array,
+               base_rng: jax.Array, *, model: models.ResNet,
+               optimizer: optax.GradientTransformation, crop_padding: int):
+    """One SGD step on the mini-batch ``batch_indices`` of the training set.
+
+    Args:
+      state: the train state.
+      train_images: uint8[N, H, W, C], the whole training set on device.
+      train_labels: int32[N].
+      batch_indices: int32[B], the examples of this step.
+      base_rng: PRNG key of the run; this step's augmentation uses
+        ``fold_in(base_rng, step)``.
+      model, optimizer, crop_padding: bound by `make_train_step`.
+
+    Returns:
+      ``(new_state, metrics)``, metrics float32 scalars ``loss`` (without
+      weight decay) and ``accuracy`` of the mini-batch. If the loss, a
+      gradient or an update is not finite, the returned state is the input
+      state with ``nonfinite_step`` set (if not set already).
+    """
+    rng = jax.random.fold_in(base_rng, state.step)
+    images = input_pipeline.preprocess_for_train(
+        rng, train_images[batch_indices], crop_padding)
+    labels = train_labels[batch_indices]
+
+    def loss_fn(params):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats}, images,
+            train=True, mutable=["batch_stats"])
+        return cross_entropy_loss(logits, labels).mean(), (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state.params)
+    param_updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    metrics = {"loss": loss,
+               "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+    step_sums = dict(metrics, count=1.0)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, param_updates),
+        batch_stats=updates["batch_stats"],
+        opt_state=opt_state,
+        metric_sums={window: jax.tree_util.tree_map(jnp.add, sums, step_sums)
+                     for window, sums in state.metric_sums.items()},
+    )
+    finite = jax.tree_util.tree_reduce(
+        jnp.logical_and,
+        jax.tree_util.tree_map(lambda x: jnp.all(jnp.isfinite(x)),
+                               (loss, grads, param_updates, updates["batch_stats"])))
+    failed = state.replace(nonfinite_step=jnp.where(
+        state.nonfinite_step < 0, state.step, state.nonfinite_step))
+    # A cond, not a tree-wide jnp.where: the select over every buffer makes
+    # XLA's CPU compile several times slower (13 s against 3 s at 4-4-4).
+    new_state = jax.lax.cond(finite, lambda: new_state, lambda: failed)
+    return new_state, metrics
+
+
+def take_metric_means(state: TrainState, window: str) -> tuple[TrainState, dict]:
+    """Reads and resets one window of the running train metrics.
+
+    Args:
+      state: the train state.
+      window: one of `METRIC_WINDOWS`.
+
+    Returns:
+      ``(state with that window zeroed, {"loss", "error"})``: the means over
+      the window's steps as Python floats (``error`` = 1 - accuracy); both
+      NaN if the window has no steps.
+    """
+    sums = jax.device_get(state.metric_sums[window])
+    count = float(sums["count"])
+    means = ({"loss": float(sums["loss"] / count),
+              "error": float(1 - sums["accuracy"] / count)} if count
+             else {"loss": float("nan"), "error": float("nan")})
+    zeros = {name: jnp.zeros((), jnp.float32) for name in METRIC_NAMES}
+    return state.replace(metric_sums=dict(state.metric_sums, **{window: zeros})), means
+
+
+def eval_step(variables, images: jax.Array, labels: jax.Array,
+              mask: jax.Array, *, model: models.ResNet) -> dict:
+    """Sums of loss and errors over the real (``mask``) examples of a batch.
+
+    Args:
+      variables: ``params`` and ``batch_stats``.
+      images: uint8[B, H, W, C]; labels: int32[B]; mask: bool[B].
+      model: bound by `make_eval_step`.
+
+    Returns:
+      float32 scalars ``loss_sum``, ``error_count``, ``count``.
+    """
+    logits = model.apply(variables, input_pipeline.preprocess_for_eval(images),
+                         train=False)
+    wrong = (jnp.argmax(logits, -1) != labels) & mask
+    return {
+        "loss_sum": jnp.sum(jnp.where(mask, cross_entropy_loss(logits, labels), 0.0)),
+        "error_count": jnp.sum(wrong.astype(jnp.float32)),
+        "count": jnp.sum(mask.astype(jnp.float32)),
+    }
+
+
+def evaluate(eval_fn: Callable, variables, images: np.ndarray,
+             labels: np.ndarray, batch_size: int) -> dict[str, float]:
+    """Loss and error over every example of ``images`` (batch norms at running averages).
+
+    The one evaluation loop of the project: training, the lesion analyses
+    and the benchmarks all evaluate through it.
+
+    Args:
+      eval_fn: `eval_step` of the model, jitted (`make_eval_step`) or
+        compiled (`compile_steps`) for batches of ``batch_size``.
+      variables: the model's ``{"params", "batch_stats"}``.
+      images: uint8[N, H, W, C], N >= 1; labels: int[N].
+      batch_size: examples per batch; the last batch is padded and masked.
+
+    Returns:
+      ``loss`` (mean cross entropy), ``error`` (fraction misclassified) and
+      ``count`` (N).
+    """
+    totals = None
+    for batch in input_pipeline.eval_batches(images, labels, batch_size):
+        sums = eval_fn(variables, *batch)
+        totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+    totals = jax.device_get(totals)
+    count = float(totals["count"])
+    return {"loss": float(totals["loss_sum"]) / count,
+            "error": float(totals["error_count"]) / count,
+            "count": int(count)}
+
+
+# ---------------------------------------------------------------------------
+# Builders: the jitted steps of one depth, and their ahead-of-time compilation.
+
+
+def make_train_step(model: models.ResNet, optimizer: optax.GradientTransformation,
+                    crop_padding: int) -> Callable:
+    """`train_step` for ``model``, jitted, donating the train state (argument 0)."""
+    return jax.jit(functools.partial(train_step, model=model, optimizer=optimizer,
+                                     crop_padding=crop_padding),
+                   donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=64)
+def make_eval_step(model: models.ResNet) -> Callable:
+    """`eval_step` for ``model``, jitted; one function per distinct model.
+
+    Equal models (same stage sizes, h, width, lesioned stages) share the
+    function and with it jit's cache of compiled executables.
+    """
+    return jax.jit(functools.partial(eval_step, model=model))
+
+
+def compile_ahead(fn, *args) -> tuple[Callable, float]:
+    """Compiles jitted ``fn`` for ``args`` (arrays or ``jax.ShapeDtypeStruct``).
+
+    Returns:
+      ``(executable, seconds)``: tracing, lowering and XLA compilation, wall
+      clock.
+    """
+    start = time.perf_counter()
+    executable = fn.lower(*args).compile()
+    return executable, time.perf_counter() - start
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledSteps:
+    """The train and eval step of one depth, compiled.
+
+    Attributes:
+      train: ``(state, train_images, train_labels, batch_indices, rng) ->
+        (state, metrics)``; donates the state.
+      evaluate: ``(variables, images, labels, mask) -> sums`` for batches of
+        the eval batch size (see `evaluate`).
+      compile_seconds: wall time of both compilations.
+    """
+
+    train: Callable
+    evaluate: Callable
+    compile_seconds: float
+
+
+def compile_steps(model: models.ResNet, optimizer: optax.GradientTransformation, *,
+                  state, train_images, train_labels, rng, batch_size: int,
+                  eval_batch_size: int, crop_padding: int) -> CompiledSteps:
+    """Compiles the train and eval steps of ``model``'s depth.
+
+    Only shapes matter: ``state``, ``train_images``, ``train_labels`` and
+    ``rng`` may be arrays or ``jax.ShapeDtypeStruct`` trees (e.g.
+    ``jax.eval_shape`` of the interpolated state).
+
+    Args:
+      model, optimizer: the network and SGD of the cycle.
+      state: the cycle's `TrainState` (or its shapes).
+      train_images: uint8[N, H, W, C]; train_labels: int32[N].
+      rng: the augmentation PRNG key.
+      batch_size: examples per train step; eval_batch_size: per eval batch.
+      crop_padding: pixels of zero padding for the random crop.
+    """
+    indices = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+    train, train_seconds = compile_ahead(
+        make_train_step(model, optimizer, crop_padding),
+        state, train_images, train_labels, indices, rng)
+    image_shape = tuple(train_images.shape[1:])
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    evaluate_compiled, eval_seconds = compile_ahead(
+        make_eval_step(model), variables,
+        jax.ShapeDtypeStruct((eval_batch_size, *image_shape), jnp.uint8),
+        jax.ShapeDtypeStruct((eval_batch_size,), jnp.int32),
+        jax.ShapeDtypeStruct((eval_batch_size,), jnp.bool_))
+    return CompiledSteps(train, evaluate_compiled, train_seconds + eval_seconds)

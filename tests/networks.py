@@ -1,0 +1,57 @@
+"""Tiny networks, random variables and images for the tests of the analyses."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mlres_jax import models
+
+IMAGE_SHAPE = (8, 8, 3)
+
+
+def tiny_model(stage_sizes, step_size=1.0, width=2):
+    return models.ResNet(stage_sizes, width=width, num_classes=3, step_size=step_size)
+
+
+def fresh_shapes(model):
+    """The variables' shapes of a fresh ``model``, without compiling anything."""
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE))))
+
+
+@functools.lru_cache(maxsize=None)
+def random_variables(model, seed=0):
+    """Fresh variables with random batch-norm statistics and offsets.
+
+    Cached: the functions under test are pure (test_lesion_leaves_input_unchanged).
+    """
+    variables = models.init_variables(model, jax.random.PRNGKey(seed), IMAGE_SHAPE)
+    leaves, treedef = jax.tree_util.tree_flatten(variables)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    # Positive perturbations keep the variances positive.
+    leaves = [x + 0.1 * jnp.abs(jax.random.normal(k, x.shape)) for x, k in zip(leaves, keys)]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def random_images(n, seed=2):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, *IMAGE_SHAPE), dtype=np.uint8)
+
+
+def zero_residual(variables, stage_index, block_index):
+    """Zeroes block j's last conv kernel: then G(Y_j) = 0 exactly (no bias)."""
+    params = jax.tree_util.tree_map(lambda x: x, variables["params"])  # shallow copy
+    stage = dict(params[models.stage_name(stage_index)])
+    block = dict(stage[models.block_name(block_index)])
+    block["conv2"] = {"kernel": jnp.zeros_like(block["conv2"]["kernel"])}
+    stage[models.block_name(block_index)] = block
+    params = dict(params, **{models.stage_name(stage_index): stage})
+    return dict(variables, params=params)
+
+
+def zero_all_residuals(variables):
+    def zero(path, x):
+        names = [getattr(p, "key", None) for p in path]
+        return jnp.zeros_like(x) if "conv2" in names else x
+    return dict(variables, params=jax.tree_util.tree_map_with_path(zero, variables["params"]))

@@ -1,0 +1,94 @@
+"""Tests of the train state's metric windows (`mlres_jax.steps`) and the stopwatch."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mlres_jax import input_pipeline, models, steps, stopwatch
+
+
+class _Clock:
+    """A clock the test moves by hand (seconds)."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_stopwatch_books_paused_time_to_its_activity():
+    clock = _Clock()
+    watch = stopwatch.Stopwatch(clock=clock)
+    clock.now += 10          # 10 s training
+    with watch.pause(stopwatch.EVAL):
+        clock.now += 3       # 3 s evaluating
+    clock.now += 5           # 5 s training
+    with watch.pause(stopwatch.CHECKPOINT):
+        clock.now += 2       # 2 s saving
+    watch.add_compile_seconds(4.0)  # compiling happened within the training time
+    clock.now += 1
+    assert watch.to_dict() == {stopwatch.TRAIN: 16.0, stopwatch.COMPILE: 4.0,
+                               stopwatch.EVAL: 3.0, stopwatch.CHECKPOINT: 2.0}
+    with pytest.raises(ValueError, match="pauses for"):
+        with watch.pause(stopwatch.TRAIN):
+            pass
+
+
+def test_stopwatch_continues_from_saved_readings():
+    clock = _Clock()
+    saved = {stopwatch.TRAIN: 7.0, stopwatch.EVAL: 1.5}  # an older checkpoint's readings
+    watch = stopwatch.Stopwatch(saved, clock=clock)
+    clock.now += 2
+    readings = watch.to_dict()
+    assert readings[stopwatch.TRAIN] == 9.0 and readings[stopwatch.EVAL] == 1.5
+    assert readings[stopwatch.COMPILE] == 0.0 and readings[stopwatch.CHECKPOINT] == 0.0
+
+
+def _state_and_step():
+    model = models.ResNet((1,), width=2, num_classes=3)
+    optimizer = optax.sgd(0.1)
+    state = steps.create_train_state(jax.random.PRNGKey(0), model, optimizer, (8, 8, 1))
+    step = steps.make_train_step(model, optimizer, crop_padding=0)
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8))
+    labels = jnp.asarray(np.arange(6, dtype=np.int32) % 3)
+    return state, step, images, labels
+
+
+def test_metric_windows_sum_every_step_and_reset_separately():
+    state, step, images, labels = _state_and_step()
+    losses, accuracies = [], []
+    for i in range(3):
+        state, metrics = step(state, images, labels, jnp.arange(2 * (i % 3), 2 * (i % 3) + 2),
+                              jax.random.PRNGKey(1))
+        losses.append(float(metrics["loss"]))
+        accuracies.append(float(metrics["accuracy"]))
+        if i == 1:  # a log point after two steps
+            state, logged = steps.take_metric_means(state, "log")
+            assert logged["loss"] == pytest.approx(np.mean(losses), rel=1e-6)
+            assert logged["error"] == pytest.approx(1 - np.mean(accuracies), abs=1e-6)
+    # The eval window still holds all three steps; the log window only the last.
+    state, evaluated = steps.take_metric_means(state, "eval")
+    assert evaluated["loss"] == pytest.approx(np.mean(losses), rel=1e-6)
+    assert float(state.metric_sums["log"]["count"]) == 1.0
+    chex.assert_trees_all_equal(state.metric_sums["eval"],
+                                {name: jnp.zeros((), jnp.float32) for name in steps.METRIC_NAMES})
+    _, empty = steps.take_metric_means(state, "eval")
+    assert np.isnan(empty["loss"]) and np.isnan(empty["error"])
+
+
+def test_evaluate_counts_each_example_once_with_padded_batches():
+    state, _, images, labels = _state_and_step()
+    model = models.ResNet((1,), width=2, num_classes=3)
+    result = steps.evaluate(steps.make_eval_step(model), state.variables,
+                            np.asarray(images), np.asarray(labels), batch_size=4)
+    logits = model.apply(state.variables, input_pipeline.preprocess_for_eval(images))
+    expected_error = float(np.mean(np.argmax(logits, -1) != np.asarray(labels)))
+    expected_loss = float(np.mean(steps.cross_entropy_loss(logits, labels)))
+    assert result["count"] == 6
+    assert result["error"] == pytest.approx(expected_error)
+    assert result["loss"] == pytest.approx(expected_loss, rel=1e-5)
