@@ -16,8 +16,10 @@ from typing import Any, Sequence
 
 import jax
 
+from mlres_jax import errors
 
-class FlagError(ValueError):
+
+class FlagError(errors.UserError, ValueError):
     """A command-line flag has a value that is not allowed.
 
     Raised before any training or compiling starts; the message names the

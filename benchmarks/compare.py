@@ -58,7 +58,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from benchmarks import common, compare_report
-from mlres_jax import checkpoint, cli, configuration, input_pipeline, models, multilevel, train
+from mlres_jax import cli, configuration, errors, models, multilevel, train
 
 PRESETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
 PRESETS = ("cpu", "paper")
@@ -87,7 +87,7 @@ PAPER_RESULTS = {
 }
 
 
-class CompareError(ValueError):
+class CompareError(errors.UserError, ValueError):
     """The comparison cannot be set up from the given config or flags."""
 
 
@@ -284,8 +284,8 @@ def check_setup(config: ml_collections.ConfigDict, seeds: Sequence[int],
         run folder that is not empty (its checkpoints would make
         `train.train_and_evaluate` resume, and a resumed run's times are not
         those of one run); with ``resume`` a finished run of another config.
-      configuration.ConfigError: bad config.
-      input_pipeline.DataSetUnavailableError: the data set is missing.
+      configuration.ConfigError: bad config, or a cycle without steps.
+      input_pipeline.DataSetError: the data set is missing or damaged.
       OSError: ``output_dir`` cannot be created or written.
     """
     per_seed = {seed: model_configs(config, seed) for seed in seeds}
@@ -307,10 +307,8 @@ def check_setup(config: ml_collections.ConfigDict, seeds: Sequence[int],
                 "do): pass --resume to reuse finished runs and continue "
                 "unfinished ones from their checkpoints, or choose another "
                 "--output_dir")
-    resolved = per_seed[seeds[0]]["multilevel"]
-    input_pipeline.check_available(
-        resolved.dataset, data_dir=resolved.data_dir,
-        fashion_mnist_dir=resolved.fashion_mnist_dir)
+    for name in MODELS:  # data present, and every cycle at least one step long
+        train.check_config(per_seed[seeds[0]][name])
     os.makedirs(output_dir, exist_ok=True)
     if not os.access(output_dir, os.W_OK):
         raise OSError(f"output folder {output_dir!r} is not writable")
@@ -342,7 +340,7 @@ def run_comparison(config: ml_collections.ConfigDict, seeds: Sequence[int],
 
     Raises:
       CompareError, configuration.ConfigError,
-      input_pipeline.DataSetUnavailableError, OSError: before any training.
+      input_pipeline.DataSetError, OSError: before any training.
       checkpoint.CheckpointError: from a run (e.g. a resumed run whose
         checkpoints are of another config).
     """
@@ -433,14 +431,9 @@ def define_flags() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    try:
-        seeds = common.parse_int_list("seeds", FLAGS.seeds, minimum=0, unique=True)
-        report = run_comparison(config_from_flags(), seeds, FLAGS.output_dir,
-                                resume=FLAGS.resume)
-    except (common.FlagError, CompareError, configuration.ConfigError,
-            input_pipeline.DataSetUnavailableError, checkpoint.CheckpointError,
-            OSError) as error:
-        cli.fail(str(error))
+    seeds = common.parse_int_list("seeds", FLAGS.seeds, minimum=0, unique=True)
+    report = run_comparison(config_from_flags(), seeds, FLAGS.output_dir,
+                            resume=FLAGS.resume)
     print(compare_report.report_markdown(report), flush=True)
     print(f"Wrote compare.md, compare.json and compare_curves.png to "
           f"{FLAGS.output_dir}", flush=True)

@@ -549,11 +549,8 @@ def define_flags() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    try:
-        settings = check_flags()
-        os.makedirs(FLAGS.output_dir, exist_ok=True)
-    except (common.FlagError, OSError) as error:
-        cli.fail(str(error))
+    settings = check_flags()
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
     report = run_benchmark(settings)
     files.write_json(os.path.join(FLAGS.output_dir, "throughput.json"), report)
     text = report_markdown(report)

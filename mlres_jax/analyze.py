@@ -29,7 +29,8 @@ from typing import Callable, Sequence
 import numpy as np
 from absl import app, flags, logging
 
-from mlres_jax import checkpoint, cli, figures, files, input_pipeline, measurements, models
+from mlres_jax import (checkpoint, cli, errors, figures, files, input_pipeline,
+                       measurements, models)
 
 FLAGS = flags.FLAGS
 
@@ -62,7 +63,7 @@ def define_flags() -> None:
     flags.register_validator("num_shuffles", lambda n: n >= 0, "must be >= 0")
 
 
-class AnalysisInputError(Exception):
+class AnalysisInputError(errors.UserError):
     """The user asked for something that is not there."""
 
 
@@ -165,11 +166,12 @@ class _Loader:
                              or input_pipeline.DEFAULT_FASHION_MNIST_DIR)
         key = (name, data_dir, fashion_mnist_dir)
         if key not in self._test_sets:
-            try:
-                data = input_pipeline.load(name, data_dir=data_dir,
-                                           fashion_mnist_dir=fashion_mnist_dir)
-            except ValueError as error:  # unknown name or malformed files
-                raise AnalysisInputError(f"cannot read {name}: {error}") from None
+            if name not in input_pipeline.DATASETS:
+                raise AnalysisInputError(
+                    f"the checkpoint's data set {name!r} is not one of "
+                    f"{sorted(input_pipeline.DATASETS)}")
+            data = input_pipeline.load(name, data_dir=data_dir,
+                                       fashion_mnist_dir=fashion_mnist_dir)
             images, labels = data.test_images, data.test_labels
             if self._options.num_examples > 0:
                 images = images[:self._options.num_examples]
@@ -224,10 +226,12 @@ def run_norms(pairs: list[tuple[str, int]], options: Options) -> dict:
         norms, f"Norms of the residual modules: {loaded.label}"), paths[0])
     files.write_csv(paths[1], norms.records())
     files.write_json(paths[2], summary)
+    others = ratios["other_blocks"]
     print(f"{loaded.label}: mean ||G(Y_j)|| / ||Y_j|| is "
           f"{ratios['first_blocks']:.4f} for the first block of each stage and "
-          f"{ratios['other_blocks']:.4f} for the other blocks; "
-          f"gamma = {norms.gamma:.4f}")
+          + (f"{others:.4f} for the other blocks" if others is not None
+             else "there are no other blocks")
+          + f"; gamma = {norms.gamma:.4f}")
     _report(*paths)
     return summary
 
@@ -375,14 +379,10 @@ def main(argv):
         num_shuffles=FLAGS.num_shuffles, seed=FLAGS.seed,
         fashion_mnist_dir=FLAGS.fashion_mnist_dir, data_dir=FLAGS.data_dir)
     start = time.perf_counter()
-    try:
-        if command == "curves":
-            run_curves(FLAGS.workdir, options)
-        else:
-            COMMANDS[command](resolve_checkpoints(FLAGS.workdir, FLAGS.steps), options)
-    except (AnalysisInputError, checkpoint.CheckpointError,
-            input_pipeline.DataSetUnavailableError, OSError) as error:
-        cli.fail(str(error))
+    if command == "curves":
+        run_curves(FLAGS.workdir, options)
+    else:
+        COMMANDS[command](resolve_checkpoints(FLAGS.workdir, FLAGS.steps), options)
     print(f"{command} took {time.perf_counter() - start:.1f} s")
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from typing import Any, Callable
 
 import jax
@@ -27,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from mlres_jax import models
+from mlres_jax import errors, files, models, multilevel
 
 CHECKPOINT_FOLDER = "checkpoints"
 # Version of `CheckpointMetadata`'s JSON; a checkpoint of another version is
@@ -48,12 +47,24 @@ SAFE_TO_CHANGE = frozenset({
 })
 
 
-class CheckpointError(Exception):
+class CheckpointError(errors.UserError):
     """A checkpoint cannot be written, read or used for this run."""
 
 
 class ConfigMismatchError(CheckpointError):
     """The run's config differs from the checkpoint's in a field that matters."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A readable checkpoint holds something other than what the caller expects.
+
+    Another network or tree structure, or a model-only checkpoint where a
+    train state is expected. Not damage: nothing is moved or changed.
+    """
+
+
+class _Unreadable(Exception):
+    """A checkpoint that cannot be read (damage), as opposed to a mismatch."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,10 +116,8 @@ class CheckpointMetadata:
                              num_classes=self.num_classes, step_size=self.step_size)
 
     def to_json(self) -> dict:
-        """A JSON-serialisable dict, with the format version."""
-        return dict(dataclasses.asdict(self), format=METADATA_FORMAT,
-                    image_shape=list(self.image_shape),
-                    stage_sizes=list(self.stage_sizes))
+        """A strictly valid JSON dict (`files.json_compatible`), with the format version."""
+        return files.json_compatible(dict(dataclasses.asdict(self), format=METADATA_FORMAT))
 
     @classmethod
     def from_json(cls, data: dict, where: str = "") -> "CheckpointMetadata":
@@ -165,6 +174,68 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), CHECKPOINT_FOLDER)
 
 
+def tree_shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{"params/stage1/block1/conv1/kernel": (shape, dtype), ...}`` of a tree.
+
+    Works alike on arrays, ``jax.ShapeDtypeStruct`` trees and orbax's stored
+    tree metadata, so that a stored structure can be compared with a target.
+    """
+    shapes = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        parts = []
+        for key in path:
+            for attribute in ("key", "name", "idx"):
+                if hasattr(key, attribute):
+                    parts.append(str(getattr(key, attribute)))
+                    break
+        shapes["/".join(parts)] = (tuple(leaf.shape), str(jax.numpy.dtype(leaf.dtype)))
+    return shapes
+
+
+def describe_tree(shapes: dict) -> str:
+    """A short description of a tree from `tree_shapes`: its network, if it has one."""
+    blocks = {}
+    for path in shapes:
+        parts = path.split("/")
+        if len(parts) > 2 and parts[0] == "params" and multilevel.is_stage_key(parts[1]):
+            blocks.setdefault(int(parts[1][5:]), set()).add(parts[2])
+    if not blocks:
+        return f"a tree of {len(shapes)} arrays"
+    sizes = [len(blocks.get(i, ())) for i in range(1, max(blocks) + 1)]
+    stem = shapes.get("params/stem/kernel")
+    width = f" of width {stem[0][-1]}" if stem else ""
+    return f"a network of {models.format_stage_sizes(sizes)} blocks{width} ({len(shapes)} arrays)"
+
+
+def _differences(stored: dict, expected: dict, limit: int = 4) -> str:
+    lines = []
+    for path in sorted(set(stored) | set(expected)):
+        if stored.get(path) != expected.get(path):
+            lines.append(f"{path}: checkpoint {stored.get(path, 'missing')}, "
+                         f"expected {expected.get(path, 'missing')}")
+    if not lines:
+        return ""
+    more = f"; and {len(lines) - limit} more" if len(lines) > limit else ""
+    return " (" + "; ".join(lines[:limit]) + more + ")"
+
+
+def format_network(metadata: CheckpointMetadata) -> str:
+    """``"4-4-4 blocks, h = 0.5, width 8"``."""
+    return (f"{models.format_stage_sizes(metadata.stage_sizes)} blocks, "
+            f"h = {metadata.step_size:g}, width {metadata.width}")
+
+
+def _model_only_message(directory: str, metadata: CheckpointMetadata) -> str:
+    source = metadata.grown_from
+    origin = (f" written by mlres_jax.grow from {source['workdir']} (step "
+              f"{source['step']}, rule {source['rule']!r})" if source else "")
+    return (f"{directory} holds a model-only checkpoint{origin}: step {metadata.step}, "
+            f"{format_network(metadata)}. It has no optimizer state, history or "
+            "cycle, so a run cannot resume from it. Read it with "
+            "checkpoint.load_model or 'python -m mlres_jax.analyze', and train "
+            "in another --workdir.")
+
+
 class Checkpointer:
     """Saves and restores the train state of one workdir.
 
@@ -185,7 +256,10 @@ class Checkpointer:
                 max_to_keep=max_to_keep, create=create,
                 # Synchronous: the train step donates its state's buffers.
                 enable_async_checkpointing=False),
-            item_names=("state", "meta"))
+            # Handlers named up front, so that a stored tree's structure can
+            # be read (`item_metadata`) before anything is restored.
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()})
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -232,36 +306,37 @@ class Checkpointer:
     def restore_latest(
         self, abstract_state_fn: Callable[[CheckpointMetadata], Any]
     ) -> tuple[Any, CheckpointMetadata] | None:
-        """Restores the newest readable checkpoint.
+        """Restores the newest readable train-state checkpoint.
+
+        A checkpoint is restored only into the structure it was saved with:
+        its stored tree (names, shapes, dtypes) is compared with the target
+        first. A checkpoint that cannot be read at all (damaged, truncated)
+        is skipped, with a warning, for the one before, and set aside in
+        ``<workdir>/unreadable_checkpoints/``; a readable one that holds
+        something else is an error, and nothing is moved.
 
         Args:
           abstract_state_fn: maps a checkpoint's metadata to the abstract
-            state (``jax.eval_shape`` of a fresh state) of that depth.
+            state (``jax.eval_shape`` of a fresh state) of that depth; it may
+            raise `ConfigMismatchError`.
 
         Returns:
-          ``(state, metadata)``, or None if there is no checkpoint. A
-          checkpoint that cannot be read is skipped, with a warning, for the
-          one before.
+          ``(state, metadata)``, or None if there is no checkpoint.
 
         Raises:
-          CheckpointError: if checkpoints exist but none can be read.
+          CheckpointMismatchError: if the newest readable checkpoint holds
+            another structure than ``abstract_state_fn`` gives, or only a
+            model (``kind == MODEL``, e.g. written by ``mlres_jax.grow``).
+          CheckpointError: for metadata of another format version, or if
+            checkpoints exist but none can be read.
         """
-        steps = self.all_steps()
         failures = []
-        for step in reversed(steps):
+        for step in reversed(self.all_steps()):
             try:
-                metadata = self.read_metadata(step)
-                target = abstract_state_fn(metadata)
-                restored = self._manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target)))
-                state = restored["state"]
-                jax.block_until_ready(state)
-            except ConfigMismatchError:
-                raise
-            except Exception as error:  # a damaged checkpoint: try the previous one.
-                message = f"checkpoint of step {step} is unreadable ({type(error).__name__}: {error})"
-                failures.append(message)
-                logging.warning("%s; falling back to the previous checkpoint", message)
+                state, metadata = self._restore_step(step, abstract_state_fn)
+            except _Unreadable as error:
+                failures.append(str(error))
+                logging.warning("%s; falling back to the previous checkpoint", error)
                 continue
             if failures:
                 logging.warning("Restored the checkpoint of step %d instead", step)
@@ -271,6 +346,42 @@ class Checkpointer:
             raise CheckpointError(
                 f"no readable checkpoint in {self.directory}: " + "; ".join(failures))
         return None
+
+    def _restore_step(self, step: int, abstract_state_fn):
+        metadata = self._unless_damaged(step, lambda: self.read_metadata(step))
+        if metadata.kind != TRAIN_STATE:
+            raise CheckpointMismatchError(_model_only_message(self.directory, metadata))
+        target = abstract_state_fn(metadata)
+        stored = self._unless_damaged(
+            step, lambda: tree_shapes(self._manager.item_metadata(step)["state"]))
+        expected = tree_shapes(target)
+        if stored != expected:
+            raise CheckpointMismatchError(
+                f"the checkpoint of step {step} in {self.directory} holds "
+                f"{describe_tree(stored)}, but {describe_tree(expected)} was expected"
+                f"{_differences(stored, expected)}. It is readable and was left "
+                "as it is: restore it into its own structure (its metadata says "
+                f"{format_network(metadata)}), or use another folder.")
+        state = self._unless_damaged(step, lambda: jax.block_until_ready(
+            self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target)))["state"]))
+        return state, metadata
+
+    @staticmethod
+    def _unless_damaged(step: int, read: Callable[[], Any]) -> Any:
+        """``read()``, with any error but a `CheckpointError` reported as damage."""
+        try:
+            result = read()
+        except CheckpointError:
+            raise
+        except Exception as error:  # orbax raises many types for damaged files
+            text = str(error).replace("\n", " ")
+            raise _Unreadable(
+                f"checkpoint of step {step} is unreadable ({type(error).__name__}: "
+                f"{text[:300]}{'...' if len(text) > 300 else ''})") from error
+        if result is None:
+            raise _Unreadable(f"checkpoint of step {step} is unreadable (no tree metadata)")
+        return result
 
     def _set_aside_steps_after(self, step: int) -> None:
         """Moves unreadable checkpoints newer than ``step`` out of the way.
@@ -370,32 +481,3 @@ def save_model(workdir: str, variables: dict, metadata: CheckpointMetadata) -> N
     with Checkpointer(workdir, max_to_keep=1) as checkpointer:
         checkpointer.save(jax.tree_util.tree_map(np.asarray, variables),
                           dataclasses.replace(metadata, kind=MODEL))
-
-
-def check_writable(workdir: str) -> None:
-    """Fails early if ``workdir`` cannot be created and written.
-
-    Raises:
-      OSError: naming the folder and what is wrong.
-    """
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_probe")
-        with open(probe, "wb") as handle:
-            handle.write(b"ok")
-        os.remove(probe)
-    except OSError as error:
-        raise OSError(f"workdir {workdir!r} is not writable: {error}") from None
-
-
-def check_free_space(workdir: str, needed_bytes: int) -> None:
-    """Fails early if ``workdir`` has less than ``needed_bytes`` free.
-
-    Raises:
-      OSError: naming the folder, the free and the needed space.
-    """
-    free = shutil.disk_usage(workdir).free
-    if free < needed_bytes:
-        raise OSError(
-            f"workdir {workdir!r} has {free / 2**20:.1f} MiB free, but the "
-            f"checkpoints of this run need about {needed_bytes / 2**20:.1f} MiB")

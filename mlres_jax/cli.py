@@ -2,9 +2,17 @@
 
 Each command module (``mlres_jax.main``, ``mlres_jax.grow``,
 ``mlres_jax.analyze``, ``benchmarks.compare``, ``benchmarks.throughput``)
-defines its flags in a ``define_flags()`` function that it calls only when
-run as a program, and starts with `run_command`, so that importing a command
-(in a test, or beside another command) defines no flag.
+defines its flags in a ``define_flags()`` function and starts with
+`run_command`, which calls it only when the module runs as a program, so that
+importing a command (in a test, or beside another command) defines no flag.
+
+`run_command` is also the one place where a user's mistake becomes one line
+instead of a traceback, for every command: a flag or ``--config`` field that
+does not parse (`parse_flags`), any `errors.UserError` (config, data set,
+checkpoint, workdir in use, non-finite loss, a stop on SIGINT or SIGTERM),
+an ``OSError`` (disk full, permissions) and Ctrl-C outside the training loop.
+Each gives ``error: <message>`` on stderr and a non-zero exit status: 2, or
+128 + the signal's number for a stop on a signal.
 """
 
 from __future__ import annotations
@@ -12,10 +20,13 @@ from __future__ import annotations
 import logging as python_logging
 import os
 import re
+import signal
 import sys
 from typing import Callable, Sequence
 
 from absl import app, flags, logging
+
+from mlres_jax import errors
 
 FLAGS = flags.FLAGS
 
@@ -31,10 +42,10 @@ def quiet_library_info(record: python_logging.LogRecord) -> bool:
             or not any(part in record.pathname for part in _CHATTY_LIBRARIES))
 
 
-def fail(message: str) -> None:
-    """Ends the command with ``error: message`` on stderr and exit status 2."""
+def fail(message: str, exit_status: int = 2) -> None:
+    """Ends the command with ``error: message`` on stderr and ``exit_status``."""
     sys.stderr.write(f"error: {message}\n")
-    sys.exit(2)
+    sys.exit(exit_status)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -64,9 +75,33 @@ def parse_flags(argv: list[str]) -> list[str]:
     return []  # not reached
 
 
+def with_one_line_errors(main: Callable[[Sequence[str]], None]
+                         ) -> Callable[[Sequence[str]], None]:
+    """``main`` with every user error reported as one line and an exit status.
+
+    `errors.UserError`: its message and ``exit_status`` (2, or 128 + the
+    signal's number for a run stopped by a signal); ``OSError``: its message,
+    status 2; ``KeyboardInterrupt`` (Ctrl-C where no run handles it): status
+    130. Any other exception is a bug and keeps its traceback.
+    """
+    def wrapped(argv):
+        try:
+            main(argv)
+        except errors.UserError as error:
+            fail(str(error), error.exit_status)
+        except OSError as error:
+            fail(str(error))
+        except KeyboardInterrupt:
+            fail("interrupted by Ctrl-C. Every file written so far is complete (result "
+                 "files and checkpoints are written atomically); a training run "
+                 "resumes from its last checkpoint when its command is run again.",
+                 128 + signal.SIGINT)
+    return wrapped
+
+
 def run_command(main: Callable[[Sequence[str]], None], define_flags: Callable[[], None],
                 *, verbosity: int = logging.INFO) -> None:
-    """Defines the flags, quiets library logs and runs ``main`` under absl.
+    """Defines the flags, quiets library logs, runs ``main`` and reports its errors.
 
     Args:
       main: the command's ``main(argv)``.
@@ -75,10 +110,11 @@ def run_command(main: Callable[[Sequence[str]], None], define_flags: Callable[[]
         ``logging.WARNING``).
     """
     define_flags()
+    main_with_errors = with_one_line_errors(main)
 
     def main_with_logging(argv):
         logging.set_verbosity(verbosity)
         logging.get_absl_handler().addFilter(quiet_library_info)
-        main(argv)
+        main_with_errors(argv)
 
     app.run(main_with_logging, flags_parser=parse_flags)

@@ -12,14 +12,14 @@ from typing import Any
 
 import ml_collections
 
-from mlres_jax import input_pipeline, multilevel, steps
+from mlres_jax import errors, input_pipeline, multilevel, steps
 
 # Paper Sec. 5.2: mini-batch 100 for CIFAR, 32 for STL-10. Fashion-MNIST is
 # not in the paper; it uses CIFAR's 100.
 PAPER_BATCH_SIZES = {"cifar10": 100, "cifar100": 100, "stl10": 32, "fashion_mnist": 100}
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
     """A config field has a value that is not allowed."""
 
 
@@ -72,6 +72,39 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_bookkeeping(config)
     config.data_dir = config.data_dir or None
     return config
+
+
+def check_against_data(config: ml_collections.ConfigDict, num_train: int) -> None:
+    """Checks the fields whose validity depends on the training set's size.
+
+    Called with the count from ``input_pipeline.check_available``, before
+    the data is loaded: the batch must fit the training set, and every cycle
+    of the plan must have at least one step once its epochs are rounded to
+    whole steps (``multilevel.plan_cycles``).
+
+    Args:
+      config: a resolved config (`resolve`).
+      num_train: training examples found.
+
+    Raises:
+      ConfigError: naming ``batch_size``, ``cycle_boundaries`` (or
+        ``num_epochs`` for a run of one cycle) with the numbers involved.
+    """
+    steps_per_epoch = num_train // config.batch_size
+    if steps_per_epoch == 0:
+        _fail("batch_size", config.batch_size,
+              f"it must not exceed the {num_train} training examples found for "
+              f"{config.dataset}")
+    try:
+        multilevel.plan_cycles(
+            stage_sizes=config.stage_sizes, step_size=config.step_size,
+            num_epochs=config.num_epochs, cycle_boundaries=config.cycle_boundaries,
+            steps_per_epoch=steps_per_epoch, multilevel=config.multilevel)
+    except ValueError as error:
+        field = "cycle_boundaries" if config.cycle_boundaries else "num_epochs"
+        _fail(field, config[field],
+              f"with {num_train} training examples and batch {config.batch_size} "
+              f"({steps_per_epoch} steps per epoch), {error}")
 
 
 def _check_model(config) -> None:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import tempfile
 from typing import Any, Callable, IO, Mapping, Sequence
+
+import numpy as np
 
 
 def _umask() -> int:
@@ -52,9 +55,40 @@ def write_text(path: str, text: str) -> None:
     write_atomically(path, lambda handle: handle.write(text))
 
 
+def json_compatible(payload: Any) -> Any:
+    """``payload`` with every value strict JSON can hold.
+
+    JSON has no NaN or infinity (Python's ``json`` writes them as ``NaN``,
+    which strict parsers reject): a non-finite float becomes None (``null``,
+    a missing value). numpy scalars and arrays become Python numbers and
+    lists, tuples become lists; mapping keys must be strings already.
+
+    Raises:
+      TypeError: for a value JSON cannot represent (e.g. an object).
+    """
+    if isinstance(payload, Mapping):
+        return {key: json_compatible(value) for key, value in payload.items()}
+    if isinstance(payload, (list, tuple)):
+        return [json_compatible(value) for value in payload]
+    if isinstance(payload, np.ndarray):
+        return json_compatible(payload.tolist())
+    if isinstance(payload, np.generic):
+        payload = payload.item()
+    if isinstance(payload, float) and not math.isfinite(payload):
+        return None
+    if payload is None or isinstance(payload, (str, bool, int, float)):
+        return payload
+    raise TypeError(f"{type(payload).__name__} value {payload!r} cannot be written as JSON")
+
+
 def write_json(path: str, payload: Any) -> None:
-    """Writes ``payload`` as indented JSON to ``path`` atomically."""
-    write_atomically(path, lambda handle: json.dump(payload, handle, indent=2))
+    """Writes ``payload`` as indented, strictly valid JSON to ``path`` atomically.
+
+    Non-finite numbers are written as ``null`` (`json_compatible`); every
+    JSON file the project writes goes through here or `json_compatible`.
+    """
+    text = json.dumps(json_compatible(payload), indent=2, allow_nan=False)
+    write_atomically(path, lambda handle: handle.write(text))
 
 
 def write_csv(path: str, records: Sequence[Mapping[str, Any]]) -> None:

@@ -12,7 +12,7 @@ import dataclasses
 
 from absl import app, flags, logging
 
-from mlres_jax import checkpoint, cli, models, multilevel
+from mlres_jax import checkpoint, cli, errors, models, multilevel, workdir as workdirs
 
 FLAGS = flags.FLAGS
 
@@ -38,32 +38,36 @@ def grow(workdir: str, output: str, step: int | None = None,
     Raises:
       checkpoint.CheckpointError: if the checkpoint cannot be read, or
         ``output`` already holds checkpoints.
-      ValueError: if the network cannot be interpolated under ``rule``.
+      workdir.WorkdirBusyError: if another process writes to ``output``.
+      errors.UserError: if the network cannot be interpolated under ``rule``.
     """
     model, variables, metadata = checkpoint.load_model(workdir, step)
-    existing = checkpoint.list_steps(output)
-    if existing:
-        raise checkpoint.CheckpointError(
-            f"{output} already holds checkpoints {existing}; choose an empty folder")
-    deeper_model, deeper_variables = multilevel.deepen(model, variables, rule)
+    try:
+        deeper_model, deeper_variables = multilevel.deepen(model, variables, rule)
+    except ValueError as error:
+        raise errors.UserError(f"cannot grow the checkpoint of step {metadata.step} in "
+                               f"{workdir}: {error}") from None
     grown = dataclasses.replace(
         metadata, stage_sizes=tuple(deeper_model.stage_sizes),
         step_size=deeper_model.step_size, history=[], cycle_records=[], stopwatch={},
+        kind=checkpoint.MODEL,
         grown_from={"workdir": workdir, "step": metadata.step, "rule": rule})
-    checkpoint.save_model(output, deeper_variables, grown)
+    with workdirs.hold(output):
+        existing = checkpoint.list_steps(output)
+        if existing:
+            raise checkpoint.CheckpointError(
+                f"{output} already holds checkpoints {existing}; choose an empty folder")
+        checkpoint.save_model(output, deeper_variables, grown)
     print(f"Interpolated {models.format_stage_sizes(model.stage_sizes)} blocks (h = "
           f"{model.step_size:g}) into {models.format_stage_sizes(deeper_model.stage_sizes)} "
           f"(h = {deeper_model.step_size:g}): {output}", flush=True)
-    return dataclasses.replace(grown, kind=checkpoint.MODEL)
+    return grown
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    try:
-        grow(FLAGS.workdir, FLAGS.output, FLAGS.step, FLAGS.rule)
-    except (checkpoint.CheckpointError, ValueError) as error:
-        cli.fail(str(error))
+    grow(FLAGS.workdir, FLAGS.output, FLAGS.step, FLAGS.rule)
 
 
 if __name__ == "__main__":

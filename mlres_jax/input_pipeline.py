@@ -26,6 +26,7 @@ import dataclasses
 import gzip
 import logging as python_logging
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -33,6 +34,8 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mlres_jax import errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,11 +97,23 @@ _FASHION_MNIST_FILES = {
 _READ_CHUNK = 1024
 
 
-class DataSetUnavailableError(Exception):
+class DataSetError(errors.UserError):
+    """A data set cannot be used; the message says why and what to do."""
+
+
+class DataSetUnavailableError(DataSetError):
     """The data set's files are not on this machine.
 
     The message names the data set, where it looked, and how to make it
     available.
+    """
+
+
+class DataSetDamagedError(DataSetError, ValueError):
+    """The data set's files are there but cannot be read as the data set.
+
+    Empty, truncated or corrupt files, files of another format, labels out
+    of range. The message names the file and how to get it again.
     """
 
 
@@ -253,6 +268,54 @@ def _read_tfds_split(info: DataSetInfo, split: str,
     return images, labels.astype(np.int32)
 
 
+def _parse_idx_header(raw: bytes, path: str) -> tuple[tuple[int, ...], int]:
+    """The shape and the header length of IDX data ``raw`` (decompressed).
+
+    Raises:
+        ValueError: bad magic number, unsupported type or a truncated header.
+    """
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise ValueError(
+            f"{path}: bad IDX magic number {raw[:4].hex()!r} (expected 0000 "
+            "then type and rank bytes).")
+    type_code, ndim = raw[2], raw[3]
+    if type_code != 0x08:
+        raise ValueError(
+            f"{path}: IDX data type 0x{type_code:02x} is not supported (only "
+            "0x08, unsigned byte).")
+    header_len = 4 + 4 * ndim
+    if len(raw) < header_len:
+        raise ValueError(f"{path}: IDX header truncated ({len(raw)} bytes).")
+    shape = tuple(int(s) for s in
+                  np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    return shape, header_len
+
+
+@contextlib.contextmanager
+def _open_idx(path: str) -> Iterator[Any]:
+    """The IDX file as a binary stream, decompressed if it is gzip (by its magic bytes)."""
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+    try:
+        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as f:
+            yield f
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise ValueError(f"{path}: corrupt gzip data: {e}") from e
+
+
+def read_idx_shape(path: str) -> tuple[int, ...]:
+    """The shape in an IDX file's header, reading only the header.
+
+    Raises:
+        ValueError: as `read_idx`, for the header.
+        OSError: the file cannot be read.
+    """
+    with _open_idx(path) as f:
+        start = f.read(4)
+        rank = start[3] if len(start) == 4 else 0
+        return _parse_idx_header(start + f.read(4 * rank), path)[0]
+
+
 def read_idx(path: str) -> np.ndarray:
     """Reads an IDX file (the MNIST/Fashion-MNIST format), gzip or plain.
 
@@ -268,31 +331,14 @@ def read_idx(path: str) -> np.ndarray:
         uint8 array with the shape given in the header.
 
     Raises:
-        ValueError: bad magic number, unsupported type, or data size that
-            does not match the header (the message names the file).
+        ValueError: bad magic number, unsupported type, corrupt gzip data, or
+            data size that does not match the header (the message names the
+            file).
         OSError: the file cannot be read.
     """
-    with open(path, "rb") as f:
+    with _open_idx(path) as f:
         raw = f.read()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
-            raise ValueError(f"{path}: corrupt gzip data: {e}") from e
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise ValueError(
-            f"{path}: bad IDX magic number {raw[:4].hex()!r} (expected 0000 "
-            "then type and rank bytes).")
-    type_code, ndim = raw[2], raw[3]
-    if type_code != 0x08:
-        raise ValueError(
-            f"{path}: IDX data type 0x{type_code:02x} is not supported (only "
-            "0x08, unsigned byte).")
-    header_len = 4 + 4 * ndim
-    if len(raw) < header_len:
-        raise ValueError(f"{path}: IDX header truncated ({len(raw)} bytes).")
-    shape = tuple(int(s) for s in
-                  np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    shape, header_len = _parse_idx_header(raw, path)
     expected = int(np.prod(shape, dtype=np.int64))
     actual = len(raw) - header_len
     if actual != expected:
@@ -384,29 +430,73 @@ def _validate(ds: DataSet) -> None:
 
 
 def check_available(name: str, *, data_dir: str | None = None,
-                    fashion_mnist_dir: str = DEFAULT_FASHION_MNIST_DIR
-                    ) -> None:
-    """Cheaply checks that `load(name, ...)` will find the data.
+                    fashion_mnist_dir: str = DEFAULT_FASHION_MNIST_DIR) -> int:
+    """Cheaply checks that `load(name, ...)` will find the data; counts it.
 
-    Opens the data sources or looks for the files; reads no records.
+    Opens the data sources, or reads the IDX files' headers; reads no
+    images. A run calls it before anything expensive, so that a missing or
+    damaged data set, or a config that does not fit its size, costs seconds.
 
     Args:
         name: a key of :data:`DATASETS`.
         data_dir: tfds data dir for cifar10/cifar100/stl10 (None: tfds default).
         fashion_mnist_dir: folder with the Fashion-MNIST IDX files.
 
+    Returns:
+        The number of training examples found.
+
     Raises:
         ValueError: unknown name (the message lists the known ones).
         DataSetUnavailableError: the data is not there (the message says how
             to get it).
+        DataSetDamagedError: a file's header cannot be read, or the counts of
+            images and labels differ.
     """
     info = _info(name)
     if name == "fashion_mnist":
-        _check_fashion_mnist(fashion_mnist_dir)
-        return
+        paths = _check_fashion_mnist(fashion_mnist_dir)
+        with _reported_as_damaged(name, fashion_mnist_dir):
+            counts = {key: read_idx_shape(path)[0] for key, path in paths.items()}
+            for split in ("train", "test"):
+                if counts[f"{split}_images"] != counts[f"{split}_labels"]:
+                    raise ValueError(
+                        f"{paths[split + '_images']} holds {counts[split + '_images']} "
+                        f"images but {paths[split + '_labels']} "
+                        f"{counts[split + '_labels']} labels.")
+        return counts["train_images"]
     assert name in _TFDS_DATASETS, name
-    for split in (_TRAIN_SPLIT, info.test_split):
-        _tfds_source(name, split, data_dir)
+    train = _tfds_source(name, _TRAIN_SPLIT, data_dir)
+    _tfds_source(name, info.test_split, data_dir)
+    return len(train)
+
+
+def _how_to_get_again(name: str, where: str) -> str:
+    if name == "fashion_mnist":
+        return ("Install the files again (sudo apt-get install --reinstall "
+                "dataset-fashion-mnist), or download the four files "
+                + ", ".join(_FASHION_MNIST_FILES.values()) + " from "
+                f"https://github.com/zalandoresearch/fashion-mnist into {where}.")
+    return (f"Prepare it again: tfds build {name} --file_format=array_record "
+            f"--data_dir={where} (on a machine with internet access).")
+
+
+@contextlib.contextmanager
+def _reported_as_damaged(name: str, where: str) -> Iterator[None]:
+    """Turns an error reading the data set's files into `DataSetDamagedError`.
+
+    The one place where reading errors of every data set (corrupt gzip, a bad
+    IDX header, a truncated file, a wrong shape, labels out of range, an
+    unreadable file) become a one-line message that names the file and says
+    how to get it again.
+    """
+    try:
+        yield
+    except DataSetError:
+        raise
+    except (ValueError, OSError, EOFError) as error:
+        raise DataSetDamagedError(
+            f"Data set {name!r} in {where} cannot be read: {error} "
+            + _how_to_get_again(name, where)) from error
 
 
 def load(name: str, *, data_dir: str | None = None,
@@ -422,22 +512,25 @@ def load(name: str, *, data_dir: str | None = None,
         DataSet with images uint8[N, H, W, C] and labels int32[N].
 
     Raises:
-        ValueError: unknown name, or data with a wrong image shape or labels
-            outside [0, num_classes).
+        ValueError: unknown name.
         DataSetUnavailableError: the data is not there.
+        DataSetDamagedError: a file cannot be read, or the data has a wrong
+            image shape or labels outside [0, num_classes).
     """
     info = _info(name)
-    if name == "fashion_mnist":
-        ds = _load_fashion_mnist(fashion_mnist_dir)
-    else:
-        train_images, train_labels = _read_tfds_split(
-            info, _TRAIN_SPLIT, data_dir)
-        test_images, test_labels = _read_tfds_split(
-            info, info.test_split, data_dir)
-        ds = DataSet(info=info, train_images=train_images,
-                     train_labels=train_labels, test_images=test_images,
-                     test_labels=test_labels)
-    _validate(ds)
+    where = fashion_mnist_dir if name == "fashion_mnist" else _tfds_dir_description(data_dir)
+    with _reported_as_damaged(name, where):
+        if name == "fashion_mnist":
+            ds = _load_fashion_mnist(fashion_mnist_dir)
+        else:
+            train_images, train_labels = _read_tfds_split(
+                info, _TRAIN_SPLIT, data_dir)
+            test_images, test_labels = _read_tfds_split(
+                info, info.test_split, data_dir)
+            ds = DataSet(info=info, train_images=train_images,
+                         train_labels=train_labels, test_images=test_images,
+                         test_labels=test_labels)
+        _validate(ds)
     return ds
 
 

@@ -5,9 +5,9 @@
       --config.dataset=cifar100
 
 Any config field can be overridden with ``--config.FIELD=VALUE``. This module
-parses flags, reports a user's mistakes as one line, and at the end draws the
-training curves and prints the per-cycle table; the work is in
-`mlres_jax.train`.
+parses flags and at the end draws the training curves and prints the
+per-cycle table; the work is in `mlres_jax.train`, and `mlres_jax.cli` turns
+a user's mistake into one line.
 """
 
 import os
@@ -15,7 +15,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from mlres_jax import checkpoint, cli, configuration, figures, input_pipeline, reporting, train
+from mlres_jax import cli, figures, reporting, train
 
 FLAGS = flags.FLAGS
 CURVES_FILE = "training_curves.png"
@@ -34,15 +34,9 @@ def define_flags() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    try:
-        summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-        figures.plot_training_curves(summary["history"],
-                                     summary["config"]["cycle_boundaries"],
-                                     os.path.join(FLAGS.workdir, CURVES_FILE))
-    except (configuration.ConfigError, input_pipeline.DataSetUnavailableError,
-            checkpoint.CheckpointError, train.NonFiniteLossError,
-            OSError) as error:
-        cli.fail(str(error))
+    summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    figures.plot_training_curves(summary["history"], summary["config"]["cycle_boundaries"],
+                                 os.path.join(FLAGS.workdir, CURVES_FILE))
     print(reporting.summary_table(summary), flush=True)
 
 

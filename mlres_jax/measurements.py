@@ -118,12 +118,13 @@ class BlockNorms:
 
         The paper's Fig. 4 claim (Sec. 3.3): G is small compared with Y except
         at the first block of each stage. The ratio is of the per-block means.
+        ``other_blocks`` is None for a network of one block per stage.
         """
         ratio = self.G_norm / self.input_norm
         first = self.first_in_stage
         return {"first_blocks": float(np.mean(ratio[first])),
                 "other_blocks": (float(np.mean(ratio[~first])) if np.any(~first)
-                                 else float("nan"))}
+                                 else None)}
 
     def records(self) -> list[dict]:
         """One row per block for a CSV: 1-based stage and block numbers."""

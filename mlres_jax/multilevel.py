@@ -359,11 +359,12 @@ def plan_cycles(
     sizes, h = tuple(stage_sizes), float(step_size)
     for index, (start, end) in enumerate(zip(starts, ends)):
         if end <= start:
+            edges = [0.0, *cycle_boundaries, num_epochs]
             raise ValueError(
-                f"cycle {index + 1} would have {end - start} steps (steps "
-                f"{start}..{end}); cycle_boundaries {list(cycle_boundaries)} "
-                f"must increase within (0, {num_epochs}) epochs at "
-                f"{steps_per_epoch} steps per epoch")
+                f"cycle {index + 1} would have {max(0, end - start)} steps: epochs "
+                f"{edges[index]:g} to {edges[index + 1]:g} round to steps {start}.."
+                f"{end} at {steps_per_epoch} steps per epoch, and every cycle needs "
+                f"at least one step")
         cycles.append(Cycle(index, sizes, h, start, end - start))
         if multilevel:
             sizes, h = tuple(2 * n for n in sizes), h / 2

@@ -22,7 +22,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -33,14 +35,26 @@ import optax
 import tqdm
 from absl import logging
 
-from mlres_jax import (checkpoint, configuration, files, input_pipeline, models,
-                       multilevel, reporting, steps, stopwatch)
+from mlres_jax import (checkpoint, configuration, errors, events, files, input_pipeline,
+                       models, multilevel, reporting, steps, stopwatch, workdir as workdirs)
 
 SUMMARY_FILE = "summary.json"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(errors.UserError, RuntimeError):
     """Training produced a non-finite loss, gradient or update."""
+
+
+class Interrupted(errors.UserError):
+    """The run stopped on SIGINT or SIGTERM, after saving a checkpoint.
+
+    Its exit status is the shell's convention for a signal: 128 + the
+    signal's number (130 for SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.exit_status = 128 + signal_number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,61 +134,86 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       The summary written to ``workdir/summary.json``
       (`reporting.run_summary`).
 
+    Every error a user can cause is an `errors.UserError` with a message
+    that says what to do; the cheap ones come before any work.
+
     Raises:
-      configuration.ConfigError: for a field with a value not allowed.
-      input_pipeline.DataSetUnavailableError: if the data set is missing.
+      configuration.ConfigError: for a field with a value not allowed, or a
+        cycle that rounds to zero steps on the data found.
+      input_pipeline.DataSetError: if the data set is missing or damaged.
+      workdir.WorkdirBusyError: if another process is writing to ``workdir``.
       checkpoint.ConfigMismatchError: if the workdir's checkpoints are of a
         run with another model or schedule.
+      checkpoint.CheckpointMismatchError: if its newest readable checkpoint
+        holds another structure, or only a model (a ``mlres_jax.grow`` output).
       checkpoint.CheckpointError: if a checkpoint cannot be written or none
         of the existing ones can be read.
       NonFiniteLossError: if the loss or a gradient stops being finite.
+      Interrupted: on SIGINT or SIGTERM, after saving a checkpoint.
       OSError: if ``workdir`` cannot be written.
     """
     start = time.perf_counter()
-    run = prepare_run(config, workdir)
-    with checkpoint.Checkpointer(workdir, run.config.checkpoints_to_keep) as checkpointer:
-        progress = restore_or_start(run, checkpointer)
-        if progress.step == run.cycles[-1].end_step and os.path.exists(_summary_path(run)):
-            return _finished_summary(run)
-        progress.writer = _open_event_writer(run, progress.step)
-        train_data = (jax.device_put(run.data.train_images),
-                      jax.device_put(run.data.train_labels))
-        compiled = {}
-        for cycle in run.cycles:
-            if cycle.end_step <= progress.step:
-                continue  # finished before the restored checkpoint
-            enter_cycle(run, cycle, progress)
-            cycle_steps = compile_cycle_steps(run, cycle, progress, train_data, compiled)
-            train_cycle(run, cycle, cycle_steps, progress, train_data, checkpointer)
-            finish_cycle(run, cycle, progress, checkpointer)
-        progress.writer.close()
-    return write_summary(run, progress, time.perf_counter() - start)
+    config = check_config(config)
+    with workdirs.hold(workdir):
+        run = prepare_run(config, workdir)
+        with checkpoint.Checkpointer(workdir, config.checkpoints_to_keep) as checkpointer:
+            progress = restore_or_start(run, checkpointer)
+            if progress.step == run.cycles[-1].end_step and os.path.exists(_summary_path(run)):
+                return _finished_summary(run)
+            progress.writer = _open_event_writer(run, progress)
+            with progress.writer, StopRequest() as stop:
+                train_data = (jax.device_put(run.data.train_images),
+                              jax.device_put(run.data.train_labels))
+                compiled = {}
+                for cycle in run.cycles:
+                    if cycle.end_step <= progress.step:
+                        continue  # finished before the restored checkpoint
+                    enter_cycle(run, cycle, progress)
+                    cycle_steps = compile_cycle_steps(run, cycle, progress, train_data,
+                                                      compiled)
+                    train_cycle(run, cycle, cycle_steps, progress, train_data,
+                                checkpointer, stop)
+                    finish_cycle(run, cycle, progress, checkpointer)
+        return write_summary(run, progress, time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------------------
 # Setting up, restoring, starting.
 
 
-def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
-    """Checks the config and the workdir, loads the data and plans the cycles.
+def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Everything a user can get wrong, checked in seconds before any work.
 
-    Everything a user can get wrong is checked before the data is loaded,
-    where it can be: the config, the data set's presence, a writable
-    workdir. Raises as `train_and_evaluate`.
+    The config's fields (`configuration.resolve`), the data set's presence
+    and the readability of its headers (`input_pipeline.check_available`),
+    and the fields that depend on its size, such as a cycle that rounds to
+    zero steps (`configuration.check_against_data`).
+
+    Returns:
+      The resolved config.
+
+    Raises:
+      configuration.ConfigError, input_pipeline.DataSetError.
     """
     config = configuration.resolve(config)
-    input_pipeline.check_available(config.dataset, data_dir=config.data_dir,
-                                   fashion_mnist_dir=config.fashion_mnist_dir)
-    checkpoint.check_writable(workdir)
+    num_train = input_pipeline.check_available(
+        config.dataset, data_dir=config.data_dir, fashion_mnist_dir=config.fashion_mnist_dir)
+    configuration.check_against_data(config, num_train)
+    return config
+
+
+def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
+    """Loads the data and plans the cycles of a checked config (`check_config`).
+
+    Raises:
+      input_pipeline.DataSetError: if a file turns out to be damaged.
+      OSError: if the workdir has no room for the checkpoints.
+    """
     logging.info("Loading %s ...", config.dataset)
     data = input_pipeline.load(config.dataset, data_dir=config.data_dir,
                                fashion_mnist_dir=config.fashion_mnist_dir)
     num_train = len(data.train_labels)
     steps_per_epoch = num_train // config.batch_size
-    if steps_per_epoch == 0:
-        raise configuration.ConfigError(
-            f"config.batch_size = {config.batch_size} is larger than the "
-            f"{num_train} training examples found for {config.dataset}")
     cycles = tuple(multilevel.plan_cycles(
         stage_sizes=config.stage_sizes, step_size=config.step_size,
         num_epochs=config.num_epochs, cycle_boundaries=config.cycle_boundaries,
@@ -187,7 +226,7 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
               eval_every_steps=max(1, round(config.eval_every_epochs * steps_per_epoch)),
               schedule=schedule, optimizer=steps.create_optimizer(config, schedule),
               init_rng=init_rng, augment_rng=augment_rng)
-    checkpoint.check_free_space(workdir, _checkpoint_bytes(run))
+    workdirs.check_free_space(workdir, _checkpoint_bytes(run))
     logging.info(
         "%s: %d train / %d test examples, batch %d, %d steps per epoch; %d cycles: %s",
         config.dataset, num_train, len(data.test_labels), config.batch_size,
@@ -270,17 +309,21 @@ def compile_cycle_steps(run: Run, cycle: multilevel.Cycle, progress: Progress,
 
 
 def train_cycle(run: Run, cycle: multilevel.Cycle, compiled: steps.CompiledSteps,
-                progress: Progress, train_data, checkpointer: checkpoint.Checkpointer
-                ) -> None:
+                progress: Progress, train_data, checkpointer: checkpoint.Checkpointer,
+                stop: "StopRequest") -> None:
     """Trains the cycle's remaining steps, logging, evaluating and saving on schedule.
 
     The data order and the augmentation depend only on the seed and the
-    step, so a resumed cycle continues exactly where it stopped.
+    step, so a resumed cycle continues exactly where it stopped. Before each
+    step it honours a stop request (`stop_with_checkpoint`).
     """
     config = run.config
     bar = _progress_bar(run, cycle, progress.step)
     order_epoch, order = None, None
     for step in range(max(progress.step, cycle.first_step), cycle.end_step):
+        if stop.signal_number is not None:
+            bar.close()
+            stop_with_checkpoint(run, cycle, progress, checkpointer, stop.signal_number)
         epoch, position = divmod(step, run.steps_per_epoch)
         if order_epoch != epoch:
             order_epoch, order = epoch, jax.device_put(input_pipeline.train_batch_indices(
@@ -354,7 +397,66 @@ def save_checkpoint(run: Run, cycle: multilevel.Cycle, progress: Progress,
         config=run.config.to_dict(), history=progress.history,
         cycle_records=progress.cycle_records, stopwatch=progress.stopwatch.to_dict())
     with progress.stopwatch.pause(stopwatch.CHECKPOINT):
+        progress.writer.flush()  # the events up to a checkpoint are on disk with it
         checkpointer.save(progress.state, metadata)
+
+
+def stop_with_checkpoint(run: Run, cycle: multilevel.Cycle, progress: Progress,
+                         checkpointer: checkpoint.Checkpointer, signal_number: int) -> None:
+    """Saves the step reached (unless it is saved already) and stops the run.
+
+    Called between two steps, where the train state is complete.
+
+    Raises:
+      Interrupted: always, saying where the run stopped and how to resume.
+    """
+    if progress.step not in checkpointer.all_steps():
+        save_checkpoint(run, cycle, progress, checkpointer)
+    progress.writer.flush()
+    raise Interrupted(
+        f"stopped by {signal.Signals(signal_number).name} at step {progress.step} "
+        f"(cycle {cycle.index + 1}, {models.format_stage_sizes(cycle.stage_sizes)} "
+        f"blocks, epoch {run.epoch(progress.step):.2f}); the checkpoint of step "
+        f"{progress.step} is in {checkpointer.directory}. To resume, run the same "
+        "command again.", signal_number)
+
+
+class StopRequest:
+    """Turns SIGINT (Ctrl-C) and SIGTERM into a request to stop between steps.
+
+    As a context manager it installs the handlers (in the main thread only;
+    elsewhere signals cannot be handled) and restores the previous ones on
+    exit. The training loop reads ``signal_number`` before every step. A
+    second SIGINT stops at once, as a ``KeyboardInterrupt``, without a new
+    checkpoint.
+
+    Attributes:
+      signal_number: the first signal received, or None.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal_number = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for number in self.SIGNALS:
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _handle(self, number: int, frame) -> None:  # pylint: disable=unused-argument
+        if self.signal_number is not None and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_number = number
+        logging.warning("%s received: the run stops after the current step and saves a "
+                        "checkpoint (Ctrl-C again stops at once, without one)",
+                        signal.Signals(number).name)
 
 
 def check_finite(run: Run, cycle: multilevel.Cycle, state: steps.TrainState,
@@ -404,10 +506,12 @@ def _finished_summary(run: Run) -> dict:
         return json.load(handle)
 
 
-def _open_event_writer(run: Run, step: int):
-    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-    writer = SummaryWriter(logdir=run.workdir)
-    writer.add_text("config", f"```\n{run.config}\n```", step)
+def _open_event_writer(run: Run, progress: Progress):
+    """The TensorBoard writer; a resumed run's files keep no event after its checkpoint."""
+    resumed = progress.state is not None
+    writer = events.open_writer(run.workdir, progress.step if resumed else None)
+    if not resumed:
+        writer.add_text("config", f"```\n{run.config}\n```", 0)
     return writer
 
 

@@ -20,11 +20,12 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def trained_workdirs(tmp_path_factory):
-    """Two checkpoints (2-3-2, h = 1 and 2-2-2, h = 0.5) and fake test data."""
+    """Checkpoints of 2-3-2 (h = 1), 2-2-2 (h = 0.5) and 1-1-1 blocks, and fake test data."""
     root = tmp_path_factory.mktemp("runs")
     data = fake_data.write_fashion_mnist(str(root / "data"), num_train=4, num_test=9)
     workdirs = []
-    for name, sizes, h in (("shallow", (2, 3, 2), 1.0), ("deep", (2, 2, 2), 0.5)):
+    for name, sizes, h in (("shallow", (2, 3, 2), 1.0), ("deep", (2, 2, 2), 0.5),
+                           ("single", (1, 1, 1), 1.0)):
         model = models.ResNet(sizes, width=2, num_classes=10, step_size=h)
         variables = models.init_variables(model, jax.random.PRNGKey(0), (28, 28, 1))
         checkpoint.save_model(str(root / name), variables, checkpoint.CheckpointMetadata(
@@ -36,7 +37,7 @@ def trained_workdirs(tmp_path_factory):
 
 
 def test_commands_write_plots_and_numbers(trained_workdirs, tmp_path):
-    shallow, deep = trained_workdirs
+    shallow, deep, _ = trained_workdirs
     options = analyze.Options(output_dir=str(tmp_path), num_shuffles=2)
     assert analyze.resolve_checkpoints([shallow, deep], "all") == [(shallow, 7), (deep, 7)]
     summary = analyze.run_norms(analyze.resolve_checkpoints([shallow], "7"), options)
@@ -60,6 +61,21 @@ def test_commands_write_plots_and_numbers(trained_workdirs, tmp_path):
     assert removal_rows[0] == "block,stage,block_in_stage,downsampling,test_error"
     assert len(removal_rows) == 8
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+def test_norms_of_one_block_per_stage_write_strict_json(trained_workdirs, tmp_path):
+    # Every block is the first of its stage: there is no "other blocks" ratio.
+    summary = analyze.run_norms([(trained_workdirs[2], 7)],
+                                analyze.Options(output_dir=str(tmp_path)))
+    assert summary["G_over_input_other_blocks"] is None
+
+    def reject(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    with open(tmp_path / "norms.json") as handle:
+        on_disk = json.loads(handle.read(), parse_constant=reject)
+    assert on_disk["G_over_input_other_blocks"] is None
+    assert on_disk["G_over_input_first_blocks"] > 0 and on_disk["stage_sizes"] == [1, 1, 1]
 
 
 @pytest.mark.parametrize("args,message", [

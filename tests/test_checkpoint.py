@@ -19,6 +19,7 @@ import pytest
 from configs import default
 from mlres_jax import checkpoint, models, multilevel, steps, stopwatch, train
 from tests import fake_data
+from tests.test_events import scalar_steps
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING_FIELDS = {*stopwatch.ACTIVITIES, "wall_seconds"}
@@ -76,9 +77,16 @@ def reference(data_dir, tmp_path_factory):
     return _final(workdir)
 
 
-def test_checkpoints_hold_depth_metadata(data_dir, reference, tmp_path):
-    workdir = str(tmp_path)
+@pytest.fixture(scope="module")
+def cycle_end_run(data_dir, tmp_path_factory):
+    """A run that saved only at its cycle ends: steps 8, 16, 24 (2-2-2, 4-4-4, 8-8-8)."""
+    workdir = str(tmp_path_factory.mktemp("cycle_ends"))
     train.train_and_evaluate(_config(data_dir, checkpoint_every_steps=100), workdir)
+    return workdir
+
+
+def test_checkpoints_hold_depth_metadata(cycle_end_run):
+    workdir = cycle_end_run
     checkpointer = checkpoint.Checkpointer(workdir, create=False)
     # Only the cycle ends: steps 8, 16, 24 at 2-2-2, 4-4-4, 8-8-8.
     assert checkpointer.all_steps() == [8, 16, 24]
@@ -117,18 +125,23 @@ def _launch(data_dir, workdir):
         text=True)
 
 
-def _kill_when_checkpoint(process, workdir, step, timeout=240):
-    """SIGKILLs ``process`` as soon as the checkpoint of ``step`` is complete.
-
-    Returns:
-      The process's output.
-    """
+def _wait_for_checkpoint(process, workdir, step, timeout=240):
+    """Returns as soon as the checkpoint of ``step`` is complete."""
     path = os.path.join(workdir, "checkpoints", str(step), "_CHECKPOINT_METADATA")
     deadline = time.time() + timeout
     while not os.path.exists(path):
         assert process.poll() is None, process.communicate()[0]
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.01)
+
+
+def _kill_when_checkpoint(process, workdir, step, timeout=240):
+    """SIGKILLs ``process`` as soon as the checkpoint of ``step`` is complete.
+
+    Returns:
+      The process's output.
+    """
+    _wait_for_checkpoint(process, workdir, step, timeout)
     process.send_signal(signal.SIGKILL)
     output = process.communicate()[0]
     assert process.returncode == -signal.SIGKILL
@@ -151,6 +164,9 @@ def test_sigkill_in_cycle1_at_boundary_and_in_last_cycle_then_resume(
     for kill_step in (3, 8, 21):
         output = _kill_when_checkpoint(_launch(data_dir, workdir), workdir, kill_step)
         resumed.append(_resumed_at(output))
+        # The events up to the checkpoint are on disk with it: logs every 2 steps.
+        logged = scalar_steps(workdir)["train/loss"]
+        assert max(logged) >= kill_step - kill_step % 2, (kill_step, logged)
     process = _launch(data_dir, workdir)
     output = process.communicate(timeout=240)[0]
     assert process.returncode == 0, output
@@ -160,6 +176,85 @@ def test_sigkill_in_cycle1_at_boundary_and_in_last_cycle_then_resume(
     assert resumed[2] == (8, 1)  # the boundary: 2-2-2 state, then interpolation
     assert resumed[3][1] == 3 and resumed[3][0] >= 21
     _assert_same_run(workdir, reference)
+    _assert_events_once(workdir)
+
+
+def _assert_events_once(workdir):
+    """Every scalar of the run appears once per step after the kills and resumes."""
+    steps = scalar_steps(workdir)
+    assert steps["train/loss"] == list(range(2, 25, 2))  # logged every 2 steps of 24
+    assert steps["test/error"] == [8, 16, 24]            # one evaluation per cycle
+
+
+def _stopped_at(output, signal_name):
+    """The step of the one-line stop message, which must be the last line."""
+    last = output.strip().splitlines()[-1]
+    match = re.fullmatch(rf"error: stopped by {signal_name} at step (\d+) \(cycle \d, "
+                         r"\d-\d-\d blocks, epoch [\d.]+\); the checkpoint of step \d+ is "
+                         r"in .*\. To resume, run the same command again\.", last)
+    assert match, output
+    return int(match.group(1))
+
+
+def test_sigint_and_sigterm_stop_with_a_checkpoint_and_a_second_writer_is_refused(
+        data_dir, reference, tmp_path):
+    workdir = str(tmp_path)
+    first = _launch(data_dir, workdir)
+    _wait_for_checkpoint(first, workdir, 3)
+    # A second run on the same workdir is refused at once, naming the first.
+    second = _launch(data_dir, workdir)
+    output = second.communicate(timeout=120)[0]
+    assert second.returncode == 2 and first.poll() is None, output
+    assert f"error: workdir {workdir!r} is in use by process {first.pid}" in output
+    assert "Traceback" not in output and "Loading" not in output
+    # Ctrl-C between two saves: a checkpoint at the step reached, exit status 130.
+    first.send_signal(signal.SIGINT)
+    output = first.communicate(timeout=120)[0]
+    assert first.returncode == 130 and "Traceback" not in output, output
+    stopped = _stopped_at(output, "SIGINT")
+    assert stopped >= 3 and stopped in checkpoint.list_steps(workdir)
+    # SIGTERM (a cluster's preemption) at the interpolation boundary: exit status 143.
+    resumed = _launch(data_dir, workdir)
+    _wait_for_checkpoint(resumed, workdir, 16)
+    resumed.send_signal(signal.SIGTERM)
+    output = resumed.communicate(timeout=120)[0]
+    assert resumed.returncode == 143 and "Traceback" not in output, output
+    assert _stopped_at(output, "SIGTERM") >= 16
+    last = _launch(data_dir, workdir)
+    output = last.communicate(timeout=240)[0]
+    assert last.returncode == 0, output
+    _assert_same_run(workdir, reference)
+    _assert_events_once(workdir)
+
+
+def test_sigint_during_a_save_finishes_the_save_then_stops(
+        data_dir, reference, tmp_path, monkeypatch):
+    original_save = ocp.CheckpointManager.save
+
+    def save_interrupted_at_step_6(self, step, *args, **kwargs):
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while orbax writes
+        return original_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save_interrupted_at_step_6)
+    workdir = str(tmp_path)
+    with pytest.raises(train.Interrupted, match=r"stopped by SIGINT at step 6 ") as error:
+        train.train_and_evaluate(_config(data_dir), workdir)
+    assert error.value.exit_status == 130
+    assert checkpoint.list_steps(workdir) == [3, 6]
+    _, variables, metadata = checkpoint.load_model(workdir)  # complete and readable
+    assert metadata.step == 6
+    chex.assert_tree_all_finite(variables)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    with train.StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signal_number == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
 
 
 def _drop_checkpoints_after(workdir, step):
@@ -207,6 +302,51 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(
     # The damaged checkpoint is set aside, not deleted.
     assert os.path.isdir(os.path.join(workdir, "unreadable_checkpoints", "18"))
     _assert_same_run(workdir, reference)
+
+
+def _abstract_state(stage_sizes, width=2):
+    model = models.ResNet(stage_sizes, width=width, num_classes=10)
+    optimizer = steps.create_optimizer(default.get_config(), lambda step: 0.1)
+    return jax.eval_shape(lambda: steps.create_train_state(
+        jax.random.PRNGKey(0), model, optimizer, (28, 28, 1)))
+
+
+def _files_under(folder):
+    return sorted(os.path.relpath(os.path.join(root, name), folder)
+                  for root, _, names in os.walk(folder) for name in names)
+
+
+@pytest.mark.parametrize("stage_sizes,width,words", [
+    ((4, 4, 4), 2, r"holds a network of 8-8-8 blocks of width 2 .*, but a network of "
+                   r"4-4-4 blocks of width 2 .* was expected"),
+    ((8, 8, 8), 4, r"8-8-8 blocks of width 2 .*, but a network of 8-8-8 blocks of width 4"),
+])
+def test_a_readable_checkpoint_of_another_structure_is_refused_not_moved(
+        cycle_end_run, stage_sizes, width, words):
+    before = _files_under(cycle_end_run)
+    with checkpoint.Checkpointer(cycle_end_run, create=False) as checkpointer:
+        with pytest.raises(checkpoint.CheckpointMismatchError, match=words) as error:
+            checkpointer.restore_latest(lambda metadata: _abstract_state(stage_sizes, width))
+    message = str(error.value)
+    assert "step 24" in message and "left as it is" in message and len(message) < 1000
+    assert _files_under(cycle_end_run) == before  # nothing moved, nothing written
+    assert not os.path.exists(os.path.join(cycle_end_run, "unreadable_checkpoints"))
+
+
+def test_metadata_of_another_format_is_refused_not_moved(cycle_end_run, tmp_path):
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(cycle_end_run, workdir)
+    meta_dir = os.path.join(workdir, "checkpoints", "24", "meta")
+    (meta_file,) = [os.path.join(meta_dir, n) for n in os.listdir(meta_dir)
+                    if n.endswith(".json") or n == "metadata"]
+    with open(meta_file) as handle:
+        meta = json.load(handle)
+    with open(meta_file, "w") as handle:
+        json.dump(dict(meta, format=1), handle)
+    with checkpoint.Checkpointer(workdir, create=False) as checkpointer:
+        with pytest.raises(checkpoint.CheckpointError, match="metadata format 1"):
+            checkpointer.restore_latest(lambda metadata: _abstract_state((8, 8, 8)))
+        assert checkpointer.all_steps() == [8, 16, 24]
 
 
 def test_resume_with_different_model_is_refused(data_dir, reference, tmp_path):
@@ -302,3 +442,13 @@ def test_grow_interpolates_a_saved_checkpoint(data_dir, reference, tmp_path):
     chex.assert_trees_all_equal(jax.device_get(grown_variables), jax.device_get(expected))
     with pytest.raises(checkpoint.CheckpointError, match="already holds checkpoints"):
         grow.grow(workdir, output)
+    # Training in the grown folder is refused with what the folder is; nothing moves.
+    before = _files_under(output)
+    with pytest.raises(checkpoint.CheckpointMismatchError,
+                       match=r"holds a model-only checkpoint written by mlres_jax.grow "
+                             r"from .* \(step 8, rule 'paper'\): step 8, 4-4-4 blocks, "
+                             r"h = 0.5, width 2") as error:
+        train.train_and_evaluate(_config(data_dir, num_epochs=1.0, cycle_boundaries=()),
+                                 output)
+    assert len(str(error.value)) < 600
+    assert _files_under(output) == [name for name in before]

@@ -78,6 +78,38 @@ def test_one_block_stage_is_fine_without_interpolation():
     assert configuration.resolve(config).stage_sizes == (1, 1, 1)
 
 
+def _resolved(**fields):
+    config = _config("fashion_mnist")
+    config.update(fields)
+    return configuration.resolve(config)
+
+
+@pytest.mark.parametrize("num_train,fields,field,message", [
+    # 20 steps per epoch: epoch 1.02 rounds to step 20, the boundary before it.
+    (2000, dict(num_epochs=2.0, cycle_boundaries=(1.0, 1.02)), "cycle_boundaries",
+     r"cycle 2 would have 0 steps: epochs 1 to 1.02 round to steps 20..20"),
+    # The last cycle: 1.99 and 2.0 both round to step 40.
+    (2000, dict(num_epochs=2.0, cycle_boundaries=(1.0, 1.99)), "cycle_boundaries",
+     r"cycle 3 would have 0 steps"),
+    # The first cycle: 0.02 epochs of 20 steps round to step 0.
+    (2000, dict(num_epochs=2.0, cycle_boundaries=(0.02, 1.0)), "cycle_boundaries",
+     r"cycle 1 would have 0 steps"),
+    # One cycle, no boundary: the run itself rounds to zero steps (3 per epoch).
+    (300, dict(num_epochs=0.1, cycle_boundaries=()), "num_epochs",
+     r"cycle 1 would have 0 steps"),
+    (64, dict(batch_size=100), "batch_size", r"must not exceed the 64 training examples"),
+])
+def test_plans_that_do_not_fit_the_data_are_config_errors(num_train, fields, field, message):
+    config = _resolved(**fields)
+    with pytest.raises(configuration.ConfigError, match=rf"^config\.{field} = .*{message}"):
+        configuration.check_against_data(config, num_train)
+
+
+def test_a_plan_that_fits_passes():
+    configuration.check_against_data(
+        _resolved(num_epochs=2.0, cycle_boundaries=(1.0, 1.05)), 2000)  # 20, 21, 40
+
+
 def _run_main(*args, timeout=120):
     return subprocess.run(
         [sys.executable, "-m", "mlres_jax.main", *args], cwd=REPO_ROOT,
@@ -90,6 +122,8 @@ def test_cli_missing_dataset_gives_message_not_traceback(tmp_path):
     assert result.returncode != 0
     assert "cifar10" in result.stderr and "tfds build" in result.stderr
     assert "Traceback" not in result.stderr
+    # Nothing before the message: no tfds warning, no JAX backend probing.
+    assert result.stderr.startswith("error: Data set 'cifar10'"), result.stderr
 
 
 def test_cli_bad_config_value_gives_message_not_traceback(tmp_path):
@@ -107,3 +141,30 @@ def test_cli_unknown_config_field_gives_message_not_traceback(tmp_path):
     assert result.returncode == 2
     assert "the config has no field 'batchsize'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_cli_cycle_without_steps_is_one_line_before_loading_data(tmp_path):
+    from tests import fake_data  # pylint: disable=import-outside-toplevel
+    data = fake_data.write_fashion_mnist(str(tmp_path / "data"), num_train=2000, num_test=10)
+    result = _run_main("--config=configs/fashion_mnist.py", f"--workdir={tmp_path / 'run'}",
+                       f"--config.fashion_mnist_dir={data}", "--config.num_epochs=2.0",
+                       "--config.cycle_boundaries=(1.0,1.02)")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: config.cycle_boundaries = (1.0, 1.02) is not allowed")
+    assert "2000 training examples" in lines[0] and "cycle 2 would have 0 steps" in lines[0]
+    assert not os.path.exists(tmp_path / "run")  # refused before the workdir was made
+
+
+def test_cli_damaged_data_file_is_one_line(tmp_path):
+    from tests import fake_data  # pylint: disable=import-outside-toplevel
+    data = fake_data.write_fashion_mnist(str(tmp_path / "data"))
+    open(os.path.join(data, "train-images-idx3-ubyte.gz"), "wb").close()  # empty
+    result = _run_main("--config=configs/fashion_mnist.py", f"--workdir={tmp_path / 'run'}",
+                       f"--config.fashion_mnist_dir={data}")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: Data set 'fashion_mnist' in ")
+    assert "train-images-idx3-ubyte.gz: bad IDX magic number" in lines[0]

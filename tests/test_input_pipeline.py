@@ -155,6 +155,67 @@ def test_fashion_mnist_label_out_of_range(tmp_path):
         ip.load("fashion_mnist", fashion_mnist_dir=folder)
 
 
+def _empty(path):
+    open(path, "wb").close()
+
+
+def _truncated_gzip(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[:len(data) // 2])
+
+
+def _not_idx(path):
+    with open(path, "wb") as f:
+        f.write(gzip.compress(b"<html>404 Not Found</html>"))
+
+
+def _short_body(path):
+    _write_idx(path, np.zeros((12, 28, 27), np.uint8)[..., :27])  # header fine below
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    header = bytes([0, 0, 8, 3]) + np.asarray([12, 28, 28], ">u4").tobytes()
+    with open(path, "wb") as f:
+        f.write(gzip.compress(header + data[16:]))  # 12x28x27 bytes for 12x28x28
+
+
+def _images_as_labels(path):
+    _write_idx(path, np.zeros((12, 28, 28), np.uint8))  # same count, wrong rank
+
+
+def _fewer_labels(path):
+    _write_idx(path, np.zeros((11,), np.uint8))  # 12 images, 11 labels
+
+
+# (damage, file, found by check_available from the headers, words of the message)
+DAMAGED_FILES = [
+    (_empty, "train-images-idx3-ubyte.gz", True, "bad IDX magic number"),
+    (_truncated_gzip, "train-images-idx3-ubyte.gz", False, "corrupt gzip data"),
+    (_not_idx, "t10k-images-idx3-ubyte.gz", True, "bad IDX magic number"),
+    (_short_body, "train-images-idx3-ubyte.gz", False, "needs 9408 data bytes"),
+    (_images_as_labels, "train-labels-idx1-ubyte.gz", False, "(want [N])"),
+    (_fewer_labels, "train-labels-idx1-ubyte.gz", True, "12 images but"),
+]
+
+
+@pytest.mark.parametrize("damage,name,in_header,words", DAMAGED_FILES)
+def test_damaged_fashion_mnist_files_are_data_set_errors(tmp_path, damage, name,
+                                                         in_header, words):
+    folder = str(tmp_path / "fm")
+    _fake_fashion_mnist(folder)
+    damage(os.path.join(folder, name))
+    functions = [ip.check_available, ip.load] if in_header else [ip.load]
+    for function in functions:
+        with pytest.raises(ip.DataSetDamagedError) as error:
+            function("fashion_mnist", fashion_mnist_dir=folder)
+        message = str(error.value)
+        assert words in message and name in message
+        assert "dataset-fashion-mnist" in message  # how to get the files again
+    if not in_header:  # the header is fine: the cheap check counts the images
+        assert ip.check_available("fashion_mnist", fashion_mnist_dir=folder) == 12
+
+
 # ---------------------------------------------------------------------------
 # tfds data sets.
 # ---------------------------------------------------------------------------

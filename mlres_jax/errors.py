@@ -1,0 +1,18 @@
+"""The errors a command reports as one line instead of a traceback.
+
+`UserError` is the base of every error that is a user's mistake or a fault of
+the world around the run (a config value, a missing or damaged data set, a
+checkpoint of another run, a workdir in use, a diverged run, a stop
+request), as opposed to a bug. Every module raises a subclass of it with a
+message that says what is wrong and what to do; `mlres_jax.cli` turns every
+one of them, for every command, into ``error: <message>`` on stderr and the
+error's ``exit_status``. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake or a fault a command reports in one line (exit status 2)."""
+
+    exit_status = 2

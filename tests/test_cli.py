@@ -1,0 +1,48 @@
+"""Tests of the one place where errors become one line (`mlres_jax.cli`)."""
+
+import errno
+import signal
+
+import pytest
+
+from mlres_jax import checkpoint, cli, configuration, errors, input_pipeline, train, workdir
+
+
+def _raising(error):
+    def main(argv):  # pylint: disable=unused-argument
+        raise error
+    return main
+
+
+@pytest.mark.parametrize("error,status", [
+    (configuration.ConfigError("config.width = 0 is not allowed"), 2),
+    (input_pipeline.DataSetDamagedError("Data set 'x' cannot be read"), 2),
+    (checkpoint.CheckpointMismatchError("holds a network of 8-8-8 blocks"), 2),
+    (workdir.WorkdirBusyError("in use by process 7"), 2),
+    (train.NonFiniteLossError("non-finite loss at step 3"), 2),
+    (train.Interrupted("stopped by SIGINT at step 5", signal.SIGINT), 130),
+    (train.Interrupted("stopped by SIGTERM at step 5", signal.SIGTERM), 143),
+    (OSError(errno.ENOSPC, "No space left on device"), 2),
+    (KeyboardInterrupt(), 130),
+])
+def test_user_errors_are_one_line_with_their_exit_status(error, status, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.with_one_line_errors(_raising(error))(["command"])
+    assert exit_info.value.code == status
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    if not isinstance(error, KeyboardInterrupt):
+        assert str(error) in err
+
+
+def test_every_user_error_class_derives_from_the_one_base():
+    for cls in (configuration.ConfigError, input_pipeline.DataSetError,
+                input_pipeline.DataSetUnavailableError, checkpoint.CheckpointError,
+                checkpoint.ConfigMismatchError, workdir.WorkdirBusyError,
+                train.NonFiniteLossError, train.Interrupted):
+        assert issubclass(cls, errors.UserError), cls
+
+
+def test_a_bug_keeps_its_traceback():
+    with pytest.raises(ZeroDivisionError):
+        cli.with_one_line_errors(_raising(ZeroDivisionError("a bug")))(["command"])
