@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import os
 import resource
+import subprocess
 import sys
 import time
 from typing import Sequence
@@ -52,7 +53,7 @@ from absl import app, flags, logging
 
 from benchmarks import common
 from configs import default
-from mlres_jax import cli, files, input_pipeline, models, multilevel, steps
+from mlres_jax import cli, files, input_pipeline, models, multilevel, parallel, steps
 
 FAMILIES = {"resnet": 16, "wresnet": 32}
 FAMILY_NAMES = {16: "ResNet", 32: "WResNet"}
@@ -160,6 +161,14 @@ def check_flags() -> dict:
             "with --levels > 1 every stage needs >= 2 blocks (the paper's "
             "interpolation rule copies the second block, App. B)")
     info = input_pipeline.DATASETS[FLAGS.dataset]
+    device_counts = common.parse_int_list("device_counts", FLAGS.device_counts, minimum=1,
+                                          unique=True)
+    for flag in ("batch_size", "eval_batch_size"):
+        uneven = [n for n in device_counts if FLAGS[flag].value % n]
+        if uneven:
+            raise common.flag_error(flag, FLAGS[flag].value,
+                                    f"it must split evenly over {uneven[0]} devices "
+                                    f"(--device_counts={FLAGS.device_counts})")
     epochs = (common.parse_float_list("cycle_epochs", FLAGS.cycle_epochs)
               if FLAGS.cycle_epochs else default_cycle_epochs(FLAGS.levels))
     return {
@@ -173,6 +182,7 @@ def check_flags() -> dict:
         "cycle_steps": cycle_steps(epochs, FLAGS.levels, info.num_train,
                                    FLAGS.batch_size),
         "seed": FLAGS.seed,
+        "device_counts": device_counts,
     }
 
 
@@ -263,18 +273,19 @@ def compile_share(compile_seconds: float, steps: int, step_seconds: float) -> fl
 
 
 def _synthetic_images(rng: np.random.Generator, count: int, shape, num_classes: int):
-    """uint8[count, H, W, C] random images and int32[count] labels, on the device."""
+    """uint8[count, H, W, C] random images and int32[count] labels, on the host."""
     images = rng.integers(0, 256, (count, *shape), dtype=np.uint8)
     labels = rng.integers(0, num_classes, (count,), dtype=np.int32)
-    return jax.device_put(images), jax.device_put(labels)
+    return images, labels
 
 
-def time_train_step(model: models.ResNet, settings: dict):
-    """Compiles `steps.train_step` for ``model`` and times it.
+def time_train_step(model: models.ResNet, settings: dict, mesh):
+    """Compiles `steps.train_step` for ``model`` on ``mesh`` and times it.
 
-    The data is a pool of 8 batches of random images; every step gets a new
-    random mini-batch of it, as the training loop gathers from the whole
-    training set on the device.
+    The data is a pool of 8 batches of random images, replicated on the
+    mesh's devices; every step gets a new random mini-batch of it, split over
+    the devices, as the training loop gathers from the whole training set on
+    the devices.
 
     Returns:
       ``(compiled, compile_seconds, step_seconds, state)``: step seconds as
@@ -283,18 +294,20 @@ def time_train_step(model: models.ResNet, settings: dict):
     """
     rng = np.random.default_rng(settings["seed"])
     batch = settings["batch_size"]
-    images, labels = _synthetic_images(rng, 8 * batch, settings["image_shape"],
-                                       settings["num_classes"])
-    indices = [jax.device_put(rng.permutation(8 * batch)[:batch].astype(np.int32))
+    images, labels = parallel.put_replicated(_synthetic_images(
+        rng, 8 * batch, settings["image_shape"], settings["num_classes"]), mesh)
+    indices = [parallel.shard_batch(rng.permutation(8 * batch)[:batch].astype(np.int32),
+                                    mesh)
                for _ in range(settings["warmup"] + settings["steps"])]
-    augment_rng = jax.random.PRNGKey(settings["seed"] + 1)
+    augment_rng = parallel.put_replicated(jax.random.PRNGKey(settings["seed"] + 1), mesh)
     config = default.get_config()
     optimizer = steps.create_optimizer(config, multilevel.cosine_cycle_schedule(
         10_000, config.learning_rate_max, config.learning_rate_min))
-    state = steps.create_train_state(jax.random.PRNGKey(settings["seed"]), model,
-                                     optimizer, tuple(settings["image_shape"]))
+    state = parallel.put_replicated(steps.create_train_state(
+        jax.random.PRNGKey(settings["seed"]), model, optimizer,
+        tuple(settings["image_shape"])), mesh)
     compiled, compile_seconds = steps.compile_ahead(
-        steps.make_train_step(model, optimizer, settings["crop_padding"]),
+        steps.make_train_step(model, optimizer, settings["crop_padding"], mesh),
         state, images, labels, indices[0], augment_rng)
     holder = {"state": state}  # the state is donated: keep only the newest
 
@@ -308,8 +321,8 @@ def time_train_step(model: models.ResNet, settings: dict):
     return compiled, compile_seconds, common.percentiles(seconds), holder["state"]
 
 
-def time_eval_step(model: models.ResNet, variables, settings: dict):
-    """Compiles `steps.eval_step` for ``model`` and times it on random images.
+def time_eval_step(model: models.ResNet, variables, settings: dict, mesh):
+    """Compiles `steps.eval_step` for ``model`` on ``mesh`` and times it on random images.
 
     Returns:
       ``(compile_seconds, step_seconds)``: step seconds as `common.percentiles`
@@ -317,11 +330,11 @@ def time_eval_step(model: models.ResNet, variables, settings: dict):
     """
     rng = np.random.default_rng(settings["seed"] + 2)
     batch = settings["eval_batch_size"]
-    images, labels = _synthetic_images(rng, batch, settings["image_shape"],
-                                       settings["num_classes"])
-    mask = jax.device_put(np.ones((batch,), bool))
+    images, labels, mask = parallel.shard_batch((*_synthetic_images(
+        rng, batch, settings["image_shape"], settings["num_classes"]),
+        np.ones((batch,), bool)), mesh)
     compiled, compile_seconds = steps.compile_ahead(
-        steps.make_eval_step(model), variables, images, labels, mask)
+        steps.make_eval_step(model, mesh), variables, images, labels, mask)
 
     def call(_):
         return compiled(variables, images, labels, mask)
@@ -331,14 +344,16 @@ def time_eval_step(model: models.ResNet, variables, settings: dict):
 
 
 def measure(width: int, stage_sizes: tuple[int, ...], step_size: float,
-            settings: dict) -> dict:
-    """Compiles and times the train and eval step of one network.
+            settings: dict, devices: int = 1) -> dict:
+    """Compiles and times the train and eval step of one network on ``devices`` devices.
 
     Args:
       width: first-stage filters.
       stage_sizes: blocks per stage.
       step_size: h.
       settings: from `check_flags`.
+      devices: devices of the data-parallel mesh (`parallel.make_mesh`); the
+        batches are split over them.
 
     Returns:
       Parameter count; compile seconds of both steps; step seconds as
@@ -347,8 +362,9 @@ def measure(width: int, stage_sizes: tuple[int, ...], step_size: float,
     """
     model = models.ResNet(stage_sizes=stage_sizes, width=width,
                           num_classes=settings["num_classes"], step_size=step_size)
-    compiled_train, train_compile, train_seconds, state = time_train_step(model, settings)
-    eval_compile, eval_seconds = time_eval_step(model, state.variables, settings)
+    mesh = parallel.make_mesh(devices)
+    compiled_train, train_compile, train_seconds, state = time_train_step(model, settings, mesh)
+    eval_compile, eval_seconds = time_eval_step(model, state.variables, settings, mesh)
     return {
         "num_params": models.count_parameters(state.params),
         "compile_train_seconds": train_compile,
@@ -418,7 +434,7 @@ def family_summary(rows: list[dict], cycle_steps_list: Sequence[int]) -> dict:
 
 def results_table(rows: list[dict]) -> str:
     """The markdown table of all measured configurations."""
-    headers = ["model", "blocks", "h", "params", "compile train / eval (s)",
+    headers = ["model", "blocks", "h", "devices", "params", "compile train / eval (s)",
                "train step (s), median [IQR]", "train images/s [min-max]",
                "eval images/s", "XLA mem (MB)", "peak mem (MB)", "compile share"]
     body = []
@@ -428,7 +444,7 @@ def results_table(rows: list[dict]) -> str:
         body.append([
             model_name(r["family"], r["stage_sizes"]),
             models.format_stage_sizes(r["stage_sizes"]), f"{r['step_size']:g}",
-            f"{r['num_params']:,}",
+            str(r["devices"]), f"{r['num_params']:,}",
             f"{r['compile_train_seconds']:.1f} / {r['compile_eval_seconds']:.1f}",
             f"{t['median']:.3f} [{t['p25']:.3f}-{t['p75']:.3f}]",
             f"{ips['median']:.0f} [{ips['min']:.0f}-{ips['max']:.0f}]",
@@ -437,6 +453,29 @@ def results_table(rows: list[dict]) -> str:
             f"{r['peak_memory']['bytes'] / 1e6:.0f}",
             f"{100 * r['compile_share']:.1f} % of {r['cycle_steps']} steps",
         ])
+    return common.markdown_table(headers, body)
+
+
+def scaling_table(rows: list[dict]) -> str:
+    """Train images/s of each network per device count, side by side.
+
+    Returns:
+      A markdown table with one row per network and a column per device
+      count, then the speed-up of the most devices over one (or the fewest).
+    """
+    counts = sorted({r["devices"] for r in rows})
+    networks = list(dict.fromkeys((r["family"], tuple(r["stage_sizes"]), r["step_size"])
+                                  for r in rows))
+    speed = {(r["family"], tuple(r["stage_sizes"]), r["step_size"], r["devices"]):
+             r["train_images_per_second"]["median"] for r in rows}
+    headers = ["model", "blocks", *[f"train images/s, {n} device{'s' * (n > 1)}"
+                                    for n in counts],
+               f"{counts[-1]} vs {counts[0]} device{'s' * (counts[0] > 1)}"]
+    body = []
+    for family, sizes, h in networks:
+        values = [speed[(family, sizes, h, n)] for n in counts]
+        body.append([model_name(family, sizes), models.format_stage_sizes(sizes),
+                     *[f"{v:.0f}" for v in values], f"x{values[-1] / values[0]:.2f}"])
     return common.markdown_table(headers, body)
 
 
@@ -466,6 +505,9 @@ def report_markdown(report: dict) -> str:
         "",
         results_table(rows),
         "",
+        *([f"Scaling with the number of devices ({report['machine']['device_kind']}; the global batch "
+           "is split over them):", "", scaling_table(rows), ""]
+          if len(s["device_counts"]) > 1 else []),
         *summary_lines(report["families"]),
         f"- Step times: median of {s['steps']} timed train steps after "
         f"{s['warmup']} untimed ({s['eval_steps']} eval batches after 1); each "
@@ -486,30 +528,35 @@ def run_benchmark(settings: dict) -> dict:
     Returns:
       ``machine``, ``settings`` and ``rows`` (one per configuration, family
       by family, first level first: `measure` output plus family, width,
-      stage sizes, h, cycle steps and compile share) and ``families``
-      (`family_summary` per family).
+      stage sizes, h, device count, cycle steps and compile share) and
+      ``families`` (`family_summary` per family, on the first device count).
     """
     machine = common.machine_info()
     levels = settings["levels"]
     measured = {}
-    for name, width, level in run_order(settings["families"], levels):
-        sizes, h = levels[level]
-        logging.info("Measuring %s, width %d, %s blocks, h = %g",
-                     model_name(name, sizes), width, models.format_stage_sizes(sizes), h)
-        measured[(width, level)] = measure(width, sizes, h, settings)
+    for devices in settings["device_counts"]:
+        for name, width, level in run_order(settings["families"], levels):
+            sizes, h = levels[level]
+            logging.info("Measuring %s, width %d, %s blocks, h = %g, %d device(s)",
+                         model_name(name, sizes), width, models.format_stage_sizes(sizes),
+                         h, devices)
+            measured[(width, level, devices)] = measure(width, sizes, h, settings, devices)
     rows, families = [], {}
     for name, width in settings["families"]:
-        family_rows = []
-        for level, (sizes, h) in enumerate(levels):
-            row = {"family": name, "width": width, "stage_sizes": list(sizes),
-                   "step_size": h, "cycle_steps": settings["cycle_steps"][level],
-                   **measured[(width, level)]}
-            row["compile_share"] = compile_share(
-                row["compile_train_seconds"] + row["compile_eval_seconds"],
-                row["cycle_steps"], row["train_step_seconds"]["median"])
-            family_rows.append(row)
-        rows += family_rows
-        families[name] = family_summary(family_rows, settings["cycle_steps"])
+        for devices in settings["device_counts"]:
+            family_rows = []
+            for level, (sizes, h) in enumerate(levels):
+                row = {"family": name, "width": width, "stage_sizes": list(sizes),
+                       "step_size": h, "devices": devices,
+                       "cycle_steps": settings["cycle_steps"][level],
+                       **measured[(width, level, devices)]}
+                row["compile_share"] = compile_share(
+                    row["compile_train_seconds"] + row["compile_eval_seconds"],
+                    row["cycle_steps"], row["train_step_seconds"]["median"])
+                family_rows.append(row)
+            rows += family_rows
+            if devices == settings["device_counts"][0]:
+                families[name] = family_summary(family_rows, settings["cycle_steps"])
     plain_settings = {**settings,
                       "families": [{"name": n, "width": w} for n, w in settings["families"]],
                       "levels": [{"stage_sizes": list(s), "step_size": h}
@@ -544,12 +591,38 @@ def define_flags() -> None:
     flags.DEFINE_string("output_dir", "runs/bench/throughput",
                         "Folder for throughput.json and throughput.md.")
     flags.DEFINE_integer("seed", 0, "Seed of the synthetic data and initialisation.")
+    flags.DEFINE_string("device_counts", "1",
+                        "Comma-separated numbers of devices to measure each network on "
+                        "(data parallel, the batch split over them), e.g. '1,2'. On a "
+                        "CPU with fewer devices, the benchmark reruns itself with that "
+                        "many forced host devices (--xla_force_host_platform_device_count).")
+
+
+def rerun_with_host_devices(count: int) -> None:
+    """Runs this benchmark again in a process with ``count`` forced CPU devices; exits.
+
+    JAX fixes the number of CPU devices when it starts, so more of them need
+    a new process (``--xla_force_host_platform_device_count``).
+    """
+    flag = f"--xla_force_host_platform_device_count={count}"
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip())
+    logging.info("Rerunning with %d host devices (%s)", count, flag)
+    sys.exit(subprocess.run([sys.executable, "-m", "benchmarks.throughput", *sys.argv[1:]],
+                            env=env, check=False).returncode)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     settings = check_flags()
+    needed = max(settings["device_counts"])
+    if jax.device_count() < needed:
+        if jax.default_backend() != "cpu" or "force_host_platform_device_count" in \
+                os.environ.get("XLA_FLAGS", ""):
+            raise common.flag_error("device_counts", FLAGS.device_counts,
+                                    f"this machine has {jax.device_count()} "
+                                    f"{jax.default_backend()} devices")
+        rerun_with_host_devices(needed)
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     report = run_benchmark(settings)
     files.write_json(os.path.join(FLAGS.output_dir, "throughput.json"), report)

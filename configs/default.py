@@ -63,6 +63,14 @@ def get_config() -> ml_collections.ConfigDict:
     # test example counts).
     config.eval_batch_size = 500
 
+    # --- Devices ----------------------------------------------------------------
+    # Devices of the data-parallel mesh: -1 uses every device of every process
+    # (a multi-process run needs all). The global batch_size and
+    # eval_batch_size are split evenly over them, so they must be multiples
+    # of this number. Batch-norm statistics are over the global batch, so the
+    # maths does not depend on it, and a checkpoint resumes on any number.
+    config.num_devices = -1
+
     # --- Bookkeeping ----------------------------------------------------------
     config.seed = 0
     # Evaluate on the whole test split every this many epochs and at the end

@@ -39,11 +39,12 @@ TRAIN_STATE = "train_state"
 MODEL = "model"
 
 # Config fields a resumed run may change: they do not change the model, the
-# data order, the optimisation or the schedule.
+# data order, the optimisation or the schedule. The number of devices is one
+# of them: a checkpoint holds global arrays, whatever devices wrote it.
 SAFE_TO_CHANGE = frozenset({
     "log_every_steps", "progress_bar", "eval_batch_size", "eval_every_epochs",
     "checkpoint_every_steps", "checkpoints_to_keep", "data_dir",
-    "fashion_mnist_dir",
+    "fashion_mnist_dir", "num_devices",
 })
 
 
@@ -407,7 +408,8 @@ class Checkpointer:
           step: which checkpoint; the latest if None.
 
         Returns:
-          ``({"params", "batch_stats"} as numpy arrays, metadata)``.
+          ``({"params", "batch_stats"}`` on this process's first device,
+          metadata)``, whatever the devices that wrote the checkpoint.
 
         Raises:
           CheckpointError: if there is no such checkpoint or it is unreadable.
@@ -421,8 +423,14 @@ class Checkpointer:
                 f"no checkpoint of step {step} in {self.directory}; steps: {steps}")
         try:
             metadata = self.read_metadata(step)
+            # A target on this process's first device: the checkpoint may have
+            # been written by another number of devices or processes.
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            target = jax.tree_util.tree_map(
+                lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+                self._manager.item_metadata(step)["state"].tree)
             restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore()))
+                state=ocp.args.StandardRestore(target)))
         except CheckpointError:
             raise
         except Exception as error:

@@ -184,6 +184,10 @@ def _resolve_batches_and_padding(config, info: input_pipeline.DataSetInfo) -> No
 
 
 def _check_bookkeeping(config) -> None:
+    devices = config.num_devices
+    if isinstance(devices, bool) or not isinstance(devices, int) or not (
+            devices == -1 or devices >= 1):
+        _fail("num_devices", devices, "it must be -1 (every device) or an integer >= 1")
     if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
         _fail("seed", config.seed, "it must be an integer >= 0")
     _positive_number(config, "eval_every_epochs")

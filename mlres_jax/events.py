@@ -100,3 +100,25 @@ def open_writer(workdir: str, resume_step: int | None) -> SummaryWriter:
     # suffix keeps a run resumed within the same second from overwriting it.
     return SummaryWriter(logdir=workdir,
                          filename_suffix=f".{os.getpid()}.{time.time_ns()}")
+
+
+class NoEvents:
+    """A writer that writes nothing: the event writer of processes other than the main one."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        """Drops the scalar."""
+
+    def add_text(self, *args, **kwargs) -> None:
+        """Drops the text."""
+
+    def flush(self) -> None:
+        """Nothing to flush."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+    def __enter__(self) -> "NoEvents":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        pass

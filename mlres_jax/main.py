@@ -4,6 +4,11 @@
   python -m mlres_jax.main --config=configs/wrn122i.py --workdir=runs/wrn122i \
       --config.dataset=cifar100
 
+A run uses every device of the machine (``--config.num_devices`` to choose).
+On several hosts, start the same command on each with
+``--coordinator_address=HOST0:PORT --num_processes=N --process_id=I`` (or
+let Slurm, Open MPI or ``$JAX_COORDINATOR_ADDRESS`` say so); see the README.
+
 Any config field can be overridden with ``--config.FIELD=VALUE``. This module
 parses flags and at the end draws the training curves and prints the
 per-cycle table; the work is in `mlres_jax.train`, and `mlres_jax.cli` turns
@@ -12,10 +17,10 @@ a user's mistake into one line.
 
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mlres_jax import cli, figures, reporting, train
+from mlres_jax import cli, figures, parallel, reporting, train
 
 FLAGS = flags.FLAGS
 CURVES_FILE = "training_curves.png"
@@ -28,16 +33,26 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file(
         "config", None, "Training configuration file (configs/*.py).",
         lock_config=True)
+    flags.DEFINE_string("coordinator_address", None,
+                        "Several processes: host:port of process 0's coordinator. "
+                        "Unset: from $JAX_COORDINATOR_ADDRESS or the cluster manager "
+                        "(Slurm, Open MPI), or a single process.")
+    flags.DEFINE_integer("num_processes", None, "Several processes: how many.")
+    flags.DEFINE_integer("process_id", None, "Several processes: this one's index, 0..N-1.")
     flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if not parallel.is_main_process():
+        logging.set_verbosity(logging.WARNING)  # process 0 reports for all
     summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    figures.plot_training_curves(summary["history"], summary["config"]["cycle_boundaries"],
-                                 os.path.join(FLAGS.workdir, CURVES_FILE))
-    print(reporting.summary_table(summary), flush=True)
+    if parallel.is_main_process():
+        figures.plot_training_curves(summary["history"], summary["config"]["cycle_boundaries"],
+                                     os.path.join(FLAGS.workdir, CURVES_FILE))
+        print(reporting.summary_table(summary), flush=True)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
-from mlres_jax import input_pipeline, models, multilevel
+from mlres_jax import input_pipeline, models, multilevel, parallel
 
 # The running train metrics are summed over two windows: since the last
 # logged point ("log", every `log_every_steps`) and since the last
@@ -214,7 +215,8 @@ def take_metric_means(state: TrainState, window: str) -> tuple[TrainState, dict]
     means = ({"loss": float(sums["loss"] / count),
               "error": float(1 - sums["accuracy"] / count)} if count
              else {"loss": float("nan"), "error": float("nan")})
-    zeros = {name: jnp.zeros((), jnp.float32) for name in METRIC_NAMES}
+    # zeros_like keeps each sum's placement (replicated over the mesh).
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.metric_sums[window])
     return state.replace(metric_sums=dict(state.metric_sums, **{window: zeros})), means
 
 
@@ -241,7 +243,8 @@ def eval_step(variables, images: jax.Array, labels: jax.Array,
 
 
 def evaluate(eval_fn: Callable, variables, images: np.ndarray,
-             labels: np.ndarray, batch_size: int) -> dict[str, float]:
+             labels: np.ndarray, batch_size: int, mesh: Mesh | None = None
+             ) -> dict[str, float]:
     """Loss and error over every example of ``images`` (batch norms at running averages).
 
     The one evaluation loop of the project: training, the lesion analyses
@@ -253,6 +256,8 @@ def evaluate(eval_fn: Callable, variables, images: np.ndarray,
       variables: the model's ``{"params", "batch_stats"}``.
       images: uint8[N, H, W, C], N >= 1; labels: int[N].
       batch_size: examples per batch; the last batch is padded and masked.
+      mesh: the mesh ``eval_fn`` was made for, if any: each batch is then
+        split over its devices (each process puts only its own part).
 
     Returns:
       ``loss`` (mean cross entropy), ``error`` (fraction misclassified) and
@@ -260,6 +265,8 @@ def evaluate(eval_fn: Callable, variables, images: np.ndarray,
     """
     totals = None
     for batch in input_pipeline.eval_batches(images, labels, batch_size):
+        if mesh is not None:
+            batch = parallel.shard_batch(batch, mesh)
         sums = eval_fn(variables, *batch)
         totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
@@ -274,21 +281,38 @@ def evaluate(eval_fn: Callable, variables, images: np.ndarray,
 
 
 def make_train_step(model: models.ResNet, optimizer: optax.GradientTransformation,
-                    crop_padding: int) -> Callable:
-    """`train_step` for ``model``, jitted, donating the train state (argument 0)."""
-    return jax.jit(functools.partial(train_step, model=model, optimizer=optimizer,
-                                     crop_padding=crop_padding),
-                   donate_argnums=0)
+                    crop_padding: int, mesh: Mesh | None = None) -> Callable:
+    """`train_step` for ``model``, jitted, donating the train state (argument 0).
+
+    With a ``mesh`` (`parallel.make_mesh`) the step is one SPMD program over
+    its devices: the state, the training set and the key replicated, the
+    batch indices split over the ``"data"`` axis, so each device gathers,
+    augments and runs its part of the global batch; batch-norm statistics
+    and the loss are means over the global batch.
+    """
+    step = functools.partial(train_step, model=model, optimizer=optimizer,
+                             crop_padding=crop_padding)
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    whole, split = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    return jax.jit(step, donate_argnums=0, in_shardings=(whole, whole, whole, split, whole),
+                   out_shardings=(whole, whole))
 
 
 @functools.lru_cache(maxsize=64)
-def make_eval_step(model: models.ResNet) -> Callable:
-    """`eval_step` for ``model``, jitted; one function per distinct model.
+def make_eval_step(model: models.ResNet, mesh: Mesh | None = None) -> Callable:
+    """`eval_step` for ``model``, jitted; one function per distinct model and mesh.
 
     Equal models (same stage sizes, h, width, lesioned stages) share the
-    function and with it jit's cache of compiled executables.
+    function and with it jit's cache of compiled executables. With a
+    ``mesh``, the variables are replicated and the batch is split over its
+    ``"data"`` axis.
     """
-    return jax.jit(functools.partial(eval_step, model=model))
+    step = functools.partial(eval_step, model=model)
+    if mesh is None:
+        return jax.jit(step)
+    whole, split = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    return jax.jit(step, in_shardings=(whole, split, split, split), out_shardings=whole)
 
 
 def compile_ahead(fn, *args) -> tuple[Callable, float]:
@@ -322,8 +346,9 @@ class CompiledSteps:
 
 def compile_steps(model: models.ResNet, optimizer: optax.GradientTransformation, *,
                   state, train_images, train_labels, rng, batch_size: int,
-                  eval_batch_size: int, crop_padding: int) -> CompiledSteps:
-    """Compiles the train and eval steps of ``model``'s depth.
+                  eval_batch_size: int, crop_padding: int,
+                  mesh: Mesh | None = None) -> CompiledSteps:
+    """Compiles the train and eval steps of ``model``'s depth (for ``mesh``, if given).
 
     Only shapes matter: ``state``, ``train_images``, ``train_labels`` and
     ``rng`` may be arrays or ``jax.ShapeDtypeStruct`` trees (e.g.
@@ -336,15 +361,16 @@ def compile_steps(model: models.ResNet, optimizer: optax.GradientTransformation,
       rng: the augmentation PRNG key.
       batch_size: examples per train step; eval_batch_size: per eval batch.
       crop_padding: pixels of zero padding for the random crop.
+      mesh: the devices (`make_train_step`, `make_eval_step`).
     """
     indices = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
     train, train_seconds = compile_ahead(
-        make_train_step(model, optimizer, crop_padding),
+        make_train_step(model, optimizer, crop_padding, mesh),
         state, train_images, train_labels, indices, rng)
     image_shape = tuple(train_images.shape[1:])
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     evaluate_compiled, eval_seconds = compile_ahead(
-        make_eval_step(model), variables,
+        make_eval_step(model, mesh), variables,
         jax.ShapeDtypeStruct((eval_batch_size, *image_shape), jnp.uint8),
         jax.ShapeDtypeStruct((eval_batch_size,), jnp.int32),
         jax.ShapeDtypeStruct((eval_batch_size,), jnp.bool_))

@@ -19,6 +19,7 @@ pure and live in `mlres_jax.models` and `mlres_jax.multilevel`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -36,7 +37,8 @@ import tqdm
 from absl import logging
 
 from mlres_jax import (checkpoint, configuration, errors, events, files, input_pipeline,
-                       models, multilevel, reporting, steps, stopwatch, workdir as workdirs)
+                       models, multilevel, parallel, reporting, steps, stopwatch,
+                       workdir as workdirs)
 
 SUMMARY_FILE = "summary.json"
 
@@ -72,6 +74,8 @@ class Run:
       optimizer: SGD with momentum and weight decay over ``schedule``.
       init_rng: PRNG key of the initial parameters.
       augment_rng: PRNG key of the augmentation (folded with the step).
+      mesh: the devices of all processes, one ``"data"`` axis
+        (`parallel.make_mesh`).
     """
 
     config: ml_collections.ConfigDict
@@ -84,6 +88,12 @@ class Run:
     optimizer: optax.GradientTransformation
     init_rng: jax.Array
     augment_rng: jax.Array
+    mesh: parallel.Mesh
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the logs, events, ``summary.json`` and lock."""
+        return parallel.is_main_process()
 
     def model(self, stage_sizes, step_size: float) -> models.ResNet:
         """The network of the given depth and step size h."""
@@ -153,17 +163,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       OSError: if ``workdir`` cannot be written.
     """
     start = time.perf_counter()
-    config = check_config(config)
-    with workdirs.hold(workdir):
-        run = prepare_run(config, workdir)
+    config, mesh = check_config(config)
+    with _hold_workdir(workdir):
+        run = prepare_run(config, workdir, mesh)
         with checkpoint.Checkpointer(workdir, config.checkpoints_to_keep) as checkpointer:
             progress = restore_or_start(run, checkpointer)
             if progress.step == run.cycles[-1].end_step and os.path.exists(_summary_path(run)):
                 return _finished_summary(run)
             progress.writer = _open_event_writer(run, progress)
             with progress.writer, StopRequest() as stop:
-                train_data = (jax.device_put(run.data.train_images),
-                              jax.device_put(run.data.train_labels))
+                train_data = parallel.put_replicated(
+                    (run.data.train_images, run.data.train_labels), run.mesh)
                 compiled = {}
                 for cycle in run.cycles:
                     if cycle.end_step <= progress.step:
@@ -181,28 +191,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 # Setting up, restoring, starting.
 
 
-def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def check_config(config: ml_collections.ConfigDict
+                 ) -> tuple[ml_collections.ConfigDict, parallel.Mesh]:
     """Everything a user can get wrong, checked in seconds before any work.
 
     The config's fields (`configuration.resolve`), the data set's presence
     and the readability of its headers (`input_pipeline.check_available`),
-    and the fields that depend on its size, such as a cycle that rounds to
-    zero steps (`configuration.check_against_data`).
+    the fields that depend on its size, such as a cycle that rounds to zero
+    steps (`configuration.check_against_data`), and the devices: the mesh
+    of ``num_devices`` must split both batch sizes evenly.
 
     Returns:
-      The resolved config.
+      The resolved config and the device mesh (`parallel.make_mesh`).
 
     Raises:
-      configuration.ConfigError, input_pipeline.DataSetError.
+      configuration.ConfigError, input_pipeline.DataSetError, parallel.MeshError.
     """
     config = configuration.resolve(config)
     num_train = input_pipeline.check_available(
         config.dataset, data_dir=config.data_dir, fashion_mnist_dir=config.fashion_mnist_dir)
     configuration.check_against_data(config, num_train)
-    return config
+    mesh = parallel.make_mesh(config.num_devices)
+    for field in ("batch_size", "eval_batch_size"):
+        parallel.check_batch_divides(field, config[field], mesh)
+    return config, mesh
 
 
-def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
+def prepare_run(config: ml_collections.ConfigDict, workdir: str,
+                mesh: parallel.Mesh) -> Run:
     """Loads the data and plans the cycles of a checked config (`check_config`).
 
     Raises:
@@ -221,12 +237,16 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str) -> Run:
     schedule = multilevel.learning_rate_schedule(
         cycles, config.learning_rate_max, config.learning_rate_min)
     init_rng, augment_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    run = Run(config=config, workdir=workdir, data=data, cycles=cycles,
+    augment_rng = parallel.put_replicated(augment_rng, mesh)
+    run = Run(config=config, workdir=workdir, data=data, cycles=cycles, mesh=mesh,
               steps_per_epoch=steps_per_epoch,
               eval_every_steps=max(1, round(config.eval_every_epochs * steps_per_epoch)),
               schedule=schedule, optimizer=steps.create_optimizer(config, schedule),
               init_rng=init_rng, augment_rng=augment_rng)
     workdirs.check_free_space(workdir, _checkpoint_bytes(run))
+    logging.info("Data parallel over %d %s device(s) of %d process(es): %d examples per "
+                 "device per step", mesh.devices.size, jax.devices()[0].platform,
+                 jax.process_count(), config.batch_size // mesh.devices.size)
     logging.info(
         "%s: %d train / %d test examples, batch %d, %d steps per epoch; %d cycles: %s",
         config.dataset, num_train, len(data.test_labels), config.batch_size,
@@ -251,8 +271,12 @@ def restore_or_start(run: Run, checkpointer: checkpoint.Checkpointer) -> Progres
                 f"cannot resume from the checkpoint of step {metadata.step} in "
                 f"{run.workdir}: the config differs in " + "; ".join(differences)
                 + ". Use another --workdir, or the checkpoint's values.")
-        return jax.eval_shape(lambda: steps.create_train_state(
+        shapes = jax.eval_shape(lambda: steps.create_train_state(
             run.init_rng, metadata.model(), run.optimizer, run.data.info.image_shape))
+        # Restored replicated on this run's mesh, whatever the devices that wrote it.
+        whole = parallel.replicated(run.mesh)
+        return jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), shapes)
 
     restored = checkpointer.restore_latest(abstract_state)
     if restored is None:
@@ -276,13 +300,15 @@ def enter_cycle(run: Run, cycle: multilevel.Cycle, progress: Progress) -> None:
     if progress.step <= cycle.first_step:
         progress.stopwatch = stopwatch.Stopwatch()
     if progress.state is None:
-        progress.state = steps.create_train_state(
+        progress.state = parallel.put_replicated(steps.create_train_state(
             run.init_rng, run.model(cycle.stage_sizes, cycle.step_size),
-            run.optimizer, run.data.info.image_shape)
+            run.optimizer, run.data.info.image_shape), run.mesh)
     elif progress.stage_sizes != cycle.stage_sizes:
-        progress.state = steps.interpolate_train_state(
+        # Replicated in, replicated out: every leaf is an old leaf, a copy of
+        # one or zeros like one, so `put_replicated` moves nothing.
+        progress.state = parallel.put_replicated(steps.interpolate_train_state(
             progress.state, run.config.interpolation_rule,
-            run.config.momentum_at_interpolation)
+            run.config.momentum_at_interpolation), run.mesh)
         logging.info("Interpolated %s -> %s blocks, h = %g",
                      models.format_stage_sizes(progress.stage_sizes),
                      models.format_stage_sizes(cycle.stage_sizes), cycle.step_size)
@@ -299,7 +325,7 @@ def compile_cycle_steps(run: Run, cycle: multilevel.Cycle, progress: Progress,
             state=progress.state, train_images=train_data[0], train_labels=train_data[1],
             rng=run.augment_rng, batch_size=run.config.batch_size,
             eval_batch_size=run.config.eval_batch_size,
-            crop_padding=run.config.crop_padding)
+            crop_padding=run.config.crop_padding, mesh=run.mesh)
         progress.stopwatch.add_compile_seconds(compiled[key].compile_seconds)
     return compiled[key]
 
@@ -326,11 +352,12 @@ def train_cycle(run: Run, cycle: multilevel.Cycle, compiled: steps.CompiledSteps
             stop_with_checkpoint(run, cycle, progress, checkpointer, stop.signal_number)
         epoch, position = divmod(step, run.steps_per_epoch)
         if order_epoch != epoch:
-            order_epoch, order = epoch, jax.device_put(input_pipeline.train_batch_indices(
+            order_epoch, order = epoch, input_pipeline.train_batch_indices(
                 len(run.data.train_labels), config.batch_size, config.seed,
-                epoch).astype(np.int32))
-        progress.state, _ = compiled.train(progress.state, *train_data, order[position],
-                                           run.augment_rng)
+                epoch).astype(np.int32)
+        progress.state, _ = compiled.train(
+            progress.state, *train_data, parallel.shard_batch(order[position], run.mesh),
+            run.augment_rng)
         progress.step = done = step + 1
         bar.update(1)
         if done % config.log_every_steps == 0:
@@ -362,7 +389,7 @@ def evaluate_and_record(run: Run, cycle: multilevel.Cycle, compiled: steps.Compi
     with progress.stopwatch.pause(stopwatch.EVAL):
         test = steps.evaluate(compiled.evaluate, progress.state.variables,
                               run.data.test_images, run.data.test_labels,
-                              run.config.eval_batch_size)
+                              run.config.eval_batch_size, run.mesh)
     progress.state, train = steps.take_metric_means(progress.state, "eval")
     record = reporting.evaluation_record(
         step=progress.step, steps_per_epoch=run.steps_per_epoch, cycle=cycle,
@@ -370,7 +397,8 @@ def evaluate_and_record(run: Run, cycle: multilevel.Cycle, compiled: steps.Compi
     progress.history.append(record)
     for name in ("test_error", "test_loss", "train_error"):
         progress.writer.add_scalar(name.replace("_", "/", 1), record[name], progress.step)
-    bar.write(reporting.evaluation_line(record, cycle.stage_sizes))
+    if run.is_main:
+        bar.write(reporting.evaluation_line(record, cycle.stage_sizes))
 
 
 def finish_cycle(run: Run, cycle: multilevel.Cycle, progress: Progress,
@@ -491,8 +519,14 @@ def write_summary(run: Run, progress: Progress, wall_seconds: float) -> dict:
                  "steps_per_epoch": run.steps_per_epoch},
         cycles=run.cycles, cycle_records=progress.cycle_records,
         history=progress.history, wall_seconds=wall_seconds)
-    files.write_json(_summary_path(run), summary)
+    if run.is_main:
+        files.write_json(_summary_path(run), summary)
     return summary
+
+
+def _hold_workdir(workdir: str):
+    """The workdir's lock (`workdir.hold`), taken by the main process for all of them."""
+    return workdirs.hold(workdir) if parallel.is_main_process() else contextlib.nullcontext()
 
 
 def _summary_path(run: Run) -> str:
@@ -507,7 +541,12 @@ def _finished_summary(run: Run) -> dict:
 
 
 def _open_event_writer(run: Run, progress: Progress):
-    """The TensorBoard writer; a resumed run's files keep no event after its checkpoint."""
+    """The TensorBoard writer; a resumed run's files keep no event after its checkpoint.
+
+    Only the main process writes events; the others get a writer that drops them.
+    """
+    if not run.is_main:
+        return events.NoEvents()
     resumed = progress.state is not None
     writer = events.open_writer(run.workdir, progress.step if resumed else None)
     if not resumed:
@@ -519,7 +558,8 @@ def _progress_bar(run: Run, cycle: multilevel.Cycle, step: int):
     """A tqdm bar over the cycle's steps; off when stderr is not a terminal."""
     return tqdm.tqdm(
         total=cycle.num_steps, initial=max(0, step - cycle.first_step),
-        disable=not (run.config.progress_bar and sys.stderr.isatty()), unit="step",
+        disable=not (run.config.progress_bar and run.is_main and sys.stderr.isatty()),
+        unit="step",
         desc=f"cycle {cycle.index + 1}/{len(run.cycles)} "
              f"{models.format_stage_sizes(cycle.stage_sizes)} h={cycle.step_size:g}")
 

@@ -8,6 +8,8 @@ import glob
 import json
 import math
 import os
+import subprocess
+import sys
 
 import ml_collections
 import pytest
@@ -16,6 +18,8 @@ import tensorflow_datasets as tfds
 from benchmarks import common, compare, compare_report, throughput
 from mlres_jax import files
 from configs import default, fashion_mnist, resnet50, resnet50i
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 NUM_EXAMPLES = 40  # mock examples per split
 
@@ -358,3 +362,33 @@ def test_compare_bad_config_fails_before_training(tmp_path, monkeypatch):
     with pytest.raises(configuration.ConfigError, match="config.batch_size = 0"):
         compare.run_comparison(config, [0, 1], str(tmp_path))
     assert not os.listdir(tmp_path)
+
+
+def test_scaling_table_puts_device_counts_side_by_side():
+    def row(sizes, devices, images_per_second):
+        return {"family": "ResNet", "stage_sizes": sizes, "step_size": 1.0,
+                "devices": devices, "train_images_per_second": {"median": images_per_second}}
+    table = throughput.scaling_table([row([2], 1, 100.0), row([4], 1, 50.0),
+                                      row([2], 2, 180.0), row([4], 2, 95.0)])
+    lines = table.splitlines()
+    assert lines[0] == ("| model | blocks | train images/s, 1 device | train images/s, "
+                        "2 devices | 2 vs 1 device |")
+    assert lines[2] == "| ResNet-6 | 2 | 100 | 180 | x1.80 |"
+    assert lines[3] == "| ResNet-10 | 4 | 50 | 95 | x1.90 |"
+
+
+def test_throughput_reruns_itself_with_forced_host_devices(tmp_path):
+    output = tmp_path / "throughput"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.throughput", "--families=2", "--levels=1",
+         "--stage_sizes=1", "--steps=1", "--warmup=0", "--eval_steps=1",
+         "--device_counts=1,2", "--batch_size=4", "--eval_batch_size=4",
+         f"--output_dir={output}"], cwd=REPO_ROOT, capture_output=True, text=True,
+        timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == 0, result.stderr
+    with open(output / "throughput.json") as handle:
+        report = json.load(handle)
+    assert [r["devices"] for r in report["rows"]] == [1, 2]
+    assert len(report["machine"]["devices"]) == 2  # measured in the rerun process
+    assert "| ResNet-4 w2 | 1 |" in (output / "throughput.md").read_text()
+    assert "train images/s, 2 devices" in result.stdout

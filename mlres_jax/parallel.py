@@ -1,0 +1,152 @@
+"""Data parallelism on JAX's own runtime: one mesh over every device of every process.
+
+A run's devices form a one-axis `jax.sharding.Mesh` (axis ``"data"``) over
+the devices of all processes. Parameters, batch-norm statistics, optimizer
+state and the whole training set are replicated on every device; each step's
+global mini-batch is split over the ``"data"`` axis, and `jax.jit` with these
+shardings runs the step as one SPMD program (no ``pmap``, no hand-written
+collectives). A mean over the batch inside the step, such as batch
+normalisation's, is a mean over the *global* batch: the maths of a step does
+not depend on the number of devices, only the order of float additions does.
+
+Several processes (hosts, or processes on one machine) join through
+`initialize`, a thin layer over ``jax.distributed.initialize``. Each process
+computes the same global batch indices from the seed and the step, and puts
+only its own devices' part of them on its devices (`shard_batch`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mlres_jax import errors
+
+DATA_AXIS = "data"
+
+# Environment variables by which cluster managers or users start several
+# processes; ``jax.distributed.initialize()`` without arguments reads them
+# (and detects Slurm, Open MPI and cloud TPU environments itself).
+_CLUSTER_ENVIRONMENT = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+                        "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
+
+
+class MeshError(errors.UserError):
+    """The devices asked for cannot split the batches."""
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> bool:
+    """Joins the processes of a multi-process run, if there are several.
+
+    With a coordinator address (flags), or in an environment that a cluster
+    manager set up (``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/
+    ``JAX_PROCESS_ID``, Slurm, Open MPI), calls ``jax.distributed.initialize``,
+    which must happen before anything else touches a device. Otherwise the run
+    is one process and nothing is done.
+
+    Returns:
+      Whether ``jax.distributed.initialize`` was called.
+    """
+    if coordinator_address is None and num_processes is None and not any(
+            name in os.environ for name in _CLUSTER_ENVIRONMENT):
+        return False
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+    logging.info("Process %d of %d; %d local and %d global devices",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count())
+    return True
+
+
+def is_main_process() -> bool:
+    """Whether this process writes logs, events, ``summary.json`` and plots."""
+    return jax.process_index() == 0
+
+
+def make_mesh(num_devices: int = -1) -> Mesh:
+    """A one-axis mesh over the first ``num_devices`` devices of all processes.
+
+    Args:
+      num_devices: how many devices; -1 for all of them.
+
+    Raises:
+      MeshError: for more devices than there are, or a count that leaves a
+        process without a device (several processes need all devices).
+    """
+    devices = jax.devices()
+    if num_devices == -1:
+        num_devices = len(devices)
+    if not 1 <= num_devices <= len(devices):
+        raise MeshError(f"config.num_devices = {num_devices} is not allowed: this run "
+                        f"has {len(devices)} devices ({devices[0].platform}); use -1 "
+                        "for all of them, or a number from 1 to that")
+    if jax.process_count() > 1 and num_devices != len(devices):
+        raise MeshError(f"config.num_devices = {num_devices} is not allowed with "
+                        f"{jax.process_count()} processes: a multi-process run uses all "
+                        f"{len(devices)} devices (-1)")
+    return Mesh(np.asarray(devices[:num_devices]), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The sharding of what every device holds whole: state, data set, keys."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    """The sharding of a batch: its first axis split over the ``"data"`` axis."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def check_batch_divides(name: str, batch_size: int, mesh: Mesh) -> None:
+    """Raises `MeshError` unless ``batch_size`` splits evenly over the mesh's devices."""
+    devices = mesh.devices.size
+    if batch_size % devices:
+        raise MeshError(
+            f"config.{name} = {batch_size} is not allowed: the global batch is split "
+            f"evenly over the {devices} devices of the mesh, so it must be a multiple "
+            f"of {devices} (e.g. {devices * max(1, round(batch_size / devices))}); or "
+            "set config.num_devices")
+
+
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+    """Host arrays (the same on every process) as arrays replicated on the mesh.
+
+    Each process copies the data to its own devices only; nothing is sent
+    between processes. Arrays already on the mesh are moved without a copy
+    where they are placed right.
+    """
+    sharding = replicated(mesh)
+
+    def put(x):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        if isinstance(x, jax.Array) and x.is_fully_addressable and jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def shard_batch(batch: Sequence[np.ndarray] | np.ndarray, mesh: Mesh):
+    """A global batch (the same on every process) split over the mesh's ``"data"`` axis.
+
+    Each process puts only its own devices' part of the batch on them.
+
+    Args:
+      batch: an array (or a tuple of arrays) whose first axis is the global
+        batch, divisible by the number of devices.
+    """
+    sharding = batch_sharded(mesh)
+
+    def put(x):
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree_util.tree_map(put, batch)
