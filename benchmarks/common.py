@@ -8,6 +8,7 @@ touch the file system or ask JAX about the machine.
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
 import platform
@@ -76,6 +77,41 @@ def parse_float_list(flag: str, text: str) -> list[float]:
     if not values or any(not math.isfinite(v) or v <= 0 for v in values):
         raise flag_error(flag, text, allowed)
     return values
+
+
+def comparable_config(config_dict: dict) -> dict:
+    """A config as ``summary.json`` stores it, without fields that do not change results."""
+    plain = json.loads(json.dumps(config_dict))
+    plain.pop("progress_bar", None)
+    return plain
+
+
+def read_summary(workdir: str) -> dict | None:
+    """The run's ``summary.json``, or None if it has none (or an unreadable one)."""
+    try:
+        with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
+def config_differences(summary: dict, config) -> list[str]:
+    """Config fields (but ``progress_bar``) that differ between a finished run and ``config``."""
+    old, new = comparable_config(summary.get("config", {})), comparable_config(config.to_dict())
+    return sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+
+
+def reusable_summary(workdir: str, config) -> dict | None:
+    """The run's existing ``summary.json`` if it was made with ``config``, else None."""
+    summary = read_summary(workdir)
+    if summary is None or config_differences(summary, config):
+        return None
+    return summary
+
+
+def holds_files(folder: str) -> bool:
+    """Whether ``folder`` exists and is not empty (an earlier run's folder)."""
+    return os.path.isdir(folder) and bool(os.listdir(folder))
 
 
 def mean_std(values: Sequence[float]) -> dict:

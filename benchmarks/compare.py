@@ -49,7 +49,6 @@ reused, unfinished ones continue from their checkpoints (and are marked
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from typing import Sequence
 
@@ -58,7 +57,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from benchmarks import common, compare_report
-from mlres_jax import cli, configuration, errors, models, multilevel, train
+from mlres_jax import cli, configuration, errors, models, plan, train
 
 PRESETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
 PRESETS = ("cpu", "paper")
@@ -151,8 +150,8 @@ def theoretical_saving(config: ml_collections.ConfigDict) -> dict:
       ``cycle_epochs`` (epochs per cycle), ``cost_ratio`` (multi-level cost
       over last-cycle cost) and ``time_saved`` (1 - cost_ratio), fractions.
     """
-    lengths = multilevel.cycle_epochs(config.num_epochs, config.cycle_boundaries)
-    ratio = multilevel.theoretical_cost_ratio(lengths)
+    lengths = plan.cycle_epochs(config.num_epochs, config.cycle_boundaries)
+    ratio = plan.theoretical_cost_ratio(lengths)
     return {"cycle_epochs": lengths, "cost_ratio": ratio, "time_saved": 1 - ratio}
 
 
@@ -187,35 +186,6 @@ def run_dir(output_dir: str, model: str, seed: int) -> str:
 
 # ---------------------------------------------------------------------------
 # Running.
-
-
-def _comparable(config_dict: dict) -> dict:
-    """A config as JSON would store it, without fields that do not change results."""
-    plain = json.loads(json.dumps(config_dict))
-    plain.pop("progress_bar", None)
-    return plain
-
-
-def _read_summary(workdir: str) -> dict | None:
-    try:
-        with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
-        return None
-
-
-def config_differences(summary: dict, config: ml_collections.ConfigDict) -> list[str]:
-    """Config fields (but ``progress_bar``) that differ between a finished run and ``config``."""
-    old, new = _comparable(summary.get("config", {})), _comparable(config.to_dict())
-    return sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
-
-
-def reusable_summary(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
-    """The run's existing ``summary.json`` if it was made with ``config``, else None."""
-    summary = _read_summary(workdir)
-    if summary is None or config_differences(summary, config):
-        return None
-    return summary
 
 
 def run_record(summary: dict, seed: int, workdir: str) -> dict:
@@ -260,7 +230,7 @@ def build_report(config, seeds, records, descriptions, machine,
             "num_epochs": config.num_epochs,
             "cycle_boundaries": list(config.cycle_boundaries),
             "batch_size": config.batch_size, "seeds": list(seeds),
-            "config": {k: v for k, v in _comparable(config.to_dict()).items()
+            "config": {k: v for k, v in common.comparable_config(config.to_dict()).items()
                        if k != "seed"},
         },
         "theoretical": theoretical_saving(config),
@@ -269,10 +239,6 @@ def build_report(config, seeds, records, descriptions, machine,
         "stats": compare_report.aggregate(records),
         "runs": records,
     }
-
-
-def _holds_files(folder: str) -> bool:
-    return os.path.isdir(folder) and bool(os.listdir(folder))
 
 
 def check_setup(config: ml_collections.ConfigDict, seeds: Sequence[int],
@@ -291,8 +257,8 @@ def check_setup(config: ml_collections.ConfigDict, seeds: Sequence[int],
     per_seed = {seed: model_configs(config, seed) for seed in seeds}
     for seed in seeds:
         for name in MODELS:
-            summary = _read_summary(run_dir(output_dir, name, seed))
-            differences = summary and config_differences(summary, per_seed[seed][name])
+            summary = common.read_summary(run_dir(output_dir, name, seed))
+            differences = summary and common.config_differences(summary, per_seed[seed][name])
             if resume and differences:
                 raise CompareError(
                     f"{run_dir(output_dir, name, seed)} holds a finished run of "
@@ -300,7 +266,7 @@ def check_setup(config: ml_collections.ConfigDict, seeds: Sequence[int],
                     "choose another --output_dir")
     if not resume:
         used = [run_dir(output_dir, name, seed) for seed in seeds for name in MODELS
-                if _holds_files(run_dir(output_dir, name, seed))]
+                if common.holds_files(run_dir(output_dir, name, seed))]
         if used:
             raise CompareError(
                 f"{used[0]} already holds a run ({len(used)} of the runs' folders "
@@ -353,10 +319,10 @@ def run_comparison(config: ml_collections.ConfigDict, seeds: Sequence[int],
     for seed in seeds:
         for name in MODELS:
             workdir = run_dir(output_dir, name, seed)
-            summary = reusable_summary(workdir, per_seed[seed][name]) if resume else None
+            summary = common.reusable_summary(workdir, per_seed[seed][name]) if resume else None
             status = "reused"
             if summary is None:
-                status = "resumed" if _holds_files(workdir) else "trained"
+                status = "resumed" if common.holds_files(workdir) else "trained"
                 logging.info("Training the %s, seed %d, in %s", LABELS[name], seed, workdir)
                 summary = train.train_and_evaluate(per_seed[seed][name], workdir)
             records[name].append({**run_record(summary, seed, workdir), "status": status})

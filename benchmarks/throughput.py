@@ -53,7 +53,7 @@ from absl import app, flags, logging
 
 from benchmarks import common
 from configs import default
-from mlres_jax import cli, files, input_pipeline, models, multilevel, parallel, steps
+from mlres_jax import cli, files, input_pipeline, models, parallel, plan, steps
 
 FAMILIES = {"resnet": 16, "wresnet": 32}
 FAMILY_NAMES = {16: "ResNet", 32: "WResNet"}
@@ -301,7 +301,7 @@ def time_train_step(model: models.ResNet, settings: dict, mesh):
                for _ in range(settings["warmup"] + settings["steps"])]
     augment_rng = parallel.put_replicated(jax.random.PRNGKey(settings["seed"] + 1), mesh)
     config = default.get_config()
-    optimizer = steps.create_optimizer(config, multilevel.cosine_cycle_schedule(
+    optimizer = steps.create_optimizer(config, plan.cosine_cycle_schedule(
         10_000, config.learning_rate_max, config.learning_rate_min))
     state = parallel.put_replicated(steps.create_train_state(
         jax.random.PRNGKey(settings["seed"]), model, optimizer,
@@ -428,7 +428,7 @@ def family_summary(rows: list[dict], cycle_steps_list: Sequence[int]) -> dict:
         "predicted_time_saved_steps_only": common.time_saved(multi_steps, fixed_steps),
         "predicted_time_saved_with_compile": common.time_saved(
             multi_steps + sum(compiles), fixed_steps + compiles[-1]),
-        "theoretical_time_saved": 1 - multilevel.theoretical_cost_ratio(cycle_steps_list),
+        "theoretical_time_saved": 1 - plan.theoretical_cost_ratio(cycle_steps_list),
     }
 
 

@@ -42,11 +42,23 @@ def get_config() -> ml_collections.ConfigDict:
     # False: fixed depth with the same learning-rate restarts (the paper's
     # first-cycle and last-cycle baselines).
     config.multilevel = True
-    # Interpolation rule, a key of mlres_jax.multilevel.INTERPOLATION_RULES.
+    # Growth rule, a key of mlres_jax.multilevel.GROWTH_RULES: 'paper' (Sec.
+    # 4.1), 'identity', 'transition_keeping', 'linear' or 'appended'.
     config.interpolation_rule = 'paper'
-    # What happens to the SGD momentum at an interpolation: 'interpolate'
-    # (carried through the same copy as the parameters) or 'reset' (zeroed).
+    # What happens to the SGD momentum at an interpolation:
+    # 'interpolate' (carried through the rule, as the parameters), 'reset'
+    # (zeroed) or 'zero_inserted' (zero for the inserted blocks only).
     config.momentum_at_interpolation = 'interpolate'
+    # Training images (the first N, eval mode) evaluated just before and
+    # just after every growth, beside the test split, to measure the jump in
+    # loss and error the growth causes; 0 measures the test split only.
+    config.growth_train_examples = 2000
+    # Start from the latest checkpoint in this folder (e.g. the output of
+    # `python -m mlres_jax.grow`) instead of a random initialisation: its
+    # parameters and batch-norm statistics, its stage sizes and step size h
+    # (which replace stage_sizes and step_size); a fresh optimizer. Its data
+    # set and width must be this run's. '' starts from scratch.
+    config.init_from = ''
 
     # --- Schedule and optimiser (paper Sec. 5.2, Eq. 9) ----------------------
     # Length of the run in epochs (fractions allowed).

@@ -44,7 +44,7 @@ MODEL = "model"
 SAFE_TO_CHANGE = frozenset({
     "log_every_steps", "progress_bar", "eval_batch_size", "eval_every_epochs",
     "checkpoint_every_steps", "checkpoints_to_keep", "data_dir",
-    "fashion_mnist_dir", "num_devices",
+    "fashion_mnist_dir", "num_devices", "growth_train_examples",
 })
 
 
@@ -88,6 +88,7 @@ class CheckpointMetadata:
       config: the run's resolved config as a dict.
       history: the evaluation records so far (as in ``summary.json``).
       cycle_records: the records of the cycles finished so far.
+      growths: the records of the growths so far, with their jumps.
       stopwatch: `stopwatch.Stopwatch` readings of the current cycle, s.
       kind: `TRAIN_STATE` (a run's whole train state) or `MODEL` (variables
         only, as written by `save_model`).
@@ -107,6 +108,7 @@ class CheckpointMetadata:
     config: dict
     history: list = dataclasses.field(default_factory=list)
     cycle_records: list = dataclasses.field(default_factory=list)
+    growths: list = dataclasses.field(default_factory=list)
     stopwatch: dict = dataclasses.field(default_factory=dict)
     kind: str = TRAIN_STATE
     grown_from: dict | None = None

@@ -12,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-from mlres_jax import errors, input_pipeline, multilevel, steps
+from mlres_jax import errors, input_pipeline, multilevel, plan
 
 # Paper Sec. 5.2: mini-batch 100 for CIFAR, 32 for STL-10. Fashion-MNIST is
 # not in the paper; it uses CIFAR's 100.
@@ -34,13 +34,14 @@ def _positive_number(config, field: str):
         _fail(field, value, "it must be a finite number > 0")
 
 
-def _positive_integer(config, field: str, allow_derived: bool = False):
+def _positive_integer(config, field: str, allow_derived: bool = False,
+                      allow_zero: bool = False):
     value = config[field]
     if allow_derived and value == -1:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
         extra = " (or -1 to derive it from the data set)" if allow_derived else ""
-        _fail(field, value, f"it must be an integer > 0{extra}")
+        _fail(field, value, f"it must be an integer {'>= 0' if allow_zero else '> 0'}{extra}")
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -80,7 +81,7 @@ def check_against_data(config: ml_collections.ConfigDict, num_train: int) -> Non
     Called with the count from ``input_pipeline.check_available``, before
     the data is loaded: the batch must fit the training set, and every cycle
     of the plan must have at least one step once its epochs are rounded to
-    whole steps (``multilevel.plan_cycles``).
+    whole steps (``plan.plan_cycles``).
 
     Args:
       config: a resolved config (`resolve`).
@@ -96,7 +97,7 @@ def check_against_data(config: ml_collections.ConfigDict, num_train: int) -> Non
               f"it must not exceed the {num_train} training examples found for "
               f"{config.dataset}")
     try:
-        multilevel.plan_cycles(
+        plan.plan_cycles(
             stage_sizes=config.stage_sizes, step_size=config.step_size,
             num_epochs=config.num_epochs, cycle_boundaries=config.cycle_boundaries,
             steps_per_epoch=steps_per_epoch, multilevel=config.multilevel)
@@ -124,9 +125,9 @@ def _check_multilevel(config) -> None:
     if config.interpolation_rule not in multilevel.INTERPOLATION_RULES:
         _fail("interpolation_rule", config.interpolation_rule,
               f"known rules are {sorted(multilevel.INTERPOLATION_RULES)}")
-    if config.momentum_at_interpolation not in steps.MOMENTUM_AT_INTERPOLATION:
+    if config.momentum_at_interpolation not in multilevel.MOMENTUM_POLICIES:
         _fail("momentum_at_interpolation", config.momentum_at_interpolation,
-              f"it must be one of {list(steps.MOMENTUM_AT_INTERPOLATION)}")
+              f"it must be one of {sorted(multilevel.MOMENTUM_POLICIES)}")
 
 
 def _check_schedule(config) -> None:
@@ -143,11 +144,10 @@ def _check_schedule(config) -> None:
               f"epochs must increase strictly inside (0, num_epochs = "
               f"{config.num_epochs})")
     config.cycle_boundaries = tuple(float(b) for b in boundaries)
-    if (config.multilevel and config.cycle_boundaries
-            and config.interpolation_rule == "paper" and min(config.stage_sizes) < 2):
+    if config.multilevel and config.cycle_boundaries and min(config.stage_sizes) < 2:
         _fail("stage_sizes", config.stage_sizes,
-              "the paper's interpolation rule needs at least 2 blocks in "
-              "every stage (the block after the first copies the second, "
+              f"the {config.interpolation_rule!r} growth rule needs at least 2 blocks "
+              "in every stage (the block after the first is made from the second, "
               "paper App. B)")
 
 
@@ -183,7 +183,41 @@ def _resolve_batches_and_padding(config, info: input_pipeline.DataSetInfo) -> No
               f"{min(info.image_shape[:2])}] pixels")
 
 
+def start_from(config: ml_collections.ConfigDict, metadata) -> ml_collections.ConfigDict:
+    """The config of a run that starts from a checkpoint (``config.init_from``).
+
+    The checkpoint's stage sizes and step size h replace ``stage_sizes`` and
+    ``step_size`` (a grown checkpoint's depth comes from its metadata); its
+    data set and width must be this run's.
+
+    Args:
+      config: a resolved config with ``init_from`` set.
+      metadata: the checkpoint's ``checkpoint.CheckpointMetadata``.
+
+    Returns:
+      A new resolved config.
+
+    Raises:
+      ConfigError: naming ``init_from`` and every field that differs.
+    """
+    differences = [f"{field} (checkpoint {saved!r}, config {config[field]!r})"
+                   for field, saved in (("dataset", metadata.dataset),
+                                        ("width", metadata.width))
+                   if saved != config[field]]
+    if differences:
+        _fail("init_from", config.init_from,
+              "its checkpoint is of another network or data set: it differs in "
+              + " and ".join(differences))
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.stage_sizes = tuple(metadata.stage_sizes)
+    config.step_size = float(metadata.step_size)
+    return resolve(config)
+
+
 def _check_bookkeeping(config) -> None:
+    if not isinstance(config.init_from, str):
+        _fail("init_from", config.init_from, "it must be a folder (a string), or ''")
+    _positive_integer(config, "growth_train_examples", allow_zero=True)
     devices = config.num_devices
     if isinstance(devices, bool) or not isinstance(devices, int) or not (
             devices == -1 or devices >= 1):

@@ -1,23 +1,37 @@
-"""The multi-level method: interpolation of a network's pytree and the cycle plan.
+"""The multi-level method's tree surgery: growing a network, and shrinking it back.
 
-Everything here is pure: functions of pytrees and numbers, no I/O.
+Everything here is pure: functions of pytrees, no I/O. A reader who wants to
+know how a network is deepened opens this file.
 
-* `interpolate` doubles every stage's blocks (prolongation, paper Sec. 4.1,
-  Fig. 5, App. B); `deepen` also returns the next model with h halved.
-* `coarsen` is its inverse (restriction, as in multigrid): it keeps every other
-  block of each stage; `restrict` also returns the model with h doubled.
-* `plan_cycles` lays out the cycles of a run (paper Table 1, Sec. 5.2) and
-  `learning_rate_schedule` builds the cosine learning rate that restarts at
-  every cycle (SGDR, paper Eq. 9) from optax.
-* `theoretical_time_saved` and `theoretical_cost_ratio` are the paper's
-  Sec. 4.2 cost model (Table 2).
+* `interpolate` doubles every stage's blocks (prolongation) under a named
+  growth rule of `GROWTH_RULES` (the paper's, Sec. 4.1, Fig. 5, App. B, is
+  the default); `deepen` also returns the next model with h halved.
+* `coarsen` is its inverse (restriction, as in multigrid): it keeps the old
+  blocks of each stage and undoes the rule's scaling; `restrict` also
+  returns the model with h doubled.
+* `grow_optimizer_state` carries an optimizer state through a growth under
+  one of `MOMENTUM_POLICIES`.
 
-Trees are recognised by names, not by position: a *network tree* is any
-mapping with keys ``stage1``, ``stage2``, ... whose values are mappings with
-keys ``block1``, ``block2``, ... (`mlres_jax.models` names them so). Model
-variables ``{"params": ..., "batch_stats": ...}``, a bare ``params`` tree and
-optimizer states whose momentum mirrors ``params`` all contain such trees, so
-the one `interpolate` serves for all of them.
+**Rules.** A rule says, for a stage of n blocks, how each of the 2n new
+blocks is made (`NewBlock`; `interpolate` refuses a rule that would read a
+block the stage does not have, such as the second block of a one-block
+stage): from which old blocks (a copy, or a weighted
+average), with what factor on its residual module's output G, and whether
+it is one of the old blocks at its new place or an inserted one. Every block
+computes ``Y_{j+1} = S(Y_j) + h * G(Y_j)`` and G ends in a linear layer (this
+project's ``conv2``), so scaling that layer's kernel scales G. The step size
+h halves at every growth, so a block kept at its place contributes half of
+what it did unless its G is doubled.
+
+**Layouts.** Trees are recognised by names, not by position. By default a
+*network tree* is a mapping with keys ``stage1``, ``stage2``, ... whose
+values are mappings with keys ``block1``, ``block2``, ... (`STAGES`, the
+naming of `mlres_jax.models`). Model variables ``{"params": ...,
+"batch_stats": ...}``, a bare ``params`` tree and optimizer states whose
+momentum mirrors ``params`` all contain such trees, so one `interpolate`
+serves for all of them. Other networks say where their blocks are with a
+`KeyLayout`, e.g. `flax_examples_layout` for the flat ``ResNetBlock_0``,
+``ResNetBlock_1``, ... of flax's example ResNets.
 """
 
 from __future__ import annotations
@@ -25,21 +39,188 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
-import optax
+import numpy as np
 
 from mlres_jax import models
 
 _STAGE_KEY = re.compile(r"^stage(\d+)$")
 _BLOCK_KEY = re.compile(r"^block(\d+)$")
 
+# ---------------------------------------------------------------------------
+# Rules: how the 2n blocks of a grown stage are made from its n blocks.
 
-def _is_network_tree(node: Any) -> bool:
-    return isinstance(node, Mapping) and any(
-        isinstance(k, str) and _STAGE_KEY.match(k) for k in node)
+
+@dataclasses.dataclass(frozen=True)
+class NewBlock:
+    """How one block of a grown stage is made.
+
+    Attributes:
+      sources: ``((old_index, weight), ...)``, 0-based: the block is the
+        weighted sum of these old blocks' subtrees (parameters, batch-norm
+        statistics, momentum alike); one source of weight 1 is a copy.
+      residual_scale: factor on the residual module's output G (applied to
+        the layout's ``residual_output`` leaves, e.g. ``conv2/kernel``).
+      inserted: False for an old block at its new place, True for a new one.
+    """
+
+    sources: tuple[tuple[int, float], ...]
+    residual_scale: float = 1.0
+    inserted: bool = False
+
+
+def _check_stage(num_blocks: int, rule: str) -> None:
+    if num_blocks < 2:
+        raise ValueError(
+            f"the {rule!r} growth rule needs at least 2 blocks per stage, got a "
+            f"stage of {num_blocks}: the block inserted after the first "
+            "(downsampling) block is made from the second block, since the first "
+            "block's shapes differ from the rest (paper App. B)")
+
+
+def _copy(index: int, scale: float = 1.0, inserted: bool = False) -> NewBlock:
+    return NewBlock(((index, 1.0),), scale, inserted)
+
+
+def paper_prolongation_sources(num_blocks: int) -> list[int]:
+    """Which old block each new block copies under the paper's rule (0-based).
+
+    ``[b1, b2, b3] -> [b1, b2, b2, b2, b3, b3]``: a copy after every old
+    block, the one after the first (downsampling) block a copy of the second
+    (paper Sec. 4.1, App. B).
+
+    Raises:
+      ValueError: for ``num_blocks < 2`` (no second block to copy).
+    """
+    _check_stage(num_blocks, "paper")
+    return _paper_sources(num_blocks)
+
+
+def _paper_sources(num_blocks: int) -> list[int]:
+    return [source for i in range(num_blocks) for source in (i, i if i > 0 else 1)]
+
+
+def paper_rule(num_blocks: int) -> list[NewBlock]:
+    """The paper's interpolation (Chang et al. 2018, Sec. 4.1, Fig. 5, App. B).
+
+    A copy is inserted after every block; after the first (downsampling)
+    block, a copy of the second. Not function-preserving: with h halved, in
+    ``[b1, b2, b3] -> [b1, b2, b2, b2, b3, b3]`` the downsampling block b1
+    contributes half of what it did, b2 one and a half times, b3 the same
+    (to first order). Preserves the multiset of trained blocks.
+    """
+    return [_copy(source, inserted=bool(position % 2))
+            for position, source in enumerate(_paper_sources(num_blocks))]
+
+
+def identity_rule(num_blocks: int) -> list[NewBlock]:
+    """Zero-residual inserted blocks, old residuals doubled: exactly function-preserving.
+
+    Every old block keeps its place with its residual module's output doubled
+    (so h/2 * 2G = hG); every inserted block is made like the paper's
+    (a copy of the block before it, of the second after the first) but with
+    a zero residual output, so it is the identity. In eval mode the network
+    computes exactly what it did (to float rounding). Source: Net2Net's
+    identity layers (Chen, Goodfellow, Shlens, ICLR 2016) and LLaMA-Pro's
+    zero-initialised inserted blocks (Wu et al., 2024).
+    """
+    return [NewBlock(block.sources, 0.0 if block.inserted else 2.0, block.inserted)
+            for block in paper_rule(num_blocks)]
+
+
+def transition_keeping_rule(num_blocks: int) -> list[NewBlock]:
+    """The paper's copies, each old block's total contribution kept (to first order).
+
+    Old block i appears c_i times in the grown stage (the paper's pattern:
+    c = 1 for the downsampling block, 3 for the second, 2 for the rest), each
+    with h/2; scaling every copy's residual output by 2 / c_i keeps
+    c_i * (h/2) * (2/c_i) G_i = h G_i, the downsampling block's included.
+    Source: this project, as the first-order correction of the paper's rule.
+    """
+    blocks = paper_rule(num_blocks)
+    counts = np.bincount([b.sources[0][0] for b in blocks], minlength=num_blocks)
+    return [NewBlock(b.sources, 2.0 / int(counts[b.sources[0][0]]), b.inserted)
+            for b in blocks]
+
+
+def linear_rule(num_blocks: int) -> list[NewBlock]:
+    """Linear prolongation: an inserted block is the average of its two neighbours.
+
+    ``[b1, b2, b3] -> [b1, b2, b2, (b2+b3)/2, b3, b3]``: the block between
+    b_i and b_(i+1) is their average; the last one copies the last block,
+    and the one after the first (downsampling) block copies the second, whose
+    shapes it needs. With the parameters read as a function of time t = j*h,
+    this samples their linear interpolant at twice the rate, as multigrid
+    methods prolong layer-parallel ResNets (Günther et al., "Layer-parallel
+    training of deep residual neural networks", SIMODS 2020; torchbraid).
+    Preserves, to first order, the contribution of every interior block.
+    """
+    new = []
+    for i in range(num_blocks):
+        new.append(_copy(i))
+        if i == 0 or i == num_blocks - 1:
+            new.append(_copy(max(i, 1), inserted=True))
+        else:
+            new.append(NewBlock(((i, 0.5), (i + 1, 0.5)), 1.0, True))
+    return new
+
+
+def appended_rule(num_blocks: int) -> list[NewBlock]:
+    """Progressive stacking: the stage's copies go after its old blocks.
+
+    ``[b1, b2, b3] -> [b1, b2, b3, b2, b2, b3]``: the stage followed by a copy
+    of itself, the first (downsampling) block's copy replaced by the
+    second's. The same blocks as the paper's rule, in another order.
+    Source: progressive stacking of BERT (Gong et al., ICML 2019).
+    """
+    return ([_copy(i) for i in range(num_blocks)]
+            + [_copy(max(i, 1), inserted=True) for i in range(num_blocks)])
+
+
+# Growth rules by name. Add a rule here to make it available everywhere
+# (config.interpolation_rule, mlres_jax.grow --rule, benchmarks.growth).
+GROWTH_RULES: dict[str, Callable[[int], list[NewBlock]]] = {
+    "paper": paper_rule,
+    "identity": identity_rule,
+    "transition_keeping": transition_keeping_rule,
+    "linear": linear_rule,
+    "appended": appended_rule,
+}
+INTERPOLATION_RULES = GROWTH_RULES  # the name the config field has
+
+# What happens to the optimizer's per-block state (SGD momentum) at a growth.
+MOMENTUM_POLICIES = {
+    "interpolate": "carried through the rule, exactly as the parameters",
+    "reset": "zeroed for every block",
+    "zero_inserted": "carried for the old blocks, zero for the inserted ones",
+}
+
+
+def _rule(name: str) -> Callable[[int], list[NewBlock]]:
+    if name not in GROWTH_RULES:
+        raise ValueError(f"unknown interpolation rule {name!r}; known rules: "
+                         f"{sorted(GROWTH_RULES)}")
+    return GROWTH_RULES[name]
+
+
+# ---------------------------------------------------------------------------
+# Layouts: where a network tree keeps its blocks.
+
+
+class Layout(Protocol):
+    """Finds the blocks of a network tree and puts new ones in their place."""
+
+    residual_output: tuple[str, ...]
+
+    def read(self, node: Any) -> tuple[list[list[Any]], dict] | None:
+        """``(stages of block subtrees, the node's other entries)``, or None
+        if ``node`` is not a network tree of this layout."""
+
+    def write(self, stages: list[list[Any]], others: dict) -> dict:
+        """The network tree with ``stages`` (lists of block subtrees) in it."""
 
 
 def ordered_blocks(stage_name: str, stage: Mapping) -> list:
@@ -68,133 +249,326 @@ def is_stage_key(key: Any) -> bool:
     return isinstance(key, str) and _STAGE_KEY.match(key) is not None
 
 
-def paper_prolongation_sources(num_blocks: int) -> list[int]:
-    """Which old block each new block copies, under the paper's rule.
+@dataclasses.dataclass(frozen=True)
+class StageLayout:
+    """This project's naming: ``stageN/blockM``, each stage a mapping of its blocks.
 
-    A new block is inserted after every old block as its copy, except that the
-    block inserted after the first (downsampling) block copies the *second* old
-    block, because the first has other shapes (paper Sec. 4.1, App. B). For
-    ``[b1, b2, b3]`` the result is ``[b1, b2, b2, b2, b3, b3]``.
+    Attributes:
+      residual_output: the leaves, by path inside a block, that the residual
+        module's output G is linear in (``conv2/kernel``: G ends in conv2,
+        which has no bias).
+    """
+
+    residual_output: tuple[str, ...] = ("conv2/kernel",)
+
+    def read(self, node):
+        if not (isinstance(node, Mapping) and any(is_stage_key(k) for k in node)):
+            return None
+        keys = sorted((k for k in node if is_stage_key(k)),
+                      key=lambda k: int(_STAGE_KEY.match(k).group(1)))
+        return ([ordered_blocks(k, node[k]) for k in keys],
+                {k: v for k, v in node.items() if not is_stage_key(k)})
+
+    def write(self, stages, others):
+        return {**others, **{models.stage_name(s): {models.block_name(b): block
+                                                    for b, block in enumerate(blocks)}
+                             for s, blocks in enumerate(stages)}}
+
+
+STAGES = StageLayout()
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyLayout:
+    """Blocks as keys directly under one mapping, located by a function.
+
+    For networks that name blocks the framework's way, e.g. flax's examples:
+    ``params = {"conv_init", "bn_init", "ResNetBlock_0", ..., "Dense_0"}``.
+
+    Attributes:
+      locate: ``key -> (stage, block)`` (0-based) for a block's key, None
+        for any other key.
+      name: ``(stage, block, stage_sizes) -> key`` for the grown (or
+        coarsened) tree of ``stage_sizes``.
+      residual_output: the leaves, by path inside a block, that the residual
+        module's output is linear in.
+    """
+
+    locate: Callable[[str], tuple[int, int] | None]
+    name: Callable[[int, int, Sequence[int]], str]
+    residual_output: tuple[str, ...]
+
+    def read(self, node):
+        if not isinstance(node, Mapping):
+            return None
+        found = {key: self.locate(key) for key in node if isinstance(key, str)}
+        found = {key: where for key, where in found.items() if where is not None}
+        if not found:
+            return None
+        num_stages = 1 + max(stage for stage, _ in found.values())
+        stages = [[] for _ in range(num_stages)]
+        for key, (stage, block) in sorted(found.items(), key=lambda item: item[1]):
+            if block != len(stages[stage]):
+                raise ValueError(f"block {key!r} is block {block} of stage {stage}, "
+                                 f"but the stage has {len(stages[stage])} blocks before it")
+            stages[stage].append(node[key])
+        return stages, {k: v for k, v in node.items() if k not in found}
+
+    def write(self, stages, others):
+        sizes = [len(blocks) for blocks in stages]
+        return {**others, **{self.name(s, b, sizes): block for s, blocks in enumerate(stages)
+                             for b, block in enumerate(blocks)}}
+
+
+def flax_examples_layout(stage_sizes: Sequence[int], prefix: str = "ResNetBlock_",
+                         residual_output: tuple[str, ...] = ("BatchNorm_1/scale",
+                                                             "BatchNorm_1/bias")
+                         ) -> KeyLayout:
+    """The layout of flax's example ResNets: blocks ``ResNetBlock_0..`` numbered through all stages.
+
+    Their block is ``conv -> norm -> act -> conv -> norm`` plus the input
+    (a projection where the shape changes), so the residual output is linear
+    in the last norm's scale and bias (``BatchNorm_1``).
 
     Args:
-      num_blocks: blocks in the stage before interpolation, >= 2.
+      stage_sizes: blocks per stage of the tree to grow (or coarsen), e.g.
+        ``(2, 2, 2, 2)`` for ResNet-18, or `stage_sizes_from_widths`.
+      prefix: the blocks' name before their number.
+      residual_output: leaves the residual output is linear in.
+    """
+    starts = np.cumsum([0, *stage_sizes])
 
-    Returns:
-      0-based indices into the old blocks, length ``2 * num_blocks``.
+    def locate(key):
+        if not key.startswith(prefix) or not key[len(prefix):].isdigit():
+            return None
+        index = int(key[len(prefix):])
+        if index >= starts[-1]:
+            raise ValueError(f"{key!r} is beyond the {starts[-1]} blocks of stage sizes "
+                             f"{tuple(stage_sizes)}")
+        stage = int(np.searchsorted(starts, index, side="right") - 1)
+        return stage, index - int(starts[stage])
+
+    def name(stage, block, sizes):
+        return f"{prefix}{sum(sizes[:stage]) + block}"
+
+    return KeyLayout(locate, name, residual_output)
+
+
+def stage_sizes_from_widths(params: Mapping, prefix: str = "ResNetBlock_") -> tuple[int, ...]:
+    """Stage sizes of a flat-named network, from where its blocks change width.
+
+    A block starts a new stage where the input channels of its first
+    convolution kernel (by name) differ from the output channels of its
+    last, i.e. where the stride and the width change, as in flax's example
+    ResNets; the first block starts the first stage.
+
+    Args:
+      params: the ``params`` tree holding ``{prefix}0``, ``{prefix}1``, ...
 
     Raises:
-      ValueError: for ``num_blocks < 2`` (no second block to copy).
+      ValueError: if no block is found, or a block has no 4-D kernel.
     """
-    if num_blocks < 2:
-        raise ValueError(
-            f"the paper's interpolation rule needs at least 2 blocks per "
-            f"stage, got a stage of {num_blocks}: the block inserted after the "
-            "first (downsampling) block is a copy of the second block, since "
-            "the first block's shapes differ from the rest (paper App. B)")
-    sources = []
-    for i in range(num_blocks):
-        sources += [i, i if i > 0 else 1]
-    return sources
+    numbers = sorted(int(k[len(prefix):]) for k in params
+                     if k.startswith(prefix) and k[len(prefix):].isdigit())
+    if not numbers:
+        raise ValueError(f"no block named {prefix}0, {prefix}1, ... in {sorted(params)}")
+    sizes = []
+    for number in numbers:
+        leaves = sorted((jax.tree_util.keystr(path), leaf.shape) for path, leaf in
+                        jax.tree_util.tree_flatten_with_path(params[f"{prefix}{number}"])[0]
+                        if len(leaf.shape) == 4)
+        if not leaves:
+            raise ValueError(f"{prefix}{number} has no convolution kernel")
+        changes_width = leaves[0][1][2] != leaves[-1][1][3]
+        if not sizes or changes_width:
+            sizes.append(0)
+        sizes[-1] += 1
+    return tuple(sizes)
 
 
-# Interpolation rules: name -> function from the old stage size to the copy
-# sources of the new blocks. Add a rule here to make it available everywhere.
-INTERPOLATION_RULES: dict[str, Callable[[int], list[int]]] = {
-    "paper": paper_prolongation_sources,
-}
+def map_network_trees(fn: Callable[[Mapping], Any], tree, layout: Layout = STAGES):
+    """Applies ``fn`` to every network tree of ``layout`` in ``tree``.
+
+    Leaves outside network trees are returned unchanged. E.g.
+    ``map_network_trees(lambda t: jax.tree_util.tree_map(jnp.zeros_like, t),
+    opt_state)`` zeroes an optimizer's momentum but keeps its step count.
+    """
+    def is_network(node):
+        return layout.read(node) is not None
+
+    return jax.tree_util.tree_map(lambda node: fn(node) if is_network(node) else node,
+                                  tree, is_leaf=is_network)
 
 
-def _copy_subtree(tree):
-    # Each new block owns its buffers, so a donated train state never holds
-    # the same buffer twice.
-    return jax.tree_util.tree_map(jnp.copy, tree)
+# ---------------------------------------------------------------------------
+# Growing and shrinking.
 
 
-def _interpolate_network_tree(tree: Mapping, rule: str) -> dict:
-    sources_fn = INTERPOLATION_RULES[rule]
-    result = {}
-    for key, node in tree.items():
-        if isinstance(key, str) and _STAGE_KEY.match(key):
-            blocks = ordered_blocks(key, node)
-            try:
-                sources = sources_fn(len(blocks))
-            except ValueError as error:
-                raise ValueError(f"cannot interpolate {key}: {error}") from None
-            seen = set()
-            stage = {}
-            for new_index, old_index in enumerate(sources):
-                block = blocks[old_index]
-                stage[models.block_name(new_index)] = (
-                    _copy_subtree(block) if old_index in seen else block)
-                seen.add(old_index)
-            result[key] = stage
-        else:
-            result[key] = node
-    return result
+def _scale_residual(block, scale: float, residual_output: tuple[str, ...]):
+    if scale == 1.0:
+        return block
+
+    def scaled(path, leaf):
+        name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        matches = any(name == p or name.endswith("/" + p) for p in residual_output)
+        return (leaf * scale).astype(leaf.dtype) if matches else leaf
+
+    return jax.tree_util.tree_map_with_path(scaled, block)
 
 
-def interpolate(tree, rule: str = "paper"):
+def _make_block(old_blocks, new_block: NewBlock, used: set, layout: Layout, zero: bool):
+    (first, weight), *rest = new_block.sources
+    if not rest and weight == 1.0:
+        block = old_blocks[first]
+        if first in used:  # each new block owns its buffers (a donated state
+            block = jax.tree_util.tree_map(jnp.copy, block)  # holds none twice)
+        used.add(first)
+    else:
+        parts = [old_blocks[i] for i, _ in new_block.sources]
+        if len({jax.tree_util.tree_structure(p) for p in parts}) > 1 or len(
+                {tuple(x.shape for x in jax.tree_util.tree_leaves(p)) for p in parts}) > 1:
+            raise ValueError(f"cannot average blocks {[i for i, _ in new_block.sources]}: "
+                             "their shapes differ")
+        weights = [w for _, w in new_block.sources]
+        block = jax.tree_util.tree_map(
+            lambda *xs: sum(w * x for w, x in zip(weights, xs)).astype(xs[0].dtype), *parts)
+    block = _scale_residual(block, new_block.residual_scale, layout.residual_output)
+    if zero and new_block.inserted:
+        block = jax.tree_util.tree_map(jnp.zeros_like, block)
+    return block
+
+
+def interpolate(tree, rule: str = "paper", layout: Layout = STAGES, *,
+                zero_inserted: bool = False):
     """Interpolates (prolongs) a network to twice the blocks in every stage.
 
-    Paper Sec. 4.1, Fig. 5 and App. B: every stage of n blocks
-    becomes a stage of 2n blocks; all stages at once; stem, final norm and
-    head unchanged. Under ``rule="paper"`` the new block after each old block is
-    its copy, except after the first block, which gets a copy of the second:
-    ``[b1, b2, b3] -> [b1, b2, b2, b2, b3, b3]``. Parameters, batch-norm
-    running statistics and anything else stored per block are copied alike.
+    Every stage of n blocks becomes a stage of 2n blocks made by ``rule``
+    (`GROWTH_RULES`); all stages at once; everything outside the stages
+    (stem, final norm, head) unchanged. Under ``rule="paper"`` (paper
+    Sec. 4.1, Fig. 5, App. B) ``[b1, b2, b3] -> [b1, b2, b2, b2, b3, b3]``.
+    Parameters, batch-norm running statistics and anything else stored per
+    block are made alike; residual scales apply to ``layout.residual_output``
+    leaves only (parameters and the momentum that mirrors them).
 
     The caller halves the step size h (see `deepen`).
 
     Args:
       tree: any pytree containing network trees: model variables
         ``{"params": ..., "batch_stats": ...}``, a ``params`` tree, or an
-        optimizer state whose momentum mirrors ``params`` (this is how the
-        training loop carries momentum across an interpolation). Leaves
-        outside network trees (e.g. an optimizer step count) pass unchanged.
-      rule: a key of `INTERPOLATION_RULES`.
+        optimizer state whose momentum mirrors ``params``. Leaves outside
+        network trees (e.g. an optimizer step count) pass unchanged.
+      rule: a key of `GROWTH_RULES`.
+      layout: where the blocks are (`STAGES`, or a `KeyLayout`).
+      zero_inserted: make the inserted blocks zero (the momentum policy
+        ``"zero_inserted"``).
 
     Returns:
       A new pytree with the tree structure and shapes of the same variables
       of a fresh model with doubled stage sizes. The input is not modified.
 
     Raises:
-      ValueError: for an unknown rule, a stage of one block under the paper
-        rule, or stage contents not named ``block1..blockN``.
+      ValueError: for an unknown rule, a stage of one block, or blocks that
+        the layout cannot read.
     """
-    if rule not in INTERPOLATION_RULES:
-        raise ValueError(
-            f"unknown interpolation rule {rule!r}; known rules: "
-            f"{sorted(INTERPOLATION_RULES)}")
-    return map_network_trees(
-        lambda node: _interpolate_network_tree(node, rule), tree)
+    make = _rule(rule)
+
+    def grow(node):
+        stages, others = layout.read(node)
+        grown = []
+        for index, blocks in enumerate(stages):
+            new_blocks = make(len(blocks))
+            if any(i >= len(blocks) for b in new_blocks for i, _ in b.sources):
+                try:
+                    _check_stage(len(blocks), rule)
+                except ValueError as error:
+                    raise ValueError(f"cannot interpolate stage{index + 1}: {error}") from None
+            used = set()
+            grown.append([_make_block(blocks, b, used, layout, zero_inserted)
+                          for b in new_blocks])
+        return layout.write(grown, others)
+
+    return map_network_trees(grow, tree, layout)
 
 
-def map_network_trees(fn: Callable[[Mapping], Any], tree):
-    """Applies ``fn`` to every network tree (mapping of ``stageN``) in ``tree``.
+def coarsen(tree, rule: str = "paper", layout: Layout = STAGES):
+    """Coarsens (restricts) a network to half the blocks in every stage: `interpolate`'s inverse.
 
-    Leaves outside network trees are returned unchanged. E.g.
-    ``map_network_trees(lambda t: jax.tree_util.tree_map(jnp.zeros_like, t),
-    opt_state)`` zeroes an optimizer's momentum but keeps its step count.
+    Every stage of 2n blocks keeps the blocks that ``rule`` leaves at their
+    new place (the non-inserted ones: positions 0, 2, 4, ... for the paper's
+    rule, the first n for ``appended``) and divides their residual output by
+    the rule's factor, so ``coarsen(interpolate(tree, rule), rule)`` is
+    ``tree`` (exactly, or to float rounding where a factor is not a power of
+    2). On a network that was not grown this way it is the multigrid
+    restriction. Kept leaves are the input's arrays.
+
+    The caller doubles the step size h (see `restrict`).
+
+    Raises:
+      ValueError: for a stage with an odd number of blocks (no rule makes
+        one), or a rule that does not keep an old block as a scaled copy of
+        itself (its old block cannot be recovered; none of `GROWTH_RULES`).
     """
-    return jax.tree_util.tree_map(
-        lambda node: fn(node) if _is_network_tree(node) else node,
-        tree, is_leaf=_is_network_tree)
+    make = _rule(rule)
+
+    def shrink(node):
+        stages, others = layout.read(node)
+        kept = []
+        for index, blocks in enumerate(stages):
+            if len(blocks) % 2:
+                raise ValueError(
+                    f"cannot coarsen stage{index + 1}: it has {len(blocks)} blocks, and "
+                    "every growth rule doubles a stage, so only an even number can be "
+                    "halved")
+            old = {}
+            for position, block in enumerate(make(len(blocks) // 2)):
+                if block.inserted:
+                    continue
+                (source, weight), *rest = block.sources
+                if rest or weight != 1.0 or block.residual_scale == 0.0:
+                    raise ValueError(
+                        f"cannot coarsen under the {rule!r} rule: it does not keep old "
+                        f"block {source + 1} as a scaled copy of itself, so that block "
+                        "cannot be recovered")
+                old[source] = _scale_residual(blocks[position], 1.0 / block.residual_scale,
+                                              layout.residual_output)
+            kept.append([old[i] for i in range(len(blocks) // 2)])
+        return layout.write(kept, others)
+
+    return map_network_trees(shrink, tree, layout)
+
+
+def grow_optimizer_state(opt_state, rule: str, policy: str, layout: Layout = STAGES):
+    """The optimizer state of the grown network under a `MOMENTUM_POLICIES` policy.
+
+    The per-block state (SGD momentum, which mirrors the parameters) is
+    ``"interpolate"``: carried through ``rule`` exactly as the parameters
+    (each new block starts with the velocity of the blocks it is made from,
+    scaled as its parameters are); ``"reset"``: zeroed everywhere;
+    ``"zero_inserted"``: carried for the old blocks, zero for the inserted.
+    Anything outside the network trees (e.g. the step count, so that the
+    global learning-rate schedule goes on) is kept.
+
+    Raises:
+      ValueError: for an unknown policy, or as `interpolate`.
+    """
+    if policy not in MOMENTUM_POLICIES:
+        raise ValueError(f"unknown momentum policy {policy!r}; known: "
+                         f"{sorted(MOMENTUM_POLICIES)}")
+    grown = interpolate(opt_state, rule, layout, zero_inserted=policy == "zero_inserted")
+    if policy == "reset":
+        grown = map_network_trees(lambda t: jax.tree_util.tree_map(jnp.zeros_like, t),
+                                  grown, layout)
+    return grown
 
 
 def interpolated_model(model: models.ResNet) -> models.ResNet:
     """The model after one interpolation: stage sizes doubled, h halved (Sec. 4.1)."""
-    return model.clone(
-        stage_sizes=tuple(2 * n for n in model.stage_sizes),
-        step_size=model.step_size / 2)
+    return model.clone(stage_sizes=tuple(2 * n for n in model.stage_sizes),
+                       step_size=model.step_size / 2)
 
 
 def deepen(model: models.ResNet, variables, rule: str = "paper"):
-    """Interpolates ``variables`` and returns them with the matching model.
-
-    Args:
-      model: the current network.
-      variables: its ``{"params", "batch_stats"}`` pytree.
-      rule: interpolation rule, see `interpolate`.
+    """Interpolates ``variables`` under ``rule`` and returns them with the matching model.
 
     Returns:
       ``(deeper_model, deeper_variables)``: stage sizes doubled, h halved.
@@ -205,255 +579,36 @@ def deepen(model: models.ResNet, variables, rule: str = "paper"):
     return interpolated_model(model), interpolate(variables, rule)
 
 
-# ---------------------------------------------------------------------------
-# Coarsening (restriction): the inverse of interpolation.
-
-
-def _coarsen_network_tree(tree: Mapping) -> dict:
-    result = {}
-    for key, node in tree.items():
-        if is_stage_key(key):
-            blocks = ordered_blocks(key, node)
-            if len(blocks) % 2:
-                raise ValueError(
-                    f"cannot coarsen {key}: it has {len(blocks)} blocks, and "
-                    "coarsening keeps blocks 1, 3, 5, ... of an even number of "
-                    "blocks (the inverse of interpolation, which doubles them)")
-            result[key] = {models.block_name(i): blocks[2 * i]
-                           for i in range(len(blocks) // 2)}
-        else:
-            result[key] = node
-    return result
-
-
-def coarsen(tree):
-    """Coarsens (restricts) a network to half the blocks in every stage.
-
-    The inverse of `interpolate` (multigrid restriction, paper
-    Sec. 4): every stage of 2n blocks keeps its blocks at 0-based positions
-    0, 2, 4, ..., 2n - 2 and becomes a stage of n blocks, renumbered
-    ``block1..blockn``; stem, final norm and head are unchanged. Under the
-    paper's rule ``[b1, b2, b3] -> [b1, b2, b2, b2, b3, b3]`` these positions
-    hold ``b1, b2, b3``, so ``coarsen(interpolate(tree))`` equals ``tree``
-    exactly. Parameters, batch-norm statistics and anything else stored per
-    block are kept alike; the kept leaves are the input's arrays (not copies).
-
-    The caller doubles the step size h (see `restrict`).
-
-    Args:
-      tree: any pytree containing network trees (see `interpolate`).
-
-    Returns:
-      A new pytree with the tree structure and shapes of the same variables
-      of a fresh model with halved stage sizes. The input is not modified.
-
-    Raises:
-      ValueError: for a stage with an odd number of blocks, or stage contents
-        not named ``block1..blockN``.
-    """
-    return map_network_trees(_coarsen_network_tree, tree)
-
-
 def coarsened_model(model: models.ResNet) -> models.ResNet:
     """The model after one coarsening: stage sizes halved, h doubled.
 
     Raises:
       ValueError: for an odd stage size.
     """
-    odd = [n for n in model.stage_sizes if n % 2]
-    if odd:
-        raise ValueError(
-            f"cannot coarsen stage sizes {tuple(model.stage_sizes)}: every "
-            f"stage needs an even number of blocks")
-    return model.clone(
-        stage_sizes=tuple(n // 2 for n in model.stage_sizes),
-        step_size=model.step_size * 2)
+    if any(n % 2 for n in model.stage_sizes):
+        raise ValueError(f"cannot coarsen stage sizes {tuple(model.stage_sizes)}: every "
+                         "stage needs an even number of blocks")
+    return model.clone(stage_sizes=tuple(n // 2 for n in model.stage_sizes),
+                       step_size=model.step_size * 2)
 
 
-def restrict(model: models.ResNet, variables):
+def restrict(model: models.ResNet, variables, rule: str = "paper"):
     """Coarsens ``variables`` and returns them with the matching model.
 
-    The inverse of `deepen`: ``restrict(*deepen(model, variables))`` gives back
-    ``model`` and ``variables``.
-
-    Args:
-      model: the current network.
-      variables: its ``{"params", "batch_stats"}`` pytree.
-
-    Returns:
-      ``(coarser_model, coarser_variables)``: stage sizes halved, h doubled.
+    The inverse of `deepen`: ``restrict(*deepen(model, variables, rule), rule)``
+    gives back ``model`` and ``variables``.
 
     Raises:
       ValueError: as `coarsen`.
     """
-    return coarsened_model(model), coarsen(variables)
-
-
-# ---------------------------------------------------------------------------
-# Cycles and the learning-rate schedule.
-
-
-@dataclasses.dataclass(frozen=True)
-class Cycle:
-    """One training cycle: a fixed network trained under one cosine annealing.
-
-    Attributes:
-      index: 0-based cycle number.
-      stage_sizes: blocks per stage during this cycle.
-      step_size: the explicit step size h during this cycle.
-      first_step: global step (0-based) at which the cycle starts.
-      num_steps: training steps in the cycle.
-    """
-
-    index: int
-    stage_sizes: tuple[int, ...]
-    step_size: float
-    first_step: int
-    num_steps: int
-
-    @property
-    def end_step(self) -> int:
-        """Global step one past the cycle's last step."""
-        return self.first_step + self.num_steps
-
-
-def cycle_start_steps(cycle_boundaries: Sequence[float], steps_per_epoch: int) -> list[int]:
-    """Global steps at which cycles 2, 3, ... start: ``round(epoch * steps_per_epoch)``."""
-    return [round(epoch * steps_per_epoch) for epoch in cycle_boundaries]
-
-
-def plan_cycles(
-    *,
-    stage_sizes: Sequence[int],
-    step_size: float,
-    num_epochs: float,
-    cycle_boundaries: Sequence[float],
-    steps_per_epoch: int,
-    multilevel: bool,
-) -> list[Cycle]:
-    """Lays out the cycles of a run (paper Table 1 and Sec. 5.2).
-
-    Args:
-      stage_sizes: blocks per stage of the first cycle's model.
-      step_size: h of the first cycle's model.
-      num_epochs: length of the whole run in epochs (160 in the paper).
-      cycle_boundaries: epochs at which a new cycle starts, increasing, inside
-        ``(0, num_epochs)`` (the paper: 60 and 110). Fractional epochs allowed.
-      steps_per_epoch: training steps per epoch.
-      multilevel: if True, the network is interpolated at every boundary
-        (stage sizes doubled, h halved); if False the depth stays fixed and
-        only the learning rate restarts (the paper's first- and last-cycle
-        baselines).
-
-    Returns:
-      One `Cycle` per cycle, covering steps ``0 .. round(num_epochs *
-      steps_per_epoch)`` without gap.
-
-    Raises:
-      ValueError: if a cycle would have no steps.
-    """
-    total = round(num_epochs * steps_per_epoch)
-    starts = [0, *cycle_start_steps(cycle_boundaries, steps_per_epoch)]
-    ends = starts[1:] + [total]
-    cycles = []
-    sizes, h = tuple(stage_sizes), float(step_size)
-    for index, (start, end) in enumerate(zip(starts, ends)):
-        if end <= start:
-            edges = [0.0, *cycle_boundaries, num_epochs]
-            raise ValueError(
-                f"cycle {index + 1} would have {max(0, end - start)} steps: epochs "
-                f"{edges[index]:g} to {edges[index + 1]:g} round to steps {start}.."
-                f"{end} at {steps_per_epoch} steps per epoch, and every cycle needs "
-                f"at least one step")
-        cycles.append(Cycle(index, sizes, h, start, end - start))
-        if multilevel:
-            sizes, h = tuple(2 * n for n in sizes), h / 2
-    return cycles
-
-
-def cosine_cycle_schedule(
-    num_steps: int, learning_rate_max: float, learning_rate_min: float
-) -> optax.Schedule:
-    """One cycle of paper Eq. 9 as an optax schedule of the step in the cycle.
-
-    ``eta(t) = eta_min + (eta_max - eta_min) * (1 + cos(pi * t / T)) / 2``
-    with ``T = num_steps``: eta_max at t = 0, eta_min at t = T.
-    """
-    return optax.cosine_decay_schedule(
-        init_value=learning_rate_max,
-        decay_steps=num_steps,
-        alpha=learning_rate_min / learning_rate_max,
-    )
-
-
-def learning_rate_schedule(
-    cycles: Sequence[Cycle], learning_rate_max: float, learning_rate_min: float
-) -> optax.Schedule:
-    """Cosine annealing restarted at every cycle (SGDR; paper Eq. 9, Sec. 5.2).
-
-    Args:
-      cycles: from `plan_cycles`.
-      learning_rate_max: eta_max (paper: 0.5).
-      learning_rate_min: eta_min (paper: 0.001).
-
-    Returns:
-      An optax schedule of the global step (0-based).
-    """
-    return optax.join_schedules(
-        [cosine_cycle_schedule(c.num_steps, learning_rate_max, learning_rate_min)
-         for c in cycles],
-        boundaries=[c.first_step for c in cycles[1:]],
-    )
-
-
-# ---------------------------------------------------------------------------
-# Paper Sec. 4.2: the cost model.
-
-
-def theoretical_cost_ratio(cycle_lengths: Sequence[float]) -> float:
-    """Cost of a multi-level run relative to the last-cycle model (Sec. 4.2).
-
-    A cycle's cost is proportional to its length times its depth, and the
-    depth halves going back one cycle. For the paper's 60/50/50 epochs:
-    ``(60/4 + 50/2 + 50) / 160 = 0.5625``.
-
-    Args:
-      cycle_lengths: length of each cycle (epochs or steps), first to last.
-
-    Returns:
-      The ratio in (0, 1].
-    """
-    last = len(cycle_lengths) - 1
-    cost = sum(length / 2 ** (last - i) for i, length in enumerate(cycle_lengths))
-    return cost / sum(cycle_lengths)
-
-
-def theoretical_time_saved(num_interpolations: int) -> float:
-    """Fraction of training time saved with k interpolations of equal cycles.
-
-    Paper Sec. 4.2 and Table 2: ``1 - (2^(k+1) - 1) / (2^k (k + 1))``, i.e.
-    0, 0.25, 0.42, 0.53, 0.61, 0.67 for k = 0..5.
-
-    Raises:
-      ValueError: for negative k.
-    """
-    k = num_interpolations
-    if k < 0 or int(k) != k:
-        raise ValueError(f"num_interpolations must be an integer >= 0, got {k!r}")
-    return 1 - (2 ** (k + 1) - 1) / (2**k * (k + 1))
-
-
-def cycle_epochs(num_epochs: float, cycle_boundaries: Sequence[float]) -> list[float]:
-    """Lengths in epochs of the cycles delimited by ``cycle_boundaries``."""
-    edges = [0.0, *cycle_boundaries, num_epochs]
-    return [b - a for a, b in zip(edges[:-1], edges[1:])]
+    return coarsened_model(model), coarsen(variables, rule)
 
 
 __all__ = [
-    "Cycle", "INTERPOLATION_RULES", "coarsen", "coarsened_model",
-    "cosine_cycle_schedule", "cycle_epochs", "cycle_start_steps", "deepen",
-    "interpolate", "interpolated_model", "is_stage_key",
-    "learning_rate_schedule", "map_network_trees", "ordered_blocks",
-    "paper_prolongation_sources", "plan_cycles", "restrict",
-    "theoretical_cost_ratio", "theoretical_time_saved",
+    "GROWTH_RULES", "INTERPOLATION_RULES", "KeyLayout", "MOMENTUM_POLICIES", "NewBlock",
+    "STAGES", "StageLayout", "appended_rule", "coarsen", "coarsened_model", "deepen",
+    "flax_examples_layout", "grow_optimizer_state", "identity_rule", "interpolate",
+    "interpolated_model", "is_stage_key", "linear_rule", "map_network_trees",
+    "ordered_blocks", "paper_prolongation_sources", "paper_rule", "restrict",
+    "stage_sizes_from_widths", "transition_keeping_rule",
 ]

@@ -4,6 +4,7 @@ Plain data and text, no plotting (figures are in `mlres_jax.figures`):
 
 * `evaluation_record` and `evaluation_line`: one evaluation of the history;
 * `cycle_record`: one finished cycle;
+* `growth_record` and `growth_line`: one growth and its jump;
 * `run_summary`: the content of ``summary.json``;
 * `summary_table`: the end-of-run table printed on stdout.
 """
@@ -12,10 +13,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from mlres_jax import models, multilevel, stopwatch
+from mlres_jax import models, plan, stopwatch
 
 
-def evaluation_record(*, step: int, steps_per_epoch: int, cycle: multilevel.Cycle,
+def evaluation_record(*, step: int, steps_per_epoch: int, cycle: plan.Cycle,
                       train: dict, test: dict, learning_rate: float) -> dict:
     """One record of the history (``summary.json``'s ``history``).
 
@@ -50,7 +51,7 @@ def evaluation_line(record: dict, stage_sizes: Sequence[int]) -> str:
             f"{100 * record['test_error']:.2f}%")
 
 
-def cycle_record(cycle: multilevel.Cycle, *, num_params: int, steps_per_epoch: int,
+def cycle_record(cycle: plan.Cycle, *, num_params: int, steps_per_epoch: int,
                  seconds: dict, last_evaluation: dict) -> dict:
     """The record of a finished cycle (``summary.json``'s ``cycles``).
 
@@ -77,26 +78,70 @@ def cycle_record(cycle: multilevel.Cycle, *, num_params: int, steps_per_epoch: i
     }
 
 
-def run_summary(*, config: dict, dataset: dict, cycles: Sequence[multilevel.Cycle],
+GROWTH_METRICS = ("test_loss", "test_error", "train_loss", "train_error")
+
+
+def growth_record(*, cycle: plan.Cycle, step: int, from_stage_sizes: Sequence[int],
+                  rule: str, momentum: str, before: dict, after: dict) -> dict:
+    """The record of one growth (``summary.json``'s ``growths``).
+
+    Args:
+      cycle: the cycle the growth starts.
+      step: global steps taken at the growth.
+      from_stage_sizes: blocks per stage before it.
+      rule, momentum: the growth rule and the momentum policy.
+      before, after: `GROWTH_METRICS` of the network just before and just
+        after the growth (train metrics on a fixed subset, eval mode; None
+        where not measured).
+
+    Returns:
+      ``cycle`` (1-based), ``step``, ``from_stage_sizes``,
+      ``to_stage_sizes``, ``step_size`` (after), ``rule``, ``momentum``,
+      ``before``, ``after`` and ``jump`` (after - before, per metric).
+    """
+    return {
+        "cycle": cycle.index + 1, "step": step,
+        "from_stage_sizes": list(from_stage_sizes), "to_stage_sizes": list(cycle.stage_sizes),
+        "step_size": cycle.step_size, "rule": rule, "momentum": momentum,
+        "before": dict(before), "after": dict(after),
+        "jump": {name: (None if before[name] is None or after[name] is None
+                        else after[name] - before[name]) for name in GROWTH_METRICS},
+    }
+
+
+def growth_line(record: dict) -> str:
+    """``test loss 0.2552 -> 0.3110 (+0.0558), test error 9.36% -> 11.02% (+1.66 points)``."""
+    b, a, j = record["before"], record["after"], record["jump"]
+    text = (f"test loss {b['test_loss']:.4f} -> {a['test_loss']:.4f} ({j['test_loss']:+.4f}), "
+            f"test error {100 * b['test_error']:.2f}% -> {100 * a['test_error']:.2f}% "
+            f"({100 * j['test_error']:+.2f} points)")
+    if j["train_loss"] is not None:
+        text += (f"; train-subset loss {b['train_loss']:.4f} -> {a['train_loss']:.4f} "
+                 f"({j['train_loss']:+.4f})")
+    return text
+
+
+def run_summary(*, config: dict, dataset: dict, cycles: Sequence[plan.Cycle],
                 cycle_records: list[dict], history: list[dict],
-                wall_seconds: float) -> dict:
+                wall_seconds: float, growths: Sequence[dict] = ()) -> dict:
     """The content of ``summary.json``.
 
     Args:
       config: the resolved config as a dict.
       dataset: ``name``, ``train_examples``, ``test_examples``,
         ``steps_per_epoch``.
-      cycles: the run's plan (`multilevel.plan_cycles`).
+      cycles: the run's plan (`plan.plan_cycles`).
       cycle_records: one `cycle_record` per cycle.
       history: every `evaluation_record`.
       wall_seconds: wall time of this invocation (a resumed run counts from
         its restart).
+      growths: every `growth_record`.
 
     Returns:
       ``config``, ``dataset``, ``cycles``, ``totals`` (steps, the seconds of
       each activity, wall seconds, final test error and accuracy, parameter
       counts of the first and last cycle, and the theoretical cost ratio of
-      paper Sec. 4.2) and ``history``.
+      paper Sec. 4.2), ``growths`` and ``history``.
     """
     lengths = [c.num_steps for c in cycles]
     last = cycle_records[-1]
@@ -113,9 +158,10 @@ def run_summary(*, config: dict, dataset: dict, cycles: Sequence[multilevel.Cycl
             "test_examples": dataset["test_examples"],
             "num_params_first_cycle": cycle_records[0]["num_params"],
             "num_params_last_cycle": last["num_params"],
-            "theoretical_cost_ratio": (multilevel.theoretical_cost_ratio(lengths)
+            "theoretical_cost_ratio": (plan.theoretical_cost_ratio(lengths)
                                        if config["multilevel"] else 1.0),
         },
+        "growths": list(growths),
         "history": history,
     }
 
@@ -141,4 +187,9 @@ def summary_table(summary: dict) -> str:
         f"checkpoints {t['checkpoint_seconds']:.1f} s, wall {t['wall_seconds']:.1f} s; "
         f"final test error {100 * t['final_test_error']:.2f}% "
         f"({t['test_examples']} examples)")
+    for g in summary.get("growths", []):
+        lines.append(
+            f"growth at step {g['step']} ({models.format_stage_sizes(g['from_stage_sizes'])}"
+            f" -> {models.format_stage_sizes(g['to_stage_sizes'])}, {g['rule']} rule, "
+            f"momentum {g['momentum']}): {growth_line(g)}")
     return "\n".join(lines)

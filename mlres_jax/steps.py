@@ -36,8 +36,6 @@ from mlres_jax import input_pipeline, models, multilevel, parallel
 METRIC_WINDOWS = ("log", "eval")
 METRIC_NAMES = ("loss", "accuracy", "count")
 
-MOMENTUM_AT_INTERPOLATION = ("interpolate", "reset")
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -107,31 +105,26 @@ def create_train_state(rng: jax.Array, model: models.ResNet,
 
 def interpolate_train_state(state: TrainState, rule: str,
                             momentum_at_interpolation: str) -> TrainState:
-    """Interpolates a train state to the next depth (paper Sec. 4.1).
+    """Grows a train state to the next depth (paper Sec. 4.1) under ``rule``.
 
-    Parameters and batch-norm statistics go through `multilevel.interpolate`.
-    The momentum is, by ``momentum_at_interpolation``, either interpolated
-    the same way (``'interpolate'``: each new block starts with the velocity
-    of the block it copies) or zeroed (``'reset'``). The optimizer's step
-    count is kept, so the global learning-rate schedule goes on; its restart
-    comes from the schedule's cycle boundary.
+    Parameters and batch-norm statistics go through `multilevel.interpolate`;
+    the optimizer state through `multilevel.grow_optimizer_state` under the
+    ``momentum_at_interpolation`` policy (`multilevel.MOMENTUM_POLICIES`:
+    ``'interpolate'``, the default, carries the momentum through the same
+    rule; ``'reset'`` zeroes it; ``'zero_inserted'`` zeroes it for the
+    inserted blocks only). The optimizer's step count is kept, so the global
+    learning-rate schedule goes on; its restart comes from the schedule's
+    cycle boundary.
 
     Raises:
       ValueError: for an unknown rule or policy, or a network the rule cannot
         interpolate (`multilevel.interpolate`).
     """
-    if momentum_at_interpolation not in MOMENTUM_AT_INTERPOLATION:
-        raise ValueError(f"momentum_at_interpolation must be one of "
-                         f"{list(MOMENTUM_AT_INTERPOLATION)}, got "
-                         f"{momentum_at_interpolation!r}")
-    opt_state = multilevel.interpolate(state.opt_state, rule)
-    if momentum_at_interpolation == "reset":
-        opt_state = multilevel.map_network_trees(
-            lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree), opt_state)
     return state.replace(
         params=multilevel.interpolate(state.params, rule),
         batch_stats=multilevel.interpolate(state.batch_stats, rule),
-        opt_state=opt_state,
+        opt_state=multilevel.grow_optimizer_state(state.opt_state, rule,
+                                                  momentum_at_interpolation),
     )
 
 

@@ -1,7 +1,7 @@
 """Training and evaluation of a multi-level (or fixed-depth) run.
 
 `train_and_evaluate` reads like the method: prepare the run, restore it or
-start it, then for each cycle of `multilevel.plan_cycles` grow the network if
+start it, then for each cycle of `plan.plan_cycles` grow the network if
 the cycle is deeper (interpolation of the whole train state, h halved; paper
 Sec. 4.1), train the cycle under one cosine cycle of the learning rate
 (paper Eq. 9) and record it; finally write ``summary.json``.
@@ -37,7 +37,7 @@ import tqdm
 from absl import logging
 
 from mlres_jax import (checkpoint, configuration, errors, events, files, input_pipeline,
-                       models, multilevel, parallel, reporting, steps, stopwatch,
+                       models, parallel, plan, reporting, steps, stopwatch,
                        workdir as workdirs)
 
 SUMMARY_FILE = "summary.json"
@@ -67,7 +67,7 @@ class Run:
       config: the resolved config (``configs/default.py`` documents it).
       workdir: folder for checkpoints, events and ``summary.json``.
       data: the whole data set in host memory.
-      cycles: the plan of cycles (`multilevel.plan_cycles`).
+      cycles: the plan of cycles (`plan.plan_cycles`).
       steps_per_epoch: training steps per epoch.
       eval_every_steps: steps between evaluations on the test split.
       schedule: learning rate as a function of the global step.
@@ -81,7 +81,7 @@ class Run:
     config: ml_collections.ConfigDict
     workdir: str
     data: input_pipeline.DataSet
-    cycles: tuple[multilevel.Cycle, ...]
+    cycles: tuple[plan.Cycle, ...]
     steps_per_epoch: int
     eval_every_steps: int
     schedule: optax.Schedule
@@ -115,6 +115,7 @@ class Progress:
       step: global steps taken.
       history: evaluation records (`reporting.evaluation_record`).
       cycle_records: records of the finished cycles (`reporting.cycle_record`).
+      growths: records of the growths so far (`reporting.growth_record`).
       stopwatch: times of the current cycle.
       writer: the TensorBoard event writer.
     """
@@ -124,6 +125,7 @@ class Progress:
     step: int = 0
     history: list = dataclasses.field(default_factory=list)
     cycle_records: list = dataclasses.field(default_factory=list)
+    growths: list = dataclasses.field(default_factory=list)
     stopwatch: stopwatch.Stopwatch | None = None
     writer: Any = None
 
@@ -205,9 +207,12 @@ def check_config(config: ml_collections.ConfigDict
       The resolved config and the device mesh (`parallel.make_mesh`).
 
     Raises:
-      configuration.ConfigError, input_pipeline.DataSetError, parallel.MeshError.
+      configuration.ConfigError, input_pipeline.DataSetError, parallel.MeshError,
+      checkpoint.CheckpointError (an unreadable ``init_from`` checkpoint).
     """
     config = configuration.resolve(config)
+    if config.init_from:
+        config = configuration.start_from(config, _init_from_metadata(config.init_from))
     num_train = input_pipeline.check_available(
         config.dataset, data_dir=config.data_dir, fashion_mnist_dir=config.fashion_mnist_dir)
     configuration.check_against_data(config, num_train)
@@ -215,6 +220,18 @@ def check_config(config: ml_collections.ConfigDict
     for field in ("batch_size", "eval_batch_size"):
         parallel.check_batch_divides(field, config[field], mesh)
     return config, mesh
+
+
+def _init_from_metadata(folder: str) -> checkpoint.CheckpointMetadata:
+    """The metadata of the latest checkpoint in ``folder`` (``config.init_from``)."""
+    steps_found = checkpoint.list_steps(folder)
+    if not steps_found:
+        raise configuration.ConfigError(
+            f"config.init_from = {folder!r} is not allowed: there is no checkpoint in "
+            f"{checkpoint.checkpoint_dir(folder)} (give a run's folder, or the output of "
+            "python -m mlres_jax.grow)")
+    with checkpoint.Checkpointer(folder, create=False) as checkpointer:
+        return checkpointer.read_metadata(steps_found[-1])
 
 
 def prepare_run(config: ml_collections.ConfigDict, workdir: str,
@@ -230,11 +247,11 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str,
                                fashion_mnist_dir=config.fashion_mnist_dir)
     num_train = len(data.train_labels)
     steps_per_epoch = num_train // config.batch_size
-    cycles = tuple(multilevel.plan_cycles(
+    cycles = tuple(plan.plan_cycles(
         stage_sizes=config.stage_sizes, step_size=config.step_size,
         num_epochs=config.num_epochs, cycle_boundaries=config.cycle_boundaries,
         steps_per_epoch=steps_per_epoch, multilevel=config.multilevel))
-    schedule = multilevel.learning_rate_schedule(
+    schedule = plan.learning_rate_schedule(
         cycles, config.learning_rate_max, config.learning_rate_min)
     init_rng, augment_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     augment_rng = parallel.put_replicated(augment_rng, mesh)
@@ -288,10 +305,11 @@ def restore_or_start(run: Run, checkpointer: checkpoint.Checkpointer) -> Progres
     return Progress(state=state, stage_sizes=tuple(metadata.stage_sizes),
                     step=metadata.step, history=list(metadata.history),
                     cycle_records=list(metadata.cycle_records),
+                    growths=list(metadata.growths),
                     stopwatch=stopwatch.Stopwatch(metadata.stopwatch))
 
 
-def enter_cycle(run: Run, cycle: multilevel.Cycle, progress: Progress) -> None:
+def enter_cycle(run: Run, cycle: plan.Cycle, progress: Progress) -> None:
     """Makes ``progress.state`` the cycle's: fresh, interpolated, or as restored.
 
     A cycle that starts (rather than resumes) gets a new stopwatch, so that
@@ -300,22 +318,80 @@ def enter_cycle(run: Run, cycle: multilevel.Cycle, progress: Progress) -> None:
     if progress.step <= cycle.first_step:
         progress.stopwatch = stopwatch.Stopwatch()
     if progress.state is None:
-        progress.state = parallel.put_replicated(steps.create_train_state(
-            run.init_rng, run.model(cycle.stage_sizes, cycle.step_size),
-            run.optimizer, run.data.info.image_shape), run.mesh)
+        progress.state = parallel.put_replicated(_initial_state(run, cycle), run.mesh)
     elif progress.stage_sizes != cycle.stage_sizes:
-        # Replicated in, replicated out: every leaf is an old leaf, a copy of
-        # one or zeros like one, so `put_replicated` moves nothing.
-        progress.state = parallel.put_replicated(steps.interpolate_train_state(
-            progress.state, run.config.interpolation_rule,
-            run.config.momentum_at_interpolation), run.mesh)
-        logging.info("Interpolated %s -> %s blocks, h = %g",
-                     models.format_stage_sizes(progress.stage_sizes),
-                     models.format_stage_sizes(cycle.stage_sizes), cycle.step_size)
+        grow(run, cycle, progress)
     progress.stage_sizes = cycle.stage_sizes
 
 
-def compile_cycle_steps(run: Run, cycle: multilevel.Cycle, progress: Progress,
+def _initial_state(run: Run, cycle: plan.Cycle) -> steps.TrainState:
+    """A fresh train state; with ``config.init_from``, that checkpoint's variables in it."""
+    model = run.model(cycle.stage_sizes, cycle.step_size)
+    state = steps.create_train_state(run.init_rng, model, run.optimizer,
+                                     run.data.info.image_shape)
+    if not run.config.init_from:
+        return state
+    _, variables, metadata = checkpoint.load_model(run.config.init_from)
+    logging.info("Starting from the checkpoint of step %d in %s (%s)", metadata.step,
+                 run.config.init_from, checkpoint.format_network(metadata))
+    return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+
+
+def grow(run: Run, cycle: plan.Cycle, progress: Progress) -> None:
+    """Interpolates the train state into the cycle's deeper network, measuring the jump.
+
+    The train state goes through `steps.interpolate_train_state` under
+    ``config.interpolation_rule`` and ``config.momentum_at_interpolation``.
+    Just before and just after (same parameters otherwise), the network is
+    evaluated on the test split and on the first ``growth_train_examples``
+    training images; the differences are the growth's jump in loss and
+    error, recorded in ``progress.growths``, the TensorBoard events and the
+    summary. The test split before the growth is the cycle end's evaluation.
+    """
+    previous = run.cycles[cycle.index - 1]
+    with progress.stopwatch.pause(stopwatch.EVAL):
+        before = _growth_evaluation(run, run.model(previous.stage_sizes, previous.step_size),
+                                    progress.state.variables, test=progress.history[-1])
+    # Replicated in, replicated out: every leaf is an old leaf, a copy of one,
+    # or made on the devices from old leaves, so `put_replicated` moves nothing.
+    progress.state = parallel.put_replicated(steps.interpolate_train_state(
+        progress.state, run.config.interpolation_rule,
+        run.config.momentum_at_interpolation), run.mesh)
+    with progress.stopwatch.pause(stopwatch.EVAL):
+        after = _growth_evaluation(run, run.model(cycle.stage_sizes, cycle.step_size),
+                                   progress.state.variables)
+    record = reporting.growth_record(
+        cycle=cycle, step=progress.step, from_stage_sizes=previous.stage_sizes,
+        rule=run.config.interpolation_rule, momentum=run.config.momentum_at_interpolation,
+        before=before, after=after)
+    progress.growths.append(record)
+    for name, value in record["jump"].items():
+        if value is not None:
+            progress.writer.add_scalar(f"growth/{name}_jump", value, progress.step)
+    logging.info("Interpolated %s -> %s blocks, h = %g (%s rule): %s",
+                 models.format_stage_sizes(previous.stage_sizes),
+                 models.format_stage_sizes(cycle.stage_sizes), cycle.step_size,
+                 run.config.interpolation_rule, reporting.growth_line(record))
+
+
+def _growth_evaluation(run: Run, model: models.ResNet, variables, test: dict | None = None
+                       ) -> dict:
+    """Test and train-subset loss and error of ``model`` (test taken from ``test`` if given)."""
+    evaluate = steps.make_eval_step(model, run.mesh)
+    batch = run.config.eval_batch_size
+    if test is None:
+        test = {f"test_{k}": v for k, v in steps.evaluate(
+            evaluate, variables, run.data.test_images, run.data.test_labels, batch,
+            run.mesh).items() if k != "count"}
+    count = min(run.config.growth_train_examples, len(run.data.train_labels))
+    train = (steps.evaluate(evaluate, variables, run.data.train_images[:count],
+                            run.data.train_labels[:count], batch, run.mesh)
+             if count else {"loss": None, "error": None})
+    return {"test_loss": test["test_loss"], "test_error": test["test_error"],
+            "train_loss": train["loss"], "train_error": train["error"]}
+
+
+def compile_cycle_steps(run: Run, cycle: plan.Cycle, progress: Progress,
                         train_data, compiled: dict) -> steps.CompiledSteps:
     """The cycle's compiled steps: from ``compiled`` (a cache by depth) or compiled now."""
     key = (cycle.stage_sizes, cycle.step_size)
@@ -334,7 +410,7 @@ def compile_cycle_steps(run: Run, cycle: multilevel.Cycle, progress: Progress,
 # One cycle.
 
 
-def train_cycle(run: Run, cycle: multilevel.Cycle, compiled: steps.CompiledSteps,
+def train_cycle(run: Run, cycle: plan.Cycle, compiled: steps.CompiledSteps,
                 progress: Progress, train_data, checkpointer: checkpoint.Checkpointer,
                 stop: "StopRequest") -> None:
     """Trains the cycle's remaining steps, logging, evaluating and saving on schedule.
@@ -369,7 +445,7 @@ def train_cycle(run: Run, cycle: multilevel.Cycle, compiled: steps.CompiledSteps
     bar.close()
 
 
-def log_train_metrics(run: Run, cycle: multilevel.Cycle, progress: Progress,
+def log_train_metrics(run: Run, cycle: plan.Cycle, progress: Progress,
                       checkpointer: checkpoint.Checkpointer, bar) -> None:
     """Writes the mean train loss and error since the last log, and the learning rate."""
     check_finite(run, cycle, progress.state, checkpointer)
@@ -381,7 +457,7 @@ def log_train_metrics(run: Run, cycle: multilevel.Cycle, progress: Progress,
     bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{1 - means['error']:.3f}")
 
 
-def evaluate_and_record(run: Run, cycle: multilevel.Cycle, compiled: steps.CompiledSteps,
+def evaluate_and_record(run: Run, cycle: plan.Cycle, compiled: steps.CompiledSteps,
                         progress: Progress, checkpointer: checkpoint.Checkpointer,
                         bar) -> None:
     """Evaluates on the whole test split and appends the record to the history."""
@@ -401,7 +477,7 @@ def evaluate_and_record(run: Run, cycle: multilevel.Cycle, compiled: steps.Compi
         bar.write(reporting.evaluation_line(record, cycle.stage_sizes))
 
 
-def finish_cycle(run: Run, cycle: multilevel.Cycle, progress: Progress,
+def finish_cycle(run: Run, cycle: plan.Cycle, progress: Progress,
                  checkpointer: checkpoint.Checkpointer) -> None:
     """Records the finished cycle and saves its last checkpoint."""
     progress.cycle_records.append(reporting.cycle_record(
@@ -412,7 +488,7 @@ def finish_cycle(run: Run, cycle: multilevel.Cycle, progress: Progress,
     progress.writer.flush()
 
 
-def save_checkpoint(run: Run, cycle: multilevel.Cycle, progress: Progress,
+def save_checkpoint(run: Run, cycle: plan.Cycle, progress: Progress,
                     checkpointer: checkpoint.Checkpointer) -> None:
     """Saves the train state and the progress as the checkpoint of ``progress.step``."""
     check_finite(run, cycle, progress.state, checkpointer)
@@ -423,13 +499,14 @@ def save_checkpoint(run: Run, cycle: multilevel.Cycle, progress: Progress,
         stage_sizes=cycle.stage_sizes, step_size=cycle.step_size,
         cycle=cycle.index + 1, epoch=run.epoch(progress.step),
         config=run.config.to_dict(), history=progress.history,
-        cycle_records=progress.cycle_records, stopwatch=progress.stopwatch.to_dict())
+        cycle_records=progress.cycle_records, growths=progress.growths,
+        stopwatch=progress.stopwatch.to_dict())
     with progress.stopwatch.pause(stopwatch.CHECKPOINT):
         progress.writer.flush()  # the events up to a checkpoint are on disk with it
         checkpointer.save(progress.state, metadata)
 
 
-def stop_with_checkpoint(run: Run, cycle: multilevel.Cycle, progress: Progress,
+def stop_with_checkpoint(run: Run, cycle: plan.Cycle, progress: Progress,
                          checkpointer: checkpoint.Checkpointer, signal_number: int) -> None:
     """Saves the step reached (unless it is saved already) and stops the run.
 
@@ -487,7 +564,7 @@ class StopRequest:
                         signal.Signals(number).name)
 
 
-def check_finite(run: Run, cycle: multilevel.Cycle, state: steps.TrainState,
+def check_finite(run: Run, cycle: plan.Cycle, state: steps.TrainState,
                  checkpointer: checkpoint.Checkpointer) -> None:
     """Stops the run if a step so far had a non-finite loss, gradient or update.
 
@@ -517,7 +594,7 @@ def write_summary(run: Run, progress: Progress, wall_seconds: float) -> dict:
         dataset={"name": run.config.dataset, "train_examples": len(run.data.train_labels),
                  "test_examples": len(run.data.test_labels),
                  "steps_per_epoch": run.steps_per_epoch},
-        cycles=run.cycles, cycle_records=progress.cycle_records,
+        cycles=run.cycles, cycle_records=progress.cycle_records, growths=progress.growths,
         history=progress.history, wall_seconds=wall_seconds)
     if run.is_main:
         files.write_json(_summary_path(run), summary)
@@ -554,7 +631,7 @@ def _open_event_writer(run: Run, progress: Progress):
     return writer
 
 
-def _progress_bar(run: Run, cycle: multilevel.Cycle, step: int):
+def _progress_bar(run: Run, cycle: plan.Cycle, step: int):
     """A tqdm bar over the cycle's steps; off when stderr is not a terminal."""
     return tqdm.tqdm(
         total=cycle.num_steps, initial=max(0, step - cycle.first_step),

@@ -392,3 +392,32 @@ def test_throughput_reruns_itself_with_forced_host_devices(tmp_path):
     assert len(report["machine"]["devices"]) == 2  # measured in the rerun process
     assert "| ResNet-4 w2 | 1 |" in (output / "throughput.md").read_text()
     assert "train images/s, 2 devices" in result.stdout
+
+
+# ---------------------------------------------------------------------------
+# growth: every rule and policy on the same run.
+
+
+def test_growth_benchmark_runs_each_rule_and_resumes(tmp_path):
+    from benchmarks import growth  # pylint: disable=import-outside-toplevel
+    from tests import fake_data  # pylint: disable=import-outside-toplevel
+    data = fake_data.write_fashion_mnist(str(tmp_path / "data"), num_train=32, num_test=8)
+    config = fashion_mnist.get_config()
+    config.update(fashion_mnist_dir=data, width=2, stage_sizes=(2,), batch_size=8,
+                  eval_batch_size=8, num_epochs=2.0, cycle_boundaries=(1.0,),
+                  growth_train_examples=16, progress_bar=False)
+    output = str(tmp_path / "growth")
+    report = growth.run_benchmark(config, ["paper", "identity"], ["interpolate"], output)
+    assert [(r["rule"], r["policy"], r["status"]) for r in report["runs"]] == [
+        ("paper", "interpolate", "trained"), ("identity", "interpolate", "trained")]
+    jumps = {r["rule"]: r["jumps"][0]["test_loss"] for r in report["runs"]}
+    assert abs(jumps["identity"]) < 1e-4 < abs(jumps["paper"])  # identity preserves
+    table = (tmp_path / "growth" / "growth.md").read_text()
+    assert "| identity | interpolate |" in table and "jump test loss, growth 1" in table
+    with open(tmp_path / "growth" / "growth.png", "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(growth.GrowthBenchmarkError, match="pass --resume"):
+        growth.run_benchmark(config, ["paper"], ["interpolate"], output)
+    again = growth.run_benchmark(config, ["paper"], ["interpolate"], output, resume=True)
+    assert again["runs"][0]["status"] == "reused"
+    assert again["runs"][0]["jumps"] == report["runs"][0]["jumps"]

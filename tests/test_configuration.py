@@ -60,7 +60,7 @@ def test_stl10_derives_paper_batch_size_and_padding():
     ("cycle_boundaries", (110.0, 60.0), r"config.cycle_boundaries.*increase"),
     ("batch_size", 0, r"config.batch_size = 0.*integer > 0"),
     ("batch_size", 60_000, r"config.batch_size = 60000.*50000 training examples"),
-    ("interpolation_rule", "linear", r"config.interpolation_rule = 'linear'.*paper"),
+    ("interpolation_rule", "nearest", r"config.interpolation_rule = 'nearest'.*paper"),
     ("momentum_at_interpolation", "keep", r"momentum_at_interpolation.*'reset'"),
     ("crop_padding", 40, r"config.crop_padding = 40"),
     ("momentum", 1.5, r"config.momentum = 1.5.*\[0, 1\)"),

@@ -1,0 +1,205 @@
+"""Tests of the growth rules, their inverses and the momentum policies (`mlres_jax.multilevel`)."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mlres_jax import models, multilevel, steps
+from tests import flax_example_resnet
+from tests.networks import IMAGE_SHAPE, random_images, random_variables
+
+RULES = sorted(multilevel.GROWTH_RULES)
+UNEVEN = (2, 3, 4)
+
+
+def _model(stage_sizes, step_size=1.0):
+    return models.ResNet(stage_sizes, width=4, num_classes=3, step_size=step_size)
+
+
+def _fresh(model):
+    return jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0),
+                                                        IMAGE_SHAPE))
+
+
+@functools.lru_cache(maxsize=None)
+def _trained(stage_sizes=UNEVEN):
+    """Variables after 30 SGD steps on images whose label is their brightest third."""
+    model = _model(stage_sizes)
+    optimizer = optax.sgd(0.05, momentum=0.9)
+    state = steps.create_train_state(jax.random.PRNGKey(0), model, optimizer, IMAGE_SHAPE)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 60, (48, *IMAGE_SHAPE)).astype(np.uint8)
+    labels = rng.integers(0, 3, 48).astype(np.int32)
+    for i, label in enumerate(labels):
+        images[i, :, :, label] += 180
+    step = steps.make_train_step(model, optimizer, crop_padding=0)
+    for k in range(30):
+        state, _ = step(state, jnp.asarray(images), jnp.asarray(labels),
+                        jnp.arange(8 * (k % 6), 8 * (k % 6) + 8, dtype=jnp.int32),
+                        jax.random.PRNGKey(1))
+    return model, jax.device_get(state.variables), jax.device_get(state.opt_state)
+
+
+def _outputs(model, variables, images):
+    return np.asarray(model.apply(variables, images.astype(np.float32) / 255.0, train=False))
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_every_rule_gives_the_fresh_deeper_models_names_and_shapes(rule):
+    model, variables, opt_state = _trained()
+    deeper_model, deeper = multilevel.deepen(model, variables, rule)
+    assert deeper_model.stage_sizes == (4, 6, 8) and deeper_model.step_size == 0.5
+    chex.assert_trees_all_equal_shapes_and_dtypes(deeper, _fresh(deeper_model))
+    grown_momentum = multilevel.grow_optimizer_state(opt_state, rule, "interpolate")
+    chex.assert_trees_all_equal_shapes(grown_momentum[0].trace, deeper["params"])
+
+
+@pytest.mark.parametrize("variables_of", ["trained", "random"])
+def test_identity_rule_keeps_the_eval_outputs(variables_of):
+    if variables_of == "trained":
+        model, variables, _ = _trained()
+    else:
+        model = _model(UNEVEN)
+        variables = random_variables(model)
+    images = random_images(6)
+    deeper_model, deeper = multilevel.deepen(model, variables, "identity")
+    before = _outputs(model, variables, images)
+    after = _outputs(deeper_model, deeper, images)
+    # Float rounding only: h/2 * 2G is hG exactly, zero blocks add exact zeros;
+    # the sums of the residual stream are rounded in another order.
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5 * np.abs(before).max())
+    # The paper's rule does change them, so the check can fail.
+    paper_model, paper = multilevel.deepen(model, variables, "paper")
+    assert np.abs(_outputs(paper_model, paper, images) - before).max() > 1e-3
+
+
+def test_transition_keeping_stays_closer_to_the_network_than_the_papers_rule():
+    model, variables, _ = _trained()
+    images = random_images(32, seed=5)
+    before = _outputs(model, variables, images)
+    distance = {}
+    for rule in ("paper", "transition_keeping"):
+        deeper_model, deeper = multilevel.deepen(model, variables, rule)
+        distance[rule] = float(np.sqrt(np.mean(
+            (_outputs(deeper_model, deeper, images) - before) ** 2)))
+    assert distance["transition_keeping"] < distance["paper"], distance
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_coarsening_inverts_every_rule(rule):
+    model, variables, _ = _trained()
+    back_model, back = multilevel.restrict(*multilevel.deepen(model, variables, rule), rule)
+    assert back_model == model
+    if rule == "transition_keeping":  # scales 2/3 and 3/2 are not exact in float32
+        chex.assert_trees_all_close(back, variables, rtol=1e-6, atol=1e-7)
+    else:  # copies, and scales by powers of 2
+        chex.assert_trees_all_equal(back, variables)
+
+
+def test_coarsening_says_why_it_cannot():
+    _, variables, _ = _trained()
+    with pytest.raises(ValueError, match=r"cannot coarsen stage2: it has 3 blocks.*"
+                                         r"only an even number"):
+        multilevel.coarsen(variables)
+
+    def averaging_rule(num_blocks):  # old blocks replaced by averages: not invertible
+        return [multilevel.NewBlock(((i, 0.5), (max(i, 1), 0.5)), 1.0, inserted=bool(p))
+                for i in range(num_blocks) for p in (0, 1)]
+
+    grown = multilevel.interpolate(random_variables(_model((2, 2))), "paper")
+    multilevel.GROWTH_RULES["averaging"] = averaging_rule
+    try:
+        with pytest.raises(ValueError, match="does not keep old block 1 as a scaled copy"):
+            multilevel.coarsen(grown, "averaging")
+    finally:
+        del multilevel.GROWTH_RULES["averaging"]
+
+
+def _labelled(variables):
+    """Every leaf of block b of stage s filled with 100 s + b (1-based)."""
+    def label(path, leaf):
+        names = [getattr(k, "key", "") for k in path]
+        stage = next((int(n[5:]) for n in names if multilevel.is_stage_key(n)), 0)
+        block = next((int(n[5:]) for n in names if str(n).startswith("block")), 0)
+        return jnp.full(leaf.shape, 100.0 * stage + block)
+    return jax.tree_util.tree_map_with_path(label, variables)
+
+
+def _pattern(tree, stage):
+    return [int(tree["params"][f"stage{stage}"][f"block{b}"]["conv1"]["kernel"].ravel()[0]) % 100
+            for b in range(1, len(tree["params"][f"stage{stage}"]) + 1)]
+
+
+@pytest.mark.parametrize("rule,pattern", [
+    ("paper", [1, 2, 2, 2, 3, 3, 4, 4]),
+    ("appended", [1, 2, 3, 4, 2, 2, 3, 4]),
+    ("linear", [1, 2, 2, 2, 3, 3, 4, 4]),  # conv1 of (b2+b3)/2 = 2.5 -> 2, (b3+b4)/2 -> 3
+])
+def test_copy_patterns(rule, pattern):
+    grown = multilevel.interpolate(_labelled(random_variables(_model((2, 3, 4)))), rule)
+    assert _pattern(grown, 3) == pattern
+
+
+def test_linear_rule_averages_and_transition_keeping_scales():
+    variables = _labelled(random_variables(_model((2, 3, 4))))
+    linear = multilevel.interpolate(variables, "linear")["params"]["stage3"]
+    assert float(linear["block4"]["conv1"]["kernel"].ravel()[0]) == 302.5  # (b2 + b3) / 2
+    kept = multilevel.interpolate(variables, "transition_keeping")["params"]["stage2"]
+    # [b1, b2, b2, b2, b3, b3]: b1 once (x2), b2 three times (x2/3), b3 twice (x1).
+    scales = [float(kept[f"block{b}"]["conv2"]["kernel"].ravel()[0]) /
+              float(variables["params"]["stage2"][f"block{s}"]["conv2"]["kernel"].ravel()[0])
+              for b, s in zip(range(1, 7), (1, 2, 2, 2, 3, 3))]
+    np.testing.assert_allclose(scales, [2, 2 / 3, 2 / 3, 2 / 3, 1, 1], rtol=1e-6)
+    # Only the residual output is scaled; the batch-norm statistics are copies.
+    stats = multilevel.interpolate(variables, "transition_keeping")["batch_stats"]["stage2"]
+    chex.assert_trees_all_equal(stats["block1"], variables["batch_stats"]["stage2"]["block1"])
+
+
+@pytest.mark.parametrize("policy", sorted(multilevel.MOMENTUM_POLICIES))
+def test_momentum_policies(policy):
+    model = _model((2, 2))
+    optimizer = optax.sgd(0.1, momentum=0.9)
+    state = steps.create_train_state(jax.random.PRNGKey(0), model, optimizer, IMAGE_SHAPE)
+    trace = _labelled({"params": state.params})["params"]
+    opt_state = (optax.TraceState(trace=trace), optax.EmptyState())
+    grown = multilevel.grow_optimizer_state(opt_state, "identity", policy)[0].trace["stage1"]
+    # identity: [2 b1, 0 b2', 2 b2, 0 b2'] in the parameters' residual output.
+    first = [float(grown[f"block{b}"]["conv1"]["kernel"].ravel()[0]) for b in range(1, 5)]
+    expected = {"interpolate": [101, 102, 102, 102], "reset": [0, 0, 0, 0],
+                "zero_inserted": [101, 0, 102, 0]}[policy]
+    assert first == expected
+
+
+# --- Other people's networks ---------------------------------------------------
+
+
+def test_growing_a_flax_examples_resnet_matches_this_projects_pattern():
+    small = flax_example_resnet.ResNet(stage_sizes=(2, 3))
+    variables = small.init(jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE)), train=False)
+    assert multilevel.stage_sizes_from_widths(variables["params"]) == (2, 3)
+    layout = multilevel.flax_examples_layout((2, 3))
+    # Label block k (0-based, through all stages) with k + 1 in every leaf.
+    labelled = {collection: {name: (jax.tree_util.tree_map(
+        lambda x, n=name: jnp.full(x.shape, 1.0 + int(n.split("_")[1])), tree)
+        if name.startswith("ResNetBlock_") else tree) for name, tree in trees.items()}
+        for collection, trees in variables.items()}
+    grown = multilevel.interpolate(labelled, "paper", layout)
+    big = flax_example_resnet.ResNet(stage_sizes=(4, 6))
+    fresh = jax.eval_shape(lambda: big.init(jax.random.PRNGKey(0),
+                                            jnp.zeros((1, *IMAGE_SHAPE)), train=False))
+    chex.assert_trees_all_equal_shapes_and_dtypes(grown, fresh)
+    copied = [int(jax.tree_util.tree_leaves(grown["params"][f"ResNetBlock_{k}"])[0].ravel()[0])
+              for k in range(10)]
+    # This project's naming gives, per stage, the old blocks (1-based) in this order:
+    ours = multilevel.interpolate(_labelled(random_variables(_model((2, 3)))), "paper")
+    expected = _pattern(ours, 1) + [2 + b for b in _pattern(ours, 2)]
+    assert copied == expected == [1, 2, 2, 2, 3, 4, 4, 4, 5, 5]
+    # The grown network runs, and coarsening gives the original back.
+    big.apply(grown, jnp.zeros((2, *IMAGE_SHAPE)), train=False)
+    chex.assert_trees_all_equal(
+        multilevel.coarsen(grown, "paper", multilevel.flax_examples_layout((4, 6))), labelled)
