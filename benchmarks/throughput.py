@@ -48,6 +48,7 @@ import time
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
@@ -169,6 +170,13 @@ def check_flags() -> dict:
             raise common.flag_error(flag, FLAGS[flag].value,
                                     f"it must split evenly over {uneven[0]} devices "
                                     f"(--device_counts={FLAGS.device_counts})")
+    layouts = [name.strip() for name in FLAGS.layouts.split(",")]
+    if not layouts or set(layouts) - {"unrolled", "scanned"} or len(set(layouts)) != len(layouts):
+        raise common.flag_error("layouts", FLAGS.layouts,
+                                "a comma-separated list of 'unrolled' and 'scanned'")
+    if FLAGS.compute_dtype not in ("float32", "bfloat16"):
+        raise common.flag_error("compute_dtype", FLAGS.compute_dtype,
+                                "'float32' or 'bfloat16'")
     epochs = (common.parse_float_list("cycle_epochs", FLAGS.cycle_epochs)
               if FLAGS.cycle_epochs else default_cycle_epochs(FLAGS.levels))
     return {
@@ -183,6 +191,8 @@ def check_flags() -> dict:
                                    FLAGS.batch_size),
         "seed": FLAGS.seed,
         "device_counts": device_counts,
+        "layouts": layouts,
+        "compute_dtype": FLAGS.compute_dtype,
     }
 
 
@@ -344,7 +354,7 @@ def time_eval_step(model: models.ResNet, variables, settings: dict, mesh):
 
 
 def measure(width: int, stage_sizes: tuple[int, ...], step_size: float,
-            settings: dict, devices: int = 1) -> dict:
+            settings: dict, devices: int = 1, layout: str = "unrolled") -> dict:
     """Compiles and times the train and eval step of one network on ``devices`` devices.
 
     Args:
@@ -354,6 +364,8 @@ def measure(width: int, stage_sizes: tuple[int, ...], step_size: float,
       settings: from `check_flags`.
       devices: devices of the data-parallel mesh (`parallel.make_mesh`); the
         batches are split over them.
+      layout: ``"unrolled"`` (a block after another) or ``"scanned"`` (the
+        blocks after the first of each stage as one scan, `models.ResNet.scan_blocks`).
 
     Returns:
       Parameter count; compile seconds of both steps; step seconds as
@@ -361,7 +373,9 @@ def measure(width: int, stage_sizes: tuple[int, ...], step_size: float,
       of the train step; the peak memory so far (`peak_memory`).
     """
     model = models.ResNet(stage_sizes=stage_sizes, width=width,
-                          num_classes=settings["num_classes"], step_size=step_size)
+                          num_classes=settings["num_classes"], step_size=step_size,
+                          scan_blocks=layout == "scanned",
+                          dtype=jnp.dtype(settings["compute_dtype"]))
     mesh = parallel.make_mesh(devices)
     compiled_train, train_compile, train_seconds, state = time_train_step(model, settings, mesh)
     eval_compile, eval_seconds = time_eval_step(model, state.variables, settings, mesh)
@@ -434,7 +448,8 @@ def family_summary(rows: list[dict], cycle_steps_list: Sequence[int]) -> dict:
 
 def results_table(rows: list[dict]) -> str:
     """The markdown table of all measured configurations."""
-    headers = ["model", "blocks", "h", "devices", "params", "compile train / eval (s)",
+    headers = ["model", "blocks", "h", "devices", "layout", "params",
+               "compile train / eval (s)",
                "train step (s), median [IQR]", "train images/s [min-max]",
                "eval images/s", "XLA mem (MB)", "peak mem (MB)", "compile share"]
     body = []
@@ -444,7 +459,7 @@ def results_table(rows: list[dict]) -> str:
         body.append([
             model_name(r["family"], r["stage_sizes"]),
             models.format_stage_sizes(r["stage_sizes"]), f"{r['step_size']:g}",
-            str(r["devices"]), f"{r['num_params']:,}",
+            str(r["devices"]), r.get("layout", "unrolled"), f"{r['num_params']:,}",
             f"{r['compile_train_seconds']:.1f} / {r['compile_eval_seconds']:.1f}",
             f"{t['median']:.3f} [{t['p25']:.3f}-{t['p75']:.3f}]",
             f"{ips['median']:.0f} [{ips['min']:.0f}-{ips['max']:.0f}]",
@@ -456,13 +471,31 @@ def results_table(rows: list[dict]) -> str:
     return common.markdown_table(headers, body)
 
 
+def layout_table(rows: list[dict]) -> str:
+    """Compile and step time of each network in both layouts, side by side (first device count)."""
+    first = min(r["devices"] for r in rows)
+    rows = [r for r in rows if r["devices"] == first]
+    layouts = list(dict.fromkeys(r["layout"] for r in rows))
+    networks = list(dict.fromkeys((r["family"], tuple(r["stage_sizes"])) for r in rows))
+    by = {(r["family"], tuple(r["stage_sizes"]), r["layout"]): r for r in rows}
+    headers = ["model", "blocks",
+               *[f"compile train, {name} (s)" for name in layouts],
+               *[f"train step, {name} (s)" for name in layouts]]
+    body = [[model_name(family, sizes), models.format_stage_sizes(sizes),
+             *[f"{by[(family, sizes, name)]['compile_train_seconds']:.1f}" for name in layouts],
+             *[f"{by[(family, sizes, name)]['train_step_seconds']['median']:.3f}"
+               for name in layouts]] for family, sizes in networks]
+    return common.markdown_table(headers, body)
+
+
 def scaling_table(rows: list[dict]) -> str:
-    """Train images/s of each network per device count, side by side.
+    """Train images/s of each network per device count, side by side (first layout).
 
     Returns:
       A markdown table with one row per network and a column per device
       count, then the speed-up of the most devices over one (or the fewest).
     """
+    rows = [r for r in rows if r.get("layout", "unrolled") == rows[0].get("layout", "unrolled")]
     counts = sorted({r["devices"] for r in rows})
     networks = list(dict.fromkeys((r["family"], tuple(r["stage_sizes"]), r["step_size"])
                                   for r in rows))
@@ -508,6 +541,9 @@ def report_markdown(report: dict) -> str:
         *([f"Scaling with the number of devices ({report['machine']['device_kind']}; the global batch "
            "is split over them):", "", scaling_table(rows), ""]
           if len(s["device_counts"]) > 1 else []),
+        *(["Layouts: the blocks one after another (unrolled) or the blocks after the "
+           "first of each stage as one scan (scanned):", "", layout_table(rows), ""]
+          if len(s["layouts"]) > 1 else []),
         *summary_lines(report["families"]),
         f"- Step times: median of {s['steps']} timed train steps after "
         f"{s['warmup']} untimed ({s['eval_steps']} eval batches after 1); each "
@@ -534,28 +570,31 @@ def run_benchmark(settings: dict) -> dict:
     machine = common.machine_info()
     levels = settings["levels"]
     measured = {}
-    for devices in settings["device_counts"]:
+    variants = [(devices, layout) for layout in settings["layouts"]
+                for devices in settings["device_counts"]]
+    for devices, layout in variants:
         for name, width, level in run_order(settings["families"], levels):
             sizes, h = levels[level]
-            logging.info("Measuring %s, width %d, %s blocks, h = %g, %d device(s)",
+            logging.info("Measuring %s, width %d, %s blocks, h = %g, %d device(s), %s",
                          model_name(name, sizes), width, models.format_stage_sizes(sizes),
-                         h, devices)
-            measured[(width, level, devices)] = measure(width, sizes, h, settings, devices)
+                         h, devices, layout)
+            measured[(width, level, devices, layout)] = measure(width, sizes, h, settings,
+                                                                devices, layout)
     rows, families = [], {}
     for name, width in settings["families"]:
-        for devices in settings["device_counts"]:
+        for devices, layout in variants:
             family_rows = []
             for level, (sizes, h) in enumerate(levels):
                 row = {"family": name, "width": width, "stage_sizes": list(sizes),
-                       "step_size": h, "devices": devices,
+                       "step_size": h, "devices": devices, "layout": layout,
                        "cycle_steps": settings["cycle_steps"][level],
-                       **measured[(width, level, devices)]}
+                       **measured[(width, level, devices, layout)]}
                 row["compile_share"] = compile_share(
                     row["compile_train_seconds"] + row["compile_eval_seconds"],
                     row["cycle_steps"], row["train_step_seconds"]["median"])
                 family_rows.append(row)
             rows += family_rows
-            if devices == settings["device_counts"][0]:
+            if (devices, layout) == variants[0]:
                 families[name] = family_summary(family_rows, settings["cycle_steps"])
     plain_settings = {**settings,
                       "families": [{"name": n, "width": w} for n, w in settings["families"]],
@@ -591,6 +630,10 @@ def define_flags() -> None:
     flags.DEFINE_string("output_dir", "runs/bench/throughput",
                         "Folder for throughput.json and throughput.md.")
     flags.DEFINE_integer("seed", 0, "Seed of the synthetic data and initialisation.")
+    flags.DEFINE_string("layouts", "unrolled",
+                        "Comma-separated block layouts to measure: 'unrolled' and/or "
+                        "'scanned' (models.ResNet.scan_blocks).")
+    flags.DEFINE_string("compute_dtype", "float32", "'float32' or 'bfloat16'.")
     flags.DEFINE_string("device_counts", "1",
                         "Comma-separated numbers of devices to measure each network on "
                         "(data parallel, the batch split over them), e.g. '1,2'. On a "

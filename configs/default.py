@@ -75,6 +75,17 @@ def get_config() -> ml_collections.ConfigDict:
     # test example counts).
     config.eval_batch_size = 500
 
+    # --- Speed ------------------------------------------------------------------
+    # Run the blocks after the first of each stage as one jax.lax.scan over
+    # stacked parameters: compile time flat in depth, the same maths.
+    config.scan_blocks = False
+    # Computation dtype: 'float32', or 'bfloat16' (parameters, batch-norm
+    # statistics and optimizer state stay float32; for accelerators).
+    config.compute_dtype = 'float32'
+    # Compile the next depth's steps in a background thread while the
+    # current cycle trains, so a growth does not wait for the compiler.
+    config.compile_ahead = False
+
     # --- Devices ----------------------------------------------------------------
     # Devices of the data-parallel mesh: -1 uses every device of every process
     # (a multi-process run needs all). The global batch_size and

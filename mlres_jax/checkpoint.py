@@ -44,7 +44,7 @@ MODEL = "model"
 SAFE_TO_CHANGE = frozenset({
     "log_every_steps", "progress_bar", "eval_batch_size", "eval_every_epochs",
     "checkpoint_every_steps", "checkpoints_to_keep", "data_dir",
-    "fashion_mnist_dir", "num_devices", "growth_train_examples",
+    "fashion_mnist_dir", "num_devices", "growth_train_examples", "compile_ahead",
 })
 
 
@@ -83,6 +83,8 @@ class CheckpointMetadata:
       image_shape: (H, W, C) of the images the network takes.
       stage_sizes: blocks per stage of the saved network.
       step_size: its step size h (paper Eq. 2).
+      scan_blocks: whether its parameters are in the scanned layout
+        (`models.ResNet.scan_blocks`).
       cycle: 1-based cycle the checkpoint belongs to.
       epoch: ``step / steps_per_epoch`` (a float; None where unknown).
       config: the run's resolved config as a dict.
@@ -112,11 +114,13 @@ class CheckpointMetadata:
     stopwatch: dict = dataclasses.field(default_factory=dict)
     kind: str = TRAIN_STATE
     grown_from: dict | None = None
+    scan_blocks: bool = False
 
     def model(self) -> models.ResNet:
-        """The network this checkpoint holds the variables of."""
+        """The network this checkpoint holds the variables of (in their layout)."""
         return models.ResNet(stage_sizes=tuple(self.stage_sizes), width=self.width,
-                             num_classes=self.num_classes, step_size=self.step_size)
+                             num_classes=self.num_classes, step_size=self.step_size,
+                             scan_blocks=self.scan_blocks)
 
     def to_json(self) -> dict:
         """A strictly valid JSON dict (`files.json_compatible`), with the format version."""
@@ -465,7 +469,9 @@ def load_model(workdir: str, step: int | None = None):
     Returns:
       ``(model, variables, metadata)``: a `models.ResNet` of the checkpoint's
       depth and step size h, ``{"params", "batch_stats"}`` as jax arrays, and
-      the checkpoint's `CheckpointMetadata`.
+      the checkpoint's `CheckpointMetadata`. The model and the variables are
+      in the unrolled layout (``stageN/blockM``) whatever the run's, converted
+      from the scanned one where needed (`multilevel.convert_layout`).
 
     Raises:
       CheckpointError: if there is no readable checkpoint.
@@ -474,8 +480,10 @@ def load_model(workdir: str, step: int | None = None):
         raise CheckpointError(f"no checkpoints in {checkpoint_dir(workdir)}")
     with Checkpointer(workdir, create=False) as checkpointer:
         variables, metadata = checkpointer.restore_variables(step)
-    return (metadata.model(), jax.tree_util.tree_map(jax.numpy.asarray, variables),
-            metadata)
+    variables = multilevel.convert_layout(jax.tree_util.tree_map(jax.numpy.asarray, variables),
+                                          multilevel.layout_of(metadata.scan_blocks),
+                                          multilevel.STAGES)
+    return metadata.model().clone(scan_blocks=False), variables, metadata
 
 
 def save_model(workdir: str, variables: dict, metadata: CheckpointMetadata) -> None:

@@ -70,6 +70,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_schedule(config)
     _check_optimizer(config)
     _resolve_batches_and_padding(config, info)
+    _check_speed(config)
     _check_bookkeeping(config)
     config.data_dir = config.data_dir or None
     return config
@@ -212,6 +213,17 @@ def start_from(config: ml_collections.ConfigDict, metadata) -> ml_collections.Co
     config.stage_sizes = tuple(metadata.stage_sizes)
     config.step_size = float(metadata.step_size)
     return resolve(config)
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def _check_speed(config) -> None:
+    for field in ("scan_blocks", "compile_ahead"):
+        if not isinstance(config[field], bool):
+            _fail(field, config[field], "it must be True or False")
+    if config.compute_dtype not in COMPUTE_DTYPES:
+        _fail("compute_dtype", config.compute_dtype, f"it must be one of {list(COMPUTE_DTYPES)}")
 
 
 def _check_bookkeeping(config) -> None:

@@ -49,8 +49,8 @@ def grow(workdir: str, output: str, step: int | None = None,
                                f"{workdir}: {error}") from None
     grown = dataclasses.replace(
         metadata, stage_sizes=tuple(deeper_model.stage_sizes),
-        step_size=deeper_model.step_size, history=[], cycle_records=[], stopwatch={},
-        kind=checkpoint.MODEL,
+        step_size=deeper_model.step_size, history=[], cycle_records=[], growths=[],
+        stopwatch={}, kind=checkpoint.MODEL, scan_blocks=False,
         grown_from={"workdir": workdir, "step": metadata.step, "rule": rule})
     with workdirs.hold(output):
         existing = checkpoint.list_steps(output)

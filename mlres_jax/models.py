@@ -18,8 +18,23 @@ Parameters are named by stage and block, 1-based like the paper's figures::
 so that interpolation (`mlres_jax.multilevel`) edits one stage's blocks
 without renaming anything else. ``batch_stats`` mirrors the same names.
 
-For the analyses (`mlres_jax.analysis`) every residual module sows its input
-Y_j and its output F(Y_j) into the collection ``"intermediates"``
+**Scanned layout** (``scan_blocks=True``): the blocks after the first of a
+stage all have the same shapes, so they run as one ``jax.lax.scan`` (flax
+``nn.scan``) over parameters stacked along a leading axis, which keeps the
+compile time flat in depth. The first (downsampling) block stays apart::
+
+    params/stage2/block1/...                         (as above)
+    params/stage2/blocks/residual/{norm1, ...}       (leading axis: blocks 2..n)
+
+`mlres_jax.multilevel.SCANNED` reads and writes this layout, and
+`multilevel.convert_layout` converts between the two (a pure function).
+
+**Mixed precision** (``dtype=jnp.bfloat16``): convolutions, batch norms and
+the head compute in bfloat16 with float32 parameters (batch-norm statistics
+are reduced in float32, flax's default); the loss is computed in float32.
+
+For the analyses (`mlres_jax.measurements`) every residual module sows its
+input Y_j and its output F(Y_j) into the collection ``"intermediates"``
 (``intermediates/stage2/block3/{block_input, F}``, each a 1-tuple); this is a
 no-op unless the caller makes that collection mutable.
 """
@@ -27,7 +42,7 @@ no-op unless the caller makes that collection mutable.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -53,6 +68,10 @@ BATCH_NORM_FAST_VARIANCE = False
 
 # Collection into which every residual module sows Y_j and F(Y_j).
 INTERMEDIATES = "intermediates"
+
+# Names in the scanned layout: stage/blocks/residual holds blocks 2..n stacked.
+SCANNED_BLOCKS = "blocks"
+SCANNED_MODULE = "residual"
 
 
 def block_name(block_index: int) -> str:
@@ -95,6 +114,7 @@ class ResidualModule(nn.Module):
 
     features: int
     strides: int = 1
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -104,10 +124,11 @@ class ResidualModule(nn.Module):
             momentum=BATCH_NORM_MOMENTUM,
             epsilon=BATCH_NORM_EPSILON,
             use_fast_variance=BATCH_NORM_FAST_VARIANCE,
+            dtype=self.dtype,
         )
         conv = functools.partial(
             nn.Conv, self.features, (3, 3), use_bias=False,
-            kernel_init=conv_kernel_init,
+            kernel_init=conv_kernel_init, dtype=self.dtype,
         )
         y = nn.relu(norm(name="norm1")(x))
         y = conv(strides=(self.strides, self.strides), name="conv1")(y)
@@ -116,6 +137,21 @@ class ResidualModule(nn.Module):
         self.sow(INTERMEDIATES, "block_input", x)
         self.sow(INTERMEDIATES, "F", y)
         return y
+
+
+class _ScannedBlock(nn.Module):
+    """One identity-shortcut block as the body of `nn.scan`: ``(Y, _) -> (Y + h G(Y), None)``."""
+
+    features: int
+    step_size: float
+    train: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _) -> tuple[jax.Array, None]:
+        residual = ResidualModule(self.features, 1, self.dtype, name=SCANNED_MODULE)(
+            x, self.train)
+        return x + self.step_size * residual, None
 
 
 class Stage(nn.Module):
@@ -134,21 +170,31 @@ class Stage(nn.Module):
     downsample: bool
     step_size: float
     downsample_by_shortcut: bool = False
+    scan_blocks: bool = False
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool):
         if self.downsample_by_shortcut:
             x = downsampling_shortcut(x, self.features)
-        for j in range(self.num_blocks):
+        # Scanned: the first block apart, the identical others as one scan.
+        unrolled = 1 if self.scan_blocks and self.num_blocks > 1 else self.num_blocks
+        for j in range(unrolled):
             first = j == 0
             strides = 2 if (first and self.downsample) else 1
             residual = self.step_size * ResidualModule(
-                self.features, strides, name=block_name(j))(x, train)
+                self.features, strides, self.dtype, name=block_name(j))(x, train)
             if strides == 2 or x.shape[-1] != self.features:
                 shortcut = downsampling_shortcut(x, self.features)
             else:
                 shortcut = x
             x = shortcut + residual
+        if unrolled < self.num_blocks:
+            scan = nn.scan(_ScannedBlock, variable_axes={"params": 0, "batch_stats": 0,
+                                                         INTERMEDIATES: 0},
+                           split_rngs={"params": True}, length=self.num_blocks - 1)
+            x, _ = scan(self.features, self.step_size, train, self.dtype,
+                        name=SCANNED_BLOCKS)(x, None)
         return x
 
 
@@ -167,7 +213,12 @@ class ResNet(nn.Module):
         downsampling block was removed in a lesion (paper Sec. 3.3): such a
         stage downsamples by its parameter-free shortcut S alone and all of
         its ``stage_sizes[i]`` blocks keep the shape. Empty (the default) for
-        every trained network; see `mlres_jax.analysis.lesioned_model`.
+        every trained network; see `mlres_jax.lesions.lesioned_model`.
+      scan_blocks: run the blocks after the first of each stage as one scan
+        (the scanned layout above); the same function of the same (converted)
+        parameters.
+      dtype: computation dtype, ``jnp.float32`` or ``jnp.bfloat16``
+        (parameters stay float32).
 
     Call: ``model.apply(variables, images, train=...)`` with
     ``images: float32[N, H, W, C]``; returns logits ``float32[N, num_classes]``.
@@ -179,6 +230,8 @@ class ResNet(nn.Module):
     num_classes: int = 10
     step_size: float = 1.0
     shortcut_only_stages: Sequence[int] = ()
+    scan_blocks: bool = False
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -187,8 +240,8 @@ class ResNet(nn.Module):
                 raise ValueError(
                     f"shortcut_only_stages holds {i}, but only stages 1.."
                     f"{len(self.stage_sizes) - 1} (0-based) downsample")
-        x = nn.Conv(self.width, (3, 3), use_bias=False,
-                    kernel_init=conv_kernel_init, name="stem")(images)
+        x = nn.Conv(self.width, (3, 3), use_bias=False, kernel_init=conv_kernel_init,
+                    dtype=self.dtype, name="stem")(images)
         for i, num_blocks in enumerate(self.stage_sizes):
             shortcut_only = i in self.shortcut_only_stages
             x = Stage(
@@ -197,15 +250,17 @@ class ResNet(nn.Module):
                 downsample=i > 0 and not shortcut_only,
                 step_size=self.step_size,
                 downsample_by_shortcut=shortcut_only,
+                scan_blocks=self.scan_blocks,
+                dtype=self.dtype,
                 name=stage_name(i),
             )(x, train)
         x = nn.BatchNorm(
             use_running_average=not train, momentum=BATCH_NORM_MOMENTUM,
             epsilon=BATCH_NORM_EPSILON, use_fast_variance=BATCH_NORM_FAST_VARIANCE,
-            name="final_norm")(x)
+            dtype=self.dtype, name="final_norm")(x)
         x = nn.relu(x)
         x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, name="head")(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
 
 
 def format_stage_sizes(stage_sizes: Sequence[int]) -> str:

@@ -215,9 +215,11 @@ class Layout(Protocol):
 
     residual_output: tuple[str, ...]
 
-    def read(self, node: Any) -> tuple[list[list[Any]], dict] | None:
-        """``(stages of block subtrees, the node's other entries)``, or None
-        if ``node`` is not a network tree of this layout."""
+    def is_network(self, node: Any) -> bool:
+        """Whether ``node`` is a network tree of this layout (cheap: names only)."""
+
+    def read(self, node: Any) -> tuple[list[list[Any]], dict]:
+        """``(stages of block subtrees, the node's other entries)`` of a network tree."""
 
     def write(self, stages: list[list[Any]], others: dict) -> dict:
         """The network tree with ``stages`` (lists of block subtrees) in it."""
@@ -261,9 +263,10 @@ class StageLayout:
 
     residual_output: tuple[str, ...] = ("conv2/kernel",)
 
+    def is_network(self, node) -> bool:
+        return isinstance(node, Mapping) and any(is_stage_key(k) for k in node)
+
     def read(self, node):
-        if not (isinstance(node, Mapping) and any(is_stage_key(k) for k in node)):
-            return None
         keys = sorted((k for k in node if is_stage_key(k)),
                       key=lambda k: int(_STAGE_KEY.match(k).group(1)))
         return ([ordered_blocks(k, node[k]) for k in keys],
@@ -276,6 +279,64 @@ class StageLayout:
 
 
 STAGES = StageLayout()
+
+
+@dataclasses.dataclass(frozen=True)
+class ScannedStageLayout(StageLayout):
+    """The scanned layout of `models.ResNet(scan_blocks=True)`.
+
+    Each stage keeps its first block apart (``block1``) and blocks 2..n
+    stacked along a leading axis under ``blocks/residual``; `read` unstacks
+    them into a list of ordinary blocks and `write` stacks them back, so
+    every rule and `coarsen` work on this layout as on `STAGES`.
+    """
+
+    def read(self, node):
+        keys = sorted((k for k in node if is_stage_key(k)),
+                      key=lambda k: int(_STAGE_KEY.match(k).group(1)))
+        stages = []
+        for key in keys:
+            stage = node[key]
+            if set(stage) - {"block1", models.SCANNED_BLOCKS} or "block1" not in stage:
+                raise ValueError(
+                    f"{key} has entries {sorted(stage)}; the scanned layout keeps "
+                    f"'block1' and '{models.SCANNED_BLOCKS}' (blocks 2.. stacked)")
+            blocks = [stage["block1"]]
+            if models.SCANNED_BLOCKS in stage:
+                stacked = stage[models.SCANNED_BLOCKS][models.SCANNED_MODULE]
+                count = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+                blocks += [jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+                           for i in range(count)]
+            stages.append(blocks)
+        return stages, {k: v for k, v in node.items() if not is_stage_key(k)}
+
+    def write(self, stages, others):
+        result = dict(others)
+        for s, blocks in enumerate(stages):
+            stage = {"block1": blocks[0]}
+            if len(blocks) > 1:
+                stage[models.SCANNED_BLOCKS] = {models.SCANNED_MODULE: jax.tree_util.tree_map(
+                    lambda *xs: jnp.stack(xs), *blocks[1:])}
+            result[models.stage_name(s)] = stage
+        return result
+
+
+SCANNED = ScannedStageLayout()
+
+
+def layout_of(scan_blocks: bool) -> StageLayout:
+    """`SCANNED` for ``models.ResNet(scan_blocks=True)``, else `STAGES`."""
+    return SCANNED if scan_blocks else STAGES
+
+
+def convert_layout(tree, source: Layout, target: Layout):
+    """``tree``'s network trees, read in ``source``'s layout and written in ``target``'s.
+
+    E.g. ``convert_layout(variables, STAGES, SCANNED)`` gives the variables
+    of ``models.ResNet(scan_blocks=True)``; everything outside the stages is
+    kept. A pure function, like big_vision's pyloop_to_scan / scan_to_pyloop.
+    """
+    return map_network_trees(lambda node: target.write(*source.read(node)), tree, source)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,13 +359,13 @@ class KeyLayout:
     name: Callable[[int, int, Sequence[int]], str]
     residual_output: tuple[str, ...]
 
+    def is_network(self, node) -> bool:
+        return isinstance(node, Mapping) and any(
+            isinstance(key, str) and self.locate(key) is not None for key in node)
+
     def read(self, node):
-        if not isinstance(node, Mapping):
-            return None
         found = {key: self.locate(key) for key in node if isinstance(key, str)}
         found = {key: where for key, where in found.items() if where is not None}
-        if not found:
-            return None
         num_stages = 1 + max(stage for stage, _ in found.values())
         stages = [[] for _ in range(num_stages)]
         for key, (stage, block) in sorted(found.items(), key=lambda item: item[1]):
@@ -393,11 +454,9 @@ def map_network_trees(fn: Callable[[Mapping], Any], tree, layout: Layout = STAGE
     ``map_network_trees(lambda t: jax.tree_util.tree_map(jnp.zeros_like, t),
     opt_state)`` zeroes an optimizer's momentum but keeps its step count.
     """
-    def is_network(node):
-        return layout.read(node) is not None
-
-    return jax.tree_util.tree_map(lambda node: fn(node) if is_network(node) else node,
-                                  tree, is_leaf=is_network)
+    return jax.tree_util.tree_map(
+        lambda node: fn(node) if layout.is_network(node) else node,
+        tree, is_leaf=layout.is_network)
 
 
 # ---------------------------------------------------------------------------
@@ -606,7 +665,7 @@ def restrict(model: models.ResNet, variables, rule: str = "paper"):
 
 __all__ = [
     "GROWTH_RULES", "INTERPOLATION_RULES", "KeyLayout", "MOMENTUM_POLICIES", "NewBlock",
-    "STAGES", "StageLayout", "appended_rule", "coarsen", "coarsened_model", "deepen",
+    "SCANNED", "STAGES", "ScannedStageLayout", "StageLayout", "convert_layout", "layout_of", "appended_rule", "coarsen", "coarsened_model", "deepen",
     "flax_examples_layout", "grow_optimizer_state", "identity_rule", "interpolate",
     "interpolated_model", "is_stage_key", "linear_rule", "map_network_trees",
     "ordered_blocks", "paper_prolongation_sources", "paper_rule", "restrict",

@@ -91,8 +91,14 @@ def zero_metric_sums() -> dict:
 def create_train_state(rng: jax.Array, model: models.ResNet,
                        optimizer: optax.GradientTransformation,
                        image_shape: tuple[int, ...]) -> TrainState:
-    """A fresh train state at step 0 for ``model`` and images of ``image_shape`` (H, W, C)."""
-    variables = models.init_variables(model, rng, image_shape)
+    """A fresh train state at step 0 for ``model`` and images of ``image_shape`` (H, W, C).
+
+    A scanned model (``scan_blocks``) gets the unrolled model's initial
+    variables in its layout, so that the layout does not change the run.
+    """
+    variables = models.init_variables(model.clone(scan_blocks=False), rng, image_shape)
+    if model.scan_blocks:
+        variables = multilevel.convert_layout(variables, multilevel.STAGES, multilevel.SCANNED)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=variables["params"],
@@ -103,8 +109,8 @@ def create_train_state(rng: jax.Array, model: models.ResNet,
     )
 
 
-def interpolate_train_state(state: TrainState, rule: str,
-                            momentum_at_interpolation: str) -> TrainState:
+def interpolate_train_state(state: TrainState, rule: str, momentum_at_interpolation: str,
+                            layout: multilevel.Layout = multilevel.STAGES) -> TrainState:
     """Grows a train state to the next depth (paper Sec. 4.1) under ``rule``.
 
     Parameters and batch-norm statistics go through `multilevel.interpolate`;
@@ -114,17 +120,18 @@ def interpolate_train_state(state: TrainState, rule: str,
     rule; ``'reset'`` zeroes it; ``'zero_inserted'`` zeroes it for the
     inserted blocks only). The optimizer's step count is kept, so the global
     learning-rate schedule goes on; its restart comes from the schedule's
-    cycle boundary.
+    cycle boundary. ``layout`` is the parameters' (`multilevel.SCANNED` for a
+    scanned model).
 
     Raises:
       ValueError: for an unknown rule or policy, or a network the rule cannot
         interpolate (`multilevel.interpolate`).
     """
     return state.replace(
-        params=multilevel.interpolate(state.params, rule),
-        batch_stats=multilevel.interpolate(state.batch_stats, rule),
+        params=multilevel.interpolate(state.params, rule, layout),
+        batch_stats=multilevel.interpolate(state.batch_stats, rule, layout),
         opt_state=multilevel.grow_optimizer_state(state.opt_state, rule,
-                                                  momentum_at_interpolation),
+                                                  momentum_at_interpolation, layout),
     )
 
 
@@ -163,6 +170,7 @@ def train_step(state: TrainState, train_images: jax.Array,
         logits, updates = model.apply(
             {"params": params, "batch_stats": state.batch_stats}, images,
             train=True, mutable=["batch_stats"])
+        logits = logits.astype(jnp.float32)  # the loss in float32, also under bfloat16
         return cross_entropy_loss(logits, labels).mean(), (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(
@@ -226,7 +234,7 @@ def eval_step(variables, images: jax.Array, labels: jax.Array,
       float32 scalars ``loss_sum``, ``error_count``, ``count``.
     """
     logits = model.apply(variables, input_pipeline.preprocess_for_eval(images),
-                         train=False)
+                         train=False).astype(jnp.float32)
     wrong = (jnp.argmax(logits, -1) != labels) & mask
     return {
         "loss_sum": jnp.sum(jnp.where(mask, cross_entropy_loss(logits, labels), 0.0)),

@@ -19,6 +19,7 @@ pure and live in `mlres_jax.models` and `mlres_jax.multilevel`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -30,6 +31,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -37,7 +39,7 @@ import tqdm
 from absl import logging
 
 from mlres_jax import (checkpoint, configuration, errors, events, files, input_pipeline,
-                       models, parallel, plan, reporting, steps, stopwatch,
+                       models, multilevel, parallel, plan, reporting, steps, stopwatch,
                        workdir as workdirs)
 
 SUMMARY_FILE = "summary.json"
@@ -96,9 +98,16 @@ class Run:
         return parallel.is_main_process()
 
     def model(self, stage_sizes, step_size: float) -> models.ResNet:
-        """The network of the given depth and step size h."""
+        """The network of the given depth and step size h, in the config's layout and dtype."""
         return models.ResNet(stage_sizes=tuple(stage_sizes), width=self.config.width,
-                             num_classes=self.data.info.num_classes, step_size=step_size)
+                             num_classes=self.data.info.num_classes, step_size=step_size,
+                             scan_blocks=self.config.scan_blocks,
+                             dtype=jnp.dtype(self.config.compute_dtype))
+
+    @property
+    def layout(self) -> multilevel.StageLayout:
+        """How the parameters keep their blocks (`multilevel.layout_of`)."""
+        return multilevel.layout_of(self.config.scan_blocks)
 
     def epoch(self, step: int) -> float:
         """``step`` (global, 0-based count of steps taken) in epochs."""
@@ -176,16 +185,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             with progress.writer, StopRequest() as stop:
                 train_data = parallel.put_replicated(
                     (run.data.train_images, run.data.train_labels), run.mesh)
-                compiled = {}
-                for cycle in run.cycles:
-                    if cycle.end_step <= progress.step:
-                        continue  # finished before the restored checkpoint
-                    enter_cycle(run, cycle, progress)
-                    cycle_steps = compile_cycle_steps(run, cycle, progress, train_data,
-                                                      compiled)
-                    train_cycle(run, cycle, cycle_steps, progress, train_data,
-                                checkpointer, stop)
-                    finish_cycle(run, cycle, progress, checkpointer)
+                with StepCompiler(run, train_data) as compiler:
+                    for cycle in run.cycles:
+                        if cycle.end_step <= progress.step:
+                            continue  # finished before the restored checkpoint
+                        enter_cycle(run, cycle, progress)
+                        cycle_steps = compiler.steps_for(cycle, progress)
+                        train_cycle(run, cycle, cycle_steps, progress, train_data,
+                                    checkpointer, stop)
+                        finish_cycle(run, cycle, progress, checkpointer)
         return write_summary(run, progress, time.perf_counter() - start)
 
 
@@ -334,6 +342,7 @@ def _initial_state(run: Run, cycle: plan.Cycle) -> steps.TrainState:
     _, variables, metadata = checkpoint.load_model(run.config.init_from)
     logging.info("Starting from the checkpoint of step %d in %s (%s)", metadata.step,
                  run.config.init_from, checkpoint.format_network(metadata))
+    variables = multilevel.convert_layout(variables, multilevel.STAGES, run.layout)
     return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
 
 
@@ -356,7 +365,7 @@ def grow(run: Run, cycle: plan.Cycle, progress: Progress) -> None:
     # or made on the devices from old leaves, so `put_replicated` moves nothing.
     progress.state = parallel.put_replicated(steps.interpolate_train_state(
         progress.state, run.config.interpolation_rule,
-        run.config.momentum_at_interpolation), run.mesh)
+        run.config.momentum_at_interpolation, run.layout), run.mesh)
     with progress.stopwatch.pause(stopwatch.EVAL):
         after = _growth_evaluation(run, run.model(cycle.stage_sizes, cycle.step_size),
                                    progress.state.variables)
@@ -391,19 +400,67 @@ def _growth_evaluation(run: Run, model: models.ResNet, variables, test: dict | N
             "train_loss": train["loss"], "train_error": train["error"]}
 
 
-def compile_cycle_steps(run: Run, cycle: plan.Cycle, progress: Progress,
-                        train_data, compiled: dict) -> steps.CompiledSteps:
-    """The cycle's compiled steps: from ``compiled`` (a cache by depth) or compiled now."""
-    key = (cycle.stage_sizes, cycle.step_size)
-    if key not in compiled:
-        compiled[key] = steps.compile_steps(
-            run.model(cycle.stage_sizes, cycle.step_size), run.optimizer,
-            state=progress.state, train_images=train_data[0], train_labels=train_data[1],
+class StepCompiler:
+    """The compiled train and eval steps of each depth of a run.
+
+    Steps are compiled once per depth (a fixed-depth run compiles once).
+    With ``config.compile_ahead``, as soon as a cycle has its steps, the next
+    deeper cycle's are compiled in a background thread from the shapes alone
+    (`jax.eval_shape` of the interpolated state), so that a growth waits only
+    for what is left of that compilation. Use it as a context manager.
+    """
+
+    def __init__(self, run: Run, train_data):
+        self._run, self._train_data = run, train_data
+        self._compiled, self._pending = {}, {}
+        self._executor = (concurrent.futures.ThreadPoolExecutor(1, "compile_ahead")
+                          if run.config.compile_ahead else None)
+
+    def __enter__(self) -> "StepCompiler":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def _compile(self, cycle: plan.Cycle, state) -> steps.CompiledSteps:
+        run = self._run
+        return steps.compile_steps(
+            run.model(cycle.stage_sizes, cycle.step_size), run.optimizer, state=state,
+            train_images=self._train_data[0], train_labels=self._train_data[1],
             rng=run.augment_rng, batch_size=run.config.batch_size,
             eval_batch_size=run.config.eval_batch_size,
             crop_padding=run.config.crop_padding, mesh=run.mesh)
-        progress.stopwatch.add_compile_seconds(compiled[key].compile_seconds)
-    return compiled[key]
+
+    def steps_for(self, cycle: plan.Cycle, progress: Progress) -> steps.CompiledSteps:
+        """The cycle's steps; the compile time the cycle waited is booked on its stopwatch."""
+        key = (cycle.stage_sizes, cycle.step_size)
+        if key not in self._compiled:
+            start = time.perf_counter()
+            if key in self._pending:
+                self._compiled[key] = self._pending.pop(key).result()
+                logging.info("Compiled %s ahead in %.1f s; waited %.1f s",
+                             models.format_stage_sizes(cycle.stage_sizes),
+                             self._compiled[key].compile_seconds, time.perf_counter() - start)
+            else:
+                self._compiled[key] = self._compile(cycle, progress.state)
+            progress.stopwatch.add_compile_seconds(time.perf_counter() - start)
+        self._compile_next_ahead(cycle, progress.state)
+        return self._compiled[key]
+
+    def _compile_next_ahead(self, cycle: plan.Cycle, state) -> None:
+        following = self._run.cycles[cycle.index + 1:cycle.index + 2]
+        if self._executor is None or not following:
+            return
+        after = following[0]
+        key = (after.stage_sizes, after.step_size)
+        if key in self._compiled or key in self._pending:
+            return
+        config = self._run.config
+        shapes = jax.eval_shape(lambda s: steps.interpolate_train_state(
+            s, config.interpolation_rule, config.momentum_at_interpolation,
+            self._run.layout) if after.stage_sizes != cycle.stage_sizes else s, state)
+        self._pending[key] = self._executor.submit(self._compile, after, shapes)
 
 
 # ---------------------------------------------------------------------------
@@ -497,7 +554,7 @@ def save_checkpoint(run: Run, cycle: plan.Cycle, progress: Progress,
         step=progress.step, dataset=run.config.dataset, width=run.config.width,
         num_classes=info.num_classes, image_shape=info.image_shape,
         stage_sizes=cycle.stage_sizes, step_size=cycle.step_size,
-        cycle=cycle.index + 1, epoch=run.epoch(progress.step),
+        scan_blocks=run.config.scan_blocks, cycle=cycle.index + 1, epoch=run.epoch(progress.step),
         config=run.config.to_dict(), history=progress.history,
         cycle_records=progress.cycle_records, growths=progress.growths,
         stopwatch=progress.stopwatch.to_dict())

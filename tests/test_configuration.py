@@ -64,6 +64,10 @@ def test_stl10_derives_paper_batch_size_and_padding():
     ("momentum_at_interpolation", "keep", r"momentum_at_interpolation.*'reset'"),
     ("crop_padding", 40, r"config.crop_padding = 40"),
     ("momentum", 1.5, r"config.momentum = 1.5.*\[0, 1\)"),
+    ("num_devices", 0, r"config.num_devices = 0.*-1 \(every device\)"),
+    ("growth_train_examples", -5, r"config.growth_train_examples = -5.*integer >= 0"),
+    ("init_from", None, r"config.init_from = None.*a folder"),
+    ("compute_dtype", "float16", r"config.compute_dtype = 'float16'.*'bfloat16'"),
 ])
 def test_bad_values_name_field_value_and_allowed(field, value, message):
     config = _config("resnet50i")

@@ -92,3 +92,41 @@ def test_evaluate_counts_each_example_once_with_padded_batches():
     assert result["count"] == 6
     assert result["error"] == pytest.approx(expected_error)
     assert result["loss"] == pytest.approx(expected_loss, rel=1e-5)
+
+
+def test_bfloat16_training_tracks_float32_with_float32_state():
+    model = models.ResNet((2, 2), width=8, num_classes=3)
+    optimizer = optax.sgd(0.05, momentum=0.9)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 60, (48, 8, 8, 1)).astype(np.uint8)
+    labels = rng.integers(0, 3, 48).astype(np.int32)
+    for i, label in enumerate(labels):  # a learnable signal: a bright column per class
+        images[i, :, 2 * label, 0] = 250
+    images, labels = jnp.asarray(images), jnp.asarray(labels)
+    losses, states = {}, {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        net = model.clone(dtype=dtype)
+        state = steps.create_train_state(jax.random.PRNGKey(0), net, optimizer, (8, 8, 1))
+        step = steps.make_train_step(net, optimizer, crop_padding=0)
+        losses[dtype] = []
+        for k in range(12):
+            state, metrics = step(state, images, labels, jnp.arange(8 * (k % 6), 8 * (k % 6) + 8),
+                                  jax.random.PRNGKey(1))
+            losses[dtype].append(float(metrics["loss"]))
+        states[dtype] = state
+    # Parameters, statistics and momentum stay float32 under bfloat16 compute.
+    for leaf in jax.tree_util.tree_leaves((states[jnp.bfloat16].params,
+                                           states[jnp.bfloat16].batch_stats,
+                                           states[jnp.bfloat16].opt_state)):
+        assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
+    # Tolerance: bfloat16 rounds each value to 2^-8 (0.4 %) relative; through
+    # a dozen layers and 12 steps at learning rate 0.05 the per-step losses
+    # stayed within 3.3 % of float32's (measured; 0.03 % at the first step),
+    # so 5 % is allowed, and both learn (the loss falls by more than a third).
+    np.testing.assert_allclose(losses[jnp.bfloat16], losses[jnp.float32], rtol=0.05)
+    assert losses[jnp.float32][-1] < 0.67 * losses[jnp.float32][0]
+    params = [jax.tree_util.tree_leaves(states[d].params) for d in (jnp.float32, jnp.bfloat16)]
+    # The parameters drift further apart than the losses show (measured: by
+    # 5.2 % of the largest parameter after 12 steps); 10 % is allowed.
+    scale = max(float(jnp.max(jnp.abs(x))) for x in params[0])
+    assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(*params)) < 0.10 * scale
