@@ -27,7 +27,7 @@ import time
 from typing import Callable, Sequence
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from mlres_jax import (checkpoint, cli, errors, figures, files, input_pipeline,
                        measurements, models)
@@ -370,8 +370,9 @@ COMMANDS: dict[str, Callable] = {
 
 def main(argv):
     if len(argv) != 2 or argv[1] not in (*COMMANDS, "curves"):
-        raise app.UsageError(
-            f"give one command of {', '.join([*COMMANDS, 'curves'])}; got {argv[1:]}")
+        raise AnalysisInputError(
+            f"give one command of {', '.join([*COMMANDS, 'curves'])} before the flags, "
+            f"e.g. 'python -m mlres_jax.analyze norms --workdir=RUN'; got {argv[1:]}")
     command = argv[1]
     options = Options(
         output_dir=FLAGS.output_dir or os.path.join(FLAGS.workdir[0], "analysis"),

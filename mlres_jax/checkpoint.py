@@ -202,13 +202,15 @@ def tree_shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
 def describe_tree(shapes: dict) -> str:
     """A short description of a tree from `tree_shapes`: its network, if it has one."""
     blocks = {}
-    for path in shapes:
+    for path, (shape, _) in shapes.items():
         parts = path.split("/")
         if len(parts) > 2 and parts[0] == "params" and multilevel.is_stage_key(parts[1]):
-            blocks.setdefault(int(parts[1][5:]), set()).add(parts[2])
+            stage = blocks.setdefault(int(parts[1][5:]), {})
+            # The scanned layout stacks blocks 2..n along the leading axis.
+            stage[parts[2]] = shape[0] if parts[2] == models.SCANNED_BLOCKS else 1
     if not blocks:
         return f"a tree of {len(shapes)} arrays"
-    sizes = [len(blocks.get(i, ())) for i in range(1, max(blocks) + 1)]
+    sizes = [sum(blocks.get(i, {}).values()) for i in range(1, max(blocks) + 1)]
     stem = shapes.get("params/stem/kernel")
     width = f" of width {stem[0][-1]}" if stem else ""
     return f"a network of {models.format_stage_sizes(sizes)} blocks{width} ({len(shapes)} arrays)"

@@ -84,7 +84,7 @@ def make_mesh(num_devices: int = -1) -> Mesh:
         num_devices = len(devices)
     if not 1 <= num_devices <= len(devices):
         raise MeshError(f"config.num_devices = {num_devices} is not allowed: this run "
-                        f"has {len(devices)} devices ({devices[0].platform}); use -1 "
+                        f"has {len(devices)} device(s) ({devices[0].platform}); use -1 "
                         "for all of them, or a number from 1 to that")
     if jax.process_count() > 1 and num_devices != len(devices):
         raise MeshError(f"config.num_devices = {num_devices} is not allowed with "

@@ -189,6 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     for cycle in run.cycles:
                         if cycle.end_step <= progress.step:
                             continue  # finished before the restored checkpoint
+                        stop_if_requested(run, cycle, progress, checkpointer, stop)
                         enter_cycle(run, cycle, progress)
                         cycle_steps = compiler.steps_for(cycle, progress)
                         train_cycle(run, cycle, cycle_steps, progress, train_data,
@@ -273,7 +274,7 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str,
                  "device per step", mesh.devices.size, jax.devices()[0].platform,
                  jax.process_count(), config.batch_size // mesh.devices.size)
     logging.info(
-        "%s: %d train / %d test examples, batch %d, %d steps per epoch; %d cycles: %s",
+        "%s: %d train / %d test examples, batch %d, %d steps per epoch; %d cycle(s): %s",
         config.dataset, num_train, len(data.test_labels), config.batch_size,
         steps_per_epoch, len(cycles),
         ", ".join(f"{models.format_stage_sizes(c.stage_sizes)} h={c.step_size:g} for "
@@ -482,7 +483,7 @@ def train_cycle(run: Run, cycle: plan.Cycle, compiled: steps.CompiledSteps,
     for step in range(max(progress.step, cycle.first_step), cycle.end_step):
         if stop.signal_number is not None:
             bar.close()
-            stop_with_checkpoint(run, cycle, progress, checkpointer, stop.signal_number)
+            stop_if_requested(run, cycle, progress, checkpointer, stop)
         epoch, position = divmod(step, run.steps_per_epoch)
         if order_epoch != epoch:
             order_epoch, order = epoch, input_pipeline.train_batch_indices(
@@ -536,12 +537,19 @@ def evaluate_and_record(run: Run, cycle: plan.Cycle, compiled: steps.CompiledSte
 
 def finish_cycle(run: Run, cycle: plan.Cycle, progress: Progress,
                  checkpointer: checkpoint.Checkpointer) -> None:
-    """Records the finished cycle and saves its last checkpoint."""
+    """Records the finished cycle and saves its last checkpoint.
+
+    The record goes into that checkpoint, so it is made before the save; its
+    times are then brought up to date, the last save's included (a run that
+    resumes from this checkpoint has the record without that save's time).
+    """
     progress.cycle_records.append(reporting.cycle_record(
         cycle, num_params=models.count_parameters(progress.state.params),
         steps_per_epoch=run.steps_per_epoch, seconds=progress.stopwatch.to_dict(),
         last_evaluation=progress.history[-1]))
     save_checkpoint(run, cycle, progress, checkpointer)
+    progress.cycle_records[-1].update(
+        {name: progress.stopwatch.to_dict()[name] for name in stopwatch.ACTIVITIES})
     progress.writer.flush()
 
 
@@ -572,15 +580,27 @@ def stop_with_checkpoint(run: Run, cycle: plan.Cycle, progress: Progress,
     Raises:
       Interrupted: always, saying where the run stopped and how to resume.
     """
+    name = signal.Signals(signal_number).name
+    if progress.state is None:
+        raise Interrupted(f"stopped by {name} before the first step; nothing was trained, "
+                          "and the next run starts afresh", signal_number)
     if progress.step not in checkpointer.all_steps():
         save_checkpoint(run, cycle, progress, checkpointer)
     progress.writer.flush()
+    saved = checkpointer.read_metadata(progress.step)  # at a boundary: the cycle before
     raise Interrupted(
-        f"stopped by {signal.Signals(signal_number).name} at step {progress.step} "
-        f"(cycle {cycle.index + 1}, {models.format_stage_sizes(cycle.stage_sizes)} "
-        f"blocks, epoch {run.epoch(progress.step):.2f}); the checkpoint of step "
-        f"{progress.step} is in {checkpointer.directory}. To resume, run the same "
-        "command again.", signal_number)
+        f"stopped by {name} at step {progress.step} "
+        f"(epoch {run.epoch(progress.step):.2f}); the checkpoint of step {progress.step} "
+        f"(cycle {saved.cycle}, {models.format_stage_sizes(saved.stage_sizes)} blocks) is "
+        f"in {checkpointer.directory}. To resume, run the same command again.",
+        signal_number)
+
+
+def stop_if_requested(run: Run, cycle: plan.Cycle, progress: Progress,
+                      checkpointer: checkpoint.Checkpointer, stop: "StopRequest") -> None:
+    """`stop_with_checkpoint` if a stop was requested; called between cycles and steps."""
+    if stop.signal_number is not None:
+        stop_with_checkpoint(run, cycle, progress, checkpointer, stop.signal_number)
 
 
 class StopRequest:

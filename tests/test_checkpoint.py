@@ -192,8 +192,8 @@ def _assert_events_once(workdir):
 def _stopped_at(output, signal_name):
     """The step of the one-line stop message, which must be the last line."""
     last = output.strip().splitlines()[-1]
-    match = re.fullmatch(rf"error: stopped by {signal_name} at step (\d+) \(cycle \d, "
-                         r"\d blocks, epoch [\d.]+\); the checkpoint of step \d+ is "
+    match = re.fullmatch(rf"error: stopped by {signal_name} at step (\d+) \(epoch [\d.]+\); "
+                         r"the checkpoint of step \d+ \(cycle \d, \d blocks\) is "
                          r"in .*\. To resume, run the same command again\.", last)
     assert match, output
     return int(match.group(1))
@@ -232,23 +232,30 @@ def test_sigint_and_sigterm_stop_with_a_checkpoint_and_a_second_writer_is_refuse
     _assert_events_once(workdir)
 
 
+@pytest.mark.parametrize("save_step,saved", [
+    (6, [3, 6]),        # in the middle of cycle 1
+    (8, [3, 6, 8]),     # the cycle end: the run stops before it grows
+])
 def test_sigint_during_a_save_finishes_the_save_then_stops(
-        data_dir, reference, tmp_path, monkeypatch):
+        data_dir, reference, tmp_path, monkeypatch, caplog, save_step, saved):
     original_save = ocp.CheckpointManager.save
 
-    def save_interrupted_at_step_6(self, step, *args, **kwargs):
-        if step == 6:
+    def save_interrupted(self, step, *args, **kwargs):
+        if step == save_step:
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while orbax writes
         return original_save(self, step, *args, **kwargs)
 
-    monkeypatch.setattr(ocp.CheckpointManager, "save", save_interrupted_at_step_6)
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save_interrupted)
     workdir = str(tmp_path)
-    with pytest.raises(train.Interrupted, match=r"stopped by SIGINT at step 6 ") as error:
+    with caplog.at_level("INFO"), pytest.raises(
+            train.Interrupted, match=rf"stopped by SIGINT at step {save_step} .*the checkpoint "
+                                     rf"of step {save_step} \(cycle 1, 2 blocks\)") as error:
         train.train_and_evaluate(_config(data_dir), workdir)
     assert error.value.exit_status == 130
-    assert checkpoint.list_steps(workdir) == [3, 6]
+    assert checkpoint.list_steps(workdir) == saved
+    assert "Interpolated" not in caplog.text  # no growth after the stop request
     _, variables, metadata = checkpoint.load_model(workdir)  # complete and readable
-    assert metadata.step == 6
+    assert metadata.step == save_step
     chex.assert_tree_all_finite(variables)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 

@@ -84,3 +84,14 @@ def test_summary_json_and_tensorboard_events_written(mock_run):
         (1 / 4 + 1 / 2 + 1) / 3)
     assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
     assert not glob.glob(os.path.join(workdir, "*.tmp"))
+
+
+def test_cycle_times_count_the_cycle_end_checkpoint(mock_run):
+    _, _, summary = mock_run
+    # This run saves only at its cycle ends (every 1000 steps otherwise); each
+    # cycle's record counts that save (it was 0.0 when the record was taken
+    # before the save).
+    for cycle in summary["cycles"]:
+        assert cycle["checkpoint_seconds"] > 0
+    assert summary["totals"]["checkpoint_seconds"] == pytest.approx(
+        sum(c["checkpoint_seconds"] for c in summary["cycles"]))
