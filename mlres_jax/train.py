@@ -26,7 +26,6 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 from typing import Any
 
@@ -39,7 +38,8 @@ import tqdm
 from absl import logging
 
 from mlres_jax import (checkpoint, configuration, errors, events, files, input_pipeline,
-                       models, multilevel, parallel, plan, reporting, steps, stopwatch,
+                       models, multilevel, parallel, plan, reporting, steps, stopping,
+                       stopwatch,
                        workdir as workdirs)
 
 SUMMARY_FILE = "summary.json"
@@ -47,18 +47,6 @@ SUMMARY_FILE = "summary.json"
 
 class NonFiniteLossError(errors.UserError, RuntimeError):
     """Training produced a non-finite loss, gradient or update."""
-
-
-class Interrupted(errors.UserError):
-    """The run stopped on SIGINT or SIGTERM, after saving a checkpoint.
-
-    Its exit status is the shell's convention for a signal: 128 + the
-    signal's number (130 for SIGINT, 143 for SIGTERM).
-    """
-
-    def __init__(self, message: str, signal_number: int):
-        super().__init__(message)
-        self.exit_status = 128 + signal_number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +158,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       checkpoint.CheckpointError: if a checkpoint cannot be written or none
         of the existing ones can be read.
       NonFiniteLossError: if the loss or a gradient stops being finite.
-      Interrupted: on SIGINT or SIGTERM, after saving a checkpoint.
+      stopping.Interrupted: on SIGINT or SIGTERM, after saving a checkpoint.
       OSError: if ``workdir`` cannot be written.
     """
     start = time.perf_counter()
@@ -182,7 +170,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if progress.step == run.cycles[-1].end_step and os.path.exists(_summary_path(run)):
                 return _finished_summary(run)
             progress.writer = _open_event_writer(run, progress)
-            with progress.writer, StopRequest() as stop:
+            with progress.writer, stopping.StopRequest() as stop:
                 train_data = parallel.put_replicated(
                     (run.data.train_images, run.data.train_labels), run.mesh)
                 with StepCompiler(run, train_data) as compiler:
@@ -470,7 +458,7 @@ class StepCompiler:
 
 def train_cycle(run: Run, cycle: plan.Cycle, compiled: steps.CompiledSteps,
                 progress: Progress, train_data, checkpointer: checkpoint.Checkpointer,
-                stop: "StopRequest") -> None:
+                stop: stopping.StopRequest) -> None:
     """Trains the cycle's remaining steps, logging, evaluating and saving on schedule.
 
     The data order and the augmentation depend only on the seed and the
@@ -578,17 +566,17 @@ def stop_with_checkpoint(run: Run, cycle: plan.Cycle, progress: Progress,
     Called between two steps, where the train state is complete.
 
     Raises:
-      Interrupted: always, saying where the run stopped and how to resume.
+      stopping.Interrupted: always, saying where the run stopped and how to resume.
     """
     name = signal.Signals(signal_number).name
     if progress.state is None:
-        raise Interrupted(f"stopped by {name} before the first step; nothing was trained, "
+        raise stopping.Interrupted(f"stopped by {name} before the first step; nothing was trained, "
                           "and the next run starts afresh", signal_number)
     if progress.step not in checkpointer.all_steps():
         save_checkpoint(run, cycle, progress, checkpointer)
     progress.writer.flush()
     saved = checkpointer.read_metadata(progress.step)  # at a boundary: the cycle before
-    raise Interrupted(
+    raise stopping.Interrupted(
         f"stopped by {name} at step {progress.step} "
         f"(epoch {run.epoch(progress.step):.2f}); the checkpoint of step {progress.step} "
         f"(cycle {saved.cycle}, {models.format_stage_sizes(saved.stage_sizes)} blocks) is "
@@ -597,48 +585,10 @@ def stop_with_checkpoint(run: Run, cycle: plan.Cycle, progress: Progress,
 
 
 def stop_if_requested(run: Run, cycle: plan.Cycle, progress: Progress,
-                      checkpointer: checkpoint.Checkpointer, stop: "StopRequest") -> None:
+                      checkpointer: checkpoint.Checkpointer, stop: stopping.StopRequest) -> None:
     """`stop_with_checkpoint` if a stop was requested; called between cycles and steps."""
     if stop.signal_number is not None:
         stop_with_checkpoint(run, cycle, progress, checkpointer, stop.signal_number)
-
-
-class StopRequest:
-    """Turns SIGINT (Ctrl-C) and SIGTERM into a request to stop between steps.
-
-    As a context manager it installs the handlers (in the main thread only;
-    elsewhere signals cannot be handled) and restores the previous ones on
-    exit. The training loop reads ``signal_number`` before every step. A
-    second SIGINT stops at once, as a ``KeyboardInterrupt``, without a new
-    checkpoint.
-
-    Attributes:
-      signal_number: the first signal received, or None.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signal_number = None
-        self._previous = {}
-
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for number in self.SIGNALS:
-                self._previous[number] = signal.signal(number, self._handle)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-
-    def _handle(self, number: int, frame) -> None:  # pylint: disable=unused-argument
-        if self.signal_number is not None and number == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal_number = number
-        logging.warning("%s received: the run stops after the current step and saves a "
-                        "checkpoint (Ctrl-C again stops at once, without one)",
-                        signal.Signals(number).name)
 
 
 def check_finite(run: Run, cycle: plan.Cycle, state: steps.TrainState,

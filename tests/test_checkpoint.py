@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import default
-from mlres_jax import checkpoint, models, multilevel, steps, stopwatch, train
+from mlres_jax import checkpoint, models, multilevel, steps, stopping, stopwatch, train
 from tests import fake_data
 from tests.test_events import scalar_steps
 
@@ -248,7 +248,7 @@ def test_sigint_during_a_save_finishes_the_save_then_stops(
     monkeypatch.setattr(ocp.CheckpointManager, "save", save_interrupted)
     workdir = str(tmp_path)
     with caplog.at_level("INFO"), pytest.raises(
-            train.Interrupted, match=rf"stopped by SIGINT at step {save_step} .*the checkpoint "
+            stopping.Interrupted, match=rf"stopped by SIGINT at step {save_step} .*the checkpoint "
                                      rf"of step {save_step} \(cycle 1, 2 blocks\)") as error:
         train.train_and_evaluate(_config(data_dir), workdir)
     assert error.value.exit_status == 130
@@ -261,7 +261,7 @@ def test_sigint_during_a_save_finishes_the_save_then_stops(
 
 
 def test_a_second_ctrl_c_stops_at_once():
-    with train.StopRequest() as stop:
+    with stopping.StopRequest() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.signal_number == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):

@@ -5,7 +5,8 @@ import signal
 
 import pytest
 
-from mlres_jax import checkpoint, cli, configuration, errors, input_pipeline, train, workdir
+from mlres_jax import (checkpoint, cli, configuration, errors, input_pipeline, stopping, train,
+                       workdir)
 
 
 def _raising(error):
@@ -20,8 +21,8 @@ def _raising(error):
     (checkpoint.CheckpointMismatchError("holds a network of 8-8-8 blocks"), 2),
     (workdir.WorkdirBusyError("in use by process 7"), 2),
     (train.NonFiniteLossError("non-finite loss at step 3"), 2),
-    (train.Interrupted("stopped by SIGINT at step 5", signal.SIGINT), 130),
-    (train.Interrupted("stopped by SIGTERM at step 5", signal.SIGTERM), 143),
+    (stopping.Interrupted("stopped by SIGINT at step 5", signal.SIGINT), 130),
+    (stopping.Interrupted("stopped by SIGTERM at step 5", signal.SIGTERM), 143),
     (OSError(errno.ENOSPC, "No space left on device"), 2),
     (KeyboardInterrupt(), 130),
 ])
@@ -39,7 +40,7 @@ def test_every_user_error_class_derives_from_the_one_base():
     for cls in (configuration.ConfigError, input_pipeline.DataSetError,
                 input_pipeline.DataSetUnavailableError, checkpoint.CheckpointError,
                 checkpoint.ConfigMismatchError, workdir.WorkdirBusyError,
-                train.NonFiniteLossError, train.Interrupted):
+                train.NonFiniteLossError, stopping.Interrupted):
         assert issubclass(cls, errors.UserError), cls
 
 
