@@ -18,8 +18,9 @@ and just after (``summary.json``'s ``growths``). Then it writes, in
 
 Usage (from the repository root)::
 
-    python -m benchmarks.growth                      # 15 runs, about 11 min each on 2 cores
+    python -m benchmarks.growth                      # 15 runs, about 17 min each on 2 cores
     python -m benchmarks.growth --rules=paper,identity --policies=interpolate
+    python -m benchmarks.growth --runs=paper/reset,identity/interpolate
     python -m benchmarks.growth --resume             # after an interruption
 
 A folder with earlier runs needs ``--resume``: finished runs of the same
@@ -55,9 +56,9 @@ def run_dir(output_dir: str, rule: str, policy: str) -> str:
     return os.path.join(output_dir, "runs", rule, policy)
 
 
-def run_configs(config: ml_collections.ConfigDict, rules: Sequence[str],
-                policies: Sequence[str]) -> dict[tuple[str, str], ml_collections.ConfigDict]:
-    """The resolved config of every (rule, policy), the rest as ``config``.
+def run_configs(config: ml_collections.ConfigDict,
+                pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], ml_collections.ConfigDict]:
+    """The resolved config of every (rule, policy) pair, the rest as ``config``.
 
     Raises:
       GrowthBenchmarkError: for a config that does not grow.
@@ -68,11 +69,10 @@ def run_configs(config: ml_collections.ConfigDict, rules: Sequence[str],
             "the growth benchmark needs a multi-level config (multilevel=True and at "
             "least one cycle boundary), e.g. configs/fashion_mnist.py")
     result = {}
-    for rule in rules:
-        for policy in policies:
-            derived = ml_collections.ConfigDict(config.to_dict())
-            derived.interpolation_rule, derived.momentum_at_interpolation = rule, policy
-            result[(rule, policy)] = configuration.resolve(derived)
+    for rule, policy in pairs:
+        derived = ml_collections.ConfigDict(config.to_dict())
+        derived.interpolation_rule, derived.momentum_at_interpolation = rule, policy
+        result[(rule, policy)] = configuration.resolve(derived)
     return result
 
 
@@ -163,9 +163,9 @@ def growth_figure(records: Sequence[dict]) -> Figure:
     return figure
 
 
-def run_benchmark(config: ml_collections.ConfigDict, rules: Sequence[str],
-                  policies: Sequence[str], output_dir: str, *, resume: bool = False) -> dict:
-    """Trains every (rule, policy) and writes the table, JSON and plot after each run.
+def run_benchmark(config: ml_collections.ConfigDict, pairs: Sequence[tuple[str, str]],
+                  output_dir: str, *, resume: bool = False) -> dict:
+    """Trains every (rule, policy) pair and writes the table, JSON and plot after each run.
 
     Raises:
       GrowthBenchmarkError: a config that does not grow; without ``resume``,
@@ -173,7 +173,7 @@ def run_benchmark(config: ml_collections.ConfigDict, rules: Sequence[str],
       configuration.ConfigError, input_pipeline.DataSetError, OSError:
         before any training.
     """
-    configs = run_configs(config, rules, policies)
+    configs = run_configs(config, pairs)
     used = [run_dir(output_dir, *key) for key in configs
             if common.holds_files(run_dir(output_dir, *key))]
     if used and not resume:
@@ -200,7 +200,7 @@ def run_benchmark(config: ml_collections.ConfigDict, rules: Sequence[str],
             "cycle_epochs": "/".join(
                 f"{e:g}" for e in plan.cycle_epochs(first.num_epochs, first.cycle_boundaries)),
             "growth_train_examples": first.growth_train_examples,
-            "rules": list(rules), "policies": list(policies)}, "runs": records}
+            "pairs": [list(pair) for pair in pairs]}, "runs": records}
         files.write_json(os.path.join(output_dir, "growth.json"), report)
         files.write_text(os.path.join(output_dir, "growth.md"), report_markdown(report))
         files.save_figure(growth_figure(records), os.path.join(output_dir, "growth.png"))
@@ -217,10 +217,30 @@ def define_flags() -> None:
     flags.DEFINE_string("policies", ",".join(multilevel.MOMENTUM_POLICIES),
                         "Comma-separated momentum policies of "
                         f"{sorted(multilevel.MOMENTUM_POLICIES)}.")
+    flags.DEFINE_string("runs", "", "Comma-separated RULE/POLICY pairs to run instead of "
+                        "every rule with every policy, e.g. 'paper/reset,identity/interpolate'.")
     flags.DEFINE_string("output_dir", "runs/bench/growth",
                         "Folder for growth.md, growth.json, growth.png and the runs.")
     flags.DEFINE_bool("resume", False, "Reuse finished runs (same config) and continue "
                       "unfinished ones from their checkpoints.")
+
+
+def pairs_from_flags() -> list[tuple[str, str]]:
+    """The (rule, policy) pairs of ``--runs``, or of ``--rules`` x ``--policies``.
+
+    Raises:
+      common.FlagError: naming the flag with an unknown rule or policy.
+    """
+    if not FLAGS.runs:
+        return [(rule, policy) for rule in _names("rules", FLAGS.rules, multilevel.GROWTH_RULES)
+                for policy in _names("policies", FLAGS.policies, multilevel.MOMENTUM_POLICIES)]
+    pairs = [tuple(part.strip().split("/")) for part in FLAGS.runs.split(",")]
+    if any(len(p) != 2 or p[0] not in multilevel.GROWTH_RULES
+           or p[1] not in multilevel.MOMENTUM_POLICIES for p in pairs) or len(set(pairs)) != len(pairs):
+        raise common.flag_error("runs", FLAGS.runs, "comma-separated RULE/POLICY pairs, each "
+                                f"once; rules {sorted(multilevel.GROWTH_RULES)}, policies "
+                                f"{sorted(multilevel.MOMENTUM_POLICIES)}")
+    return pairs
 
 
 def _names(flag: str, text: str, known) -> list[str]:
@@ -235,9 +255,8 @@ def _names(flag: str, text: str, known) -> list[str]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    report = run_benchmark(FLAGS.config, _names("rules", FLAGS.rules, multilevel.GROWTH_RULES),
-                           _names("policies", FLAGS.policies, multilevel.MOMENTUM_POLICIES),
-                           FLAGS.output_dir, resume=FLAGS.resume)
+    report = run_benchmark(FLAGS.config, pairs_from_flags(), FLAGS.output_dir,
+                           resume=FLAGS.resume)
     print(report_markdown(report), flush=True)
     print(f"Wrote growth.md, growth.json and growth.png to {FLAGS.output_dir}", flush=True)
 

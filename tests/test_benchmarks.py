@@ -407,7 +407,8 @@ def test_growth_benchmark_runs_each_rule_and_resumes(tmp_path):
                   eval_batch_size=8, num_epochs=2.0, cycle_boundaries=(1.0,),
                   growth_train_examples=16, progress_bar=False)
     output = str(tmp_path / "growth")
-    report = growth.run_benchmark(config, ["paper", "identity"], ["interpolate"], output)
+    report = growth.run_benchmark(config, [("paper", "interpolate"), ("identity", "interpolate")],
+                                  output)
     assert [(r["rule"], r["policy"], r["status"]) for r in report["runs"]] == [
         ("paper", "interpolate", "trained"), ("identity", "interpolate", "trained")]
     jumps = {r["rule"]: r["jumps"][0]["test_loss"] for r in report["runs"]}
@@ -417,7 +418,7 @@ def test_growth_benchmark_runs_each_rule_and_resumes(tmp_path):
     with open(tmp_path / "growth" / "growth.png", "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(growth.GrowthBenchmarkError, match="pass --resume"):
-        growth.run_benchmark(config, ["paper"], ["interpolate"], output)
-    again = growth.run_benchmark(config, ["paper"], ["interpolate"], output, resume=True)
+        growth.run_benchmark(config, [("paper", "interpolate")], output)
+    again = growth.run_benchmark(config, [("paper", "interpolate")], output, resume=True)
     assert again["runs"][0]["status"] == "reused"
     assert again["runs"][0]["jumps"] == report["runs"][0]["jumps"]
