@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import jax
 
-from mlres_jax import errors
+from mlres_jax import checkpoint, errors
 
 
 class FlagError(errors.UserError, ValueError):
@@ -96,8 +96,14 @@ def read_summary(workdir: str) -> dict | None:
 
 
 def config_differences(summary: dict, config) -> list[str]:
-    """Config fields (but ``progress_bar``) that differ between a finished run and ``config``."""
-    old, new = comparable_config(summary.get("config", {})), comparable_config(config.to_dict())
+    """Config fields (but ``progress_bar``) that differ between a finished run and ``config``.
+
+    A field the run's summary lacks, because it was added to the project
+    later, counts with the value that gave the run's behaviour
+    (`checkpoint.FIELDS_ADDED`).
+    """
+    old = comparable_config(checkpoint.with_added_fields(summary.get("config", {})))
+    new = comparable_config(config.to_dict())
     return sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
 
 

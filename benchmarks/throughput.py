@@ -578,8 +578,12 @@ def run_benchmark(settings: dict) -> dict:
             logging.info("Measuring %s, width %d, %s blocks, h = %g, %d device(s), %s",
                          model_name(name, sizes), width, models.format_stage_sizes(sizes),
                          h, devices, layout)
-            measured[(width, level, devices, layout)] = measure(width, sizes, h, settings,
-                                                                devices, layout)
+            result = measure(width, sizes, h, settings, devices, layout)
+            measured[(width, level, devices, layout)] = result
+            # Each result as it comes: a long run stopped early still told something.
+            logging.info("  compile train %.1f s, eval %.1f s; train step %.3f s (median)",
+                         result["compile_train_seconds"], result["compile_eval_seconds"],
+                         result["train_step_seconds"]["median"])
     rows, families = [], {}
     for name, width in settings["families"]:
         for devices, layout in variants:

@@ -47,6 +47,18 @@ SAFE_TO_CHANGE = frozenset({
     "fashion_mnist_dir", "num_devices", "growth_train_examples", "compile_ahead",
 })
 
+# Config fields added after checkpoint metadata format 2 came in, with the
+# value that gives the behaviour of a run written before the field existed.
+# Add a field here when it is added to configs/default.py.
+FIELDS_ADDED = {
+    "num_devices": -1,             # data parallelism: every device
+    "growth_train_examples": 2000, # the jump at a growth, measured
+    "init_from": "",               # start from a checkpoint: no
+    "scan_blocks": False,          # blocks unrolled
+    "compute_dtype": "float32",
+    "compile_ahead": False,         # compiled when a cycle starts
+}
+
 
 class CheckpointError(errors.UserError):
     """A checkpoint cannot be written, read or used for this run."""
@@ -153,11 +165,28 @@ class CheckpointMetadata:
                           stage_sizes=tuple(known["stage_sizes"])))
 
 
+def with_added_fields(saved: dict) -> dict:
+    """A saved config with the fields added to the project since it was written.
+
+    A run written before a field existed behaved as `FIELDS_ADDED` says, so
+    it resumes (or is reused by a benchmark) under a config that sets the
+    field to that value, and differs from one that sets another.
+
+    Args:
+      saved: a config as a checkpoint's metadata or a ``summary.json`` stores it.
+
+    Returns:
+      A new dict: ``saved`` plus every missing field of `FIELDS_ADDED`.
+    """
+    return {**FIELDS_ADDED, **saved}
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
     """Fields (outside `SAFE_TO_CHANGE`) whose values differ, as messages.
 
     Args:
-      saved: the checkpoint's config as a dict.
+      saved: the checkpoint's config as a dict; fields it lacks because they
+        were added later count with their `FIELDS_ADDED` value.
       current: this run's resolved config as a dict.
 
     Returns:
@@ -166,6 +195,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     def normal(value):
         return list(value) if isinstance(value, tuple) else value
 
+    saved = with_added_fields(saved)
     lines = []
     for field in sorted(set(saved) | set(current)):
         if field in SAFE_TO_CHANGE:

@@ -409,8 +409,14 @@ class StepCompiler:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._executor is None:
+            return
+        running = [key for key, future in self._pending.items() if future.running()]
+        if running:
+            # XLA cannot abandon a compilation: say why the exit waits.
+            logging.info("Waiting for the ahead compilation of %s to finish",
+                         models.format_stage_sizes(running[0][0]))
+        self._executor.shutdown(wait=True, cancel_futures=True)
 
     def _compile(self, cycle: plan.Cycle, state) -> steps.CompiledSteps:
         run = self._run

@@ -184,6 +184,19 @@ def test_aggregate_pairs_savings_by_seed_and_table_shows_them():
     assert "189,986" in last_row
 
 
+def test_a_finished_run_from_before_a_config_field_existed_is_reused_only_at_its_old_value():
+    config = fashion_mnist.get_config()
+    config.compile_ahead = False
+    # summary.json of a run finished before compile_ahead and scan_blocks
+    # existed: it compiled each depth when its cycle started, unrolled.
+    old_config = {k: v for k, v in config.to_dict().items()
+                  if k not in ("compile_ahead", "scan_blocks")}
+    summary = {"config": old_config}
+    assert common.config_differences(summary, config) == []
+    config.scan_blocks, config.compile_ahead = True, True
+    assert common.config_differences(summary, config) == ["compile_ahead", "scan_blocks"]
+
+
 def test_mean_curves_average_seeds_per_epoch():
     histories = [
         [{"epoch": 1.0, "train_error": 0.5, "test_error": 0.4},

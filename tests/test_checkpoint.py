@@ -383,6 +383,19 @@ def test_resume_with_different_model_is_refused(data_dir, reference, tmp_path):
     assert checkpoint.Checkpointer(workdir, create=False).all_steps() == steps_before
 
 
+def test_a_field_added_since_the_checkpoint_counts_with_its_old_behaviour():
+    current = default.get_config().to_dict()
+    # A config saved before scan_blocks and compute_dtype existed.
+    saved = {k: v for k, v in current.items() if k not in ("scan_blocks", "compute_dtype")}
+    assert checkpoint.config_differences(saved, current) == []
+    assert checkpoint.config_differences(saved, dict(current, scan_blocks=True)) == [
+        "scan_blocks: checkpoint False, now True"]
+    assert checkpoint.config_differences(saved, dict(current, compute_dtype="bfloat16")) == [
+        "compute_dtype: checkpoint 'float32', now 'bfloat16'"]
+    # Every added field is a field of the config (no typo hides one).
+    assert set(checkpoint.FIELDS_ADDED) <= set(current)
+
+
 def test_nonfinite_update_stops_and_keeps_last_good_checkpoint(
         data_dir, tmp_path, monkeypatch):
     poison_at = 7  # 0-based step whose update becomes NaN
@@ -466,13 +479,16 @@ def test_grow_interpolates_a_saved_checkpoint(data_dir, reference, tmp_path):
     assert _files_under(output) == [name for name in before]
 
 
-def test_compile_ahead_gives_the_same_run(data_dir, reference, tmp_path, caplog):
+@pytest.mark.parametrize("ahead", [True, False])
+def test_compile_ahead_gives_the_same_run(data_dir, reference, tmp_path, caplog, ahead):
     workdir = str(tmp_path)
     with caplog.at_level("INFO"):
-        train.train_and_evaluate(_config(data_dir, compile_ahead=True), workdir)
-    # The 4- and 8-block steps were compiled in the background, during the
-    # cycle before; the run is the same, bitwise.
-    assert len(re.findall(r"Compiled \d+ ahead in [\d.]+ s; waited [\d.]+ s", caplog.text)) == 2
+        train.train_and_evaluate(_config(data_dir, compile_ahead=ahead), workdir)
+    # Ahead, the 4- and 8-block steps were compiled in the background during
+    # the cycle before; either way the run is the same as the reference
+    # (default config), bitwise.
+    compiled_ahead = re.findall(r"Compiled \d+ ahead in [\d.]+ s; waited [\d.]+ s", caplog.text)
+    assert len(compiled_ahead) == (2 if ahead else 0)
     _assert_same_run(workdir, reference)
 
 
