@@ -428,6 +428,12 @@ def test_growth_benchmark_runs_each_rule_and_resumes(tmp_path):
     assert abs(jumps["identity"]) < 1e-4 < abs(jumps["paper"])  # identity preserves
     table = (tmp_path / "growth" / "growth.md").read_text()
     assert "| identity | interpolate |" in table and "jump test loss, growth 1" in table
+    # The time column adds what each summary's totals saved with the checkpoints
+    # (all invocations of a run), not the last invocation's wall time.
+    with open(os.path.join(output, "runs", "identity", "interpolate", "summary.json")) as handle:
+        totals = json.load(handle)["totals"]
+    timed = totals["train_seconds"] + totals["eval_seconds"] + totals["checkpoint_seconds"]
+    assert f"| {totals['train_seconds']:.0f} | {timed:.0f} |" in table
     with open(tmp_path / "growth" / "growth.png", "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(growth.GrowthBenchmarkError, match="pass --resume"):
