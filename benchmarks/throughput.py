@@ -54,7 +54,7 @@ from absl import app, flags, logging
 
 from benchmarks import common
 from configs import default
-from mlres_jax import cli, files, input_pipeline, models, parallel, plan, steps
+from mlres_jax import cli, configuration, files, input_pipeline, models, parallel, plan, steps
 
 FAMILIES = {"resnet": 16, "wresnet": 32}
 FAMILY_NAMES = {16: "ResNet", 32: "WResNet"}
@@ -174,9 +174,9 @@ def check_flags() -> dict:
     if not layouts or set(layouts) - {"unrolled", "scanned"} or len(set(layouts)) != len(layouts):
         raise common.flag_error("layouts", FLAGS.layouts,
                                 "a comma-separated list of 'unrolled' and 'scanned'")
-    if FLAGS.compute_dtype not in ("float32", "bfloat16"):
+    if FLAGS.compute_dtype not in configuration.COMPUTE_DTYPES:
         raise common.flag_error("compute_dtype", FLAGS.compute_dtype,
-                                "'float32' or 'bfloat16'")
+                                f"one of {list(configuration.COMPUTE_DTYPES)}")
     epochs = (common.parse_float_list("cycle_epochs", FLAGS.cycle_epochs)
               if FLAGS.cycle_epochs else default_cycle_epochs(FLAGS.levels))
     return {
@@ -459,7 +459,7 @@ def results_table(rows: list[dict]) -> str:
         body.append([
             model_name(r["family"], r["stage_sizes"]),
             models.format_stage_sizes(r["stage_sizes"]), f"{r['step_size']:g}",
-            str(r["devices"]), r.get("layout", "unrolled"), f"{r['num_params']:,}",
+            str(r["devices"]), r["layout"], f"{r['num_params']:,}",
             f"{r['compile_train_seconds']:.1f} / {r['compile_eval_seconds']:.1f}",
             f"{t['median']:.3f} [{t['p25']:.3f}-{t['p75']:.3f}]",
             f"{ips['median']:.0f} [{ips['min']:.0f}-{ips['max']:.0f}]",
@@ -495,7 +495,7 @@ def scaling_table(rows: list[dict]) -> str:
       A markdown table with one row per network and a column per device
       count, then the speed-up of the most devices over one (or the fewest).
     """
-    rows = [r for r in rows if r.get("layout", "unrolled") == rows[0].get("layout", "unrolled")]
+    rows = [r for r in rows if r["layout"] == rows[0]["layout"]]
     counts = sorted({r["devices"] for r in rows})
     networks = list(dict.fromkeys((r["family"], tuple(r["stage_sizes"]), r["step_size"])
                                   for r in rows))

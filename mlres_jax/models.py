@@ -260,7 +260,8 @@ class ResNet(nn.Module):
             dtype=self.dtype, name="final_norm")(x)
         x = nn.relu(x)
         x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+        return logits.astype(jnp.float32)  # the loss and metrics in float32, also under bfloat16
 
 
 def format_stage_sizes(stage_sizes: Sequence[int]) -> str:

@@ -635,7 +635,7 @@ def deepen(model: models.ResNet, variables, rule: str = "paper"):
     Raises:
       ValueError: as `interpolate`.
     """
-    return interpolated_model(model), interpolate(variables, rule)
+    return interpolated_model(model), interpolate(variables, rule, layout_of(model.scan_blocks))
 
 
 def coarsened_model(model: models.ResNet) -> models.ResNet:
@@ -660,7 +660,7 @@ def restrict(model: models.ResNet, variables, rule: str = "paper"):
     Raises:
       ValueError: as `coarsen`.
     """
-    return coarsened_model(model), coarsen(variables, rule)
+    return coarsened_model(model), coarsen(variables, rule, layout_of(model.scan_blocks))
 
 
 __all__ = [

@@ -170,7 +170,6 @@ def train_step(state: TrainState, train_images: jax.Array,
         logits, updates = model.apply(
             {"params": params, "batch_stats": state.batch_stats}, images,
             train=True, mutable=["batch_stats"])
-        logits = logits.astype(jnp.float32)  # the loss in float32, also under bfloat16
         return cross_entropy_loss(logits, labels).mean(), (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(
@@ -234,7 +233,7 @@ def eval_step(variables, images: jax.Array, labels: jax.Array,
       float32 scalars ``loss_sum``, ``error_count``, ``count``.
     """
     logits = model.apply(variables, input_pipeline.preprocess_for_eval(images),
-                         train=False).astype(jnp.float32)
+                         train=False)
     wrong = (jnp.argmax(logits, -1) != labels) & mask
     return {
         "loss_sum": jnp.sum(jnp.where(mask, cross_entropy_loss(logits, labels), 0.0)),

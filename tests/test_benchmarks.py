@@ -380,7 +380,8 @@ def test_compare_bad_config_fails_before_training(tmp_path, monkeypatch):
 def test_scaling_table_puts_device_counts_side_by_side():
     def row(sizes, devices, images_per_second):
         return {"family": "ResNet", "stage_sizes": sizes, "step_size": 1.0,
-                "devices": devices, "train_images_per_second": {"median": images_per_second}}
+                "devices": devices, "layout": "unrolled",
+                "train_images_per_second": {"median": images_per_second}}
     table = throughput.scaling_table([row([2], 1, 100.0), row([4], 1, 50.0),
                                       row([2], 2, 180.0), row([4], 2, 95.0)])
     lines = table.splitlines()

@@ -32,9 +32,6 @@ def test_each_growth_records_its_jump(data_dir, tmp_path, rule):
         assert growth["rule"] == rule and growth["momentum"] == "interpolate"
         # Before: the cycle end's evaluation, the same parameters.
         assert growth["before"]["test_loss"] == history[growth["step"]]["test_loss"]
-        for name in reporting.GROWTH_METRICS:
-            assert growth["jump"][name] == pytest.approx(
-                growth["after"][name] - growth["before"][name])
     jumps = np.array([[g["jump"]["test_loss"], g["jump"]["train_loss"]] for g in growths])
     if rule == "identity":  # function-preserving: no jump but float rounding
         np.testing.assert_allclose(jumps, 0.0, atol=1e-4)

@@ -167,8 +167,26 @@ def test_bfloat16_computation_keeps_float32_parameters_and_tracks_float32():
     images = jax.random.normal(jax.random.PRNGKey(3), (4, 8, 8, 3))
     full_out = model.apply(variables, images)
     half_out = half.apply(variables, images)
-    assert half_out.dtype == jnp.bfloat16
+    assert half_out.dtype == jnp.float32  # logits in float32, as the docstring says
     # bfloat16 keeps 8 bits of mantissa (relative step 2^-8 = 0.4 %); through
     # a dozen layers the logits stay within a few percent of their scale.
     scale = float(jnp.max(jnp.abs(full_out)))
     assert float(jnp.max(jnp.abs(half_out.astype(jnp.float32) - full_out))) < 0.05 * scale
+
+
+def test_deepen_and_restrict_follow_the_model_layout():
+    from mlres_jax import multilevel  # pylint: disable=import-outside-toplevel
+    model = models.ResNet((2, 3), width=2, num_classes=3)
+    scanned_model = model.clone(scan_blocks=True)
+    variables = _variables_of(model)
+    scanned = multilevel.convert_layout(variables, multilevel.STAGES, multilevel.SCANNED)
+    deeper_model, deeper = multilevel.deepen(model, variables)
+    scanned_deeper_model, scanned_deeper = multilevel.deepen(scanned_model, scanned)
+    assert scanned_deeper_model.scan_blocks and scanned_deeper_model.stage_sizes == (4, 6)
+    chex.assert_trees_all_equal(
+        multilevel.convert_layout(scanned_deeper, multilevel.SCANNED, multilevel.STAGES), deeper)
+    images = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
+    chex.assert_trees_all_close(scanned_deeper_model.apply(scanned_deeper, images),
+                                deeper_model.apply(deeper, images), atol=1e-5, rtol=1e-5)
+    _, back = multilevel.restrict(scanned_deeper_model, scanned_deeper)
+    chex.assert_trees_all_close(back, scanned, atol=1e-6)

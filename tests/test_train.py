@@ -93,5 +93,3 @@ def test_cycle_times_count_the_cycle_end_checkpoint(mock_run):
     # before the save).
     for cycle in summary["cycles"]:
         assert cycle["checkpoint_seconds"] > 0
-    assert summary["totals"]["checkpoint_seconds"] == pytest.approx(
-        sum(c["checkpoint_seconds"] for c in summary["cycles"]))
