@@ -178,7 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         if cycle.end_step <= progress.step:
                             continue  # finished before the restored checkpoint
                         stop_if_requested(run, cycle, progress, checkpointer, stop)
-                        enter_cycle(run, cycle, progress)
+                        enter_cycle(run, cycle, progress, compiler)
                         cycle_steps = compiler.steps_for(cycle, progress)
                         train_cycle(run, cycle, cycle_steps, progress, train_data,
                                     checkpointer, stop)
@@ -306,7 +306,8 @@ def restore_or_start(run: Run, checkpointer: checkpoint.Checkpointer) -> Progres
                     stopwatch=stopwatch.Stopwatch(metadata.stopwatch))
 
 
-def enter_cycle(run: Run, cycle: plan.Cycle, progress: Progress) -> None:
+def enter_cycle(run: Run, cycle: plan.Cycle, progress: Progress,
+                compiler: "StepCompiler") -> None:
     """Makes ``progress.state`` the cycle's: fresh, interpolated, or as restored.
 
     A cycle that starts (rather than resumes) gets a new stopwatch, so that
@@ -317,7 +318,7 @@ def enter_cycle(run: Run, cycle: plan.Cycle, progress: Progress) -> None:
     if progress.state is None:
         progress.state = parallel.put_replicated(_initial_state(run, cycle), run.mesh)
     elif progress.stage_sizes != cycle.stage_sizes:
-        grow(run, cycle, progress)
+        grow(run, cycle, progress, compiler)
     progress.stage_sizes = cycle.stage_sizes
 
 
@@ -335,7 +336,7 @@ def _initial_state(run: Run, cycle: plan.Cycle) -> steps.TrainState:
     return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
 
 
-def grow(run: Run, cycle: plan.Cycle, progress: Progress) -> None:
+def grow(run: Run, cycle: plan.Cycle, progress: Progress, compiler: "StepCompiler") -> None:
     """Interpolates the train state into the cycle's deeper network, measuring the jump.
 
     The train state goes through `steps.interpolate_train_state` under
@@ -345,19 +346,21 @@ def grow(run: Run, cycle: plan.Cycle, progress: Progress) -> None:
     training images; the differences are the growth's jump in loss and
     error, recorded in ``progress.growths``, the TensorBoard events and the
     summary. The test split before the growth is the cycle end's evaluation.
+    Both evaluations use the eval steps ``compiler`` holds; waiting for the
+    deeper network's steps counts as compiling, as in `StepCompiler.steps_for`.
     """
     previous = run.cycles[cycle.index - 1]
     with progress.stopwatch.pause(stopwatch.EVAL):
-        before = _growth_evaluation(run, run.model(previous.stage_sizes, previous.step_size),
+        before = _growth_evaluation(run, compiler.eval_step_for(previous),
                                     progress.state.variables, test=progress.history[-1])
     # Replicated in, replicated out: every leaf is an old leaf, a copy of one,
     # or made on the devices from old leaves, so `put_replicated` moves nothing.
     progress.state = parallel.put_replicated(steps.interpolate_train_state(
         progress.state, run.config.interpolation_rule,
         run.config.momentum_at_interpolation, run.layout), run.mesh)
+    evaluate = compiler.steps_for(cycle, progress).evaluate
     with progress.stopwatch.pause(stopwatch.EVAL):
-        after = _growth_evaluation(run, run.model(cycle.stage_sizes, cycle.step_size),
-                                   progress.state.variables)
+        after = _growth_evaluation(run, evaluate, progress.state.variables)
     record = reporting.growth_record(
         cycle=cycle, step=progress.step, from_stage_sizes=previous.stage_sizes,
         rule=run.config.interpolation_rule, momentum=run.config.momentum_at_interpolation,
@@ -372,10 +375,8 @@ def grow(run: Run, cycle: plan.Cycle, progress: Progress) -> None:
                  run.config.interpolation_rule, reporting.growth_line(record))
 
 
-def _growth_evaluation(run: Run, model: models.ResNet, variables, test: dict | None = None
-                       ) -> dict:
-    """Test and train-subset loss and error of ``model`` (test taken from ``test`` if given)."""
-    evaluate = steps.make_eval_step(model, run.mesh)
+def _growth_evaluation(run: Run, evaluate, variables, test: dict | None = None) -> dict:
+    """Test and train-subset loss and error under ``evaluate`` (the test ones from ``test`` if given)."""
     batch = run.config.eval_batch_size
     if test is None:
         test = {f"test_{k}": v for k, v in steps.evaluate(
@@ -442,6 +443,18 @@ class StepCompiler:
             progress.stopwatch.add_compile_seconds(time.perf_counter() - start)
         self._compile_next_ahead(cycle, progress.state)
         return self._compiled[key]
+
+    def eval_step_for(self, cycle: plan.Cycle):
+        """The cycle's compiled eval step if its steps are compiled, else a jitted one.
+
+        A run resumed at a cycle boundary has not compiled the finished
+        cycle's steps; evaluating it once does not need its train step.
+        """
+        compiled = self._compiled.get((cycle.stage_sizes, cycle.step_size))
+        if compiled is not None:
+            return compiled.evaluate
+        return steps.make_eval_step(self._run.model(cycle.stage_sizes, cycle.step_size),
+                                    self._run.mesh)
 
     def _compile_next_ahead(self, cycle: plan.Cycle, state) -> None:
         following = self._run.cycles[cycle.index + 1:cycle.index + 2]
