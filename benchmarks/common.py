@@ -13,11 +13,15 @@ import math
 import os
 import platform
 import sys
-from typing import Any, Sequence
+import time
+from typing import Any, Callable, Sequence
 
 import jax
+import numpy as np
+import optax
 
-from mlres_jax import checkpoint, errors
+from configs import default
+from mlres_jax import checkpoint, errors, plan, steps
 
 
 class FlagError(errors.UserError, ValueError):
@@ -61,6 +65,18 @@ def parse_int_list(flag: str, text: str, *, minimum: int = 0,
             unique and len(set(values)) != len(values)):
         raise flag_error(flag, text, allowed)
     return values
+
+
+def parse_name_list(flag: str, text: str, known: Sequence[str]) -> list[str]:
+    """Parses a comma-separated list of names, each one of ``known`` and each once.
+
+    Raises:
+      FlagError: for an empty list, an unknown name or a repeated one.
+    """
+    names = [n.strip() for n in str(text).split(",") if n.strip()]
+    if not names or set(names) - set(known) or len(set(names)) != len(names):
+        raise flag_error(flag, text, f"a comma-separated list of {list(known)}, each once")
+    return names
 
 
 def parse_float_list(flag: str, text: str) -> list[float]:
@@ -288,3 +304,33 @@ def machine_line(info: dict) -> str:
             f"{len(info['devices'])} device(s)); {info['cpu_model']}, "
             f"{info['cpus_available'] or info['cpu_count']} CPUs{load_text}; "
             f"jax {info['jax_version']}")
+
+
+# ---------------------------------------------------------------------------
+# Timing compiled steps (benchmarks.throughput, benchmarks.step_cost).
+
+
+def time_calls(call: Callable[[int], Any], count: int) -> list[float]:
+    """Wall seconds of ``count`` calls of ``call(i)``, i = 0..count-1, each waited for alone."""
+    seconds = []
+    for i in range(count):
+        start = time.perf_counter()
+        jax.block_until_ready(call(i))
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def synthetic_images(rng: np.random.Generator, count: int, shape: Sequence[int],
+                     num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8[count, H, W, C] random images and int32[count] random labels, on the host."""
+    images = rng.integers(0, 256, (count, *shape), dtype=np.uint8)
+    labels = rng.integers(0, num_classes, (count,), dtype=np.int32)
+    return images, labels
+
+
+def default_optimizer() -> optax.GradientTransformation:
+    """The training SGD of ``configs/default.py`` (momentum, weight decay) under one
+    cosine cycle of 10,000 steps: the optimizer the step benchmarks time."""
+    config = default.get_config()
+    return steps.create_optimizer(config, plan.cosine_cycle_schedule(
+        10_000, config.learning_rate_max, config.learning_rate_min))

@@ -240,8 +240,9 @@ def pairs_from_flags() -> list[tuple[str, str]]:
       common.FlagError: naming the flag with an unknown rule or policy.
     """
     if not FLAGS.runs:
-        return [(rule, policy) for rule in _names("rules", FLAGS.rules, multilevel.GROWTH_RULES)
-                for policy in _names("policies", FLAGS.policies, multilevel.MOMENTUM_POLICIES)]
+        return [(rule, policy) for rule in common.parse_name_list("rules", FLAGS.rules, multilevel.GROWTH_RULES)
+                for policy in common.parse_name_list("policies", FLAGS.policies,
+                                                multilevel.MOMENTUM_POLICIES)]
     pairs = [tuple(part.strip().split("/")) for part in FLAGS.runs.split(",")]
     if any(len(p) != 2 or p[0] not in multilevel.GROWTH_RULES
            or p[1] not in multilevel.MOMENTUM_POLICIES for p in pairs) or len(set(pairs)) != len(pairs):
@@ -249,15 +250,6 @@ def pairs_from_flags() -> list[tuple[str, str]]:
                                 f"once; rules {sorted(multilevel.GROWTH_RULES)}, policies "
                                 f"{sorted(multilevel.MOMENTUM_POLICIES)}")
     return pairs
-
-
-def _names(flag: str, text: str, known) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in known]
-    if not names or unknown or len(set(names)) != len(names):
-        raise common.flag_error(flag, text, f"a comma-separated list of {sorted(known)}, "
-                                "each once")
-    return names
 
 
 def main(argv):

@@ -32,7 +32,6 @@ Writes ``step_cost.json`` and ``step_cost.md`` to ``--output_dir``::
 from __future__ import annotations
 
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +40,7 @@ import optax
 from absl import app, flags, logging
 
 from benchmarks import common
-from configs import default
-from mlres_jax import cli, files, input_pipeline, models, parallel, plan, steps
+from mlres_jax import cli, files, input_pipeline, models, parallel, steps
 
 FLAGS = flags.FLAGS
 VARIANTS = ("train step", "no guard", "no augmentation", "no update", "forward only",
@@ -87,28 +85,20 @@ def _variant_step(name: str, model, optimizer, crop_padding: int):
     return jax.jit(step, donate_argnums=0)
 
 
-def _time(call, count: int, warmup: int) -> float:
-    """Median wall seconds of ``count`` calls after ``warmup``, each waited for."""
-    for _ in range(warmup):
-        jax.block_until_ready(call())
-    seconds = []
-    for _ in range(count):
-        begin = time.perf_counter()
-        jax.block_until_ready(call())
-        seconds.append(time.perf_counter() - begin)
-    return float(np.median(seconds))
+def _median_seconds(call, count: int, warmup: int) -> float:
+    """Median wall seconds of ``count`` calls ``call(i)`` after ``warmup``, each waited for."""
+    common.time_calls(call, warmup)
+    return float(np.median(common.time_calls(call, count)))
 
 
 def measure_depth(stage_sizes, settings: dict) -> dict:
     """Median step seconds of every variant, and of the host loop, at one depth."""
     model = models.ResNet(stage_sizes, width=settings["width"], num_classes=10)
-    config = default.get_config()
-    optimizer = steps.create_optimizer(config, plan.cosine_cycle_schedule(
-        10_000, config.learning_rate_max, config.learning_rate_min))
+    optimizer = common.default_optimizer()
     rng = np.random.default_rng(0)
     count = 8 * settings["batch_size"]
-    images = jnp.asarray(rng.integers(0, 256, (count, *settings["image_shape"]), np.uint8))
-    labels = jnp.asarray(rng.integers(0, 10, (count,), np.int32))
+    images, labels = map(jnp.asarray, common.synthetic_images(
+        rng, count, settings["image_shape"], 10))
     batches = [rng.permutation(count)[:settings["batch_size"]].astype(np.int32)
                for _ in range(8)]
     device_batches = [jnp.asarray(b) for b in batches]
@@ -119,13 +109,13 @@ def measure_depth(stage_sizes, settings: dict) -> dict:
         holder = {"state": steps.create_train_state(jax.random.PRNGKey(0), model, optimizer,
                                                     settings["image_shape"]), "i": 0}
 
-        def call(step=step, holder=holder):
+        def call(_, step=step, holder=holder):
             holder["i"] += 1
             holder["state"] = step(holder["state"], images, labels,
                                    device_batches[holder["i"] % 8], key)
             return holder["state"]
 
-        result[name] = _time(call, settings["steps"], settings["warmup"])
+        result[name] = _median_seconds(call, settings["steps"], settings["warmup"])
     # The host's share: indices put on the device each step, as training does.
     mesh = parallel.make_mesh(1)
     full = steps.make_train_step(model, optimizer, settings["crop_padding"], mesh)
@@ -134,14 +124,14 @@ def measure_depth(stage_sizes, settings: dict) -> dict:
     data = parallel.put_replicated((np.asarray(images), np.asarray(labels)), mesh)
     key = parallel.put_replicated(key, mesh)
 
-    def host_call():
+    def host_call(_):
         holder["i"] += 1
         holder["state"], _ = full(holder["state"], *data,
                                   parallel.shard_batch(batches[holder["i"] % 8], mesh), key)
         return holder["state"]
 
-    result["train step, indices from the host"] = _time(host_call, settings["steps"],
-                                                        settings["warmup"])
+    result["train step, indices from the host"] = _median_seconds(
+        host_call, settings["steps"], settings["warmup"])
     return result
 
 

@@ -44,7 +44,6 @@ import os
 import resource
 import subprocess
 import sys
-import time
 from typing import Sequence
 
 import jax
@@ -53,11 +52,12 @@ import numpy as np
 from absl import app, flags, logging
 
 from benchmarks import common
-from configs import default
 from mlres_jax import cli, configuration, files, input_pipeline, models, parallel, plan, steps
 
 FAMILIES = {"resnet": 16, "wresnet": 32}
 FAMILY_NAMES = {16: "ResNet", 32: "WResNet"}
+# Block layouts (models.ResNet.scan_blocks False / True).
+LAYOUTS = ("unrolled", "scanned")
 
 FLAGS = flags.FLAGS
 
@@ -170,10 +170,7 @@ def check_flags() -> dict:
             raise common.flag_error(flag, FLAGS[flag].value,
                                     f"it must split evenly over {uneven[0]} devices "
                                     f"(--device_counts={FLAGS.device_counts})")
-    layouts = [name.strip() for name in FLAGS.layouts.split(",")]
-    if not layouts or set(layouts) - {"unrolled", "scanned"} or len(set(layouts)) != len(layouts):
-        raise common.flag_error("layouts", FLAGS.layouts,
-                                "a comma-separated list of 'unrolled' and 'scanned'")
+    layouts = common.parse_name_list("layouts", FLAGS.layouts, LAYOUTS)
     if FLAGS.compute_dtype not in configuration.COMPUTE_DTYPES:
         raise common.flag_error("compute_dtype", FLAGS.compute_dtype,
                                 f"one of {list(configuration.COMPUTE_DTYPES)}")
@@ -198,16 +195,6 @@ def check_flags() -> dict:
 
 # ---------------------------------------------------------------------------
 # Measuring one configuration.
-
-
-def time_calls(call, count: int) -> list[float]:
-    """Wall seconds of ``count`` calls of ``call(i)``, each waited for alone."""
-    seconds = []
-    for i in range(count):
-        start = time.perf_counter()
-        jax.block_until_ready(call(i))
-        seconds.append(time.perf_counter() - start)
-    return seconds
 
 
 def xla_memory_bytes(executable) -> int | None:
@@ -282,13 +269,6 @@ def compile_share(compile_seconds: float, steps: int, step_seconds: float) -> fl
     return compile_seconds / (compile_seconds + steps * step_seconds)
 
 
-def _synthetic_images(rng: np.random.Generator, count: int, shape, num_classes: int):
-    """uint8[count, H, W, C] random images and int32[count] labels, on the host."""
-    images = rng.integers(0, 256, (count, *shape), dtype=np.uint8)
-    labels = rng.integers(0, num_classes, (count,), dtype=np.int32)
-    return images, labels
-
-
 def time_train_step(model: models.ResNet, settings: dict, mesh):
     """Compiles `steps.train_step` for ``model`` on ``mesh`` and times it.
 
@@ -304,15 +284,13 @@ def time_train_step(model: models.ResNet, settings: dict, mesh):
     """
     rng = np.random.default_rng(settings["seed"])
     batch = settings["batch_size"]
-    images, labels = parallel.put_replicated(_synthetic_images(
+    images, labels = parallel.put_replicated(common.synthetic_images(
         rng, 8 * batch, settings["image_shape"], settings["num_classes"]), mesh)
     indices = [parallel.shard_batch(rng.permutation(8 * batch)[:batch].astype(np.int32),
                                     mesh)
                for _ in range(settings["warmup"] + settings["steps"])]
     augment_rng = parallel.put_replicated(jax.random.PRNGKey(settings["seed"] + 1), mesh)
-    config = default.get_config()
-    optimizer = steps.create_optimizer(config, plan.cosine_cycle_schedule(
-        10_000, config.learning_rate_max, config.learning_rate_min))
+    optimizer = common.default_optimizer()
     state = parallel.put_replicated(steps.create_train_state(
         jax.random.PRNGKey(settings["seed"]), model, optimizer,
         tuple(settings["image_shape"])), mesh)
@@ -326,8 +304,8 @@ def time_train_step(model: models.ResNet, settings: dict, mesh):
                                             indices[i], augment_rng)
         return holder["state"], metrics
 
-    time_calls(call, settings["warmup"])
-    seconds = time_calls(lambda i: call(settings["warmup"] + i), settings["steps"])
+    common.time_calls(call, settings["warmup"])
+    seconds = common.time_calls(lambda i: call(settings["warmup"] + i), settings["steps"])
     return compiled, compile_seconds, common.percentiles(seconds), holder["state"]
 
 
@@ -340,7 +318,7 @@ def time_eval_step(model: models.ResNet, variables, settings: dict, mesh):
     """
     rng = np.random.default_rng(settings["seed"] + 2)
     batch = settings["eval_batch_size"]
-    images, labels, mask = parallel.shard_batch((*_synthetic_images(
+    images, labels, mask = parallel.shard_batch((*common.synthetic_images(
         rng, batch, settings["image_shape"], settings["num_classes"]),
         np.ones((batch,), bool)), mesh)
     compiled, compile_seconds = steps.compile_ahead(
@@ -349,8 +327,8 @@ def time_eval_step(model: models.ResNet, variables, settings: dict, mesh):
     def call(_):
         return compiled(variables, images, labels, mask)
 
-    time_calls(call, 1)
-    return compile_seconds, common.percentiles(time_calls(call, settings["eval_steps"]))
+    common.time_calls(call, 1)
+    return compile_seconds, common.percentiles(common.time_calls(call, settings["eval_steps"]))
 
 
 def measure(width: int, stage_sizes: tuple[int, ...], step_size: float,

@@ -75,8 +75,16 @@ def test_parse_int_list_names_the_flag(text):
         common.parse_int_list("seeds", text, minimum=0, unique=True)
 
 
+@pytest.mark.parametrize("text", ["", " , ", "unrolled,unrolled", "unrolled,rolled"])
+def test_parse_name_list_names_the_flag_and_the_allowed_names(text):
+    with pytest.raises(common.FlagError, match=r"--layouts=.*\['unrolled', 'scanned'\]"):
+        common.parse_name_list("layouts", text, ("unrolled", "scanned"))
+
+
 def test_parse_lists():
     assert common.parse_int_list("seeds", "0, 1,2", unique=True) == [0, 1, 2]
+    assert common.parse_name_list("rules", "linear, paper", ("paper", "linear")) == [
+        "linear", "paper"]
     assert common.parse_float_list("cycle_epochs", "60,50,50") == [60, 50, 50]
     with pytest.raises(common.FlagError, match="--cycle_epochs='1,0'"):
         common.parse_float_list("cycle_epochs", "1,0")
