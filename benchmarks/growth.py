@@ -82,8 +82,7 @@ def run_record(rule: str, policy: str, summary: dict, workdir: str, status: str)
     totals = summary["totals"]
     return {
         "rule": rule, "policy": policy, "workdir": workdir, "status": status,
-        "growths": summary["growths"],
-        "jumps": [g["jump"] for g in summary["growths"]],
+        "growths": summary["growths"],  # each with its "jump" (after - before)
         "final_test_error": totals["final_test_error"],
         "train_seconds": totals["train_seconds"],
         # Saved with every checkpoint, so a resumed run counts all its
@@ -102,7 +101,7 @@ def _signed(value, scale=1.0, digits=3) -> str:
 
 def results_table(records: Sequence[dict]) -> str:
     """The markdown table: one row per rule and policy."""
-    growths = max((len(r["jumps"]) for r in records), default=0)
+    growths = max((len(r["growths"]) for r in records), default=0)
     headers = ["rule", "momentum",
                *[f"jump test loss, growth {k + 1}" for k in range(growths)],
                *[f"jump test error (points), growth {k + 1}" for k in range(growths)],
@@ -110,7 +109,7 @@ def results_table(records: Sequence[dict]) -> str:
                "final test error", "train time (s)", "train + eval + checkpoints (s)"]
     body = []
     for r in records:
-        jumps = r["jumps"] + [{}] * (growths - len(r["jumps"]))
+        jumps = [g["jump"] for g in r["growths"]] + [{}] * (growths - len(r["growths"]))
         body.append([
             r["rule"], r["policy"],
             *[_signed(j.get("test_loss")) for j in jumps],
@@ -148,10 +147,11 @@ def growth_figure(records: Sequence[dict]) -> Figure:
     FigureCanvasAgg(figure)
     left, right = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1.2, 1]})
     labels = [f"{r['rule']}\n{r['policy']}" for r in records]
-    growths = max((len(r["jumps"]) for r in records), default=0)
+    growths = max((len(r["growths"]) for r in records), default=0)
     width = 0.8 / max(growths, 1)
     for k in range(growths):
-        values = [100 * (r["jumps"][k]["test_error"] if k < len(r["jumps"]) else np.nan)
+        values = [100 * (r["growths"][k]["jump"]["test_error"] if k < len(r["growths"])
+                         else np.nan)
                   for r in records]
         left.bar(np.arange(len(records)) + k * width, values, width, label=f"growth {k + 1}")
     left.axhline(0, color="black", linewidth=0.8)
@@ -190,6 +190,14 @@ def run_benchmark(config: ml_collections.ConfigDict, pairs: Sequence[tuple[str, 
             "continue unfinished ones, or choose another --output_dir")
     first = next(iter(configs.values()))
     train.check_config(first)  # data present, every cycle at least one step
+    settings = {
+        "dataset": first.dataset, "seed": first.seed,
+        "blocks": " -> ".join("-".join(map(str, [n * 2**k for n in first.stage_sizes]))
+                              for k in range(len(first.cycle_boundaries) + 1)),
+        "cycle_epochs": "/".join(
+            f"{e:g}" for e in plan.cycle_epochs(first.num_epochs, first.cycle_boundaries)),
+        "growth_train_examples": first.growth_train_examples,
+        "pairs": [list(pair) for pair in pairs]}
     machine = common.machine_info()
     records = []
     for (rule, policy), run_config in configs.items():
@@ -201,14 +209,8 @@ def run_benchmark(config: ml_collections.ConfigDict, pairs: Sequence[tuple[str, 
             logging.info("Growth rule %s, momentum %s, in %s", rule, policy, workdir)
             summary = train.train_and_evaluate(run_config, workdir)
         records.append(run_record(rule, policy, summary, workdir, status))
-        report = {"benchmark": "growth", "machine": machine, "settings": {
-            "dataset": first.dataset, "seed": first.seed,
-            "blocks": " -> ".join("-".join(map(str, [n * 2**k for n in first.stage_sizes]))
-                                  for k in range(len(first.cycle_boundaries) + 1)),
-            "cycle_epochs": "/".join(
-                f"{e:g}" for e in plan.cycle_epochs(first.num_epochs, first.cycle_boundaries)),
-            "growth_train_examples": first.growth_train_examples,
-            "pairs": [list(pair) for pair in pairs]}, "runs": records}
+        report = {"benchmark": "growth", "machine": machine, "settings": settings,
+                  "runs": records}
         files.write_json(os.path.join(output_dir, "growth.json"), report)
         files.write_text(os.path.join(output_dir, "growth.md"), report_markdown(report))
         files.save_figure(growth_figure(records), os.path.join(output_dir, "growth.png"))

@@ -433,7 +433,7 @@ def test_growth_benchmark_runs_each_rule_and_resumes(tmp_path):
                                   output)
     assert [(r["rule"], r["policy"], r["status"]) for r in report["runs"]] == [
         ("paper", "interpolate", "trained"), ("identity", "interpolate", "trained")]
-    jumps = {r["rule"]: r["jumps"][0]["test_loss"] for r in report["runs"]}
+    jumps = {r["rule"]: r["growths"][0]["jump"]["test_loss"] for r in report["runs"]}
     assert abs(jumps["identity"]) < 1e-4 < abs(jumps["paper"])  # identity preserves
     table = (tmp_path / "growth" / "growth.md").read_text()
     assert "| identity | interpolate |" in table and "jump test loss, growth 1" in table
@@ -449,4 +449,4 @@ def test_growth_benchmark_runs_each_rule_and_resumes(tmp_path):
         growth.run_benchmark(config, [("paper", "interpolate")], output)
     again = growth.run_benchmark(config, [("paper", "interpolate")], output, resume=True)
     assert again["runs"][0]["status"] == "reused"
-    assert again["runs"][0]["jumps"] == report["runs"][0]["jumps"]
+    assert again["runs"][0]["growths"] == report["runs"][0]["growths"]
