@@ -217,16 +217,9 @@ def tree_shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
     Works alike on arrays, ``jax.ShapeDtypeStruct`` trees and orbax's stored
     tree metadata, so that a stored structure can be compared with a target.
     """
-    shapes = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        parts = []
-        for key in path:
-            for attribute in ("key", "name", "idx"):
-                if hasattr(key, attribute):
-                    parts.append(str(getattr(key, attribute)))
-                    break
-        shapes["/".join(parts)] = (tuple(leaf.shape), str(jax.numpy.dtype(leaf.dtype)))
-    return shapes
+    return {jax.tree_util.keystr(path, simple=True, separator="/"):
+            (tuple(leaf.shape), str(jax.numpy.dtype(leaf.dtype)))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def describe_tree(shapes: dict) -> str:

@@ -251,6 +251,12 @@ def is_stage_key(key: Any) -> bool:
     return isinstance(key, str) and _STAGE_KEY.match(key) is not None
 
 
+def _stage_keys(node: Mapping) -> list[str]:
+    """The ``stageN`` keys of ``node`` in stage order (stage10 after stage9)."""
+    return sorted((k for k in node if is_stage_key(k)),
+                  key=lambda k: int(_STAGE_KEY.match(k).group(1)))
+
+
 @dataclasses.dataclass(frozen=True)
 class StageLayout:
     """This project's naming: ``stageN/blockM``, each stage a mapping of its blocks.
@@ -267,8 +273,7 @@ class StageLayout:
         return isinstance(node, Mapping) and any(is_stage_key(k) for k in node)
 
     def read(self, node):
-        keys = sorted((k for k in node if is_stage_key(k)),
-                      key=lambda k: int(_STAGE_KEY.match(k).group(1)))
+        keys = _stage_keys(node)
         return ([ordered_blocks(k, node[k]) for k in keys],
                 {k: v for k, v in node.items() if not is_stage_key(k)})
 
@@ -292,10 +297,8 @@ class ScannedStageLayout(StageLayout):
     """
 
     def read(self, node):
-        keys = sorted((k for k in node if is_stage_key(k)),
-                      key=lambda k: int(_STAGE_KEY.match(k).group(1)))
         stages = []
-        for key in keys:
+        for key in _stage_keys(node):
             stage = node[key]
             if set(stage) - {"block1", models.SCANNED_BLOCKS} or "block1" not in stage:
                 raise ValueError(
@@ -468,7 +471,7 @@ def _scale_residual(block, scale: float, residual_output: tuple[str, ...]):
         return block
 
     def scaled(path, leaf):
-        name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
         matches = any(name == p or name.endswith("/" + p) for p in residual_output)
         return (leaf * scale).astype(leaf.dtype) if matches else leaf
 
