@@ -200,6 +200,9 @@ def run_record(summary: dict, seed: int, workdir: str) -> dict:
         "compile_seconds": totals.get("compile_seconds"),
         "eval_seconds": totals.get("eval_seconds"),
         "steps": totals["steps"],
+        "cycles": [{key: c[key] for key in ("stage_sizes", "steps", "train_seconds",
+                                            "compile_seconds")}
+                   for c in summary["cycles"]],
     }
 
 
@@ -237,6 +240,7 @@ def build_report(config, seeds, records, descriptions, machine,
         "paper_reference": paper_reference(config),
         "models": descriptions,
         "stats": compare_report.aggregate(records),
+        "time_gap": compare_report.time_gap_over_seeds(records),
         "runs": records,
     }
 

@@ -53,6 +53,91 @@ def aggregate(records: dict[str, list[dict]]) -> dict[str, dict]:
     return result
 
 
+def time_gap(multilevel: dict, last_cycle: dict) -> dict:
+    """Where the multi-level run's measured saving falls short of the theoretical one.
+
+    The cost model of the theoretical saving (paper Sec. 4.2): a step of a
+    network with n blocks costs n / N of a step of the last-cycle network
+    with N blocks, and nothing else costs anything. Against it, with s the
+    last-cycle model's seconds per step (its train time less compiling, over
+    its steps), T its train time and C its compile time, the multi-level run
+    should spend ``(n_k / N) x steps_k x s`` on cycle k and ``ratio x C``
+    on compiling, where ratio = sum_k (n_k / N) steps_k / sum_k steps_k is the
+    theoretical cost ratio. What each part spends beyond that, over T, is its
+    share of the shortfall; the shares add up exactly to theoretical minus
+    measured saving.
+
+    Args:
+      multilevel, last_cycle: `compare.run_record`s of the same seed (with
+        ``cycles``: stage sizes, steps, train and compile seconds each; train
+        seconds include compiling, initialisation and interpolation).
+
+    Returns:
+      ``parts``: one per cycle (``"cycle 1 (2-2-2)"``...; its train time less
+      compiling) and one ``"compiling"``, each ``{"measured_seconds",
+      "model_seconds", "excess_seconds", "points"}`` (points: percentage points
+      of saving lost, 100 x excess / T); ``theoretical_saving``,
+      ``measured_saving`` (fractions) and ``shortfall_points``.
+
+    Raises:
+      ValueError: if the two runs' step counts differ.
+    """
+    last_blocks = sum(last_cycle["cycles"][-1]["stage_sizes"])
+    total_steps = sum(c["steps"] for c in last_cycle["cycles"])
+    if sum(c["steps"] for c in multilevel["cycles"]) != total_steps:
+        raise ValueError("the multi-level and last-cycle runs have different step counts")
+    last_train = last_cycle["train_seconds"]
+    last_compile = sum(c["compile_seconds"] for c in last_cycle["cycles"])
+    seconds_per_step = (last_train - last_compile) / total_steps
+    fractions = [sum(c["stage_sizes"]) / last_blocks for c in multilevel["cycles"]]
+    ratio = sum(f * c["steps"] for f, c in zip(fractions, multilevel["cycles"])) / total_steps
+    parts = {}
+    for k, (fraction, cycle) in enumerate(zip(fractions, multilevel["cycles"])):
+        name = f"cycle {k + 1} ({models.format_stage_sizes(cycle['stage_sizes'])})"
+        parts[name] = (cycle["train_seconds"] - cycle["compile_seconds"],
+                       fraction * cycle["steps"] * seconds_per_step)
+    parts["compiling"] = (sum(c["compile_seconds"] for c in multilevel["cycles"]),
+                          ratio * last_compile)
+    result = {name: {"measured_seconds": measured, "model_seconds": model,
+                     "excess_seconds": measured - model,
+                     "points": 100 * (measured - model) / last_train}
+              for name, (measured, model) in parts.items()}
+    measured_saving = common.time_saved(multilevel["train_seconds"], last_train)
+    return {"parts": result, "theoretical_saving": 1 - ratio,
+            "measured_saving": measured_saving,
+            "shortfall_points": 100 * (1 - ratio - measured_saving)}
+
+
+def time_gap_over_seeds(records: dict[str, list[dict]]) -> dict | None:
+    """`time_gap` per seed and its mean over seeds; None until both models have a run.
+
+    Records without ``cycles`` (written before it was recorded) are left out.
+    """
+    pairs = [(m, l) for m, l in zip(records.get("multilevel", []), records.get("last_cycle", []))
+             if "cycles" in m and "cycles" in l]
+    if not pairs:
+        return None
+    per_seed = [time_gap(m, l) for m, l in pairs]
+    mean = {name: {key: sum(g["parts"][name][key] for g in per_seed) / len(per_seed)
+                   for key in per_seed[0]["parts"][name]}
+            for name in per_seed[0]["parts"]}
+    return {"seeds": [m["seed"] for m, _ in pairs], "per_seed": per_seed, "mean": mean,
+            "shortfall_points": sum(g["shortfall_points"] for g in per_seed) / len(per_seed)}
+
+
+def time_gap_table(gap: dict) -> str:
+    """Markdown: per part of the multi-level run, measured and cost-model seconds, points lost."""
+    rows = [[name, f"{p['measured_seconds']:.1f}", f"{p['model_seconds']:.1f}",
+             f"{p['excess_seconds']:+.1f}", f"{p['points']:+.2f}"]
+            for name, p in gap["mean"].items()]
+    rows.append(["total (theoretical - measured saving)", "", "",
+                 f"{sum(p['excess_seconds'] for p in gap['mean'].values()):+.1f}",
+                 f"{gap['shortfall_points']:+.2f}"])
+    return common.markdown_table(
+        ["part of the multi-level run", "measured (s)", "cost model (s)", "excess (s)",
+         "saving lost (points)"], rows)
+
+
 def _blocks_text(description: dict) -> str:
     sizes = [models.format_stage_sizes(s) for s in description["stage_sizes"]]
     unique = [s for i, s in enumerate(sizes) if i == 0 or s != sizes[i - 1]]
@@ -117,8 +202,8 @@ def report_markdown(report: dict) -> str:
         f"(cost ratio {theory['cost_ratio']:.4f}).",
         f"- Seeds: {', '.join(str(s) for s in settings['seeds'])}; "
         "mean ± sample std over seeds where more than one.",
-        "- Train time: the run without evaluation and data loading (training "
-        "steps, initialisation, compilation, interpolation, checkpoints). Wall "
+        "- Train time: the run without evaluation, checkpoints and data loading "
+        "(training steps, initialisation, compilation, interpolation). Wall "
         "time: the whole run. Saved = 1 - t / t(last-cycle model), per seed.",
         f"- Machine: {common.machine_line(report['machine'])}.",
     ]
@@ -140,6 +225,17 @@ def report_markdown(report: dict) -> str:
             "wall time is that of the last invocation only.")
     if not report["complete"]:
         lines.append("- **Incomplete**: not every run has finished.")
+    gap = report.get("time_gap")
+    if gap:
+        lines += [
+            "", f"## Where the multi-level run's time goes (mean over seeds "
+            f"{', '.join(str(s) for s in gap['seeds'])})", "",
+            time_gap_table(gap), "",
+            "- Cost model: a step of n blocks per stage costs n/N of a last-cycle "
+            "step (N blocks), measured as the last-cycle model's train time less "
+            "compiling, per step; compiling should cost the cost ratio times the "
+            "last-cycle model's. Cycle rows: train time less compiling (steps, "
+            "initialisation, interpolation). Points: excess / last-cycle train time."]
     return "\n".join(lines) + "\n"
 
 

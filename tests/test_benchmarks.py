@@ -192,6 +192,43 @@ def test_aggregate_pairs_savings_by_seed_and_table_shows_them():
     assert "189,986" in last_row
 
 
+def _cycles(stage_sizes, steps, train_seconds, compile_seconds):
+    return [{"stage_sizes": list(n), "steps": k, "train_seconds": t, "compile_seconds": c}
+            for n, k, t, c in zip(stage_sizes, steps, train_seconds, compile_seconds)]
+
+
+def test_time_gap_splits_the_shortfall_into_cycles_and_compiling():
+    # Hand derivation. Last-cycle model: 4-4 blocks, 200 steps, 210 s of which
+    # 10 s compiling, so 1.0 s per step. Multi-level: 1-1, 2-2, 4-4 blocks for
+    # 100, 50, 50 steps: fractions 1/4, 1/2, 1, cost ratio (25 + 25 + 50) / 200
+    # = 0.5. Cost model: 25, 25, 50 s of steps and 0.5 x 10 = 5 s compiling.
+    # Measured: 32 - 4, 30 - 3, 55 - 2 = 28, 27, 53 s and 9 s compiling, so
+    # excesses +3, +2, +3, +4 = 12 s = 5.714 points of 210 s; measured saving
+    # 1 - 117 / 210 = 44.29 % against 50 %: 5.714 points short, the same sum.
+    last = {"seed": 0, "train_seconds": 210.0, "cycles": _cycles(
+        [(4, 4)] * 3, [100, 50, 50], [110.0, 50.0, 50.0], [10.0, 0.0, 0.0])}
+    multi = {"seed": 0, "train_seconds": 117.0, "cycles": _cycles(
+        [(1, 1), (2, 2), (4, 4)], [100, 50, 50], [32.0, 30.0, 55.0], [4.0, 3.0, 2.0])}
+    gap = compare_report.time_gap(multi, last)
+    excess = {name: part["excess_seconds"] for name, part in gap["parts"].items()}
+    assert excess == pytest.approx({"cycle 1 (1-1)": 3.0, "cycle 2 (2-2)": 2.0,
+                                    "cycle 3 (4-4)": 3.0, "compiling": 4.0})
+    assert gap["parts"]["compiling"]["model_seconds"] == pytest.approx(5.0)
+    assert gap["theoretical_saving"] == pytest.approx(0.5)
+    assert gap["measured_saving"] == pytest.approx(1 - 117 / 210)
+    assert gap["shortfall_points"] == pytest.approx(100 * 12 / 210)
+    assert sum(p["points"] for p in gap["parts"].values()) == pytest.approx(100 * 12 / 210)
+    over_seeds = compare_report.time_gap_over_seeds(
+        {"multilevel": [multi, {**multi, "seed": 1, "cycles": multi["cycles"][:2]}],
+         "last_cycle": [last]})
+    assert over_seeds["seeds"] == [0]  # zip pairs by position: seed 1 has no last-cycle run
+    table = compare_report.time_gap_table(over_seeds)
+    assert "| compiling | 9.0 | 5.0 | +4.0 | +1.90 |" in table
+    assert "+5.71 |" in table.splitlines()[-1]
+    with pytest.raises(ValueError, match="step counts"):
+        compare_report.time_gap({**multi, "cycles": multi["cycles"][:2]}, last)
+
+
 def test_a_finished_run_from_before_a_config_field_existed_is_reused_only_at_its_old_value():
     config = fashion_mnist.get_config()
     config.compile_ahead = False
