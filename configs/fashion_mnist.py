@@ -6,8 +6,9 @@ cores), three cycles 2-2-2 -> 4-4-4 -> 8-8-8 with h 1 -> 0.5 -> 0.25, the
 paper's schedule (cosine from 0.5 to 0.001, restarted per cycle) and
 optimiser. The cycles are 4, 2 and 1 epochs: the cheap shallow model gets the
 most epochs, as in the paper's 60/50/50 split (theoretical cost 3/7 = 0.43 of
-the last-cycle model, plan.theoretical_cost_ratio). About 11 minutes on
-two cores; full train (60,000) and test (10,000) sets.
+the last-cycle model, plan.theoretical_cost_ratio). About 16 minutes on
+two Intel Xeon cores (10 on the AMD EPYC cores used before; README,
+"Results"); full train (60,000) and test (10,000) sets.
 
     python -m mlres_jax.main --config=configs/fashion_mnist.py --workdir=runs/fashion_mnist
 """
