@@ -42,9 +42,18 @@ def quiet_library_info(record: python_logging.LogRecord) -> bool:
             or not any(part in record.pathname for part in _CHATTY_LIBRARIES))
 
 
-def fail(message: str, exit_status: int = 2) -> None:
-    """Ends the command with ``error: message`` on stderr and ``exit_status``."""
+def fail(message: str, exit_status: int = 2, *, at_once: bool = False) -> None:
+    """Ends the command with ``error: message`` on stderr and ``exit_status``.
+
+    With ``at_once``, ends the process without Python's clean-up (``os._exit``):
+    for a multi-process run whose peer is gone, where a normal exit would wait
+    in JAX's shutdown barrier for it and then abort.
+    """
+    sys.stdout.flush()
     sys.stderr.write(f"error: {message}\n")
+    if at_once:
+        sys.stderr.flush()
+        os._exit(exit_status)
     sys.exit(exit_status)
 
 
@@ -88,7 +97,8 @@ def with_one_line_errors(main: Callable[[Sequence[str]], None]
         try:
             main(argv)
         except errors.UserError as error:
-            fail(str(error), error.exit_status)
+            fail(str(error), error.exit_status,
+                 at_once=error.exit_at_once)
         except OSError as error:
             fail(str(error))
         except KeyboardInterrupt:

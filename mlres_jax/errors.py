@@ -13,6 +13,13 @@ from __future__ import annotations
 
 
 class UserError(Exception):
-    """A mistake or a fault a command reports in one line (exit status 2)."""
+    """A mistake or a fault a command reports in one line (exit status 2).
+
+    Attributes:
+      exit_status: the command's exit status.
+      exit_at_once: end the process without Python's clean-up (a lost peer
+        process, which a normal exit of a multi-process run would wait for).
+    """
 
     exit_status = 2
+    exit_at_once = False

@@ -39,13 +39,18 @@ def define_flags() -> None:
                         "(Slurm, Open MPI), or a single process.")
     flags.DEFINE_integer("num_processes", None, "Several processes: how many.")
     flags.DEFINE_integer("process_id", None, "Several processes: this one's index, 0..N-1.")
+    flags.DEFINE_integer("heartbeat_timeout_seconds", parallel.DEFAULT_HEARTBEAT_TIMEOUT_SECONDS,
+                         "Several processes: when one has sent no heartbeat for this long "
+                         "(it died, or its host is lost), the others stop. A process waits "
+                         "for its peers to agree on a stop for half of it.", lower_bound=2)
     flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                        FLAGS.heartbeat_timeout_seconds)
     if not parallel.is_main_process():
         logging.set_verbosity(logging.WARNING)  # process 0 reports for all
     summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -17,7 +17,10 @@ only its own devices' part of them on its devices (`shard_batch`).
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import platform
+import socket
 from typing import Any, Sequence
 
 import jax
@@ -28,6 +31,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mlres_jax import errors
 
 DATA_AXIS = "data"
+
+# JAX's coordination service ends every process when one of them has sent no
+# heartbeat for this long (a dead peer). JAX's own default is 100 s.
+DEFAULT_HEARTBEAT_TIMEOUT_SECONDS = 60
+_heartbeat_timeout_seconds = DEFAULT_HEARTBEAT_TIMEOUT_SECONDS
 
 # Environment variables by which cluster managers or users start several
 # processes; ``jax.distributed.initialize()`` without arguments reads them
@@ -41,7 +49,8 @@ class MeshError(errors.UserError):
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> bool:
+               process_id: int | None = None,
+               heartbeat_timeout_seconds: int = DEFAULT_HEARTBEAT_TIMEOUT_SECONDS) -> bool:
     """Joins the processes of a multi-process run, if there are several.
 
     With a coordinator address (flags), or in an environment that a cluster
@@ -50,18 +59,83 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     which must happen before anything else touches a device. Otherwise the run
     is one process and nothing is done.
 
+    Args:
+      coordinator_address, num_processes, process_id: as
+        ``jax.distributed.initialize`` takes them; None to detect them.
+      heartbeat_timeout_seconds: when a process has sent no heartbeat for
+        this long (it died, or its host is lost), JAX's coordination service
+        ends the others. A run's own waits for its peers (the stop
+        agreement) give up after half of it (`agreement_timeout_seconds`),
+        so that a peer lost while they wait is reported by this run, in one
+        line.
+
     Returns:
       Whether ``jax.distributed.initialize`` was called.
     """
+    global _heartbeat_timeout_seconds
+    _heartbeat_timeout_seconds = heartbeat_timeout_seconds
     if coordinator_address is None and num_processes is None and not any(
             name in os.environ for name in _CLUSTER_ENVIRONMENT):
         return False
     jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+                               num_processes=num_processes, process_id=process_id,
+                               heartbeat_timeout_seconds=heartbeat_timeout_seconds)
     logging.info("Process %d of %d; %d local and %d global devices",
                  jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count())
     return True
+
+
+def agreement_timeout_seconds() -> float:
+    """How long a process waits for its peers at one agreement: half the heartbeat timeout."""
+    return _heartbeat_timeout_seconds / 2
+
+
+def coordination_client():
+    """The client of JAX's coordination service (its key-value store), after `initialize`.
+
+    JAX keeps it in ``jax._src.distributed.global_state``, as orbax's and
+    JAX's own multi-host utilities read it; there is no public accessor.
+
+    Raises:
+      RuntimeError: if ``jax.distributed`` is not initialized.
+    """
+    from jax._src import distributed  # pylint: disable=import-outside-toplevel
+
+    if distributed.global_state.client is None:
+        raise RuntimeError("jax.distributed is not initialized (parallel.initialize)")
+    return distributed.global_state.client
+
+
+def environment() -> dict:
+    """What runs this process: devices, processes and library versions.
+
+    Returns:
+      ``platform`` (e.g. ``"cpu"``, ``"gpu"``), ``device_kind`` (e.g.
+      ``"NVIDIA H200"``), ``devices`` (global), ``local_devices``,
+      ``processes``, ``host`` (process 0's host name when written by it),
+      ``python`` and ``versions`` of jax, jaxlib, flax, optax,
+      orbax-checkpoint and numpy.
+    """
+    device = jax.devices()[0]
+    return {
+        "platform": device.platform, "device_kind": device.device_kind,
+        "devices": jax.device_count(), "local_devices": jax.local_device_count(),
+        "processes": jax.process_count(), "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "versions": {name: importlib.metadata.version(name) for name in (
+            "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")},
+    }
+
+
+def describe_environment(environment_record: dict) -> str:
+    """One line from `environment`: ``"2 cpu devices (cpu) in 2 processes; jax 0.10.2, ..."``."""
+    versions = ", ".join(f"{name} {version}"
+                         for name, version in environment_record["versions"].items())
+    return (f"{environment_record['devices']} {environment_record['platform']} device(s) "
+            f"({environment_record['device_kind']}) in {environment_record['processes']} "
+            f"process(es) on {environment_record['host']}; Python "
+            f"{environment_record['python']}, {versions}")
 
 
 def is_main_process() -> bool:

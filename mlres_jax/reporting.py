@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from mlres_jax import models, plan, stopwatch
+from mlres_jax import models, parallel, plan, stopwatch
 
 
 def evaluation_record(*, step: int, steps_per_epoch: int, cycle: plan.Cycle,
@@ -123,7 +123,8 @@ def growth_line(record: dict) -> str:
 
 def run_summary(*, config: dict, dataset: dict, cycles: Sequence[plan.Cycle],
                 cycle_records: list[dict], history: list[dict],
-                wall_seconds: float, growths: Sequence[dict] = ()) -> dict:
+                wall_seconds: float, growths: Sequence[dict] = (),
+                environment: dict | None = None) -> dict:
     """The content of ``summary.json``.
 
     Args:
@@ -136,9 +137,11 @@ def run_summary(*, config: dict, dataset: dict, cycles: Sequence[plan.Cycle],
       wall_seconds: wall time of this invocation (a resumed run counts from
         its restart).
       growths: every `growth_record`.
+      environment: what ran it (`parallel.environment`): platform, device
+        kind, devices, processes, library versions.
 
     Returns:
-      ``config``, ``dataset``, ``cycles``, ``totals`` (steps, the seconds of
+      ``config``, ``environment``, ``dataset``, ``cycles``, ``totals`` (steps, the seconds of
       each activity, wall seconds, final test error and accuracy, parameter
       counts of the first and last cycle, and the theoretical cost ratio of
       paper Sec. 4.2), ``growths`` and ``history``.
@@ -147,6 +150,7 @@ def run_summary(*, config: dict, dataset: dict, cycles: Sequence[plan.Cycle],
     last = cycle_records[-1]
     return {
         "config": config,
+        "environment": environment or {},
         "dataset": dataset,
         "cycles": cycle_records,
         "totals": {
@@ -188,6 +192,8 @@ def summary_table(summary: dict) -> str:
         f"{t['wall_seconds']:.1f} s; "
         f"final test error {100 * t['final_test_error']:.2f}% "
         f"({t['test_examples']} examples)")
+    if summary.get("environment"):
+        lines.append(f"run on {parallel.describe_environment(summary['environment'])}")
     for g in summary.get("growths", []):
         lines.append(
             f"growth at step {g['step']} ({models.format_stage_sizes(g['from_stage_sizes'])}"

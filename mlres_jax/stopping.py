@@ -1,19 +1,49 @@
-"""Clean stops: SIGINT (Ctrl-C) and SIGTERM end a run between two steps, with a checkpoint.
+"""Stops: one step for all processes, prompt, final; and a lost peer process.
 
-`StopRequest` turns the signals into a request that the training loop reads
-between steps and between cycles; the loop then saves the step reached and
-raises `Interrupted`, which every command reports as one line with the
-shell's exit status for the signal (`mlres_jax.cli`).
+A run stops on SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption or time
+limit) between two steps, with a checkpoint of the step reached:
+
+* `StopRequest` turns the signals into a request. A second signal, whenever
+  it comes (during the stop's save, a wait for a compilation, anything),
+  ends the process at once with one line naming the last complete
+  checkpoint; nothing is aborted and no core is dumped.
+* `StopAgreement` turns the requests of all processes into one step at which
+  every process stops. One process needs no agreement. Several processes
+  (``jax.distributed``) may receive a signal at different steps, or only one
+  of them may: before every step they exchange their requests through the
+  key-value store of JAX's coordination service, so all of them see the same
+  answer at the same step, save the same checkpoint (orbax, every process)
+  and exit with the same status and message.
+
+JAX's own preemption sync point (``multihost_utils.reached_preemption_sync_point``)
+agrees on a step too, but it learns of a stop only from a SIGTERM that reaches
+its own C++ handler; this run handles SIGINT and SIGTERM itself (to end at
+once on a second signal), so it exchanges its own requests, the way JAX's
+preemption service does, in the same store.
+
+A peer that dies (SIGKILL, a lost host) never answers: a process waiting
+for it gives up after ``agreement_timeout_seconds`` with `PeerLostError`,
+which every command reports in one line and exits without waiting for the
+dead peer (`PeerLostError.exit_at_once`).
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
+import time
 
+import jax
 from absl import logging
 
-from mlres_jax import errors
+from mlres_jax import errors, parallel
+
+_AGREEMENT_PREFIX = "mlres_jax/stop"
+# How long one wait for a peer's answer blocks before Python signal handlers
+# run again (they only run between Python bytecodes of the main thread).
+_WAIT_SLICE_MS = 1000
 
 
 class Interrupted(errors.UserError):
@@ -28,24 +58,62 @@ class Interrupted(errors.UserError):
         self.exit_status = 128 + signal_number
 
 
+class PeerLostError(errors.UserError):
+    """Another process of a multi-process run died, hangs or lost its host.
+
+    Reported in one line like every `errors.UserError`, then the process
+    exits at once (``os._exit``): a normal exit would wait in JAX's shutdown
+    barrier for the dead peer.
+    """
+
+    exit_status = 1
+    exit_at_once = True
+
+
 class StopRequest:
-    """Turns SIGINT (Ctrl-C) and SIGTERM into a request to stop between steps.
+    """Turns SIGINT and SIGTERM into a request to stop between steps.
 
     As a context manager it installs the handlers (in the main thread only;
     elsewhere signals cannot be handled) and restores the previous ones on
-    exit. The training loop reads ``signal_number`` before every step. A
-    second SIGINT stops at once, as a ``KeyboardInterrupt``, without a new
-    checkpoint.
+    exit. The first signal sets ``signal_number``; the training loop stops at
+    the next step boundary (`StopAgreement`). A second signal writes
+    ``error: ...`` naming the last complete checkpoint and ends the process
+    at once with status 128 + its number, without a new checkpoint.
+
+    Args:
+      checkpoint_directory: the run's checkpoint folder, to name the last
+        complete checkpoint in messages (`last_checkpoint`).
 
     Attributes:
       signal_number: the first signal received, or None.
+      steps_done_at_signal: ``steps_done`` when it came, or None.
+      steps_done: steps finished on the devices, kept up to date by the loop.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, checkpoint_directory: str | None = None):
         self.signal_number = None
+        self.steps_done_at_signal = None
+        self.steps_done = 0
+        self._checkpoint_directory = checkpoint_directory
         self._previous = {}
+
+    def last_checkpoint(self) -> str:
+        """``"the last complete checkpoint is step N in DIR"``, read from the folder.
+
+        A complete orbax checkpoint is a folder named by its step; a save in
+        progress writes into a temporary folder and renames it when done.
+        Plain file-system reads, safe inside a signal handler.
+        """
+        folder = self._checkpoint_directory
+        try:
+            steps = [int(name) for name in os.listdir(folder) if name.isdigit()] if folder else []
+        except OSError:
+            steps = []
+        if not steps:
+            return "no checkpoint was written yet"
+        return f"the last complete checkpoint is step {max(steps)} in {folder}"
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
@@ -58,9 +126,112 @@ class StopRequest:
             signal.signal(number, handler)
 
     def _handle(self, number: int, frame) -> None:  # pylint: disable=unused-argument
-        if self.signal_number is not None and number == signal.SIGINT:
-            raise KeyboardInterrupt
+        name = signal.Signals(number).name
+        if self.signal_number is not None:
+            sys.stdout.flush()
+            sys.stderr.write(f"error: stopped at once by a second {name}, without a new "
+                             f"checkpoint; {self.last_checkpoint()}. To resume, run the "
+                             "same command again.\n")
+            sys.stderr.flush()
+            os._exit(128 + number)  # no cleanup: nothing left waits for a thread
         self.signal_number = number
-        logging.warning("%s received: the run stops after the current step and saves a "
-                        "checkpoint (Ctrl-C again stops at once, without one)",
-                        signal.Signals(number).name)
+        self.steps_done_at_signal = self.steps_done
+        logging.warning("%s received after step %d: the run stops at the next step and "
+                        "saves a checkpoint (a second Ctrl-C or SIGTERM ends it at once, "
+                        "without one)", name, self.steps_done)
+
+
+class StopAgreement:
+    """The step at which every process of the run stops, the same for all.
+
+    `should_stop` is called by every process at the same points (before each
+    step and between cycles). With one process it returns the local
+    request. With several, each call is one exchange through JAX's
+    coordination service: every process writes its request (0 for none)
+    under the key of this call's number and reads everyone else's; if any
+    process has a request, all of them stop there. An exchange costs a few
+    round trips to process 0's coordination service
+    (``benchmarks/stop_agreement.py`` measures it).
+
+    Args:
+      request: this process's `StopRequest`.
+      agreement_timeout_seconds: how long to wait for the other processes
+        at one exchange before `PeerLostError`; default: half the heartbeat
+        timeout (`parallel.agreement_timeout_seconds`), so that this run's
+        message comes before JAX's own end of the process.
+    """
+
+    def __init__(self, request: StopRequest, agreement_timeout_seconds: float | None = None):
+        self.request = request
+        self._timeout = (parallel.agreement_timeout_seconds()
+                         if agreement_timeout_seconds is None else agreement_timeout_seconds)
+        self._processes = jax.process_count()
+        self._client = parallel.coordination_client() if self._processes > 1 else None
+        self._exchanges = 0
+        self.received_by: list[int] = []
+
+    def should_stop(self) -> int | None:
+        """The signal on which every process stops now, or None to go on.
+
+        Returns:
+          The same answer on every process: the smallest signal number that
+          any process received (SIGINT before SIGTERM), or None.
+
+        Raises:
+          PeerLostError: if another process did not answer within the
+            timeout; the message names it and the last complete checkpoint.
+        """
+        own = self.request.signal_number
+        if self._client is None:
+            self.received_by = [0] if own else []
+            return own
+        exchange, self._exchanges = self._exchanges, self._exchanges + 1
+        me = jax.process_index()
+        folder = f"{_AGREEMENT_PREFIX}/{exchange}"
+        self._client.key_value_set(f"{folder}/{me}", str(own or 0))
+        answers = {me: own or 0}
+        deadline = time.monotonic() + self._timeout
+        for peer in range(self._processes):
+            if peer != me:
+                answers[peer] = int(self._wait_for(f"{folder}/{peer}", peer, deadline))
+        if exchange >= 2:
+            # Every process has read exchange - 2: it wrote exchange - 1 after that.
+            self._client.key_value_delete(f"{_AGREEMENT_PREFIX}/{exchange - 2}/{me}")
+        received = sorted(number for number in answers.values() if number)
+        self.received_by = sorted(p for p, number in answers.items() if number)
+        return received[0] if received else None
+
+    def _wait_for(self, key: str, peer: int, deadline: float) -> str:
+        while True:
+            try:
+                return self._client.blocking_key_value_get(key, _WAIT_SLICE_MS)
+            except jax.errors.JaxRuntimeError as error:
+                if not str(error).startswith("DEADLINE_EXCEEDED"):
+                    raise PeerLostError(self._lost_message(peer, str(error))) from error
+            if time.monotonic() > deadline:
+                raise PeerLostError(self._lost_message(
+                    peer, f"no answer within {self._timeout:g} s"))
+
+    def _lost_message(self, peer: int, reason: str) -> str:
+        return (f"process {jax.process_index()} waited for process {peer} of "
+                f"{self._processes} to agree whether to stop after step "
+                f"{self.request.steps_done} ({reason.splitlines()[0][:200]}): that process "
+                f"died, hangs, or lost its host. This process stops too; "
+                f"{self.request.last_checkpoint()}. To resume, run the same command on "
+                "every host again.")
+
+
+def peer_lost(error: Exception, request: StopRequest) -> PeerLostError:
+    """A `PeerLostError` for a collective that failed under a multi-process run.
+
+    Args:
+      error: what JAX raised (e.g. ``Gloo all-reduce failed: ... Connection
+        closed by peer``).
+      request: the run's `StopRequest`, for the step and the last checkpoint.
+    """
+    first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+    return PeerLostError(
+        f"a step with the other processes failed after step {request.steps_done} "
+        f"({type(error).__name__}: {first_line}): another process of the run died or "
+        f"lost its host. This process stops too; {request.last_checkpoint()}. To resume, "
+        "run the same command on every host again.")

@@ -170,7 +170,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if progress.step == run.cycles[-1].end_step and os.path.exists(_summary_path(run)):
                 return _finished_summary(run)
             progress.writer = _open_event_writer(run, progress)
-            with progress.writer, stopping.StopRequest() as stop:
+            with (progress.writer, stopping.StopRequest(checkpointer.directory) as request,
+                  _peer_loss_reported(request)):
+                stop = stopping.StopAgreement(request)
+                request.steps_done = progress.step
                 train_data = parallel.put_replicated(
                     (run.data.train_images, run.data.train_labels), run.mesh)
                 with StepCompiler(run, train_data) as compiler:
@@ -184,6 +187,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                     checkpointer, stop)
                         finish_cycle(run, cycle, progress, checkpointer)
         return write_summary(run, progress, time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _peer_loss_reported(request: stopping.StopRequest):
+    """With several processes, a failed step or collective is reported as a lost peer.
+
+    JAX raises its runtime error in the processes that are left when a
+    collective's peer is gone (on the CPU at once; on GPUs the collective
+    may instead hang until JAX's heartbeat timeout ends the process).
+    """
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as error:
+        if jax.process_count() == 1:
+            raise
+        raise stopping.peer_lost(error, request) from error
 
 
 # ---------------------------------------------------------------------------
@@ -258,6 +277,7 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str,
               schedule=schedule, optimizer=steps.create_optimizer(config, schedule),
               init_rng=init_rng, augment_rng=augment_rng)
     workdirs.check_free_space(workdir, _checkpoint_bytes(run))
+    logging.info("Running on %s", parallel.describe_environment(parallel.environment()))
     logging.info("Data parallel over %d %s device(s) of %d process(es): %d examples per "
                  "device per step", mesh.devices.size, jax.devices()[0].platform,
                  jax.process_count(), config.batch_size // mesh.devices.size)
@@ -434,6 +454,9 @@ class StepCompiler:
         if key not in self._compiled:
             start = time.perf_counter()
             if key in self._pending:
+                if not self._pending[key].done():
+                    logging.info("Waiting for the ahead compilation of %s",
+                                 models.format_stage_sizes(cycle.stage_sizes))
                 self._compiled[key] = self._pending.pop(key).result()
                 logging.info("Compiled %s ahead in %.1f s; waited %.1f s",
                              models.format_stage_sizes(cycle.stage_sizes),
@@ -477,37 +500,47 @@ class StepCompiler:
 
 def train_cycle(run: Run, cycle: plan.Cycle, compiled: steps.CompiledSteps,
                 progress: Progress, train_data, checkpointer: checkpoint.Checkpointer,
-                stop: stopping.StopRequest) -> None:
+                stop: stopping.StopAgreement) -> None:
     """Trains the cycle's remaining steps, logging, evaluating and saving on schedule.
 
     The data order and the augmentation depend only on the seed and the
     step, so a resumed cycle continues exactly where it stopped. Before each
-    step it honours a stop request (`stop_with_checkpoint`).
+    step every process asks whether to stop (`stop_if_requested`).
+
+    The host runs at most one step ahead of the devices: after queueing a
+    step it waits for the one before to finish. So a stop requested while a
+    step runs lands at most two steps later (that step and the one queued
+    behind it), whatever ``log_every_steps`` is, and the devices never wait
+    for the host.
     """
     config = run.config
-    bar = _progress_bar(run, cycle, progress.step)
-    order_epoch, order = None, None
-    for step in range(max(progress.step, cycle.first_step), cycle.end_step):
-        if stop.signal_number is not None:
-            bar.close()
+    previous_metrics = None
+    with _progress_bar(run, cycle, progress.step) as bar:
+        order_epoch, order = None, None
+        for step in range(max(progress.step, cycle.first_step), cycle.end_step):
             stop_if_requested(run, cycle, progress, checkpointer, stop)
-        epoch, position = divmod(step, run.steps_per_epoch)
-        if order_epoch != epoch:
-            order_epoch, order = epoch, input_pipeline.train_batch_indices(
-                len(run.data.train_labels), config.batch_size, config.seed,
-                epoch).astype(np.int32)
-        progress.state, _ = compiled.train(
-            progress.state, *train_data, parallel.shard_batch(order[position], run.mesh),
-            run.augment_rng)
-        progress.step = done = step + 1
-        bar.update(1)
-        if done % config.log_every_steps == 0:
-            log_train_metrics(run, cycle, progress, checkpointer, bar)
-        if done % run.eval_every_steps == 0 or done == cycle.end_step:
-            evaluate_and_record(run, cycle, compiled, progress, checkpointer, bar)
-        if done % config.checkpoint_every_steps == 0 and done != cycle.end_step:
-            save_checkpoint(run, cycle, progress, checkpointer)
-    bar.close()
+            epoch, position = divmod(step, run.steps_per_epoch)
+            if order_epoch != epoch:
+                order_epoch, order = epoch, input_pipeline.train_batch_indices(
+                    len(run.data.train_labels), config.batch_size, config.seed,
+                    epoch).astype(np.int32)
+            progress.state, metrics = compiled.train(
+                progress.state, *train_data, parallel.shard_batch(order[position], run.mesh),
+                run.augment_rng)
+            if previous_metrics is not None:
+                jax.block_until_ready(previous_metrics)
+                stop.request.steps_done = step
+            previous_metrics = metrics
+            progress.step = done = step + 1
+            bar.update(1)
+            if done % config.log_every_steps == 0:
+                log_train_metrics(run, cycle, progress, checkpointer, bar)
+            if done % run.eval_every_steps == 0 or done == cycle.end_step:
+                evaluate_and_record(run, cycle, compiled, progress, checkpointer, bar)
+                stop.request.steps_done = done  # the evaluation waited for the step
+            if done % config.checkpoint_every_steps == 0 and done != cycle.end_step:
+                save_checkpoint(run, cycle, progress, checkpointer)
+    stop.request.steps_done = progress.step
 
 
 def log_train_metrics(run: Run, cycle: plan.Cycle, progress: Progress,
@@ -579,15 +612,20 @@ def save_checkpoint(run: Run, cycle: plan.Cycle, progress: Progress,
 
 
 def stop_with_checkpoint(run: Run, cycle: plan.Cycle, progress: Progress,
-                         checkpointer: checkpoint.Checkpointer, signal_number: int) -> None:
+                         checkpointer: checkpoint.Checkpointer, signal_number: int,
+                         received_by: list[int]) -> None:
     """Saves the step reached (unless it is saved already) and stops the run.
 
-    Called between two steps, where the train state is complete.
+    Called between two steps, where the train state is complete, by every
+    process at the same step (`stopping.StopAgreement`).
 
     Raises:
-      stopping.Interrupted: always, saying where the run stopped and how to resume.
+      stopping.Interrupted: always, saying where the run stopped and how to
+        resume; the same message on every process.
     """
     name = signal.Signals(signal_number).name
+    if jax.process_count() > 1:
+        name += f" (received by process {', '.join(map(str, received_by))})"
     if progress.state is None:
         raise stopping.Interrupted(f"stopped by {name} before the first step; nothing was trained, "
                           "and the next run starts afresh", signal_number)
@@ -604,10 +642,13 @@ def stop_with_checkpoint(run: Run, cycle: plan.Cycle, progress: Progress,
 
 
 def stop_if_requested(run: Run, cycle: plan.Cycle, progress: Progress,
-                      checkpointer: checkpoint.Checkpointer, stop: stopping.StopRequest) -> None:
-    """`stop_with_checkpoint` if a stop was requested; called between cycles and steps."""
-    if stop.signal_number is not None:
-        stop_with_checkpoint(run, cycle, progress, checkpointer, stop.signal_number)
+                      checkpointer: checkpoint.Checkpointer,
+                      stop: stopping.StopAgreement) -> None:
+    """`stop_with_checkpoint` if any process asked to stop; called between cycles and steps."""
+    signal_number = stop.should_stop()
+    if signal_number is not None:
+        stop_with_checkpoint(run, cycle, progress, checkpointer, signal_number,
+                             stop.received_by)
 
 
 def check_finite(run: Run, cycle: plan.Cycle, state: steps.TrainState,
@@ -641,7 +682,8 @@ def write_summary(run: Run, progress: Progress, wall_seconds: float) -> dict:
                  "test_examples": len(run.data.test_labels),
                  "steps_per_epoch": run.steps_per_epoch},
         cycles=run.cycles, cycle_records=progress.cycle_records, growths=progress.growths,
-        history=progress.history, wall_seconds=wall_seconds)
+        history=progress.history, wall_seconds=wall_seconds,
+        environment=parallel.environment())
     if run.is_main:
         files.write_json(_summary_path(run), summary)
     return summary

@@ -263,16 +263,6 @@ def test_sigint_during_a_save_finishes_the_save_then_stops(
     assert signal.getsignal(signal.SIGINT) is sigint_before  # restored
 
 
-def test_a_second_ctrl_c_stops_at_once():
-    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
-    with stopping.StopRequest() as stop:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert stop.signal_number == signal.SIGINT
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-    assert {number: signal.getsignal(number) for number in before} == before  # restored
-
-
 def _drop_checkpoints_after(workdir, step):
     for folder in glob.glob(os.path.join(workdir, "checkpoints", "*")):
         if int(os.path.basename(folder)) > step:

@@ -1,0 +1,109 @@
+r"""Per-step cost of the stop agreement (`mlres_jax.stopping.StopAgreement`).
+
+Before every training step each process asks `StopAgreement.should_stop`
+whether any process of the run received SIGINT or SIGTERM. With one process
+that reads a flag; with several it is one exchange through the key-value
+store of JAX's coordination service (a write, a read per peer, a delete).
+This benchmark starts 1 and 2 processes (joined over localhost, as
+``python -m mlres_jax.main --num_processes=2`` joins them) and times
+``--exchanges`` calls back to back after ``--warmup`` untimed ones: the
+time a training step pays for the agreement. Writes ``stop_agreement.json``
+and ``stop_agreement.md`` into ``--output_dir`` and prints the table::
+
+    python -m benchmarks.stop_agreement --output_dir=runs/bench/stop_agreement
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+from absl import flags
+
+from benchmarks import common
+from mlres_jax import cli, files
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    flags.DEFINE_list("processes", ["1", "2"], "Numbers of processes to measure.")
+    flags.DEFINE_integer("exchanges", 1000, "Timed calls per process count.", lower_bound=1)
+    flags.DEFINE_integer("warmup", 50, "Untimed calls first.", lower_bound=0)
+    flags.DEFINE_string("output_dir", "runs/bench/stop_agreement",
+                        "Folder for stop_agreement.json and .md.")
+    # Internal: one measuring process.
+    flags.DEFINE_string("worker", None, "PORT,PROCESSES,PROCESS_ID (internal).")
+
+
+def measure(exchanges: int, warmup: int) -> list[float]:
+    """Seconds of each timed `StopAgreement.should_stop` call in this process."""
+    from mlres_jax import stopping  # pylint: disable=import-outside-toplevel
+
+    agreement = stopping.StopAgreement(stopping.StopRequest())
+    for _ in range(warmup):
+        agreement.should_stop()
+    seconds = []
+    for _ in range(exchanges):
+        start = time.perf_counter()
+        agreement.should_stop()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _worker(spec: str) -> None:
+    from mlres_jax import parallel  # pylint: disable=import-outside-toplevel
+
+    port, processes, process_id = (int(part) for part in spec.split(","))
+    if processes > 1:
+        parallel.initialize(f"localhost:{port}", processes, process_id)
+    seconds = measure(FLAGS.exchanges, FLAGS.warmup)
+    if process_id == 0:
+        print(json.dumps(seconds), flush=True)
+
+
+def _run(processes: int) -> list[float]:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    workers = [subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.stop_agreement",
+         f"--worker={port},{processes},{i}", f"--exchanges={FLAGS.exchanges}",
+         f"--warmup={FLAGS.warmup}"], env=env, stdout=subprocess.PIPE, text=True)
+        for i in range(processes)]
+    outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+    if any(worker.returncode for worker in workers):
+        raise RuntimeError(f"a worker failed: {[w.returncode for w in workers]}")
+    return json.loads(outputs[0].strip().splitlines()[-1])
+
+
+def main(argv) -> None:
+    del argv
+    if FLAGS.worker:
+        _worker(FLAGS.worker)
+        return
+    rows, results = [], []
+    for processes in (int(n) for n in FLAGS.processes):
+        stats = common.percentiles([1e6 * s for s in _run(processes)])
+        results.append({"processes": processes, "microseconds": stats})
+        rows.append([processes, f"{stats['median']:.1f}", f"{stats['p25']:.1f}",
+                     f"{stats['p75']:.1f}", f"{stats['max']:.1f}"])
+    table = common.markdown_table(
+        ["processes", "median µs per step", "25 %", "75 %", "max"], rows)
+    machine = common.machine_info()
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    files.write_json(os.path.join(FLAGS.output_dir, "stop_agreement.json"),
+                     {"machine": machine, "exchanges": FLAGS.exchanges, "results": results})
+    text = (f"# Stop agreement: cost per training step\n\n{common.machine_line(machine)}\n\n"
+            f"{table}\n")
+    files.write_text(os.path.join(FLAGS.output_dir, "stop_agreement.md"), text)
+    print(text)
+
+
+if __name__ == "__main__":
+    cli.run_command(main, define_flags)
