@@ -1,24 +1,27 @@
-"""TensorBoard event files that agree with the checkpoints (`mlres_jax.events`)."""
+"""TensorBoard event files that agree with the checkpoints (`mlres_jax.events`).
 
-import collections
+The event files are read as TensorBoard reads them (its ``EventAccumulator``),
+so what is checked is what a user sees.
+"""
+
 import glob
 import os
 
+from tensorboard.backend.event_processing import event_accumulator
 from tensorboardX import SummaryWriter
-from tensorboardX.proto.event_pb2 import Event
 
 from mlres_jax import events
 
+EVENT_FILES = "events.out.tfevents.*"
+
 
 def scalar_steps(folder):
-    """{tag: [step, ...]} of every scalar in the folder's event files, in file order."""
-    steps = collections.defaultdict(list)
-    for path in sorted(glob.glob(os.path.join(folder, events.EVENT_FILE_PATTERN))):
-        for record in events.read_records(path):
-            event = Event.FromString(record)
-            for value in event.summary.value:
-                steps[value.tag].append(event.step)
-    return dict(steps)
+    """{tag: [step, ...]} of every scalar TensorBoard shows for the folder, in step order."""
+    accumulator = event_accumulator.EventAccumulator(
+        str(folder), size_guidance={event_accumulator.SCALARS: 0})
+    accumulator.Reload()
+    return {tag: [event.step for event in accumulator.Scalars(tag)]
+            for tag in accumulator.Tags()["scalars"]}
 
 
 def _write(folder, steps):
@@ -27,30 +30,36 @@ def _write(folder, steps):
             writer.add_scalar("train/loss", 1.0 / step, step)
 
 
-def test_resume_drops_later_events_and_a_torn_record(tmp_path):
+def test_a_resumed_run_shows_each_step_once_after_a_torn_record(tmp_path):
     folder = str(tmp_path)
     _write(folder, range(1, 11))  # a run that got to step 10, then was killed
-    (path,) = glob.glob(os.path.join(folder, events.EVENT_FILE_PATTERN))
+    (path,) = glob.glob(os.path.join(folder, EVENT_FILES))
     with open(path, "ab") as handle:  # killed in the middle of writing a record
         handle.write(b"\x20\x00\x00\x00\x00\x00\x00\x00\x01\x02")
     assert scalar_steps(folder) == {"train/loss": list(range(1, 11))}
-    # Resuming from the checkpoint of step 6: steps 7..10 will be trained again.
-    writer = events.open_writer(folder, resume_step=6)
-    for step in range(7, 13):
-        writer.add_scalar("train/loss", 1.0 / step, step)
-    writer.close()
+    # Resuming from the checkpoint of step 6: steps 7..12 are written again.
+    with events.open_writer(folder, resume_step=6) as writer:
+        for step in range(7, 13):
+            writer.add_scalar("train/loss", 2.0 / step, step)
     assert scalar_steps(folder) == {"train/loss": list(range(1, 13))}  # each step once
-    # The rewritten file holds whole records only.
-    assert os.path.getsize(path) == sum(len(events._framed(r))  # pylint: disable=protected-access
-                                        for r in events.read_records(path))
+    accumulator = event_accumulator.EventAccumulator(folder)
+    accumulator.Reload()
+    # Steps 7..12 show the resumed run's values (2 / step), not the first run's (1 / step).
+    for event in accumulator.Scalars("train/loss"):
+        assert abs(event.value - (2.0 if event.step > 6 else 1.0) / event.step) < 1e-6
 
 
-def test_a_new_run_and_a_clean_resume_change_nothing(tmp_path):
+def test_without_the_purge_step_a_resumed_run_would_show_steps_twice(tmp_path):
+    # What the purge step prevents: the same resume with a plain writer.
     folder = str(tmp_path)
-    _write(folder, range(1, 5))
-    (path,) = glob.glob(os.path.join(folder, events.EVENT_FILE_PATTERN))
-    before = open(path, "rb").read()
-    assert events.drop_events_after(folder, 4) == 0
-    assert open(path, "rb").read() == before
-    assert events.drop_events_after(folder, 2) == 2
-    assert scalar_steps(folder) == {"train/loss": [1, 2]}
+    _write(folder, range(1, 11))
+    with SummaryWriter(logdir=folder, filename_suffix=".second") as writer:
+        for step in range(7, 13):
+            writer.add_scalar("train/loss", 2.0 / step, step)
+    assert scalar_steps(folder)["train/loss"] == [*range(1, 11), *range(7, 13)]
+
+
+def test_a_new_run_writes_no_purge(tmp_path):
+    with events.open_writer(str(tmp_path), resume_step=None) as writer:
+        writer.add_scalar("train/loss", 1.0, 1)
+    assert scalar_steps(str(tmp_path)) == {"train/loss": [1]}
