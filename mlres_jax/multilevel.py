@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +77,7 @@ def _check_stage(num_blocks: int, rule: str) -> None:
         raise ValueError(
             f"the {rule!r} growth rule needs at least 2 blocks per stage, got a "
             f"stage of {num_blocks}: the block inserted after the first "
-            "(downsampling) block is made from the second block, since the first "
+            "(downsampling) block is made from the second, since the first "
             "block's shapes differ from the rest (paper App. B)")
 
 
@@ -99,11 +99,17 @@ def paper_prolongation_sources(num_blocks: int) -> list[int]:
     return _paper_sources(num_blocks)
 
 
-def _paper_sources(num_blocks: int) -> list[int]:
-    return [source for i in range(num_blocks) for source in (i, i if i > 0 else 1)]
+def _paper_sources(num_blocks: int, first_is_transition: bool = True) -> list[int]:
+    return [source for i in range(num_blocks) for source in (i, _after(i, first_is_transition))]
 
 
-def paper_rule(num_blocks: int) -> list[NewBlock]:
+def _after(index: int, first_is_transition: bool) -> int:
+    """The old block a copy inserted after block ``index`` is made from (App. B)."""
+    return 1 if index == 0 and first_is_transition else index
+
+
+def paper_rule(num_blocks: int, *, first_is_transition: bool = True,
+               step_size_halved: bool = True) -> list[NewBlock]:
     """The paper's interpolation (Chang et al. 2018, Sec. 4.1, Fig. 5, App. B).
 
     A copy is inserted after every block; after the first (downsampling)
@@ -111,78 +117,105 @@ def paper_rule(num_blocks: int) -> list[NewBlock]:
     ``[b1, b2, b3] -> [b1, b2, b2, b2, b3, b3]`` the downsampling block b1
     contributes half of what it did, b2 one and a half times, b3 the same
     (to first order). Preserves the multiset of trained blocks.
+
+    Args:
+      num_blocks: blocks of the stage.
+      first_is_transition: whether the stage's first block differs from the
+        rest (App. B); without one, ``[b1, b2, b3] -> [b1, b1, b2, b2, b3,
+        b3]``, staged training's interleaved copy (Shen et al., 2022).
+      step_size_halved: whether the grown network's h is half the old one;
+        copies are copies either way (without h to halve, every block
+        contributes a full step: b1 once, b2 three times, b3 twice).
     """
+    del step_size_halved  # a copy is a copy
     return [_copy(source, inserted=bool(position % 2))
-            for position, source in enumerate(_paper_sources(num_blocks))]
+            for position, source in enumerate(_paper_sources(num_blocks, first_is_transition))]
 
 
-def identity_rule(num_blocks: int) -> list[NewBlock]:
-    """Zero-residual inserted blocks, old residuals doubled: exactly function-preserving.
+def identity_rule(num_blocks: int, *, first_is_transition: bool = True,
+                  step_size_halved: bool = True) -> list[NewBlock]:
+    """Zero-residual inserted blocks, old residuals kept: exactly function-preserving.
 
-    Every old block keeps its place with its residual module's output doubled
-    (so h/2 * 2G = hG); every inserted block is made like the paper's
-    (a copy of the block before it, of the second after the first) but with
-    a zero residual output, so it is the identity. In eval mode the network
-    computes exactly what it did (to float rounding). Source: Net2Net's
-    identity layers (Chen, Goodfellow, Shlens, ICLR 2016) and LLaMA-Pro's
-    zero-initialised inserted blocks (Wu et al., 2024).
+    Every old block keeps its place and its contribution h G: with h halved
+    its residual module's output is doubled (h/2 * 2G = hG), with h kept
+    (``step_size_halved=False``, a network without an explicit h) it is
+    left as it is; every inserted block is made like the paper's (a copy of
+    the block before it, of the second after a transition first block) but
+    with a zero residual output, so it is the identity. In eval mode the
+    network computes exactly what it did (to float rounding). Source:
+    Net2Net's identity layers (Chen, Goodfellow, Shlens, ICLR 2016) and
+    LLaMA-Pro's zero-initialised inserted blocks (Wu et al., 2024).
     """
-    return [NewBlock(block.sources, 0.0 if block.inserted else 2.0, block.inserted)
-            for block in paper_rule(num_blocks)]
+    kept = 2.0 if step_size_halved else 1.0
+    return [NewBlock(block.sources, 0.0 if block.inserted else kept, block.inserted)
+            for block in paper_rule(num_blocks, first_is_transition=first_is_transition)]
 
 
-def transition_keeping_rule(num_blocks: int) -> list[NewBlock]:
+def transition_keeping_rule(num_blocks: int, *, first_is_transition: bool = True,
+                            step_size_halved: bool = True) -> list[NewBlock]:
     """The paper's copies, each old block's total contribution kept (to first order).
 
     Old block i appears c_i times in the grown stage (the paper's pattern:
     c = 1 for the downsampling block, 3 for the second, 2 for the rest), each
     with h/2; scaling every copy's residual output by 2 / c_i keeps
     c_i * (h/2) * (2/c_i) G_i = h G_i, the downsampling block's included.
+    With h kept (``step_size_halved=False``) the factor is 1 / c_i; a stage
+    without a transition block has c_i = 2 for every block.
     Source: this project, as the first-order correction of the paper's rule.
     """
-    blocks = paper_rule(num_blocks)
+    blocks = paper_rule(num_blocks, first_is_transition=first_is_transition)
     counts = np.bincount([b.sources[0][0] for b in blocks], minlength=num_blocks)
-    return [NewBlock(b.sources, 2.0 / int(counts[b.sources[0][0]]), b.inserted)
+    kept = 2.0 if step_size_halved else 1.0
+    return [NewBlock(b.sources, kept / int(counts[b.sources[0][0]]), b.inserted)
             for b in blocks]
 
 
-def linear_rule(num_blocks: int) -> list[NewBlock]:
+def linear_rule(num_blocks: int, *, first_is_transition: bool = True,
+                step_size_halved: bool = True) -> list[NewBlock]:
     """Linear prolongation: an inserted block is the average of its two neighbours.
 
     ``[b1, b2, b3] -> [b1, b2, b2, (b2+b3)/2, b3, b3]``: the block between
     b_i and b_(i+1) is their average; the last one copies the last block,
     and the one after the first (downsampling) block copies the second, whose
-    shapes it needs. With the parameters read as a function of time t = j*h,
-    this samples their linear interpolant at twice the rate, as multigrid
-    methods prolong layer-parallel ResNets (Günther et al., "Layer-parallel
-    training of deep residual neural networks", SIMODS 2020; torchbraid).
-    Preserves, to first order, the contribution of every interior block.
+    shapes it needs (without a transition block it is (b1+b2)/2). With the
+    parameters read as a function of time t = j*h, this samples their linear
+    interpolant at twice the rate, as multigrid methods prolong layer-parallel
+    ResNets (Günther et al., "Layer-parallel training of deep residual neural
+    networks", SIMODS 2020; torchbraid). Preserves, to first order, the
+    contribution of every interior block (with h halved; without an h to
+    halve, the same copies and averages each take a full step).
     """
+    del step_size_halved  # copies and averages either way
     new = []
     for i in range(num_blocks):
         new.append(_copy(i))
-        if i == 0 or i == num_blocks - 1:
-            new.append(_copy(max(i, 1), inserted=True))
+        if i == num_blocks - 1 or (i == 0 and first_is_transition):
+            new.append(_copy(_after(i, first_is_transition), inserted=True))
         else:
             new.append(NewBlock(((i, 0.5), (i + 1, 0.5)), 1.0, True))
     return new
 
 
-def appended_rule(num_blocks: int) -> list[NewBlock]:
+def appended_rule(num_blocks: int, *, first_is_transition: bool = True,
+                  step_size_halved: bool = True) -> list[NewBlock]:
     """Progressive stacking: the stage's copies go after its old blocks.
 
     ``[b1, b2, b3] -> [b1, b2, b3, b2, b2, b3]``: the stage followed by a copy
     of itself, the first (downsampling) block's copy replaced by the
-    second's. The same blocks as the paper's rule, in another order.
+    second's (without a transition block: ``[b1, b2, b3, b1, b2, b3]``).
+    The same blocks as the paper's rule, in another order.
     Source: progressive stacking of BERT (Gong et al., ICML 2019).
     """
+    del step_size_halved  # a copy is a copy
     return ([_copy(i) for i in range(num_blocks)]
-            + [_copy(max(i, 1), inserted=True) for i in range(num_blocks)])
+            + [_copy(_after(i, first_is_transition), inserted=True) for i in range(num_blocks)])
 
 
 # Growth rules by name. Add a rule here to make it available everywhere
-# (config.interpolation_rule, mlres_jax.grow --rule, benchmarks.growth).
-GROWTH_RULES: dict[str, Callable[[int], list[NewBlock]]] = {
+# (config.interpolation_rule, mlres_jax.grow --rule, benchmarks.growth). A rule
+# is called as ``rule(num_blocks, first_is_transition=..., step_size_halved=...)``
+# with the layout's `first_block_is_transition` and `explicit_step_size`.
+GROWTH_RULES: dict[str, Callable[..., list[NewBlock]]] = {
     "paper": paper_rule,
     "identity": identity_rule,
     "transition_keeping": transition_keeping_rule,
@@ -211,9 +244,24 @@ def _rule(name: str) -> Callable[[int], list[NewBlock]]:
 
 
 class Layout(Protocol):
-    """Finds the blocks of a network tree and puts new ones in their place."""
+    """Finds the blocks of a network tree and puts new ones in their place.
+
+    Attributes:
+      residual_output: the leaves, by path inside a block (keys joined by
+        "/"), that the block's residual output G is linear in; the rules'
+        factors scale these.
+      first_block_is_transition: whether the first block of every stage has
+        other shapes than the rest (a downsampling block, paper App. B); the
+        rules then make the block inserted after it from the second.
+      explicit_step_size: whether the network multiplies every residual
+        output by a step size h that is halved at each growth (paper
+        Sec. 4.1); False for a network without one, whose grown blocks each
+        keep a full step (the rules' factors are chosen for that).
+    """
 
     residual_output: tuple[str, ...]
+    first_block_is_transition: bool
+    explicit_step_size: bool
 
     def is_network(self, node: Any) -> bool:
         """Whether ``node`` is a network tree of this layout (cheap: names only)."""
@@ -261,6 +309,10 @@ def _stage_keys(node: Mapping) -> list[str]:
 class StageLayout:
     """This project's naming: ``stageN/blockM``, each stage a mapping of its blocks.
 
+    The first block of every stage downsamples (a transition, App. B), and
+    `models.ResNet` multiplies every residual output by its explicit step
+    size h, which `deepen` halves.
+
     Attributes:
       residual_output: the leaves, by path inside a block, that the residual
         module's output G is linear in (``conv2/kernel``: G ends in conv2,
@@ -268,6 +320,8 @@ class StageLayout:
     """
 
     residual_output: tuple[str, ...] = ("conv2/kernel",)
+    first_block_is_transition: ClassVar[bool] = True
+    explicit_step_size: ClassVar[bool] = True
 
     def is_network(self, node) -> bool:
         return isinstance(node, Mapping) and any(is_stage_key(k) for k in node)
@@ -356,11 +410,17 @@ class KeyLayout:
         coarsened) tree of ``stage_sizes``.
       residual_output: the leaves, by path inside a block, that the residual
         module's output is linear in.
+      first_block_is_transition: whether the first block of every stage has
+        other shapes than the rest (App. B).
+      explicit_step_size: whether the network has a step size h that the
+        caller halves at each growth; flax's examples have none.
     """
 
     locate: Callable[[str], tuple[int, int] | None]
     name: Callable[[int, int, Sequence[int]], str]
     residual_output: tuple[str, ...]
+    first_block_is_transition: bool = True
+    explicit_step_size: bool = False
 
     def is_network(self, node) -> bool:
         return isinstance(node, Mapping) and any(
@@ -386,19 +446,23 @@ class KeyLayout:
 
 def flax_examples_layout(stage_sizes: Sequence[int], prefix: str = "ResNetBlock_",
                          residual_output: tuple[str, ...] = ("BatchNorm_1/scale",
-                                                             "BatchNorm_1/bias")
-                         ) -> KeyLayout:
+                                                             "BatchNorm_1/bias"),
+                         explicit_step_size: bool = False) -> KeyLayout:
     """The layout of flax's example ResNets: blocks ``ResNetBlock_0..`` numbered through all stages.
 
     Their block is ``conv -> norm -> act -> conv -> norm`` plus the input
     (a projection where the shape changes), so the residual output is linear
-    in the last norm's scale and bias (``BatchNorm_1``).
+    in the last norm's scale and bias (``BatchNorm_1``). They have no step
+    size h: the grown network keeps every block's full step, and the
+    identity rule leaves the old blocks' residual outputs as they are.
 
     Args:
       stage_sizes: blocks per stage of the tree to grow (or coarsen), e.g.
         ``(2, 2, 2, 2)`` for ResNet-18, or `stage_sizes_from_widths`.
       prefix: the blocks' name before their number.
       residual_output: leaves the residual output is linear in.
+      explicit_step_size: True for a variant that multiplies every residual
+        output by a step size h, which the caller halves at each growth.
     """
     starts = np.cumsum([0, *stage_sizes])
 
@@ -415,7 +479,7 @@ def flax_examples_layout(stage_sizes: Sequence[int], prefix: str = "ResNetBlock_
     def name(stage, block, sizes):
         return f"{prefix}{sum(sizes[:stage]) + block}"
 
-    return KeyLayout(locate, name, residual_output)
+    return KeyLayout(locate, name, tuple(residual_output), explicit_step_size=explicit_step_size)
 
 
 def stage_sizes_from_widths(params: Mapping, prefix: str = "ResNetBlock_") -> tuple[int, ...]:
@@ -500,6 +564,12 @@ def _make_block(old_blocks, new_block: NewBlock, used: set, layout: Layout, zero
     return block
 
 
+def _new_blocks(make: Callable[..., list[NewBlock]], num_blocks: int,
+                layout: Layout) -> list[NewBlock]:
+    return make(num_blocks, first_is_transition=layout.first_block_is_transition,
+                step_size_halved=layout.explicit_step_size)
+
+
 def interpolate(tree, rule: str = "paper", layout: Layout = STAGES, *,
                 zero_inserted: bool = False):
     """Interpolates (prolongs) a network to twice the blocks in every stage.
@@ -512,7 +582,10 @@ def interpolate(tree, rule: str = "paper", layout: Layout = STAGES, *,
     block are made alike; residual scales apply to ``layout.residual_output``
     leaves only (parameters and the momentum that mirrors them).
 
-    The caller halves the step size h (see `deepen`).
+    Where the layout has an explicit step size (``layout.explicit_step_size``,
+    as `STAGES`), the caller halves h (see `deepen`); where it has none, the
+    grown blocks keep a full step and the rules' factors are chosen for that
+    (e.g. identity leaves old blocks as they are).
 
     Args:
       tree: any pytree containing network trees: model variables
@@ -538,7 +611,7 @@ def interpolate(tree, rule: str = "paper", layout: Layout = STAGES, *,
         stages, others = layout.read(node)
         grown = []
         for index, blocks in enumerate(stages):
-            new_blocks = make(len(blocks))
+            new_blocks = _new_blocks(make, len(blocks), layout)
             if any(i >= len(blocks) for b in new_blocks for i, _ in b.sources):
                 try:
                     _check_stage(len(blocks), rule)
@@ -582,7 +655,7 @@ def coarsen(tree, rule: str = "paper", layout: Layout = STAGES):
                     "every growth rule doubles a stage, so only an even number can be "
                     "halved")
             old = {}
-            for position, block in enumerate(make(len(blocks) // 2)):
+            for position, block in enumerate(_new_blocks(make, len(blocks) // 2, layout)):
                 if block.inserted:
                     continue
                 (source, weight), *rest = block.sources

@@ -107,7 +107,7 @@ def test_coarsening_says_why_it_cannot():
                                          r"only an even number"):
         multilevel.coarsen(variables)
 
-    def averaging_rule(num_blocks):  # old blocks replaced by averages: not invertible
+    def averaging_rule(num_blocks, **_):  # old blocks replaced by averages: not invertible
         return [multilevel.NewBlock(((i, 0.5), (max(i, 1), 0.5)), 1.0, inserted=bool(p))
                 for i in range(num_blocks) for p in (0, 1)]
 
@@ -203,3 +203,25 @@ def test_growing_a_flax_examples_resnet_matches_this_projects_pattern():
     big.apply(grown, jnp.zeros((2, *IMAGE_SHAPE)), train=False)
     chex.assert_trees_all_equal(
         multilevel.coarsen(grown, "paper", multilevel.flax_examples_layout((4, 6))), labelled)
+
+
+def test_identity_rule_keeps_a_flax_examples_resnets_outputs():
+    # flax's example ResNets have no step size h to halve: the identity rule must
+    # leave the old blocks' residual outputs as they are (doubling them, right for
+    # this project's ResNet with h halved, changes this network's outputs).
+    small, big = flax_example_resnet.ResNet(stage_sizes=(2, 2)), flax_example_resnet.ResNet(
+        stage_sizes=(4, 4))
+    variables = small.init(jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE)), train=False)
+    leaves, treedef = jax.tree_util.tree_flatten(variables)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    variables = jax.tree_util.tree_unflatten(treedef, [  # nonzero last-norm scales
+        x + 0.1 * jnp.abs(jax.random.normal(k, x.shape)) for x, k in zip(leaves, keys)])
+    images = jnp.asarray(random_images(4), jnp.float32) / 255.0
+    before = small.apply(variables, images, train=False)
+    for rule in ("identity", "paper"):
+        grown = multilevel.interpolate(variables, rule, multilevel.flax_examples_layout((2, 2)))
+        after = big.apply(grown, images, train=False)
+        if rule == "identity":  # inserted blocks add exact zeros; old blocks are unchanged
+            np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
+        else:  # the paper's copies do change the outputs: the check above can fail
+            assert float(jnp.abs(after - before).max()) > 1e-3
