@@ -247,6 +247,9 @@ class Layout(Protocol):
     """Finds the blocks of a network tree and puts new ones in their place.
 
     Attributes:
+      label: how error messages name the layout (e.g. ``"multilevel.STAGES"``).
+      looks_for: what the layout looks for in a tree, for the error that
+        says it found nothing.
       residual_output: the leaves, by path inside a block (keys joined by
         "/"), that the block's residual output G is linear in; the rules'
         factors scale these.
@@ -259,6 +262,8 @@ class Layout(Protocol):
         keep a full step (the rules' factors are chosen for that).
     """
 
+    label: str
+    looks_for: str
     residual_output: tuple[str, ...]
     first_block_is_transition: bool
     explicit_step_size: bool
@@ -266,11 +271,14 @@ class Layout(Protocol):
     def is_network(self, node: Any) -> bool:
         """Whether ``node`` is a network tree of this layout (cheap: names only)."""
 
-    def read(self, node: Any) -> tuple[list[list[Any]], dict]:
-        """``(stages of block subtrees, the node's other entries)`` of a network tree."""
+    def read(self, node: Any) -> tuple[list[list[Any]], Any]:
+        """``(stages of block subtrees, what write needs besides)`` of a network tree."""
 
-    def write(self, stages: list[list[Any]], others: dict) -> dict:
+    def write(self, stages: list[list[Any]], others: Any) -> dict:
         """The network tree with ``stages`` (lists of block subtrees) in it."""
+
+    def stage_names(self, node: Any) -> list[str]:
+        """The names of ``read``'s stages in ``node``, in its order, for messages."""
 
 
 def ordered_blocks(stage_name: str, stage: Mapping) -> list:
@@ -317,14 +325,21 @@ class StageLayout:
       residual_output: the leaves, by path inside a block, that the residual
         module's output G is linear in (``conv2/kernel``: G ends in conv2,
         which has no bias).
+      label: how error messages name the layout.
     """
 
     residual_output: tuple[str, ...] = ("conv2/kernel",)
+    label: str = dataclasses.field(default="multilevel.STAGES", compare=False)
+    looks_for: ClassVar[str] = ("keys 'stage1', 'stage2', ... holding blocks 'block1', "
+                                "'block2', ... (models.ResNet)")
     first_block_is_transition: ClassVar[bool] = True
     explicit_step_size: ClassVar[bool] = True
 
     def is_network(self, node) -> bool:
         return isinstance(node, Mapping) and any(is_stage_key(k) for k in node)
+
+    def stage_names(self, node):
+        return _stage_keys(node)
 
     def read(self, node):
         keys = _stage_keys(node)
@@ -349,6 +364,11 @@ class ScannedStageLayout(StageLayout):
     them into a list of ordinary blocks and `write` stacks them back, so
     every rule and `coarsen` work on this layout as on `STAGES`.
     """
+
+    label: str = dataclasses.field(default="multilevel.SCANNED", compare=False)
+    looks_for: ClassVar[str] = (f"keys 'stage1', 'stage2', ... holding 'block1' and "
+                                f"'{models.SCANNED_BLOCKS}/{models.SCANNED_MODULE}' "
+                                "(models.ResNet(scan_blocks=True))")
 
     def read(self, node):
         stages = []
@@ -414,6 +434,8 @@ class KeyLayout:
         other shapes than the rest (App. B).
       explicit_step_size: whether the network has a step size h that the
         caller halves at each growth; flax's examples have none.
+      label: how error messages name the layout.
+      looks_for: what ``locate`` recognises, for error messages.
     """
 
     locate: Callable[[str], tuple[int, int] | None]
@@ -421,6 +443,9 @@ class KeyLayout:
     residual_output: tuple[str, ...]
     first_block_is_transition: bool = True
     explicit_step_size: bool = False
+    label: str = dataclasses.field(default="KeyLayout", compare=False)
+    looks_for: str = dataclasses.field(default="keys that its locate function places in a stage",
+                                       compare=False)
 
     def is_network(self, node) -> bool:
         return isinstance(node, Mapping) and any(
@@ -442,6 +467,9 @@ class KeyLayout:
         sizes = [len(blocks) for blocks in stages]
         return {**others, **{self.name(s, b, sizes): block for s, blocks in enumerate(stages)
                              for b, block in enumerate(blocks)}}
+
+    def stage_names(self, node):
+        return [models.stage_name(s) for s in range(len(self.read(node)[0]))]
 
 
 def flax_examples_layout(stage_sizes: Sequence[int], prefix: str = "ResNetBlock_",
@@ -479,7 +507,11 @@ def flax_examples_layout(stage_sizes: Sequence[int], prefix: str = "ResNetBlock_
     def name(stage, block, sizes):
         return f"{prefix}{sum(sizes[:stage]) + block}"
 
-    return KeyLayout(locate, name, tuple(residual_output), explicit_step_size=explicit_step_size)
+    last = f"{prefix}{int(starts[-1]) - 1}"
+    return KeyLayout(locate, name, tuple(residual_output),
+                     explicit_step_size=explicit_step_size,
+                     label=f"flax_examples_layout({tuple(stage_sizes)})",
+                     looks_for=f"keys {prefix}0 .. {last} (stage sizes {tuple(stage_sizes)})")
 
 
 def stage_sizes_from_widths(params: Mapping, prefix: str = "ResNetBlock_") -> tuple[int, ...]:
@@ -514,6 +546,11 @@ def stage_sizes_from_widths(params: Mapping, prefix: str = "ResNetBlock_") -> tu
     return tuple(sizes)
 
 
+def _natural_order(path: str) -> list:
+    """Sort key that puts ``layer10`` after ``layer9``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+
+
 def map_network_trees(fn: Callable[[Mapping], Any], tree, layout: Layout = STAGES):
     """Applies ``fn`` to every network tree of ``layout`` in ``tree``.
 
@@ -530,13 +567,26 @@ def map_network_trees(fn: Callable[[Mapping], Any], tree, layout: Layout = STAGE
 # Growing and shrinking.
 
 
+def _leaf_name(path) -> str:
+    """A leaf's path inside a block, keys joined by "/" (``conv2/kernel``).
+
+    Attribute keys (of objects that keep their array in an attribute) are
+    left out.
+    """
+    return "/".join(str(getattr(key, "key", getattr(key, "idx", ""))) for key in path
+                    if not isinstance(key, jax.tree_util.GetAttrKey))
+
+
+def _is_residual_output(name: str, residual_output: tuple[str, ...]) -> bool:
+    return any(name == p or name.endswith("/" + p) for p in residual_output)
+
+
 def _scale_residual(block, scale: float, residual_output: tuple[str, ...]):
     if scale == 1.0:
         return block
 
     def scaled(path, leaf):
-        name = jax.tree_util.keystr(path, simple=True, separator="/")
-        matches = any(name == p or name.endswith("/" + p) for p in residual_output)
+        matches = _is_residual_output(_leaf_name(path), residual_output)
         return (leaf * scale).astype(leaf.dtype) if matches else leaf
 
     return jax.tree_util.tree_map_with_path(scaled, block)
@@ -570,6 +620,105 @@ def _new_blocks(make: Callable[..., list[NewBlock]], num_blocks: int,
                 step_size_halved=layout.explicit_step_size)
 
 
+def _shapes(block) -> dict[str, tuple]:
+    return {_leaf_name(path): tuple(np.shape(leaf))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(block)[0]}
+
+
+def _first_few(names) -> str:
+    names = sorted(names)
+    return str(names[:4])[:-1] + (", ...]" if len(names) > 4 else "]")
+
+
+def _check_blocks(layout: Layout, stage: str, blocks: list) -> None:
+    """Refuses a stage whose blocks do not have the shapes the layout expects.
+
+    Every block but a transition one (the first, where the layout has one)
+    must have the entries and shapes of the others, and where a block has
+    leaves of the kinds the layout names as its residual output (e.g.
+    ``kernel``), one of them must be that output.
+
+    Raises:
+      ValueError: naming the stage, the block and what differs.
+    """
+    start = 1 if layout.first_block_is_transition else 0
+    expected = ("every block after the first (the stage's transition block, paper App. B) "
+                "to have the same entries and shapes" if start else
+                "every block to have the same entries and shapes (no block is a transition)")
+    reference = _shapes(blocks[start]) if len(blocks) > start else {}
+    for index in range(start + 1, len(blocks)):
+        shapes = _shapes(blocks[index])
+        if shapes == reference:
+            continue
+        if set(shapes) != set(reference):
+            detail = (f"has entries {_first_few(set(shapes) - set(reference))} that block "
+                      f"{start} has not" if set(shapes) - set(reference) else
+                      f"lacks entries {_first_few(set(reference) - set(shapes))} of block {start}")
+        else:
+            name = next(n for n in sorted(shapes) if shapes[n] != reference[n])
+            detail = f"has {name!r} of shape {shapes[name]}, block {start} {reference[name]}"
+        raise ValueError(f"stage {stage!r} does not match the layout: its block "
+                         f"{index} (0-based) {detail}; the layout expects {expected}")
+    kinds = {p.rsplit("/", 1)[-1] for p in layout.residual_output}
+    for index, block in enumerate(blocks):
+        names = _shapes(block)
+        alike = [n for n in names if n.rsplit("/", 1)[-1] in kinds]
+        if alike and not any(_is_residual_output(n, layout.residual_output) for n in names):
+            raise ValueError(
+                f"block {index} (0-based) of stage {stage!r} has no leaf "
+                f"{list(layout.residual_output)}, which the layout names as the residual "
+                f"output, though it has {_first_few(alike)}; pass residual_output= the leaves "
+                "the block's residual output is linear in")
+
+
+def _top_level_keys(tree) -> str:
+    """The keys at the top of ``tree`` (and one level below), for error messages."""
+    def keys(node):
+        names = sorted((repr(k) for k in node), key=_natural_order)
+        return "[" + ", ".join(names[:12]) + (", ..." if len(names) > 12 else "") + "]"
+
+    if isinstance(tree, Mapping):
+        below = "; ".join(f"under {k!r}: {keys(v)}" for k, v in tree.items()
+                          if isinstance(v, Mapping))
+        return keys(tree) + (f" ({below})" if below else "")
+    if isinstance(tree, (tuple, list)):
+        return (f"none: it is a {type(tree).__name__} of "
+                f"{[type(entry).__name__ for entry in tree]}")
+    return f"none: it is a {type(tree).__name__}"
+
+
+def _finds_network(tree, layout: Layout) -> bool:
+    return any(layout.is_network(node)
+               for node in jax.tree_util.tree_leaves(tree, is_leaf=layout.is_network))
+
+
+def _rewrite_stages(tree, layout: Layout, rewrite: Callable[[str, list], list], action: str):
+    """``tree`` with every stage's blocks replaced by ``rewrite(stage_name, blocks)``.
+
+    Raises:
+      ValueError: if the layout finds no stage in ``tree``, cannot read a
+        network tree, or a stage does not match it (`_check_blocks`).
+    """
+    if not _finds_network(tree, layout):
+        raise ValueError(
+            f"cannot {action}: {layout.label} finds no stage of blocks in the tree; it looks "
+            f"for {layout.looks_for}; the tree's top-level keys are {_top_level_keys(tree)}")
+
+    def rewrite_network(node):
+        plain = node
+        try:
+            stages, others = layout.read(plain)
+            names = layout.stage_names(plain)
+            for name, blocks in zip(names, stages):
+                _check_blocks(layout, name, blocks)
+        except ValueError as error:
+            raise ValueError(f"cannot {action} under {layout.label}: {error}") from None
+        return layout.write([rewrite(name, blocks) for name, blocks in zip(names, stages)],
+                            others)
+
+    return map_network_trees(rewrite_network, tree, layout)
+
+
 def interpolate(tree, rule: str = "paper", layout: Layout = STAGES, *,
                 zero_inserted: bool = False):
     """Interpolates (prolongs) a network to twice the blocks in every stage.
@@ -590,39 +739,39 @@ def interpolate(tree, rule: str = "paper", layout: Layout = STAGES, *,
     Args:
       tree: any pytree containing network trees: model variables
         ``{"params": ..., "batch_stats": ...}``, a ``params`` tree, or an
-        optimizer state whose momentum mirrors ``params``. Leaves outside
-        network trees (e.g. an optimizer step count) pass unchanged.
+        optimizer state whose momentum mirrors the parameters. Leaves outside network trees (e.g.
+        an optimizer step count) pass unchanged.
       rule: a key of `GROWTH_RULES`.
-      layout: where the blocks are (`STAGES`, or a `KeyLayout`).
+      layout: where the blocks are (`STAGES`, `SCANNED`, a `KeyLayout`).
       zero_inserted: make the inserted blocks zero (the momentum policy
         ``"zero_inserted"``).
 
     Returns:
       A new pytree with the tree structure and shapes of the same variables
-      of a fresh model with doubled stage sizes. The input is not modified.
+      of a fresh model with doubled stage sizes.
+      The input is not modified.
 
     Raises:
-      ValueError: for an unknown rule, a stage of one block, or blocks that
-        the layout cannot read.
+      ValueError: for an unknown rule; a tree in which the layout finds no
+        stage (the message names the layout, what it looks for and the
+        tree's top-level keys); a stage whose blocks do not match the layout
+        (other entries or shapes, no residual-output leaf); a stage of one
+        block where the first block is a transition; blocks that the layout
+        cannot read.
     """
     make = _rule(rule)
 
-    def grow(node):
-        stages, others = layout.read(node)
-        grown = []
-        for index, blocks in enumerate(stages):
-            new_blocks = _new_blocks(make, len(blocks), layout)
-            if any(i >= len(blocks) for b in new_blocks for i, _ in b.sources):
-                try:
-                    _check_stage(len(blocks), rule)
-                except ValueError as error:
-                    raise ValueError(f"cannot interpolate stage{index + 1}: {error}") from None
-            used = set()
-            grown.append([_make_block(blocks, b, used, layout, zero_inserted)
-                          for b in new_blocks])
-        return layout.write(grown, others)
+    def grow(stage, blocks):
+        new_blocks = _new_blocks(make, len(blocks), layout)
+        if any(i >= len(blocks) for b in new_blocks for i, _ in b.sources):
+            try:
+                _check_stage(len(blocks), rule)
+            except ValueError as error:
+                raise ValueError(f"cannot interpolate {stage} ({layout.label}): {error}") from None
+        used = set()
+        return [_make_block(blocks, b, used, layout, zero_inserted) for b in new_blocks]
 
-    return map_network_trees(grow, tree, layout)
+    return _rewrite_stages(tree, layout, grow, "interpolate")
 
 
 def coarsen(tree, rule: str = "paper", layout: Layout = STAGES):
@@ -636,40 +785,38 @@ def coarsen(tree, rule: str = "paper", layout: Layout = STAGES):
     2). On a network that was not grown this way it is the multigrid
     restriction. Kept leaves are the input's arrays.
 
-    The caller doubles the step size h (see `restrict`).
+    Where the layout has an explicit step size, the caller doubles h (see
+    `restrict`).
 
     Raises:
       ValueError: for a stage with an odd number of blocks (no rule makes
-        one), or a rule that does not keep an old block as a scaled copy of
-        itself (its old block cannot be recovered; none of `GROWTH_RULES`).
+        one), a rule that does not keep an old block as a scaled copy of
+        itself (its old block cannot be recovered; none of `GROWTH_RULES`),
+        or as `interpolate` for a tree in which the layout finds no stage or
+        a stage that does not match it.
     """
     make = _rule(rule)
 
-    def shrink(node):
-        stages, others = layout.read(node)
-        kept = []
-        for index, blocks in enumerate(stages):
-            if len(blocks) % 2:
+    def shrink(stage, blocks):
+        if len(blocks) % 2:
+            raise ValueError(
+                f"cannot coarsen {stage}: it has {len(blocks)} blocks, and every growth "
+                f"rule doubles a stage, so only an even number can be halved ({layout.label})")
+        old = {}
+        for position, block in enumerate(_new_blocks(make, len(blocks) // 2, layout)):
+            if block.inserted:
+                continue
+            (source, weight), *rest = block.sources
+            if rest or weight != 1.0 or block.residual_scale == 0.0:
                 raise ValueError(
-                    f"cannot coarsen stage{index + 1}: it has {len(blocks)} blocks, and "
-                    "every growth rule doubles a stage, so only an even number can be "
-                    "halved")
-            old = {}
-            for position, block in enumerate(_new_blocks(make, len(blocks) // 2, layout)):
-                if block.inserted:
-                    continue
-                (source, weight), *rest = block.sources
-                if rest or weight != 1.0 or block.residual_scale == 0.0:
-                    raise ValueError(
-                        f"cannot coarsen under the {rule!r} rule: it does not keep old "
-                        f"block {source + 1} as a scaled copy of itself, so that block "
-                        "cannot be recovered")
-                old[source] = _scale_residual(blocks[position], 1.0 / block.residual_scale,
-                                              layout.residual_output)
-            kept.append([old[i] for i in range(len(blocks) // 2)])
-        return layout.write(kept, others)
+                    f"cannot coarsen under the {rule!r} rule: it does not keep old "
+                    f"block {source + 1} as a scaled copy of itself, so that block "
+                    "cannot be recovered")
+            old[source] = _scale_residual(blocks[position], 1.0 / block.residual_scale,
+                                          layout.residual_output)
+        return [old[i] for i in range(len(blocks) // 2)]
 
-    return map_network_trees(shrink, tree, layout)
+    return _rewrite_stages(tree, layout, shrink, "coarsen")
 
 
 def grow_optimizer_state(opt_state, rule: str, policy: str, layout: Layout = STAGES):
@@ -681,14 +828,19 @@ def grow_optimizer_state(opt_state, rule: str, policy: str, layout: Layout = STA
     scaled as its parameters are); ``"reset"``: zeroed everywhere;
     ``"zero_inserted"``: carried for the old blocks, zero for the inserted.
     Anything outside the network trees (e.g. the step count, so that the
-    global learning-rate schedule goes on) is kept.
+    global learning-rate schedule goes on) is kept. A state without per-parameter arrays (plain SGD: step counts at most) is
+    returned as it is.
 
     Raises:
-      ValueError: for an unknown policy, or as `interpolate`.
+      ValueError: for an unknown policy; a state that holds per-parameter
+        arrays in which the layout finds no stage; or as `interpolate`.
     """
     if policy not in MOMENTUM_POLICIES:
         raise ValueError(f"unknown momentum policy {policy!r}; known: "
                          f"{sorted(MOMENTUM_POLICIES)}")
+    if not _finds_network(opt_state, layout) and all(
+            np.ndim(leaf) == 0 for leaf in jax.tree_util.tree_leaves(opt_state)):
+        return opt_state
     grown = interpolate(opt_state, rule, layout, zero_inserted=policy == "zero_inserted")
     if policy == "reset":
         grown = map_network_trees(lambda t: jax.tree_util.tree_map(jnp.zeros_like, t),
@@ -740,7 +892,8 @@ def restrict(model: models.ResNet, variables, rule: str = "paper"):
 
 
 __all__ = [
-    "GROWTH_RULES", "INTERPOLATION_RULES", "KeyLayout", "MOMENTUM_POLICIES", "NewBlock",
+    "GROWTH_RULES", "INTERPOLATION_RULES", "KeyLayout", "Layout", "MOMENTUM_POLICIES",
+    "NewBlock",
     "SCANNED", "STAGES", "ScannedStageLayout", "StageLayout", "convert_layout", "layout_of", "appended_rule", "coarsen", "coarsened_model", "deepen",
     "flax_examples_layout", "grow_optimizer_state", "identity_rule", "interpolate",
     "interpolated_model", "is_stage_key", "linear_rule", "map_network_trees",
