@@ -31,7 +31,17 @@ naming of `mlres_jax.models`). Model variables ``{"params": ...,
 momentum mirrors ``params`` all contain such trees, so one `interpolate`
 serves for all of them. Other networks say where their blocks are with a
 `KeyLayout`, e.g. `flax_examples_layout` for the flat ``ResNetBlock_0``,
-``ResNetBlock_1``, ... of flax's example ResNets.
+``ResNetBlock_1``, ... of flax's example ResNets, or a `ListLayout` for
+Flax NNX models, whose ``nnx.List`` of blocks is a mapping ``0, 1, ...`` in
+``nnx.state(model)`` (`bonsai_resnet_layout`, `transformer_layout`; an
+``nnx.State`` comes back as one, for ``nnx.update`` into the deeper model).
+A layout also says which leaves of a block its residual output is linear
+in, whether the first block of a stage is a transition (App. B: a
+transformer's stack has none), and whether the network has an explicit h
+(without one, the grown blocks keep a full step: see docs/nnx.md). A tree
+in which the layout finds no stage is refused, as is a stage whose blocks
+do not match it: the rules, their inverses and the momentum policies are
+one implementation for all layouts.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ from typing import Any, Callable, ClassVar, Protocol, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from mlres_jax import models
 
@@ -546,9 +557,156 @@ def stage_sizes_from_widths(params: Mapping, prefix: str = "ResNetBlock_") -> tu
     return tuple(sizes)
 
 
+def _list_position(key) -> int | None:
+    """The position an ``nnx.List`` key stands for: 0, 1, ... (or "0", "1", ... restored)."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key
+    if isinstance(key, str) and key.isdigit():
+        return int(key)
+    return None
+
+
 def _natural_order(path: str) -> list:
     """Sort key that puts ``layer10`` after ``layer9``."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ListLayout:
+    """Blocks in a list per stage, as Flax NNX keeps an ``nnx.List``: ``layer1/blocks/0/...``.
+
+    In ``nnx.state(model)`` (and in an optimizer state that mirrors it) an
+    ``nnx.List`` of blocks is a mapping with integer keys 0, 1, ...; a stage
+    is such a mapping at a path, from the network tree, that ``stages``
+    matches. The network tree is the mapping that holds the stages: the
+    model's state, or the momentum that mirrors it inside an optimizer
+    state. Its other entries (stem, embeddings, final norm, head) are kept.
+    An ``nnx.State`` comes back as an ``nnx.State``, ready for
+    ``nnx.update`` into a freshly built deeper model.
+
+    Attributes:
+      stages: regular expression that the path of each stage's list, from the
+        network tree with keys joined by "/", matches in full: e.g.
+        ``r"layer\\d+/blocks"`` for ``self.layer1.blocks``, ``"blocks"`` for
+        one ``self.blocks``.
+      residual_output: the leaves, by path inside a block, that the block's
+        residual output is linear in (a last norm's scale and bias, or the
+        output projections of a transformer block's attention and MLP).
+      first_block_is_transition: whether the first block of every stage has
+        other shapes than the rest (paper App. B); False: every block has the
+        same entries and shapes, and none is treated as a transition.
+      explicit_step_size: whether the network multiplies every residual
+        output by a step size h that the caller halves when it builds the
+        grown network; False for a network without one.
+      label: how error messages name the layout.
+    """
+
+    stages: str
+    residual_output: tuple[str, ...]
+    first_block_is_transition: bool = True
+    explicit_step_size: bool = False
+    label: str = dataclasses.field(default="ListLayout", compare=False)
+
+    @property
+    def looks_for(self) -> str:
+        return (f"lists of blocks (keys 0, 1, ... as nnx.List keeps them) at paths matching "
+                f"{self.stages!r}")
+
+    def _stage_paths(self, node, prefix=()) -> list[tuple]:
+        """Key paths (through mappings only) from ``node`` to its stages' lists."""
+        paths = []
+        for key, value in node.items():
+            if not isinstance(value, Mapping):
+                continue
+            path = (*prefix, key)
+            if re.fullmatch(self.stages, "/".join(map(str, path))):
+                paths.append(path)
+            else:
+                paths += self._stage_paths(value, path)
+        return paths
+
+    def is_network(self, node) -> bool:
+        return isinstance(node, Mapping) and bool(self._stage_paths(_plain(node)))
+
+    def stage_names(self, node):
+        return ["/".join(map(str, path)) for path in self._sorted_paths(node)]
+
+    def _sorted_paths(self, node):
+        return sorted(self._stage_paths(node), key=lambda p: _natural_order("/".join(map(str, p))))
+
+    def read(self, node):
+        stages, key_types = [], []
+        for path in self._sorted_paths(node):
+            stage = node
+            for key in path:
+                stage = stage[key]
+            positions = [_list_position(key) for key in stage]
+            if None in positions or sorted(positions) != list(range(len(stage))):
+                raise ValueError(
+                    f"{'/'.join(map(str, path))!r} is not a list of blocks: its keys are "
+                    f"{sorted(stage, key=str)}, not 0, 1, ... as an nnx.List's")
+            stages.append([stage[key] for key in sorted(stage, key=_list_position)])
+            key_types.append(type(next(iter(stage))) if stage else int)
+        return stages, (node, self._sorted_paths(node), key_types)
+
+    def write(self, stages, others):
+        node, paths, key_types = others
+        for path, blocks, key_type in zip(paths, stages, key_types):
+            node = _replace_at(node, path, {key_type(i): block for i, block in enumerate(blocks)})
+        return node
+
+
+def _replace_at(node: Mapping, path: tuple, value) -> dict:
+    """A copy of ``node`` with ``value`` at ``path`` (plain dicts along it)."""
+    head, *rest = path
+    return {**node, head: _replace_at(node[head], tuple(rest), value) if rest else value}
+
+
+def bonsai_resnet_layout(residual_output: tuple[str, ...] = ("bn2/scale", "bn2/bias"),
+                         stages: str = r"layer\d+/blocks", *,
+                         explicit_step_size: bool = False) -> ListLayout:
+    """The layout of a ResNet written as jax-ml/bonsai writes one in Flax NNX.
+
+    ``bonsai/models/resnet/modeling.py``: every stage ``self.layer{i}`` keeps
+    its blocks in ``self.blocks = nnx.List()``, so the state has
+    ``layer{i}/blocks/{j}/conv{k}/kernel`` and ``.../bn{k}/{scale,bias,mean,var}``;
+    the first block of a stage downsamples (it holds a ``downsample``
+    module), a transition block as in the paper's App. B. Its bottleneck
+    block ends in ``bn2`` before the sum, so the residual output is linear in
+    ``bn2``'s scale and bias. It has no step size h.
+
+    Args:
+      residual_output: leaves the residual output is linear in (``("bn1/scale",
+        "bn1/bias")`` for a basic block of two convolutions).
+      stages: regular expression for the path of a stage's list of blocks.
+      explicit_step_size: True if the network multiplies every residual
+        output by a step size h that the caller halves at each growth.
+    """
+    return ListLayout(stages, tuple(residual_output), first_block_is_transition=True,
+                      explicit_step_size=explicit_step_size, label="bonsai_resnet_layout()")
+
+
+def transformer_layout(residual_output: tuple[str, ...], blocks: str = "blocks", *,
+                       explicit_step_size: bool = False) -> ListLayout:
+    """The layout of a transformer whose blocks sit in one ``nnx.List`` (one stage).
+
+    Every block has the same entries and shapes: no block is a transition,
+    so the paper's App. B case does not apply (a copy after every block is a
+    copy of that block, and a stack of one block can grow). For a pre-norm
+    block ``x + attention(norm1(x))``, then ``x + mlp(norm2(x))``, the
+    residual output is linear in the output projections of both branches.
+
+    Args:
+      residual_output: leaves, by path inside a block, of the last linear map
+        of every residual branch, e.g. ``("attention/out/kernel",
+        "attention/out/bias", "mlp/output/kernel", "mlp/output/bias")``.
+      blocks: the key of the list of blocks in the model's state (a regular
+        expression for its path, e.g. ``"decoder/layers"``).
+      explicit_step_size: True if the block multiplies both branches by a
+        step size h (a residual scale) that the caller halves at each growth.
+    """
+    return ListLayout(blocks, tuple(residual_output), first_block_is_transition=False,
+                      explicit_step_size=explicit_step_size, label="transformer_layout()")
 
 
 def map_network_trees(fn: Callable[[Mapping], Any], tree, layout: Layout = STAGES):
@@ -567,11 +725,21 @@ def map_network_trees(fn: Callable[[Mapping], Any], tree, layout: Layout = STAGE
 # Growing and shrinking.
 
 
+def _plain(node: Mapping) -> Mapping:
+    """The plain dict inside an ``nnx.State`` (which keeps nested plain dicts), else ``node``."""
+    return node.raw_mapping if isinstance(node, nnx.State) else node
+
+
+def _like(node: Mapping, result: dict) -> Mapping:
+    """``result`` as the mapping type of ``node``: an ``nnx.State`` stays one."""
+    return nnx.State(result) if isinstance(node, nnx.State) else result
+
+
 def _leaf_name(path) -> str:
     """A leaf's path inside a block, keys joined by "/" (``conv2/kernel``).
 
-    Attribute keys (of objects that keep their array in an attribute) are
-    left out.
+    Attribute keys are left out: an ``nnx.Variable`` keeps its array in
+    ``.value``, so ``bn2/scale`` names the array of the ``nnx.Param`` there.
     """
     return "/".join(str(getattr(key, "key", getattr(key, "idx", ""))) for key in path
                     if not isinstance(key, jax.tree_util.GetAttrKey))
@@ -705,7 +873,9 @@ def _rewrite_stages(tree, layout: Layout, rewrite: Callable[[str, list], list], 
             f"for {layout.looks_for}; the tree's top-level keys are {_top_level_keys(tree)}")
 
     def rewrite_network(node):
-        plain = node
+        # Fresh containers: nnx Variables are mutable, the result shares none with the input.
+        node = jax.tree_util.tree_map(lambda leaf: leaf, node)
+        plain = _plain(node)
         try:
             stages, others = layout.read(plain)
             names = layout.stage_names(plain)
@@ -713,8 +883,8 @@ def _rewrite_stages(tree, layout: Layout, rewrite: Callable[[str, list], list], 
                 _check_blocks(layout, name, blocks)
         except ValueError as error:
             raise ValueError(f"cannot {action} under {layout.label}: {error}") from None
-        return layout.write([rewrite(name, blocks) for name, blocks in zip(names, stages)],
-                            others)
+        return _like(node, layout.write(
+            [rewrite(name, blocks) for name, blocks in zip(names, stages)], others))
 
     return map_network_trees(rewrite_network, tree, layout)
 
@@ -734,21 +904,23 @@ def interpolate(tree, rule: str = "paper", layout: Layout = STAGES, *,
     Where the layout has an explicit step size (``layout.explicit_step_size``,
     as `STAGES`), the caller halves h (see `deepen`); where it has none, the
     grown blocks keep a full step and the rules' factors are chosen for that
-    (e.g. identity leaves old blocks as they are).
+    (e.g. identity leaves old blocks as they are; see docs/nnx.md).
 
     Args:
       tree: any pytree containing network trees: model variables
-        ``{"params": ..., "batch_stats": ...}``, a ``params`` tree, or an
-        optimizer state whose momentum mirrors the parameters. Leaves outside network trees (e.g.
+        ``{"params": ..., "batch_stats": ...}``, a ``params`` tree, an
+        ``nnx.State`` (``nnx.state(model)``), or an optimizer state whose
+        momentum mirrors the parameters. Leaves outside network trees (e.g.
         an optimizer step count) pass unchanged.
       rule: a key of `GROWTH_RULES`.
-      layout: where the blocks are (`STAGES`, `SCANNED`, a `KeyLayout`).
+      layout: where the blocks are (`STAGES`, `SCANNED`, a `KeyLayout`, a
+        `ListLayout` for Flax NNX models).
       zero_inserted: make the inserted blocks zero (the momentum policy
         ``"zero_inserted"``).
 
     Returns:
       A new pytree with the tree structure and shapes of the same variables
-      of a fresh model with doubled stage sizes.
+      of a fresh model with doubled stage sizes (an ``nnx.State`` stays one).
       The input is not modified.
 
     Raises:
@@ -828,7 +1000,10 @@ def grow_optimizer_state(opt_state, rule: str, policy: str, layout: Layout = STA
     scaled as its parameters are); ``"reset"``: zeroed everywhere;
     ``"zero_inserted"``: carried for the old blocks, zero for the inserted.
     Anything outside the network trees (e.g. the step count, so that the
-    global learning-rate schedule goes on) is kept. A state without per-parameter arrays (plain SGD: step counts at most) is
+    global learning-rate schedule goes on) is kept. ``opt_state`` is an
+    optax state, or ``nnx.state(optimizer)`` of an ``nnx.Optimizer`` (load
+    the result into the grown network's optimizer with ``nnx.update``). A
+    state without per-parameter arrays (plain SGD: step counts at most) is
     returned as it is.
 
     Raises:
@@ -892,8 +1067,8 @@ def restrict(model: models.ResNet, variables, rule: str = "paper"):
 
 
 __all__ = [
-    "GROWTH_RULES", "INTERPOLATION_RULES", "KeyLayout", "Layout", "MOMENTUM_POLICIES",
-    "NewBlock",
+    "GROWTH_RULES", "INTERPOLATION_RULES", "KeyLayout", "Layout", "ListLayout",
+    "MOMENTUM_POLICIES", "NewBlock", "bonsai_resnet_layout", "transformer_layout",
     "SCANNED", "STAGES", "ScannedStageLayout", "StageLayout", "convert_layout", "layout_of", "appended_rule", "coarsen", "coarsened_model", "deepen",
     "flax_examples_layout", "grow_optimizer_state", "identity_rule", "interpolate",
     "interpolated_model", "is_stage_key", "linear_rule", "map_network_trees",
