@@ -88,7 +88,7 @@ def _check_stage(num_blocks: int, rule: str) -> None:
         raise ValueError(
             f"the {rule!r} growth rule needs at least 2 blocks per stage, got a "
             f"stage of {num_blocks}: the block inserted after the first "
-            "(downsampling) block is made from the second, since the first "
+            "(downsampling) block is made from the second block, since the first "
             "block's shapes differ from the rest (paper App. B)")
 
 
@@ -802,9 +802,10 @@ def _check_blocks(layout: Layout, stage: str, blocks: list) -> None:
     """Refuses a stage whose blocks do not have the shapes the layout expects.
 
     Every block but a transition one (the first, where the layout has one)
-    must have the entries and shapes of the others, and where a block has
-    leaves of the kinds the layout names as its residual output (e.g.
-    ``kernel``), one of them must be that output.
+    must have the entries and shapes of the others, and every leaf the
+    layout names as part of the residual output (``mlp/fc2/kernel``) must be
+    in a block that has leaves of its kind (``kernel``: batch-norm
+    statistics have none, and are not checked).
 
     Raises:
       ValueError: naming the stage, the block and what differs.
@@ -827,16 +828,17 @@ def _check_blocks(layout: Layout, stage: str, blocks: list) -> None:
             detail = f"has {name!r} of shape {shapes[name]}, block {start} {reference[name]}"
         raise ValueError(f"stage {stage!r} does not match the layout: its block "
                          f"{index} (0-based) {detail}; the layout expects {expected}")
-    kinds = {p.rsplit("/", 1)[-1] for p in layout.residual_output}
     for index, block in enumerate(blocks):
-        names = _shapes(block)
-        alike = [n for n in names if n.rsplit("/", 1)[-1] in kinds]
-        if alike and not any(_is_residual_output(n, layout.residual_output) for n in names):
-            raise ValueError(
-                f"block {index} (0-based) of stage {stage!r} has no leaf "
-                f"{list(layout.residual_output)}, which the layout names as the residual "
-                f"output, though it has {_first_few(alike)}; pass residual_output= the leaves "
-                "the block's residual output is linear in")
+        names = list(_shapes(block))
+        for entry in layout.residual_output:
+            kind = entry.rsplit("/", 1)[-1]
+            alike = [n for n in names if n.rsplit("/", 1)[-1] == kind]
+            if alike and not any(_is_residual_output(n, (entry,)) for n in names):
+                raise ValueError(
+                    f"block {index} (0-based) of stage {stage!r} has no leaf {entry!r}, which "
+                    f"the layout names as part of the residual output, though it has "
+                    f"{_first_few(alike)}; pass residual_output= the leaves the block's "
+                    "residual output is linear in")
 
 
 def _top_level_keys(tree) -> str:

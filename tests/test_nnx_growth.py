@@ -432,12 +432,14 @@ def test_a_stage_that_does_not_match_the_layout_is_refused(action):
     with pytest.raises(ValueError, match=rf"cannot {verb} under transformer_layout\(\): 'blocks' "
                                          r"is not a list of blocks: its keys are \[0, 2\]"):
         _grow_or_coarsen(action, state, TRANSFORMER_LAYOUT)
-    # Residual-output leaves the blocks do not have.
-    wrong = multilevel.transformer_layout(("mlp/output/kernel", "mlp/output/bias"))
+    # A residual-output leaf the blocks do not have (a misspelt name: without the
+    # check, identity would leave the MLP branch of its inserted blocks as it was).
+    wrong = multilevel.transformer_layout(("attention/out/kernel", "attention/out/bias",
+                                           "mlp/fc2/kernel", "mlp/output/bias"))
     with pytest.raises(ValueError, match=(
             rf"cannot {verb} under transformer_layout\(\): block 0 \(0-based\) of stage 'blocks' "
-            r"has no leaf \['mlp/output/kernel', 'mlp/output/bias'\], which the layout names as "
-            r"the residual output, though it has \['attention/key/bias'")):
+            r"has no leaf 'mlp/output/bias', which the layout names as part of the residual "
+            r"output, though it has \['attention/key/bias'")):
         _grow_or_coarsen(action, _small("transformer")[1], wrong)
 
 
