@@ -31,7 +31,17 @@ naming of `mlres_jax.models`). Model variables ``{"params": ...,
 momentum mirrors ``params`` all contain such trees, so one `interpolate`
 serves for all of them. Other networks say where their blocks are with a
 `KeyLayout`, e.g. `flax_examples_layout` for the flat ``ResNetBlock_0``,
-``ResNetBlock_1``, ... of flax's example ResNets.
+``ResNetBlock_1``, ... of flax's example ResNets, or a `ListLayout` for
+Flax NNX models, whose ``nnx.List`` of blocks is a mapping ``0, 1, ...`` in
+``nnx.state(model)`` (`bonsai_resnet_layout`, `transformer_layout`; an
+``nnx.State`` comes back as one, for ``nnx.update`` into the deeper model).
+A layout also says which leaves of a block its residual output is linear
+in, whether the first block of a stage is a transition (App. B: a
+transformer's stack has none), and whether the network has an explicit h
+(without one, the grown blocks keep a full step: see docs/nnx.md). A tree
+in which the layout finds no stage is refused, as is a stage whose blocks
+do not match it: the rules, their inverses and the momentum policies are
+one implementation for all layouts.
 """
 
 from __future__ import annotations
@@ -39,11 +49,12 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from mlres_jax import models
 
@@ -99,11 +110,17 @@ def paper_prolongation_sources(num_blocks: int) -> list[int]:
     return _paper_sources(num_blocks)
 
 
-def _paper_sources(num_blocks: int) -> list[int]:
-    return [source for i in range(num_blocks) for source in (i, i if i > 0 else 1)]
+def _paper_sources(num_blocks: int, first_is_transition: bool = True) -> list[int]:
+    return [source for i in range(num_blocks) for source in (i, _after(i, first_is_transition))]
 
 
-def paper_rule(num_blocks: int) -> list[NewBlock]:
+def _after(index: int, first_is_transition: bool) -> int:
+    """The old block a copy inserted after block ``index`` is made from (App. B)."""
+    return 1 if index == 0 and first_is_transition else index
+
+
+def paper_rule(num_blocks: int, *, first_is_transition: bool = True,
+               step_size_halved: bool = True) -> list[NewBlock]:
     """The paper's interpolation (Chang et al. 2018, Sec. 4.1, Fig. 5, App. B).
 
     A copy is inserted after every block; after the first (downsampling)
@@ -111,78 +128,105 @@ def paper_rule(num_blocks: int) -> list[NewBlock]:
     ``[b1, b2, b3] -> [b1, b2, b2, b2, b3, b3]`` the downsampling block b1
     contributes half of what it did, b2 one and a half times, b3 the same
     (to first order). Preserves the multiset of trained blocks.
+
+    Args:
+      num_blocks: blocks of the stage.
+      first_is_transition: whether the stage's first block differs from the
+        rest (App. B); without one, ``[b1, b2, b3] -> [b1, b1, b2, b2, b3,
+        b3]``, staged training's interleaved copy (Shen et al., 2022).
+      step_size_halved: whether the grown network's h is half the old one;
+        copies are copies either way (without h to halve, every block
+        contributes a full step: b1 once, b2 three times, b3 twice).
     """
+    del step_size_halved  # a copy is a copy
     return [_copy(source, inserted=bool(position % 2))
-            for position, source in enumerate(_paper_sources(num_blocks))]
+            for position, source in enumerate(_paper_sources(num_blocks, first_is_transition))]
 
 
-def identity_rule(num_blocks: int) -> list[NewBlock]:
-    """Zero-residual inserted blocks, old residuals doubled: exactly function-preserving.
+def identity_rule(num_blocks: int, *, first_is_transition: bool = True,
+                  step_size_halved: bool = True) -> list[NewBlock]:
+    """Zero-residual inserted blocks, old residuals kept: exactly function-preserving.
 
-    Every old block keeps its place with its residual module's output doubled
-    (so h/2 * 2G = hG); every inserted block is made like the paper's
-    (a copy of the block before it, of the second after the first) but with
-    a zero residual output, so it is the identity. In eval mode the network
-    computes exactly what it did (to float rounding). Source: Net2Net's
-    identity layers (Chen, Goodfellow, Shlens, ICLR 2016) and LLaMA-Pro's
-    zero-initialised inserted blocks (Wu et al., 2024).
+    Every old block keeps its place and its contribution h G: with h halved
+    its residual module's output is doubled (h/2 * 2G = hG), with h kept
+    (``step_size_halved=False``, a network without an explicit h) it is
+    left as it is; every inserted block is made like the paper's (a copy of
+    the block before it, of the second after a transition first block) but
+    with a zero residual output, so it is the identity. In eval mode the
+    network computes exactly what it did (to float rounding). Source:
+    Net2Net's identity layers (Chen, Goodfellow, Shlens, ICLR 2016) and
+    LLaMA-Pro's zero-initialised inserted blocks (Wu et al., 2024).
     """
-    return [NewBlock(block.sources, 0.0 if block.inserted else 2.0, block.inserted)
-            for block in paper_rule(num_blocks)]
+    kept = 2.0 if step_size_halved else 1.0
+    return [NewBlock(block.sources, 0.0 if block.inserted else kept, block.inserted)
+            for block in paper_rule(num_blocks, first_is_transition=first_is_transition)]
 
 
-def transition_keeping_rule(num_blocks: int) -> list[NewBlock]:
+def transition_keeping_rule(num_blocks: int, *, first_is_transition: bool = True,
+                            step_size_halved: bool = True) -> list[NewBlock]:
     """The paper's copies, each old block's total contribution kept (to first order).
 
     Old block i appears c_i times in the grown stage (the paper's pattern:
     c = 1 for the downsampling block, 3 for the second, 2 for the rest), each
     with h/2; scaling every copy's residual output by 2 / c_i keeps
     c_i * (h/2) * (2/c_i) G_i = h G_i, the downsampling block's included.
+    With h kept (``step_size_halved=False``) the factor is 1 / c_i; a stage
+    without a transition block has c_i = 2 for every block.
     Source: this project, as the first-order correction of the paper's rule.
     """
-    blocks = paper_rule(num_blocks)
+    blocks = paper_rule(num_blocks, first_is_transition=first_is_transition)
     counts = np.bincount([b.sources[0][0] for b in blocks], minlength=num_blocks)
-    return [NewBlock(b.sources, 2.0 / int(counts[b.sources[0][0]]), b.inserted)
+    kept = 2.0 if step_size_halved else 1.0
+    return [NewBlock(b.sources, kept / int(counts[b.sources[0][0]]), b.inserted)
             for b in blocks]
 
 
-def linear_rule(num_blocks: int) -> list[NewBlock]:
+def linear_rule(num_blocks: int, *, first_is_transition: bool = True,
+                step_size_halved: bool = True) -> list[NewBlock]:
     """Linear prolongation: an inserted block is the average of its two neighbours.
 
     ``[b1, b2, b3] -> [b1, b2, b2, (b2+b3)/2, b3, b3]``: the block between
     b_i and b_(i+1) is their average; the last one copies the last block,
     and the one after the first (downsampling) block copies the second, whose
-    shapes it needs. With the parameters read as a function of time t = j*h,
-    this samples their linear interpolant at twice the rate, as multigrid
-    methods prolong layer-parallel ResNets (Günther et al., "Layer-parallel
-    training of deep residual neural networks", SIMODS 2020; torchbraid).
-    Preserves, to first order, the contribution of every interior block.
+    shapes it needs (without a transition block it is (b1+b2)/2). With the
+    parameters read as a function of time t = j*h, this samples their linear
+    interpolant at twice the rate, as multigrid methods prolong layer-parallel
+    ResNets (Günther et al., "Layer-parallel training of deep residual neural
+    networks", SIMODS 2020; torchbraid). Preserves, to first order, the
+    contribution of every interior block (with h halved; without an h to
+    halve, the same copies and averages each take a full step).
     """
+    del step_size_halved  # copies and averages either way
     new = []
     for i in range(num_blocks):
         new.append(_copy(i))
-        if i == 0 or i == num_blocks - 1:
-            new.append(_copy(max(i, 1), inserted=True))
+        if i == num_blocks - 1 or (i == 0 and first_is_transition):
+            new.append(_copy(_after(i, first_is_transition), inserted=True))
         else:
             new.append(NewBlock(((i, 0.5), (i + 1, 0.5)), 1.0, True))
     return new
 
 
-def appended_rule(num_blocks: int) -> list[NewBlock]:
+def appended_rule(num_blocks: int, *, first_is_transition: bool = True,
+                  step_size_halved: bool = True) -> list[NewBlock]:
     """Progressive stacking: the stage's copies go after its old blocks.
 
     ``[b1, b2, b3] -> [b1, b2, b3, b2, b2, b3]``: the stage followed by a copy
     of itself, the first (downsampling) block's copy replaced by the
-    second's. The same blocks as the paper's rule, in another order.
+    second's (without a transition block: ``[b1, b2, b3, b1, b2, b3]``).
+    The same blocks as the paper's rule, in another order.
     Source: progressive stacking of BERT (Gong et al., ICML 2019).
     """
+    del step_size_halved  # a copy is a copy
     return ([_copy(i) for i in range(num_blocks)]
-            + [_copy(max(i, 1), inserted=True) for i in range(num_blocks)])
+            + [_copy(_after(i, first_is_transition), inserted=True) for i in range(num_blocks)])
 
 
 # Growth rules by name. Add a rule here to make it available everywhere
-# (config.interpolation_rule, mlres_jax.grow --rule, benchmarks.growth).
-GROWTH_RULES: dict[str, Callable[[int], list[NewBlock]]] = {
+# (config.interpolation_rule, mlres_jax.grow --rule, benchmarks.growth). A rule
+# is called as ``rule(num_blocks, first_is_transition=..., step_size_halved=...)``
+# with the layout's `first_block_is_transition` and `explicit_step_size`.
+GROWTH_RULES: dict[str, Callable[..., list[NewBlock]]] = {
     "paper": paper_rule,
     "identity": identity_rule,
     "transition_keeping": transition_keeping_rule,
@@ -211,18 +255,41 @@ def _rule(name: str) -> Callable[[int], list[NewBlock]]:
 
 
 class Layout(Protocol):
-    """Finds the blocks of a network tree and puts new ones in their place."""
+    """Finds the blocks of a network tree and puts new ones in their place.
 
+    Attributes:
+      label: how error messages name the layout (e.g. ``"multilevel.STAGES"``).
+      looks_for: what the layout looks for in a tree, for the error that
+        says it found nothing.
+      residual_output: the leaves, by path inside a block (keys joined by
+        "/"), that the block's residual output G is linear in; the rules'
+        factors scale these.
+      first_block_is_transition: whether the first block of every stage has
+        other shapes than the rest (a downsampling block, paper App. B); the
+        rules then make the block inserted after it from the second.
+      explicit_step_size: whether the network multiplies every residual
+        output by a step size h that is halved at each growth (paper
+        Sec. 4.1); False for a network without one, whose grown blocks each
+        keep a full step (the rules' factors are chosen for that).
+    """
+
+    label: str
+    looks_for: str
     residual_output: tuple[str, ...]
+    first_block_is_transition: bool
+    explicit_step_size: bool
 
     def is_network(self, node: Any) -> bool:
         """Whether ``node`` is a network tree of this layout (cheap: names only)."""
 
-    def read(self, node: Any) -> tuple[list[list[Any]], dict]:
-        """``(stages of block subtrees, the node's other entries)`` of a network tree."""
+    def read(self, node: Any) -> tuple[list[list[Any]], Any]:
+        """``(stages of block subtrees, what write needs besides)`` of a network tree."""
 
-    def write(self, stages: list[list[Any]], others: dict) -> dict:
+    def write(self, stages: list[list[Any]], others: Any) -> dict:
         """The network tree with ``stages`` (lists of block subtrees) in it."""
+
+    def stage_names(self, node: Any) -> list[str]:
+        """The names of ``read``'s stages in ``node``, in its order, for messages."""
 
 
 def ordered_blocks(stage_name: str, stage: Mapping) -> list:
@@ -261,16 +328,29 @@ def _stage_keys(node: Mapping) -> list[str]:
 class StageLayout:
     """This project's naming: ``stageN/blockM``, each stage a mapping of its blocks.
 
+    The first block of every stage downsamples (a transition, App. B), and
+    `models.ResNet` multiplies every residual output by its explicit step
+    size h, which `deepen` halves.
+
     Attributes:
       residual_output: the leaves, by path inside a block, that the residual
         module's output G is linear in (``conv2/kernel``: G ends in conv2,
         which has no bias).
+      label: how error messages name the layout.
     """
 
     residual_output: tuple[str, ...] = ("conv2/kernel",)
+    label: str = dataclasses.field(default="multilevel.STAGES", compare=False)
+    looks_for: ClassVar[str] = ("keys 'stage1', 'stage2', ... holding blocks 'block1', "
+                                "'block2', ... (models.ResNet)")
+    first_block_is_transition: ClassVar[bool] = True
+    explicit_step_size: ClassVar[bool] = True
 
     def is_network(self, node) -> bool:
         return isinstance(node, Mapping) and any(is_stage_key(k) for k in node)
+
+    def stage_names(self, node):
+        return _stage_keys(node)
 
     def read(self, node):
         keys = _stage_keys(node)
@@ -295,6 +375,11 @@ class ScannedStageLayout(StageLayout):
     them into a list of ordinary blocks and `write` stacks them back, so
     every rule and `coarsen` work on this layout as on `STAGES`.
     """
+
+    label: str = dataclasses.field(default="multilevel.SCANNED", compare=False)
+    looks_for: ClassVar[str] = (f"keys 'stage1', 'stage2', ... holding 'block1' and "
+                                f"'{models.SCANNED_BLOCKS}/{models.SCANNED_MODULE}' "
+                                "(models.ResNet(scan_blocks=True))")
 
     def read(self, node):
         stages = []
@@ -356,11 +441,22 @@ class KeyLayout:
         coarsened) tree of ``stage_sizes``.
       residual_output: the leaves, by path inside a block, that the residual
         module's output is linear in.
+      first_block_is_transition: whether the first block of every stage has
+        other shapes than the rest (App. B).
+      explicit_step_size: whether the network has a step size h that the
+        caller halves at each growth; flax's examples have none.
+      label: how error messages name the layout.
+      looks_for: what ``locate`` recognises, for error messages.
     """
 
     locate: Callable[[str], tuple[int, int] | None]
     name: Callable[[int, int, Sequence[int]], str]
     residual_output: tuple[str, ...]
+    first_block_is_transition: bool = True
+    explicit_step_size: bool = False
+    label: str = dataclasses.field(default="KeyLayout", compare=False)
+    looks_for: str = dataclasses.field(default="keys that its locate function places in a stage",
+                                       compare=False)
 
     def is_network(self, node) -> bool:
         return isinstance(node, Mapping) and any(
@@ -383,22 +479,29 @@ class KeyLayout:
         return {**others, **{self.name(s, b, sizes): block for s, blocks in enumerate(stages)
                              for b, block in enumerate(blocks)}}
 
+    def stage_names(self, node):
+        return [models.stage_name(s) for s in range(len(self.read(node)[0]))]
+
 
 def flax_examples_layout(stage_sizes: Sequence[int], prefix: str = "ResNetBlock_",
                          residual_output: tuple[str, ...] = ("BatchNorm_1/scale",
-                                                             "BatchNorm_1/bias")
-                         ) -> KeyLayout:
+                                                             "BatchNorm_1/bias"),
+                         explicit_step_size: bool = False) -> KeyLayout:
     """The layout of flax's example ResNets: blocks ``ResNetBlock_0..`` numbered through all stages.
 
     Their block is ``conv -> norm -> act -> conv -> norm`` plus the input
     (a projection where the shape changes), so the residual output is linear
-    in the last norm's scale and bias (``BatchNorm_1``).
+    in the last norm's scale and bias (``BatchNorm_1``). They have no step
+    size h: the grown network keeps every block's full step, and the
+    identity rule leaves the old blocks' residual outputs as they are.
 
     Args:
       stage_sizes: blocks per stage of the tree to grow (or coarsen), e.g.
         ``(2, 2, 2, 2)`` for ResNet-18, or `stage_sizes_from_widths`.
       prefix: the blocks' name before their number.
       residual_output: leaves the residual output is linear in.
+      explicit_step_size: True for a variant that multiplies every residual
+        output by a step size h, which the caller halves at each growth.
     """
     starts = np.cumsum([0, *stage_sizes])
 
@@ -415,7 +518,11 @@ def flax_examples_layout(stage_sizes: Sequence[int], prefix: str = "ResNetBlock_
     def name(stage, block, sizes):
         return f"{prefix}{sum(sizes[:stage]) + block}"
 
-    return KeyLayout(locate, name, residual_output)
+    last = f"{prefix}{int(starts[-1]) - 1}"
+    return KeyLayout(locate, name, tuple(residual_output),
+                     explicit_step_size=explicit_step_size,
+                     label=f"flax_examples_layout({tuple(stage_sizes)})",
+                     looks_for=f"keys {prefix}0 .. {last} (stage sizes {tuple(stage_sizes)})")
 
 
 def stage_sizes_from_widths(params: Mapping, prefix: str = "ResNetBlock_") -> tuple[int, ...]:
@@ -450,6 +557,158 @@ def stage_sizes_from_widths(params: Mapping, prefix: str = "ResNetBlock_") -> tu
     return tuple(sizes)
 
 
+def _list_position(key) -> int | None:
+    """The position an ``nnx.List`` key stands for: 0, 1, ... (or "0", "1", ... restored)."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key
+    if isinstance(key, str) and key.isdigit():
+        return int(key)
+    return None
+
+
+def _natural_order(path: str) -> list:
+    """Sort key that puts ``layer10`` after ``layer9``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ListLayout:
+    """Blocks in a list per stage, as Flax NNX keeps an ``nnx.List``: ``layer1/blocks/0/...``.
+
+    In ``nnx.state(model)`` (and in an optimizer state that mirrors it) an
+    ``nnx.List`` of blocks is a mapping with integer keys 0, 1, ...; a stage
+    is such a mapping at a path, from the network tree, that ``stages``
+    matches. The network tree is the mapping that holds the stages: the
+    model's state, or the momentum that mirrors it inside an optimizer
+    state. Its other entries (stem, embeddings, final norm, head) are kept.
+    An ``nnx.State`` comes back as an ``nnx.State``, ready for
+    ``nnx.update`` into a freshly built deeper model.
+
+    Attributes:
+      stages: regular expression that the path of each stage's list, from the
+        network tree with keys joined by "/", matches in full: e.g.
+        ``r"layer\\d+/blocks"`` for ``self.layer1.blocks``, ``"blocks"`` for
+        one ``self.blocks``.
+      residual_output: the leaves, by path inside a block, that the block's
+        residual output is linear in (a last norm's scale and bias, or the
+        output projections of a transformer block's attention and MLP).
+      first_block_is_transition: whether the first block of every stage has
+        other shapes than the rest (paper App. B); False: every block has the
+        same entries and shapes, and none is treated as a transition.
+      explicit_step_size: whether the network multiplies every residual
+        output by a step size h that the caller halves when it builds the
+        grown network; False for a network without one.
+      label: how error messages name the layout.
+    """
+
+    stages: str
+    residual_output: tuple[str, ...]
+    first_block_is_transition: bool = True
+    explicit_step_size: bool = False
+    label: str = dataclasses.field(default="ListLayout", compare=False)
+
+    @property
+    def looks_for(self) -> str:
+        return (f"lists of blocks (keys 0, 1, ... as nnx.List keeps them) at paths matching "
+                f"{self.stages!r}")
+
+    def _stage_paths(self, node, prefix=()) -> list[tuple]:
+        """Key paths (through mappings only) from ``node`` to its stages' lists."""
+        paths = []
+        for key, value in node.items():
+            if not isinstance(value, Mapping):
+                continue
+            path = (*prefix, key)
+            if re.fullmatch(self.stages, "/".join(map(str, path))):
+                paths.append(path)
+            else:
+                paths += self._stage_paths(value, path)
+        return paths
+
+    def is_network(self, node) -> bool:
+        return isinstance(node, Mapping) and bool(self._stage_paths(_plain(node)))
+
+    def stage_names(self, node):
+        return ["/".join(map(str, path)) for path in self._sorted_paths(node)]
+
+    def _sorted_paths(self, node):
+        return sorted(self._stage_paths(node), key=lambda p: _natural_order("/".join(map(str, p))))
+
+    def read(self, node):
+        stages, key_types = [], []
+        for path in self._sorted_paths(node):
+            stage = node
+            for key in path:
+                stage = stage[key]
+            positions = [_list_position(key) for key in stage]
+            if None in positions or sorted(positions) != list(range(len(stage))):
+                raise ValueError(
+                    f"{'/'.join(map(str, path))!r} is not a list of blocks: its keys are "
+                    f"{sorted(stage, key=str)}, not 0, 1, ... as an nnx.List's")
+            stages.append([stage[key] for key in sorted(stage, key=_list_position)])
+            key_types.append(type(next(iter(stage))) if stage else int)
+        return stages, (node, self._sorted_paths(node), key_types)
+
+    def write(self, stages, others):
+        node, paths, key_types = others
+        for path, blocks, key_type in zip(paths, stages, key_types):
+            node = _replace_at(node, path, {key_type(i): block for i, block in enumerate(blocks)})
+        return node
+
+
+def _replace_at(node: Mapping, path: tuple, value) -> dict:
+    """A copy of ``node`` with ``value`` at ``path`` (plain dicts along it)."""
+    head, *rest = path
+    return {**node, head: _replace_at(node[head], tuple(rest), value) if rest else value}
+
+
+def bonsai_resnet_layout(residual_output: tuple[str, ...] = ("bn2/scale", "bn2/bias"),
+                         stages: str = r"layer\d+/blocks", *,
+                         explicit_step_size: bool = False) -> ListLayout:
+    """The layout of a ResNet written as jax-ml/bonsai writes one in Flax NNX.
+
+    ``bonsai/models/resnet/modeling.py``: every stage ``self.layer{i}`` keeps
+    its blocks in ``self.blocks = nnx.List()``, so the state has
+    ``layer{i}/blocks/{j}/conv{k}/kernel`` and ``.../bn{k}/{scale,bias,mean,var}``;
+    the first block of a stage downsamples (it holds a ``downsample``
+    module), a transition block as in the paper's App. B. Its bottleneck
+    block ends in ``bn2`` before the sum, so the residual output is linear in
+    ``bn2``'s scale and bias. It has no step size h.
+
+    Args:
+      residual_output: leaves the residual output is linear in (``("bn1/scale",
+        "bn1/bias")`` for a basic block of two convolutions).
+      stages: regular expression for the path of a stage's list of blocks.
+      explicit_step_size: True if the network multiplies every residual
+        output by a step size h that the caller halves at each growth.
+    """
+    return ListLayout(stages, tuple(residual_output), first_block_is_transition=True,
+                      explicit_step_size=explicit_step_size, label="bonsai_resnet_layout()")
+
+
+def transformer_layout(residual_output: tuple[str, ...], blocks: str = "blocks", *,
+                       explicit_step_size: bool = False) -> ListLayout:
+    """The layout of a transformer whose blocks sit in one ``nnx.List`` (one stage).
+
+    Every block has the same entries and shapes: no block is a transition,
+    so the paper's App. B case does not apply (a copy after every block is a
+    copy of that block, and a stack of one block can grow). For a pre-norm
+    block ``x + attention(norm1(x))``, then ``x + mlp(norm2(x))``, the
+    residual output is linear in the output projections of both branches.
+
+    Args:
+      residual_output: leaves, by path inside a block, of the last linear map
+        of every residual branch, e.g. ``("attention/out/kernel",
+        "attention/out/bias", "mlp/output/kernel", "mlp/output/bias")``.
+      blocks: the key of the list of blocks in the model's state (a regular
+        expression for its path, e.g. ``"decoder/layers"``).
+      explicit_step_size: True if the block multiplies both branches by a
+        step size h (a residual scale) that the caller halves at each growth.
+    """
+    return ListLayout(blocks, tuple(residual_output), first_block_is_transition=False,
+                      explicit_step_size=explicit_step_size, label="transformer_layout()")
+
+
 def map_network_trees(fn: Callable[[Mapping], Any], tree, layout: Layout = STAGES):
     """Applies ``fn`` to every network tree of ``layout`` in ``tree``.
 
@@ -466,13 +725,36 @@ def map_network_trees(fn: Callable[[Mapping], Any], tree, layout: Layout = STAGE
 # Growing and shrinking.
 
 
+def _plain(node: Mapping) -> Mapping:
+    """The plain dict inside an ``nnx.State`` (which keeps nested plain dicts), else ``node``."""
+    return node.raw_mapping if isinstance(node, nnx.State) else node
+
+
+def _like(node: Mapping, result: dict) -> Mapping:
+    """``result`` as the mapping type of ``node``: an ``nnx.State`` stays one."""
+    return nnx.State(result) if isinstance(node, nnx.State) else result
+
+
+def _leaf_name(path) -> str:
+    """A leaf's path inside a block, keys joined by "/" (``conv2/kernel``).
+
+    Attribute keys are left out: an ``nnx.Variable`` keeps its array in
+    ``.value``, so ``bn2/scale`` names the array of the ``nnx.Param`` there.
+    """
+    return "/".join(str(getattr(key, "key", getattr(key, "idx", ""))) for key in path
+                    if not isinstance(key, jax.tree_util.GetAttrKey))
+
+
+def _is_residual_output(name: str, residual_output: tuple[str, ...]) -> bool:
+    return any(name == p or name.endswith("/" + p) for p in residual_output)
+
+
 def _scale_residual(block, scale: float, residual_output: tuple[str, ...]):
     if scale == 1.0:
         return block
 
     def scaled(path, leaf):
-        name = jax.tree_util.keystr(path, simple=True, separator="/")
-        matches = any(name == p or name.endswith("/" + p) for p in residual_output)
+        matches = _is_residual_output(_leaf_name(path), residual_output)
         return (leaf * scale).astype(leaf.dtype) if matches else leaf
 
     return jax.tree_util.tree_map_with_path(scaled, block)
@@ -500,6 +782,115 @@ def _make_block(old_blocks, new_block: NewBlock, used: set, layout: Layout, zero
     return block
 
 
+def _new_blocks(make: Callable[..., list[NewBlock]], num_blocks: int,
+                layout: Layout) -> list[NewBlock]:
+    return make(num_blocks, first_is_transition=layout.first_block_is_transition,
+                step_size_halved=layout.explicit_step_size)
+
+
+def _shapes(block) -> dict[str, tuple]:
+    return {_leaf_name(path): tuple(np.shape(leaf))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(block)[0]}
+
+
+def _first_few(names) -> str:
+    names = sorted(names)
+    return str(names[:4])[:-1] + (", ...]" if len(names) > 4 else "]")
+
+
+def _check_blocks(layout: Layout, stage: str, blocks: list) -> None:
+    """Refuses a stage whose blocks do not have the shapes the layout expects.
+
+    Every block but a transition one (the first, where the layout has one)
+    must have the entries and shapes of the others, and every leaf the
+    layout names as part of the residual output (``mlp/fc2/kernel``) must be
+    in a block that has leaves of its kind (``kernel``: batch-norm
+    statistics have none, and are not checked).
+
+    Raises:
+      ValueError: naming the stage, the block and what differs.
+    """
+    start = 1 if layout.first_block_is_transition else 0
+    expected = ("every block after the first (the stage's transition block, paper App. B) "
+                "to have the same entries and shapes" if start else
+                "every block to have the same entries and shapes (no block is a transition)")
+    reference = _shapes(blocks[start]) if len(blocks) > start else {}
+    for index in range(start + 1, len(blocks)):
+        shapes = _shapes(blocks[index])
+        if shapes == reference:
+            continue
+        if set(shapes) != set(reference):
+            detail = (f"has entries {_first_few(set(shapes) - set(reference))} that block "
+                      f"{start} has not" if set(shapes) - set(reference) else
+                      f"lacks entries {_first_few(set(reference) - set(shapes))} of block {start}")
+        else:
+            name = next(n for n in sorted(shapes) if shapes[n] != reference[n])
+            detail = f"has {name!r} of shape {shapes[name]}, block {start} {reference[name]}"
+        raise ValueError(f"stage {stage!r} does not match the layout: its block "
+                         f"{index} (0-based) {detail}; the layout expects {expected}")
+    for index, block in enumerate(blocks):
+        names = list(_shapes(block))
+        for entry in layout.residual_output:
+            kind = entry.rsplit("/", 1)[-1]
+            alike = [n for n in names if n.rsplit("/", 1)[-1] == kind]
+            if alike and not any(_is_residual_output(n, (entry,)) for n in names):
+                raise ValueError(
+                    f"block {index} (0-based) of stage {stage!r} has no leaf {entry!r}, which "
+                    f"the layout names as part of the residual output, though it has "
+                    f"{_first_few(alike)}; pass residual_output= the leaves the block's "
+                    "residual output is linear in")
+
+
+def _top_level_keys(tree) -> str:
+    """The keys at the top of ``tree`` (and one level below), for error messages."""
+    def keys(node):
+        names = sorted((repr(k) for k in node), key=_natural_order)
+        return "[" + ", ".join(names[:12]) + (", ..." if len(names) > 12 else "") + "]"
+
+    if isinstance(tree, Mapping):
+        below = "; ".join(f"under {k!r}: {keys(v)}" for k, v in tree.items()
+                          if isinstance(v, Mapping))
+        return keys(tree) + (f" ({below})" if below else "")
+    if isinstance(tree, (tuple, list)):
+        return (f"none: it is a {type(tree).__name__} of "
+                f"{[type(entry).__name__ for entry in tree]}")
+    return f"none: it is a {type(tree).__name__}"
+
+
+def _finds_network(tree, layout: Layout) -> bool:
+    return any(layout.is_network(node)
+               for node in jax.tree_util.tree_leaves(tree, is_leaf=layout.is_network))
+
+
+def _rewrite_stages(tree, layout: Layout, rewrite: Callable[[str, list], list], action: str):
+    """``tree`` with every stage's blocks replaced by ``rewrite(stage_name, blocks)``.
+
+    Raises:
+      ValueError: if the layout finds no stage in ``tree``, cannot read a
+        network tree, or a stage does not match it (`_check_blocks`).
+    """
+    if not _finds_network(tree, layout):
+        raise ValueError(
+            f"cannot {action}: {layout.label} finds no stage of blocks in the tree; it looks "
+            f"for {layout.looks_for}; the tree's top-level keys are {_top_level_keys(tree)}")
+
+    def rewrite_network(node):
+        # Fresh containers: nnx Variables are mutable, the result shares none with the input.
+        node = jax.tree_util.tree_map(lambda leaf: leaf, node)
+        plain = _plain(node)
+        try:
+            stages, others = layout.read(plain)
+            names = layout.stage_names(plain)
+            for name, blocks in zip(names, stages):
+                _check_blocks(layout, name, blocks)
+        except ValueError as error:
+            raise ValueError(f"cannot {action} under {layout.label}: {error}") from None
+        return _like(node, layout.write(
+            [rewrite(name, blocks) for name, blocks in zip(names, stages)], others))
+
+    return map_network_trees(rewrite_network, tree, layout)
+
+
 def interpolate(tree, rule: str = "paper", layout: Layout = STAGES, *,
                 zero_inserted: bool = False):
     """Interpolates (prolongs) a network to twice the blocks in every stage.
@@ -512,44 +903,49 @@ def interpolate(tree, rule: str = "paper", layout: Layout = STAGES, *,
     block are made alike; residual scales apply to ``layout.residual_output``
     leaves only (parameters and the momentum that mirrors them).
 
-    The caller halves the step size h (see `deepen`).
+    Where the layout has an explicit step size (``layout.explicit_step_size``,
+    as `STAGES`), the caller halves h (see `deepen`); where it has none, the
+    grown blocks keep a full step and the rules' factors are chosen for that
+    (e.g. identity leaves old blocks as they are; see docs/nnx.md).
 
     Args:
       tree: any pytree containing network trees: model variables
-        ``{"params": ..., "batch_stats": ...}``, a ``params`` tree, or an
-        optimizer state whose momentum mirrors ``params``. Leaves outside
-        network trees (e.g. an optimizer step count) pass unchanged.
+        ``{"params": ..., "batch_stats": ...}``, a ``params`` tree, an
+        ``nnx.State`` (``nnx.state(model)``), or an optimizer state whose
+        momentum mirrors the parameters. Leaves outside network trees (e.g.
+        an optimizer step count) pass unchanged.
       rule: a key of `GROWTH_RULES`.
-      layout: where the blocks are (`STAGES`, or a `KeyLayout`).
+      layout: where the blocks are (`STAGES`, `SCANNED`, a `KeyLayout`, a
+        `ListLayout` for Flax NNX models).
       zero_inserted: make the inserted blocks zero (the momentum policy
         ``"zero_inserted"``).
 
     Returns:
       A new pytree with the tree structure and shapes of the same variables
-      of a fresh model with doubled stage sizes. The input is not modified.
+      of a fresh model with doubled stage sizes (an ``nnx.State`` stays one).
+      The input is not modified.
 
     Raises:
-      ValueError: for an unknown rule, a stage of one block, or blocks that
-        the layout cannot read.
+      ValueError: for an unknown rule; a tree in which the layout finds no
+        stage (the message names the layout, what it looks for and the
+        tree's top-level keys); a stage whose blocks do not match the layout
+        (other entries or shapes, no residual-output leaf); a stage of one
+        block where the first block is a transition; blocks that the layout
+        cannot read.
     """
     make = _rule(rule)
 
-    def grow(node):
-        stages, others = layout.read(node)
-        grown = []
-        for index, blocks in enumerate(stages):
-            new_blocks = make(len(blocks))
-            if any(i >= len(blocks) for b in new_blocks for i, _ in b.sources):
-                try:
-                    _check_stage(len(blocks), rule)
-                except ValueError as error:
-                    raise ValueError(f"cannot interpolate stage{index + 1}: {error}") from None
-            used = set()
-            grown.append([_make_block(blocks, b, used, layout, zero_inserted)
-                          for b in new_blocks])
-        return layout.write(grown, others)
+    def grow(stage, blocks):
+        new_blocks = _new_blocks(make, len(blocks), layout)
+        if any(i >= len(blocks) for b in new_blocks for i, _ in b.sources):
+            try:
+                _check_stage(len(blocks), rule)
+            except ValueError as error:
+                raise ValueError(f"cannot interpolate {stage} ({layout.label}): {error}") from None
+        used = set()
+        return [_make_block(blocks, b, used, layout, zero_inserted) for b in new_blocks]
 
-    return map_network_trees(grow, tree, layout)
+    return _rewrite_stages(tree, layout, grow, "interpolate")
 
 
 def coarsen(tree, rule: str = "paper", layout: Layout = STAGES):
@@ -563,40 +959,38 @@ def coarsen(tree, rule: str = "paper", layout: Layout = STAGES):
     2). On a network that was not grown this way it is the multigrid
     restriction. Kept leaves are the input's arrays.
 
-    The caller doubles the step size h (see `restrict`).
+    Where the layout has an explicit step size, the caller doubles h (see
+    `restrict`).
 
     Raises:
       ValueError: for a stage with an odd number of blocks (no rule makes
-        one), or a rule that does not keep an old block as a scaled copy of
-        itself (its old block cannot be recovered; none of `GROWTH_RULES`).
+        one), a rule that does not keep an old block as a scaled copy of
+        itself (its old block cannot be recovered; none of `GROWTH_RULES`),
+        or as `interpolate` for a tree in which the layout finds no stage or
+        a stage that does not match it.
     """
     make = _rule(rule)
 
-    def shrink(node):
-        stages, others = layout.read(node)
-        kept = []
-        for index, blocks in enumerate(stages):
-            if len(blocks) % 2:
+    def shrink(stage, blocks):
+        if len(blocks) % 2:
+            raise ValueError(
+                f"cannot coarsen {stage}: it has {len(blocks)} blocks, and every growth "
+                f"rule doubles a stage, so only an even number can be halved ({layout.label})")
+        old = {}
+        for position, block in enumerate(_new_blocks(make, len(blocks) // 2, layout)):
+            if block.inserted:
+                continue
+            (source, weight), *rest = block.sources
+            if rest or weight != 1.0 or block.residual_scale == 0.0:
                 raise ValueError(
-                    f"cannot coarsen stage{index + 1}: it has {len(blocks)} blocks, and "
-                    "every growth rule doubles a stage, so only an even number can be "
-                    "halved")
-            old = {}
-            for position, block in enumerate(make(len(blocks) // 2)):
-                if block.inserted:
-                    continue
-                (source, weight), *rest = block.sources
-                if rest or weight != 1.0 or block.residual_scale == 0.0:
-                    raise ValueError(
-                        f"cannot coarsen under the {rule!r} rule: it does not keep old "
-                        f"block {source + 1} as a scaled copy of itself, so that block "
-                        "cannot be recovered")
-                old[source] = _scale_residual(blocks[position], 1.0 / block.residual_scale,
-                                              layout.residual_output)
-            kept.append([old[i] for i in range(len(blocks) // 2)])
-        return layout.write(kept, others)
+                    f"cannot coarsen under the {rule!r} rule: it does not keep old "
+                    f"block {source + 1} as a scaled copy of itself, so that block "
+                    "cannot be recovered")
+            old[source] = _scale_residual(blocks[position], 1.0 / block.residual_scale,
+                                          layout.residual_output)
+        return [old[i] for i in range(len(blocks) // 2)]
 
-    return map_network_trees(shrink, tree, layout)
+    return _rewrite_stages(tree, layout, shrink, "coarsen")
 
 
 def grow_optimizer_state(opt_state, rule: str, policy: str, layout: Layout = STAGES):
@@ -608,14 +1002,22 @@ def grow_optimizer_state(opt_state, rule: str, policy: str, layout: Layout = STA
     scaled as its parameters are); ``"reset"``: zeroed everywhere;
     ``"zero_inserted"``: carried for the old blocks, zero for the inserted.
     Anything outside the network trees (e.g. the step count, so that the
-    global learning-rate schedule goes on) is kept.
+    global learning-rate schedule goes on) is kept. ``opt_state`` is an
+    optax state, or ``nnx.state(optimizer)`` of an ``nnx.Optimizer`` (load
+    the result into the grown network's optimizer with ``nnx.update``). A
+    state without per-parameter arrays (plain SGD: step counts at most) is
+    returned as it is.
 
     Raises:
-      ValueError: for an unknown policy, or as `interpolate`.
+      ValueError: for an unknown policy; a state that holds per-parameter
+        arrays in which the layout finds no stage; or as `interpolate`.
     """
     if policy not in MOMENTUM_POLICIES:
         raise ValueError(f"unknown momentum policy {policy!r}; known: "
                          f"{sorted(MOMENTUM_POLICIES)}")
+    if not _finds_network(opt_state, layout) and all(
+            np.ndim(leaf) == 0 for leaf in jax.tree_util.tree_leaves(opt_state)):
+        return opt_state
     grown = interpolate(opt_state, rule, layout, zero_inserted=policy == "zero_inserted")
     if policy == "reset":
         grown = map_network_trees(lambda t: jax.tree_util.tree_map(jnp.zeros_like, t),
@@ -667,7 +1069,8 @@ def restrict(model: models.ResNet, variables, rule: str = "paper"):
 
 
 __all__ = [
-    "GROWTH_RULES", "INTERPOLATION_RULES", "KeyLayout", "MOMENTUM_POLICIES", "NewBlock",
+    "GROWTH_RULES", "INTERPOLATION_RULES", "KeyLayout", "Layout", "ListLayout",
+    "MOMENTUM_POLICIES", "NewBlock", "bonsai_resnet_layout", "transformer_layout",
     "SCANNED", "STAGES", "ScannedStageLayout", "StageLayout", "convert_layout", "layout_of", "appended_rule", "coarsen", "coarsened_model", "deepen",
     "flax_examples_layout", "grow_optimizer_state", "identity_rule", "interpolate",
     "interpolated_model", "is_stage_key", "linear_rule", "map_network_trees",

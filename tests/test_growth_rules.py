@@ -107,7 +107,7 @@ def test_coarsening_says_why_it_cannot():
                                          r"only an even number"):
         multilevel.coarsen(variables)
 
-    def averaging_rule(num_blocks):  # old blocks replaced by averages: not invertible
+    def averaging_rule(num_blocks, **_):  # old blocks replaced by averages: not invertible
         return [multilevel.NewBlock(((i, 0.5), (max(i, 1), 0.5)), 1.0, inserted=bool(p))
                 for i in range(num_blocks) for p in (0, 1)]
 
@@ -203,3 +203,83 @@ def test_growing_a_flax_examples_resnet_matches_this_projects_pattern():
     big.apply(grown, jnp.zeros((2, *IMAGE_SHAPE)), train=False)
     chex.assert_trees_all_equal(
         multilevel.coarsen(grown, "paper", multilevel.flax_examples_layout((4, 6))), labelled)
+
+
+def test_identity_rule_keeps_a_flax_examples_resnets_outputs():
+    # flax's example ResNets have no step size h to halve: the identity rule must
+    # leave the old blocks' residual outputs as they are (doubling them, right for
+    # this project's ResNet with h halved, changes this network's outputs).
+    small, big = flax_example_resnet.ResNet(stage_sizes=(2, 2)), flax_example_resnet.ResNet(
+        stage_sizes=(4, 4))
+    variables = small.init(jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE)), train=False)
+    leaves, treedef = jax.tree_util.tree_flatten(variables)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    variables = jax.tree_util.tree_unflatten(treedef, [  # nonzero last-norm scales
+        x + 0.1 * jnp.abs(jax.random.normal(k, x.shape)) for x, k in zip(leaves, keys)])
+    images = jnp.asarray(random_images(4), jnp.float32) / 255.0
+    before = small.apply(variables, images, train=False)
+    for rule in ("identity", "paper"):
+        grown = multilevel.interpolate(variables, rule, multilevel.flax_examples_layout((2, 2)))
+        after = big.apply(grown, images, train=False)
+        if rule == "identity":  # inserted blocks add exact zeros; old blocks are unchanged
+            np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
+        else:  # the paper's copies do change the outputs: the check above can fail
+            assert float(jnp.abs(after - before).max()) > 1e-3
+
+
+# --- Trees the layout does not fit ---------------------------------------------
+
+_NO_STAGES = {"params": {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}}
+
+
+@pytest.mark.parametrize("layout,looks_for", [
+    (multilevel.STAGES, "keys 'stage1', 'stage2', ... holding blocks 'block1'"),
+    (multilevel.SCANNED, "keys 'stage1', 'stage2', ... holding 'block1' and 'blocks/residual'"),
+    (multilevel.flax_examples_layout((2, 2)), "keys ResNetBlock_0 .. ResNetBlock_3"),
+])
+@pytest.mark.parametrize("action", [*RULES, "coarsen"])
+def test_a_tree_without_the_layouts_stages_is_refused(layout, looks_for, action):
+    # Before: interpolate returned such a tree unchanged, and the mistake showed later.
+    with pytest.raises(ValueError) as raised:
+        if action == "coarsen":
+            multilevel.coarsen(_NO_STAGES, "paper", layout)
+        else:
+            multilevel.interpolate(_NO_STAGES, action, layout)
+    message = str(raised.value)
+    verb = "coarsen" if action == "coarsen" else "interpolate"
+    assert message.startswith(f"cannot {verb}: {layout.label} finds no stage of blocks"), message
+    assert looks_for in message
+    assert "top-level keys are ['params'] (under 'params': ['dense'])" in message
+
+
+def test_a_stage_whose_blocks_differ_is_refused():
+    variables = random_variables(_model((2, 4)))
+    stage = dict(variables["params"]["stage2"])
+    stage["block3"] = {**stage["block3"], "conv1": {"kernel": jnp.zeros((3, 3, 8, 4))}}
+    broken = {**variables, "params": {**variables["params"], "stage2": stage}}
+    for action in (lambda t: multilevel.interpolate(t, "identity"), multilevel.coarsen):
+        with pytest.raises(ValueError, match=(
+                r"cannot (interpolate|coarsen) under multilevel.STAGES: stage 'stage2' does not "
+                r"match the layout: its block 2 \(0-based\) has 'conv1/kernel' of shape "
+                r"\(3, 3, 8, 4\), block 1 \(3, 3, 8, 8\); the layout expects every block after "
+                r"the first \(the stage's transition block")):
+            action(broken)
+
+
+def test_a_layout_whose_residual_output_is_not_in_the_blocks_is_refused():
+    variables = random_variables(_model((2, 2)))
+    layout = multilevel.StageLayout(residual_output=("conv3/kernel",))
+    with pytest.raises(ValueError, match=r"block 0 \(0-based\) of stage 'stage1' has no leaf "
+                                         r"'conv3/kernel'.*though it has \['conv1/kernel', "
+                                         r"'conv2/kernel'\]"):
+        multilevel.interpolate(variables, "identity", layout)
+    # Batch-norm statistics have no kernels: nothing to check there.
+    multilevel.interpolate(variables["batch_stats"], "identity", layout)
+
+
+def test_optimizer_state_without_the_layouts_stages():
+    momentum = optax.sgd(0.1, momentum=0.9).init(_NO_STAGES["params"])
+    with pytest.raises(ValueError, match="cannot interpolate: multilevel.STAGES finds no stage"):
+        multilevel.grow_optimizer_state(momentum, "paper", "interpolate")
+    plain = optax.sgd(0.1).init(_NO_STAGES["params"])  # no per-parameter state to grow
+    assert multilevel.grow_optimizer_state(plain, "paper", "reset") == plain
