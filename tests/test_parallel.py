@@ -104,12 +104,22 @@ def _final(workdir):
     return jax.device_get(variables), metadata
 
 
-def _assert_close_runs(workdir, reference):
+def assert_same_final_checkpoint(workdir, reference, step):
+    """The last checkpoints of two runs: both of ``step``, parameters within tolerance.
+
+    Returns:
+      The two checkpoints' metadata.
+    """
     variables, metadata = _final(workdir)
     ref_variables, ref_metadata = _final(reference)
-    assert metadata.step == ref_metadata.step == 16
-    assert metadata.stage_sizes == ref_metadata.stage_sizes == (4,)
+    assert metadata.step == ref_metadata.step == step
     chex.assert_trees_all_close(variables, ref_variables, atol=PARAMS_TOLERANCE, rtol=0)
+    return metadata, ref_metadata
+
+
+def _assert_close_runs(workdir, reference):
+    metadata, ref_metadata = assert_same_final_checkpoint(workdir, reference, 16)
+    assert metadata.stage_sizes == ref_metadata.stage_sizes == (4,)
     losses, ref_losses = (scalar_steps(str(w)) for w in (workdir, reference))
     assert losses.keys() == ref_losses.keys()
     for tag in ("train/loss", "test/loss"):

@@ -15,12 +15,11 @@ import threading
 import time
 
 import chex
-import jax
 import pytest
 
 from mlres_jax import checkpoint
 from tests import fake_data
-from tests.test_parallel import LOSS_TOLERANCE, PARAMS_TOLERANCE, _free_port
+from tests.test_parallel import LOSS_TOLERANCE, _free_port, assert_same_final_checkpoint
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,16 +113,8 @@ def _received_after(run, signal_name="SIGTERM"):
     return int(re.search(r"after step (\d+)", line).group(1))
 
 
-def _final(workdir):
-    _, variables, metadata = checkpoint.load_model(str(workdir))
-    return jax.device_get(variables), metadata
-
-
 def _assert_ends_like(workdir, reference):
-    variables, metadata = _final(workdir)
-    ref_variables, ref_metadata = _final(reference)
-    assert metadata.step == ref_metadata.step == END_STEP
-    chex.assert_trees_all_close(variables, ref_variables, atol=PARAMS_TOLERANCE, rtol=0)
+    metadata, ref_metadata = assert_same_final_checkpoint(workdir, reference, END_STEP)
     losses = [r["test_loss"] for r in metadata.history]
     ref_losses = [r["test_loss"] for r in ref_metadata.history]
     chex.assert_trees_all_close(losses, ref_losses, atol=LOSS_TOLERANCE, rtol=0)
@@ -174,7 +165,7 @@ def test_a_sigterm_to_some_processes_stops_all_at_one_step_and_resumes(
     assert str(signalled[0]) in receivers.split(", ")
     assert 16 <= step0 < END_STEP
     assert max(checkpoint.list_steps(str(tmp_path))) == step0
-    variables, metadata = _final(tmp_path)
+    _, variables, metadata = checkpoint.load_model(str(tmp_path))
     assert metadata.step == step0
     chex.assert_tree_all_finite(variables)
     for run in runs:
