@@ -37,7 +37,8 @@ import optax
 import tqdm
 from absl import logging
 
-from mlres_jax import (checkpoint, configuration, errors, events, files, input_pipeline,
+from mlres_jax import (checkpoint, configuration, cpu_backend, errors, events, files,
+                       input_pipeline,
                        models, multilevel, parallel, plan, reporting, steps, stopping,
                        stopwatch,
                        workdir as workdirs)
@@ -86,11 +87,16 @@ class Run:
         return parallel.is_main_process()
 
     def model(self, stage_sizes, step_size: float) -> models.ResNet:
-        """The network of the given depth and step size h, in the config's layout and dtype."""
+        """The network of the given depth and step size h, in the config's layout and dtype.
+
+        The one place where a run's backend chooses the model's convolution
+        (`cpu_backend.scanned_conv`).
+        """
         return models.ResNet(stage_sizes=tuple(stage_sizes), width=self.config.width,
                              num_classes=self.data.info.num_classes, step_size=step_size,
                              scan_blocks=self.config.scan_blocks,
-                             dtype=jnp.dtype(self.config.compute_dtype))
+                             dtype=jnp.dtype(self.config.compute_dtype),
+                             scanned_conv=cpu_backend.scanned_conv())
 
     @property
     def layout(self) -> multilevel.StageLayout:
