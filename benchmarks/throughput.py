@@ -52,7 +52,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from benchmarks import common
-from mlres_jax import cli, configuration, files, input_pipeline, models, parallel, plan, steps
+from mlres_jax import cli, configuration, cpu_backend, files, input_pipeline, models, parallel, plan, steps
 
 FAMILIES = {"resnet": 16, "wresnet": 32}
 FAMILY_NAMES = {16: "ResNet", 32: "WResNet"}
@@ -353,7 +353,8 @@ def measure(width: int, stage_sizes: tuple[int, ...], step_size: float,
     model = models.ResNet(stage_sizes=stage_sizes, width=width,
                           num_classes=settings["num_classes"], step_size=step_size,
                           scan_blocks=layout == "scanned",
-                          dtype=jnp.dtype(settings["compute_dtype"]))
+                          dtype=jnp.dtype(settings["compute_dtype"]),
+                          scanned_conv=cpu_backend.scanned_conv())
     mesh = parallel.make_mesh(devices)
     compiled_train, train_compile, train_seconds, state = time_train_step(model, settings, mesh)
     eval_compile, eval_seconds = time_eval_step(model, state.variables, settings, mesh)
