@@ -255,7 +255,7 @@ def check_setup(config: ml_collections.ConfigDict, seeds: Sequence[int],
         `train.train_and_evaluate` resume, and a resumed run's times are not
         those of one run); with ``resume`` a finished run of another config.
       configuration.ConfigError: bad config, or a cycle without steps.
-      input_pipeline.DataSetError: the data set is missing or damaged.
+      datasets.DataSetError: the data set is missing or damaged.
       OSError: ``output_dir`` cannot be created or written.
     """
     per_seed = {seed: model_configs(config, seed) for seed in seeds}
@@ -310,7 +310,7 @@ def run_comparison(config: ml_collections.ConfigDict, seeds: Sequence[int],
 
     Raises:
       CompareError, configuration.ConfigError,
-      input_pipeline.DataSetError, OSError: before any training.
+      datasets.DataSetError, OSError: before any training.
       checkpoint.CheckpointError: from a run (e.g. a resumed run whose
         checkpoints are of another config).
     """

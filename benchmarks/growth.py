@@ -178,7 +178,7 @@ def run_benchmark(config: ml_collections.ConfigDict, pairs: Sequence[tuple[str, 
     Raises:
       GrowthBenchmarkError: a config that does not grow; without ``resume``,
         a run folder that is not empty.
-      configuration.ConfigError, input_pipeline.DataSetError, OSError:
+      configuration.ConfigError, datasets.DataSetError, OSError:
         before any training.
     """
     configs = run_configs(config, pairs)

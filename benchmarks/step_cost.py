@@ -40,7 +40,7 @@ import optax
 from absl import app, flags, logging
 
 from benchmarks import common
-from mlres_jax import cli, files, input_pipeline, models, parallel, steps
+from mlres_jax import cli, datasets, files, input_pipeline, models, parallel, steps
 
 FLAGS = flags.FLAGS
 VARIANTS = ("train step", "no guard", "no augmentation", "no update", "forward only",
@@ -178,7 +178,7 @@ def define_flags() -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    info = input_pipeline.DATASETS[FLAGS.dataset]
+    info = datasets.DATASETS[FLAGS.dataset]
     settings = {"width": FLAGS.width, "image_shape": tuple(info.image_shape),
                 "crop_padding": info.padding, "batch_size": FLAGS.batch_size,
                 "steps": FLAGS.steps, "warmup": FLAGS.warmup}

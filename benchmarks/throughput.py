@@ -52,7 +52,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from benchmarks import common
-from mlres_jax import cli, configuration, cpu_backend, files, input_pipeline, models, parallel, plan, steps
+from mlres_jax import cli, configuration, cpu_backend, datasets, files, models, parallel, plan, steps
 
 FAMILIES = {"resnet": 16, "wresnet": 32}
 FAMILY_NAMES = {16: "ResNet", 32: "WResNet"}
@@ -96,11 +96,11 @@ def image_shape_for(dataset: str, text: str) -> tuple[int, int, int]:
       common.FlagError: unknown data set, or a shape that is not three
         integers >= 1 (H, W >= 4 so that two stride-2 stages fit).
     """
-    if dataset not in input_pipeline.DATASETS:
+    if dataset not in datasets.DATASETS:
         raise common.flag_error("dataset", dataset,
-                                f"known data sets are {sorted(input_pipeline.DATASETS)}")
+                                f"known data sets are {sorted(datasets.DATASETS)}")
     if not text:
-        return tuple(input_pipeline.DATASETS[dataset].image_shape)
+        return tuple(datasets.DATASETS[dataset].image_shape)
     try:
         shape = tuple(common.parse_int_list("image_shape", text, minimum=1))
     except common.FlagError:
@@ -161,7 +161,7 @@ def check_flags() -> dict:
             "stage_sizes", FLAGS.stage_sizes,
             "with --levels > 1 every stage needs >= 2 blocks (the paper's "
             "interpolation rule copies the second block, App. B)")
-    info = input_pipeline.DATASETS[FLAGS.dataset]
+    info = datasets.DATASETS[FLAGS.dataset]
     device_counts = common.parse_int_list("device_counts", FLAGS.device_counts, minimum=1,
                                           unique=True)
     for flag in ("batch_size", "eval_batch_size"):
@@ -591,7 +591,7 @@ def define_flags() -> None:
     """Defines the command-line flags (called only when run as a program)."""
     flags.DEFINE_string("dataset", "fashion_mnist",
                         f"Image shape, classes, crop padding and epoch length of "
-                        f"this data set: one of {sorted(input_pipeline.DATASETS)}.")
+                        f"this data set: one of {sorted(datasets.DATASETS)}.")
     flags.DEFINE_string("image_shape", "", "H,W,C of the synthetic images; "
                         "default: the data set's.")
     flags.DEFINE_string("families", "resnet,wresnet",

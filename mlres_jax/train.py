@@ -37,8 +37,8 @@ import optax
 import tqdm
 from absl import logging
 
-from mlres_jax import (checkpoint, configuration, cpu_backend, errors, events, files,
-                       input_pipeline,
+from mlres_jax import (checkpoint, configuration, cpu_backend, datasets, errors, events,
+                       files, input_pipeline,
                        models, multilevel, parallel, plan, reporting, steps, stopping,
                        stopwatch,
                        workdir as workdirs)
@@ -71,7 +71,7 @@ class Run:
 
     config: ml_collections.ConfigDict
     workdir: str
-    data: input_pipeline.DataSet
+    data: datasets.DataSet
     cycles: tuple[plan.Cycle, ...]
     steps_per_epoch: int
     eval_every_steps: int
@@ -155,7 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     Raises:
       configuration.ConfigError: for a field with a value not allowed, or a
         cycle that rounds to zero steps on the data found.
-      input_pipeline.DataSetError: if the data set is missing or damaged.
+      datasets.DataSetError: if the data set is missing or damaged.
       workdir.WorkdirBusyError: if another process is writing to ``workdir``.
       checkpoint.ConfigMismatchError: if the workdir's checkpoints are of a
         run with another model or schedule.
@@ -201,7 +201,7 @@ def check_config(config: ml_collections.ConfigDict
     """Everything a user can get wrong, checked in seconds before any work.
 
     The config's fields (`configuration.resolve`), the data set's presence
-    and the readability of its headers (`input_pipeline.check_available`),
+    and the readability of its headers (`datasets.check_available`),
     the fields that depend on its size, such as a cycle that rounds to zero
     steps (`configuration.check_against_data`), and the devices: the mesh
     of ``num_devices`` must split both batch sizes evenly.
@@ -210,13 +210,13 @@ def check_config(config: ml_collections.ConfigDict
       The resolved config and the device mesh (`parallel.make_mesh`).
 
     Raises:
-      configuration.ConfigError, input_pipeline.DataSetError, parallel.MeshError,
+      configuration.ConfigError, datasets.DataSetError, parallel.MeshError,
       checkpoint.CheckpointError (an unreadable ``init_from`` checkpoint).
     """
     config = configuration.resolve(config)
     if config.init_from:
         config = configuration.start_from(config, _init_from_metadata(config.init_from))
-    num_train = input_pipeline.check_available(
+    num_train = datasets.check_available(
         config.dataset, data_dir=config.data_dir, fashion_mnist_dir=config.fashion_mnist_dir)
     configuration.check_against_data(config, num_train)
     mesh = parallel.make_mesh(config.num_devices)
@@ -242,12 +242,12 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str,
     """Loads the data and plans the cycles of a checked config (`check_config`).
 
     Raises:
-      input_pipeline.DataSetError: if a file turns out to be damaged.
+      datasets.DataSetError: if a file turns out to be damaged.
       OSError: if the workdir has no room for the checkpoints.
     """
     logging.info("Loading %s ...", config.dataset)
-    data = input_pipeline.load(config.dataset, data_dir=config.data_dir,
-                               fashion_mnist_dir=config.fashion_mnist_dir)
+    data = datasets.load(config.dataset, data_dir=config.data_dir,
+                         fashion_mnist_dir=config.fashion_mnist_dir)
     num_train = len(data.train_labels)
     steps_per_epoch = num_train // config.batch_size
     cycles = tuple(plan.plan_cycles(
