@@ -18,22 +18,23 @@ LABELS = {"first_cycle": "first-cycle model", "last_cycle": "last-cycle model",
           "multilevel": "multi-level"}
 
 
-def aggregate(records: dict[str, list[dict]]) -> dict[str, dict]:
-    """Mean ± std over seeds per model, and the time saved against the last-cycle model.
+def aggregate(records: dict[str, list[dict]], reference: str = "last_cycle") -> dict[str, dict]:
+    """Mean ± std over seeds per model, and the time saved against the reference model.
 
     Args:
-      records: model -> `run_record` per seed (same seeds, same order, for
-        every model present).
+      records: model -> `compare.run_record` per seed.
+      reference: the model the savings are measured against.
 
     Returns:
       model -> ``{"test_error", "train_seconds", "wall_seconds",
       "compile_seconds", "eval_seconds"}`` as `common.mean_std` dicts, plus for
-      models other than the last-cycle one ``"time_saved_train"`` and
-      ``"time_saved_wall"``: the saving per seed (paired by seed) and its
-      mean ± std. The savings are absent until the last-cycle model has run.
+      models other than the reference ``"time_saved_train"`` and
+      ``"time_saved_wall"``: the saving per seed (paired by seed, over the
+      seeds both have run) and its mean ± std. The savings are absent until
+      the reference has run a seed the model has.
     """
     result = {}
-    last = records.get("last_cycle")
+    by_seed = {r["seed"]: r for r in records.get(reference, [])}
     for name, runs in records.items():
         if not runs:
             continue
@@ -42,11 +43,11 @@ def aggregate(records: dict[str, list[dict]]) -> dict[str, dict]:
         for key in ("compile_seconds", "eval_seconds"):
             values = [r[key] for r in runs if r[key] is not None]
             stats[key] = common.mean_std(values) if values else None
-        if name != "last_cycle" and last and len(last) == len(runs):
+        paired = [(r, by_seed[r["seed"]]) for r in runs if r["seed"] in by_seed]
+        if name != reference and paired:
             for kind in ("train", "wall"):
-                per_seed = [common.time_saved(r[f"{kind}_seconds"],
-                                              ref[f"{kind}_seconds"])
-                            for r, ref in zip(runs, last)]
+                per_seed = [common.time_saved(r[f"{kind}_seconds"], ref[f"{kind}_seconds"])
+                            for r, ref in paired]
                 stats[f"time_saved_{kind}"] = {
                     **common.mean_std(per_seed), "per_seed": per_seed}
         result[name] = stats
@@ -109,12 +110,14 @@ def time_gap(multilevel: dict, last_cycle: dict) -> dict:
 
 
 def time_gap_over_seeds(records: dict[str, list[dict]]) -> dict | None:
-    """`time_gap` per seed and its mean over seeds; None until both models have a run.
+    """`time_gap` per seed and its mean over seeds; None until both models have run a seed.
 
-    Records without ``cycles`` (written before it was recorded) are left out.
+    Runs are paired by seed; records without ``cycles`` (written before it
+    was recorded) are left out.
     """
-    pairs = [(m, l) for m, l in zip(records.get("multilevel", []), records.get("last_cycle", []))
-             if "cycles" in m and "cycles" in l]
+    last = {r["seed"]: r for r in records.get("last_cycle", []) if "cycles" in r}
+    pairs = [(m, last[m["seed"]]) for m in records.get("multilevel", [])
+             if "cycles" in m and m["seed"] in last]
     if not pairs:
         return None
     per_seed = [time_gap(m, l) for m, l in pairs]
