@@ -351,6 +351,14 @@ def results_table(rows: list[dict]) -> str:
     return common.markdown_table(headers, body)
 
 
+def _cell(row: dict | None, key: str, digits: str) -> str:
+    """A table cell: the row's value (of a step time, the median); "—" where not measured."""
+    if row is None:
+        return "—"
+    value = row[key]["median"] if isinstance(row[key], dict) else row[key]
+    return f"{value:{digits}}"
+
+
 def layout_table(rows: list[dict]) -> str:
     """Compile and step time of each network in both layouts, side by side (first device count)."""
     first = min(r["devices"] for r in rows)
@@ -362,8 +370,9 @@ def layout_table(rows: list[dict]) -> str:
                *[f"compile train, {name} (s)" for name in layouts],
                *[f"train step, {name} (s)" for name in layouts]]
     body = [[model_name(family, sizes), models.format_stage_sizes(sizes),
-             *[f"{by[(family, sizes, name)]['compile_train_seconds']:.1f}" for name in layouts],
-             *[f"{by[(family, sizes, name)]['train_step_seconds']['median']:.3f}"
+             *[_cell(by.get((family, sizes, name)), "compile_train_seconds", ".1f")
+               for name in layouts],
+             *[_cell(by.get((family, sizes, name)), "train_step_seconds", ".3f")
                for name in layouts]] for family, sizes in networks]
     return common.markdown_table(headers, body)
 
@@ -379,16 +388,18 @@ def scaling_table(rows: list[dict]) -> str:
     counts = sorted({r["devices"] for r in rows})
     networks = list(dict.fromkeys((r["family"], tuple(r["stage_sizes"]), r["step_size"])
                                   for r in rows))
-    speed = {(r["family"], tuple(r["stage_sizes"]), r["step_size"], r["devices"]):
-             r["train_images_per_second"]["median"] for r in rows}
+    by = {(r["family"], tuple(r["stage_sizes"]), r["step_size"], r["devices"]): r
+          for r in rows}
     headers = ["model", "blocks", *[f"train images/s, {n} device{'s' * (n > 1)}"
                                     for n in counts],
                f"{counts[-1]} vs {counts[0]} device{'s' * (counts[0] > 1)}"]
     body = []
     for family, sizes, h in networks:
-        values = [speed[(family, sizes, h, n)] for n in counts]
+        cells = [by.get((family, sizes, h, n)) for n in counts]
+        first, last = (c and c["train_images_per_second"]["median"] for c in (cells[0], cells[-1]))
+        speed_up = f"x{last / first:.2f}" if first and last else "—"
         body.append([model_name(family, sizes), models.format_stage_sizes(sizes),
-                     *[f"{v:.0f}" for v in values], f"x{values[-1] / values[0]:.2f}"])
+                     *[_cell(c, "train_images_per_second", ".0f") for c in cells], speed_up])
     return common.markdown_table(headers, body)
 
 
@@ -434,41 +445,33 @@ def report_markdown(report: dict) -> str:
         "(configurations ran smallest first). XLA mem: the compiled train "
         "step's arguments + outputs - donated + temporaries.",
         f"- Machine: {common.machine_line(report['machine'])}.",
+        *([] if report.get("complete", True) else
+          ["- **Incomplete**: not every configuration has been measured (yet)."]),
     ]
     return "\n".join(lines) + "\n"
 
 
-def run_benchmark(settings: dict) -> dict:
-    """Measures every (family, level) of ``settings``; returns the report.
+def build_report(settings: dict, measured: dict, machine: dict) -> dict:
+    """The report of the configurations measured so far.
 
     Returns:
-      ``machine``, ``settings`` and ``rows`` (one per configuration, family
-      by family, first level first: `measure` output plus family, width,
-      stage sizes, h, device count, cycle steps and compile share) and
-      ``families`` (`family_summary` per family, on the first device count).
+      ``machine``, ``settings``, ``complete`` (every configuration measured),
+      ``rows`` (one per configuration measured, family by family, first level
+      first: `measure` output plus family, width, stage sizes, h, device
+      count, layout, cycle steps and compile share) and ``families``
+      (`family_summary` per family whose levels are all measured, on the
+      first device count and layout).
     """
-    machine = common.machine_info()
     levels = settings["levels"]
-    measured = {}
     variants = [(devices, layout) for layout in settings["layouts"]
                 for devices in settings["device_counts"]]
-    for devices, layout in variants:
-        for name, width, level in run_order(settings["families"], levels):
-            sizes, h = levels[level]
-            logging.info("Measuring %s, width %d, %s blocks, h = %g, %d device(s), %s",
-                         model_name(name, sizes), width, models.format_stage_sizes(sizes),
-                         h, devices, layout)
-            result = measure(width, sizes, h, settings, devices, layout)
-            measured[(width, level, devices, layout)] = result
-            # Each result as it comes: a long run stopped early still told something.
-            logging.info("  compile train %.1f s, eval %.1f s; train step %.3f s (median)",
-                         result["compile_train_seconds"], result["compile_eval_seconds"],
-                         result["train_step_seconds"]["median"])
     rows, families = [], {}
     for name, width in settings["families"]:
         for devices, layout in variants:
             family_rows = []
             for level, (sizes, h) in enumerate(levels):
+                if (width, level, devices, layout) not in measured:
+                    continue
                 row = {"family": name, "width": width, "stage_sizes": list(sizes),
                        "step_size": h, "devices": devices, "layout": layout,
                        "cycle_steps": settings["cycle_steps"][level],
@@ -478,14 +481,47 @@ def run_benchmark(settings: dict) -> dict:
                     row["cycle_steps"], row["train_step_seconds"]["median"])
                 family_rows.append(row)
             rows += family_rows
-            if (devices, layout) == variants[0]:
+            if (devices, layout) == variants[0] and len(family_rows) == len(levels):
                 families[name] = family_summary(family_rows, settings["cycle_steps"])
     plain_settings = {**settings,
                       "families": [{"name": n, "width": w} for n, w in settings["families"]],
                       "levels": [{"stage_sizes": list(s), "step_size": h}
                                  for s, h in levels]}
-    return {"benchmark": "throughput", "machine": machine,
-            "settings": plain_settings, "rows": rows, "families": families}
+    return {"benchmark": "throughput", "machine": machine, "settings": plain_settings,
+            "complete": len(rows) == len(variants) * len(levels) * len(settings["families"]),
+            "rows": rows, "families": families}
+
+
+def run_benchmark(settings: dict, on_measured=None) -> dict:
+    """Measures every (family, level, device count, layout) of ``settings``.
+
+    Args:
+      settings: from `settings_from_flags`.
+      on_measured: called with the report so far (`build_report`) after each
+        configuration: a run cut short still tells what it measured.
+
+    Returns:
+      The report (`build_report`).
+    """
+    machine = common.machine_info()
+    levels = settings["levels"]
+    measured = {}
+    for layout in settings["layouts"]:
+        for devices in settings["device_counts"]:
+            for name, width, level in run_order(settings["families"], levels):
+                sizes, h = levels[level]
+                logging.info("Measuring %s, width %d, %s blocks, h = %g, %d device(s), %s",
+                             model_name(name, sizes), width,
+                             models.format_stage_sizes(sizes), h, devices, layout)
+                result = measure(width, sizes, h, settings, devices, layout)
+                measured[(width, level, devices, layout)] = result
+                logging.info("  compile train %.1f s, eval %.1f s; train step %.3f s "
+                             "(median)", result["compile_train_seconds"],
+                             result["compile_eval_seconds"],
+                             result["train_step_seconds"]["median"])
+                if on_measured:
+                    on_measured(build_report(settings, measured, machine))
+    return build_report(settings, measured, machine)
 
 
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
@@ -581,12 +617,13 @@ def main(argv):
                 f"--device_counts={','.join(map(str, FLAGS.device_counts))} is not allowed: "
                 f"this machine has {jax.device_count()} {jax.default_backend()} devices")
         rerun_with_host_devices(needed)
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
-    report = run_benchmark(settings)
-    files.write_json(os.path.join(FLAGS.output_dir, "throughput.json"), report)
-    text = report_markdown(report)
-    files.write_text(os.path.join(FLAGS.output_dir, "throughput.md"), text)
-    print(text, flush=True)
+    def write(report):
+        files.write_json(os.path.join(FLAGS.output_dir, "throughput.json"), report)
+        files.write_text(os.path.join(FLAGS.output_dir, "throughput.md"),
+                         report_markdown(report))
+
+    report = run_benchmark(settings, on_measured=write)
+    print(report_markdown(report), flush=True)
     print(f"Wrote throughput.json and throughput.md to {FLAGS.output_dir}", flush=True)
 
 

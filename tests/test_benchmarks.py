@@ -463,6 +463,10 @@ def test_scaling_table_puts_device_counts_side_by_side():
                         "2 devices | 2 vs 1 device |")
     assert lines[2] == "| ResNet-6 | 2 | 100 | 180 | x1.80 |"
     assert lines[3] == "| ResNet-10 | 4 | 50 | 95 | x1.90 |"
+    # A run cut short: the cells not measured are marked, not guessed.
+    partial = throughput.scaling_table([row([2], 1, 100.0), row([4], 1, 50.0),
+                                        row([2], 2, 180.0)]).splitlines()
+    assert partial[3] == "| ResNet-10 | 4 | 50 | — | — |"
 
 
 def test_throughput_reruns_itself_with_forced_host_devices(tmp_path):
@@ -476,7 +480,7 @@ def test_throughput_reruns_itself_with_forced_host_devices(tmp_path):
     assert result.returncode == 0, result.stderr
     with open(output / "throughput.json") as handle:
         report = json.load(handle)
-    assert [r["devices"] for r in report["rows"]] == [1, 2]
+    assert [r["devices"] for r in report["rows"]] == [1, 2] and report["complete"]
     assert len(report["machine"]["devices"]) == 2  # measured in the rerun process
     assert "| ResNet-4 w2 | 1 |" in (output / "throughput.md").read_text()
     assert "train images/s, 2 devices" in result.stdout
