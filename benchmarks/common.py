@@ -22,7 +22,7 @@ import optax
 from absl import flags
 
 from configs import default
-from mlres_jax import errors, parallel, plan, steps
+from mlres_jax import errors, files, parallel, plan, steps
 
 
 class BenchmarkError(errors.UserError, ValueError):
@@ -176,6 +176,16 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(rule) + " |"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def write_outputs(output_dir: str, name: str, report: dict, markdown: str,
+                  figures: dict | None = None) -> None:
+    """Writes ``NAME.json``, ``NAME.md`` and each of ``figures`` (file name -> matplotlib
+    ``Figure``, as PNG) into ``output_dir``, each atomically (`mlres_jax.files`)."""
+    files.write_json(os.path.join(output_dir, f"{name}.json"), report)
+    files.write_text(os.path.join(output_dir, f"{name}.md"), markdown)
+    for file_name, figure in (figures or {}).items():
+        files.save_figure(figure, os.path.join(output_dir, file_name))
 
 
 def _cpu_model() -> str:

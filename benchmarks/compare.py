@@ -228,10 +228,11 @@ def run_comparison(config: ml_collections.ConfigDict, seeds: Sequence[int],
     config = planned[-1].config  # resolved: batch size etc. filled in
     machine = common.machine_info()
 
-    def write(results, complete=False, curves=None, **extra):
+    def write(results, complete=False, figures=None, **extra):
         report = dict(build_report(config, seeds, results, machine, parallel_runs,
                                    complete), **extra)
-        compare_report.write_outputs(output_dir, report, curves or {})
+        common.write_outputs(output_dir, "compare", report,
+                             compare_report.report_markdown(report), figures)
         return report
 
     results = runs.train_runs(planned, output_dir, resume=resume,
@@ -239,8 +240,11 @@ def run_comparison(config: ml_collections.ConfigDict, seeds: Sequence[int],
     curves = {name: compare_report.mean_curves([r.summary["history"] for r in results
                                                 if r.run.name == name])
               for name in MODELS}
+    figure = compare_report.curves_figure(curves, config.cycle_boundaries, seeds,
+                                            config.dataset)
     at_end = {"load_average_1_5_15_min": common.machine_info()["load_average_1_5_15_min"]}
-    return write(results, complete=True, curves=curves, machine_at_end=at_end)
+    return write(results, complete=True, figures={"compare_curves.png": figure},
+                 machine_at_end=at_end)
 
 
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:

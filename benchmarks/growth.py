@@ -38,7 +38,7 @@ from matplotlib.figure import Figure
 from ml_collections import config_flags
 
 from benchmarks import common, runs
-from mlres_jax import cli, files, models, multilevel, plan
+from mlres_jax import cli, models, multilevel, plan
 
 FLAGS = flags.FLAGS
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -182,9 +182,8 @@ def run_benchmark(config: ml_collections.ConfigDict, pairs: Sequence[tuple[str, 
         records = [run_record(result) for result in results]
         report = {"benchmark": "growth", "machine": machine, "settings": settings,
                   "runs": records}
-        files.write_json(os.path.join(output_dir, "growth.json"), report)
-        files.write_text(os.path.join(output_dir, "growth.md"), report_markdown(report))
-        files.save_figure(growth_figure(records), os.path.join(output_dir, "growth.png"))
+        common.write_outputs(output_dir, "growth", report, report_markdown(report),
+                             {"growth.png": growth_figure(records)})
         return report
 
     return write(runs.train_runs(planned, output_dir, resume=resume,

@@ -19,13 +19,11 @@ Writes ``step_cost.json`` and ``step_cost.md`` to ``--output_dir``::
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from absl import app, flags, logging
 
 from benchmarks import common
-from mlres_jax import cli, datasets, files, models, plan, steps
+from mlres_jax import cli, datasets, models, plan, steps
 
 FLAGS = flags.FLAGS
 HOST_INDICES = "check, indices from the host"
@@ -109,10 +107,8 @@ def main(argv):
             for name in seconds[0]}
     report = {"benchmark": "step_cost", "machine": machine, "settings": settings,
               "depths": depths, "seconds": seconds, "fits": fits}
-    files.write_json(os.path.join(FLAGS.output_dir, "step_cost.json"), report)
-    text = report_markdown(report)
-    files.write_text(os.path.join(FLAGS.output_dir, "step_cost.md"), text)
-    print(text, flush=True)
+    common.write_outputs(FLAGS.output_dir, "step_cost", report, report_markdown(report))
+    print(report_markdown(report), flush=True)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from benchmarks import common
-from mlres_jax import cli, configuration, cpu_backend, datasets, files, models, parallel, plan, steps
+from mlres_jax import cli, configuration, cpu_backend, datasets, models, parallel, plan, steps
 
 FAMILIES = {"resnet": 16, "wresnet": 32}
 FAMILY_NAMES = {16: "ResNet", 32: "WResNet"}
@@ -617,12 +617,8 @@ def main(argv):
                 f"--device_counts={','.join(map(str, FLAGS.device_counts))} is not allowed: "
                 f"this machine has {jax.device_count()} {jax.default_backend()} devices")
         rerun_with_host_devices(needed)
-    def write(report):
-        files.write_json(os.path.join(FLAGS.output_dir, "throughput.json"), report)
-        files.write_text(os.path.join(FLAGS.output_dir, "throughput.md"),
-                         report_markdown(report))
-
-    report = run_benchmark(settings, on_measured=write)
+    report = run_benchmark(settings, on_measured=lambda report: common.write_outputs(
+        FLAGS.output_dir, "throughput", report, report_markdown(report)))
     print(report_markdown(report), flush=True)
     print(f"Wrote throughput.json and throughput.md to {FLAGS.output_dir}", flush=True)
 
