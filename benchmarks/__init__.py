@@ -1,7 +1,11 @@
-"""Benchmarks: the paper's Table-3 comparison and per-depth costs.
+"""Benchmarks: the paper's Table-3 comparison, the growth rules, per-depth and per-phase costs.
 
 * ``python -m benchmarks.compare``: first-cycle, last-cycle and multi-level
-  model trained one after another; table, JSON and training curves.
+  model over seeds; table, JSON and training curves.
+* ``python -m benchmarks.growth``: every growth rule and momentum policy.
 * ``python -m benchmarks.throughput``: compile time, images/s and memory of
-  every depth of a multi-level run, for the ResNet and Wide ResNet families.
+  every depth of a multi-level run.
+* ``python -m benchmarks.step_cost``: the train step's time by phase.
+
+``compare`` and ``growth`` train through one driver (`benchmarks.runs`).
 """

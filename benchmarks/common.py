@@ -1,17 +1,17 @@
-"""Helpers shared by the benchmark scripts: statistics, tables, files, machine.
+"""What the benchmarks share: list flags, statistics, tables, the machine, timing a step.
 
-Pure helpers (`mean_std`, `format_mean_std`, `time_saved`, `markdown_table`,
-`parse_int_list`) are unit-tested in ``tests/test_benchmarks.py``; the others
-touch the file system or ask JAX about the machine.
+Pure helpers (`mean_std`, `format_mean_std`, `time_saved`, `percentiles`,
+`markdown_table`) are unit-tested in ``tests/test_benchmarks.py``; the others
+ask JAX about the machine or time compiled steps. `time_train_step` is the one
+timing harness of ``benchmarks.throughput`` and ``benchmarks.step_cost``.
 """
 
 from __future__ import annotations
 
 import datetime
-import json
-import math
 import os
 import platform
+import statistics
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -19,121 +19,58 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 import optax
+from absl import flags
 
 from configs import default
-from mlres_jax import checkpoint, errors, plan, steps
+from mlres_jax import errors, files, parallel, plan, steps
 
 
-class FlagError(errors.UserError, ValueError):
-    """A command-line flag has a value that is not allowed.
+class BenchmarkError(errors.UserError, ValueError):
+    """A benchmark cannot be set up from its flags, config or output folder.
 
-    Raised before any training or compiling starts; the message names the
-    flag, the value and what is allowed.
+    Raised before any training or compiling; the message says what to change.
     """
 
 
-def flag_error(flag: str, value: Any, allowed: str) -> FlagError:
-    """The error for ``--flag=value``, saying what is allowed instead."""
-    return FlagError(f"--{flag}={value!r} is not allowed: {allowed}")
+class ListOf(flags.ListParser):
+    """absl parser of a comma-separated list whose items another absl parser reads.
 
-
-def parse_int_list(flag: str, text: str, *, minimum: int = 0,
-                   unique: bool = False) -> list[int]:
-    """Parses a comma-separated list of integers such as ``"0,1,2"``.
-
-    Args:
-      flag: the flag's name, for the error message.
-      text: the flag's value.
-      minimum: the smallest allowed integer.
-      unique: whether repeated values are an error.
-
-    Returns:
-      The integers, in the given order.
-
-    Raises:
-      FlagError: for an empty list, a non-integer, a value below ``minimum``
-        or (with ``unique``) a repeated value.
+    ``--seeds=0,1,2`` with ``ListOf(flags.IntegerParser(lower_bound=0))`` is
+    ``[0, 1, 2]``. A bad item, an empty list or (with ``unique``) a repeated
+    item is absl's ``IllegalFlagValueError``, whose message names the flag,
+    the value and what is allowed.
     """
-    allowed = (f"a comma-separated list of integers >= {minimum}"
-               f"{' without repeats' if unique else ''}, e.g. '0,1,2'")
-    parts = [p.strip() for p in str(text).split(",")]
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        raise flag_error(flag, text, allowed) from None
-    if not values or any(v < minimum for v in values) or (
-            unique and len(set(values)) != len(values)):
-        raise flag_error(flag, text, allowed)
-    return values
+
+    def __init__(self, item: flags.ArgumentParser, unique: bool = True):
+        super().__init__()
+        self.item, self.unique = item, unique
+
+    def allowed(self) -> str:
+        """What the flag takes, in words."""
+        kind = (f"one of {list(self.item.enum_values)}" if hasattr(self.item, "enum_values")
+                else getattr(self.item, "syntactic_help", "") or self.item.flag_type())
+        return f"comma-separated values, each {kind}{', none twice' if self.unique else ''}"
+
+    def parse(self, argument):
+        values = []
+        for text in super().parse(argument):
+            try:
+                values.append(self.item.parse(text))
+            except ValueError:
+                raise ValueError(f"{text!r} is not allowed: {self.allowed()}") from None
+        if not values or (self.unique and len(set(values)) != len(values)):
+            raise ValueError(f"allowed: {self.allowed()}")
+        return values
+
+    def flag_type(self) -> str:
+        return self.allowed()
 
 
-def parse_name_list(flag: str, text: str, known: Sequence[str]) -> list[str]:
-    """Parses a comma-separated list of names, each one of ``known`` and each once.
-
-    Raises:
-      FlagError: for an empty list, an unknown name or a repeated one.
-    """
-    names = [n.strip() for n in str(text).split(",") if n.strip()]
-    if not names or set(names) - set(known) or len(set(names)) != len(names):
-        raise flag_error(flag, text, f"a comma-separated list of {list(known)}, each once")
-    return names
-
-
-def parse_float_list(flag: str, text: str) -> list[float]:
-    """Parses a comma-separated list of finite numbers > 0 (``"60,50,50"``).
-
-    Raises:
-      FlagError: for an empty list, a non-number or a number <= 0.
-    """
-    allowed = "a comma-separated list of numbers > 0, e.g. '60,50,50'"
-    try:
-        values = [float(p) for p in str(text).split(",")]
-    except ValueError:
-        raise flag_error(flag, text, allowed) from None
-    if not values or any(not math.isfinite(v) or v <= 0 for v in values):
-        raise flag_error(flag, text, allowed)
-    return values
-
-
-def comparable_config(config_dict: dict) -> dict:
-    """A config as ``summary.json`` stores it, without fields that do not change results."""
-    plain = json.loads(json.dumps(config_dict))
-    plain.pop("progress_bar", None)
-    return plain
-
-
-def read_summary(workdir: str) -> dict | None:
-    """The run's ``summary.json``, or None if it has none (or an unreadable one)."""
-    try:
-        with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
-        return None
-
-
-def config_differences(summary: dict, config) -> list[str]:
-    """Config fields (but ``progress_bar``) that differ between a finished run and ``config``.
-
-    A field the run's summary lacks, because it was added to the project
-    later, counts with the value that gave the run's behaviour
-    (`checkpoint.FIELDS_ADDED`).
-    """
-    old = comparable_config(checkpoint.with_added_fields(summary.get("config", {})))
-    new = comparable_config(config.to_dict())
-    return sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
-
-
-def reusable_summary(workdir: str, config) -> dict | None:
-    """The run's existing ``summary.json`` if it was made with ``config``, else None."""
-    summary = read_summary(workdir)
-    if summary is None or config_differences(summary, config):
-        return None
-    return summary
-
-
-def holds_files(folder: str) -> bool:
-    """Whether ``folder`` exists and is not empty (an earlier run's folder)."""
-    return os.path.isdir(folder) and bool(os.listdir(folder))
+def define_list(name: str, default: str, help_text: str, item: flags.ArgumentParser, *,
+                unique: bool = True, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines ``--name`` as a comma-separated list of values ``item`` parses (`ListOf`)."""
+    flags.DEFINE(ListOf(item, unique), name, default, help_text, flag_values,
+                 flags.CsvListSerializer(","))
 
 
 def mean_std(values: Sequence[float]) -> dict:
@@ -152,11 +89,8 @@ def mean_std(values: Sequence[float]) -> dict:
     values = [float(v) for v in values]
     if not values:
         raise ValueError("mean_std needs at least one value")
-    n = len(values)
-    mean = sum(values) / n
-    std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-           if n > 1 else None)
-    return {"mean": mean, "std": std, "n": n}
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
 
 
 def format_mean_std(stats: dict | None, *, scale: float = 1.0, digits: int = 2,
@@ -200,7 +134,7 @@ def time_saved(seconds: float, reference_seconds: float) -> float:
 
 
 def percentiles(values: Sequence[float]) -> dict:
-    """Median, quartiles, min and max of timed repetitions (linear interpolation).
+    """Median, quartiles, min and max of timed repetitions (numpy's linear interpolation).
 
     Args:
       values: at least one measurement (e.g. seconds per step).
@@ -208,18 +142,11 @@ def percentiles(values: Sequence[float]) -> dict:
     Returns:
       ``{"median", "p25", "p75", "min", "max", "n"}`` in the unit of ``values``.
     """
-    ordered = sorted(float(v) for v in values)
-    if not ordered:
+    if not len(values):
         raise ValueError("percentiles needs at least one value")
-
-    def at(q: float) -> float:
-        position = q * (len(ordered) - 1)
-        low = math.floor(position)
-        high = min(low + 1, len(ordered) - 1)
-        return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-    return {"median": at(0.5), "p25": at(0.25), "p75": at(0.75),
-            "min": ordered[0], "max": ordered[-1], "n": len(ordered)}
+    p25, median, p75 = (float(q) for q in np.percentile(values, [25, 50, 75]))
+    return {"median": median, "p25": p25, "p75": p75, "min": float(min(values)),
+            "max": float(max(values)), "n": len(values)}
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
@@ -251,6 +178,16 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
     return "\n".join(lines)
 
 
+def write_outputs(output_dir: str, name: str, report: dict, markdown: str,
+                  figures: dict | None = None) -> None:
+    """Writes ``NAME.json``, ``NAME.md`` and each of ``figures`` (file name -> matplotlib
+    ``Figure``, as PNG) into ``output_dir``, each atomically (`mlres_jax.files`)."""
+    files.write_json(os.path.join(output_dir, f"{name}.json"), report)
+    files.write_text(os.path.join(output_dir, f"{name}.md"), markdown)
+    for file_name, figure in (figures or {}).items():
+        files.save_figure(figure, os.path.join(output_dir, file_name))
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
@@ -262,6 +199,13 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpus_available() -> list[int]:
+    """The CPU cores this process may run on (all of them where that is not known)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 def machine_info() -> dict:
     """What the numbers were measured on.
 
@@ -271,14 +215,6 @@ def machine_info() -> dict:
       run on), the 1/5/15-minute load average at the time of the call (other
       processes on the machine make timings noisy) and a UTC time stamp.
     """
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        affinity = None
-    try:
-        load = list(os.getloadavg())
-    except OSError:
-        load = None
     devices = jax.devices()
     return {
         "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
@@ -291,8 +227,8 @@ def machine_info() -> dict:
         "os": platform.platform(),
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
-        "cpus_available": affinity,
-        "load_average_1_5_15_min": load,
+        "cpus_available": len(cpus_available()),
+        "load_average_1_5_15_min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -334,3 +270,61 @@ def default_optimizer() -> optax.GradientTransformation:
     config = default.get_config()
     return steps.create_optimizer(config, plan.cosine_cycle_schedule(
         10_000, config.learning_rate_max, config.learning_rate_min))
+
+
+def time_train_step(model, *, image_shape: Sequence[int], num_classes: int,
+                    crop_padding: int, batch_size: int, warmup: int, count: int,
+                    seed: int = 0, mesh=None, last_phase: str = "check",
+                    indices_from_host: bool = False) -> dict:
+    """Compiles the real train step (`steps.make_train_step`) of ``model`` and times it.
+
+    The data is a pool of 8 batches of random images, replicated on the
+    mesh's devices; every step gets a new random mini-batch of it, split over
+    the devices, as the training loop gathers from the whole training set on
+    the devices.
+
+    Args:
+      model: the network.
+      image_shape, num_classes, crop_padding: of the data set.
+      batch_size: the global mini-batch.
+      warmup: untimed steps after compiling.
+      count: timed steps.
+      seed: of the data, the batches and the initialisation.
+      mesh: the devices (`parallel.make_mesh`); default one device.
+      last_phase: the step's phases run (`steps.TRAIN_STEP_PHASES`).
+      indices_from_host: put each step's batch indices on the devices inside
+        the timed call, as the training loop does (`parallel.shard_batch`),
+        rather than before.
+
+    Returns:
+      ``compiled`` (the executable), ``compile_seconds`` (tracing, lowering
+      and compiling), ``step_seconds`` (`percentiles` of ``count`` steps,
+      each waited for alone) and ``state`` (the train state after the last).
+    """
+    mesh = mesh or parallel.make_mesh(1)
+    rng = np.random.default_rng(seed)
+    images, labels = parallel.put_replicated(synthetic_images(
+        rng, 8 * batch_size, image_shape, num_classes), mesh)
+    host_indices = [rng.permutation(8 * batch_size)[:batch_size].astype(np.int32)
+                    for _ in range(warmup + count)]
+    indices = host_indices if indices_from_host else [
+        parallel.shard_batch(i, mesh) for i in host_indices]
+    augment_rng = parallel.put_replicated(jax.random.PRNGKey(seed + 1), mesh)
+    optimizer = default_optimizer()
+    state = parallel.put_replicated(steps.create_train_state(
+        jax.random.PRNGKey(seed), model, optimizer, tuple(image_shape)), mesh)
+    compiled, compile_seconds = steps.compile_ahead(
+        steps.make_train_step(model, optimizer, crop_padding, mesh, last_phase),
+        state, images, labels, parallel.shard_batch(host_indices[0], mesh), augment_rng)
+    holder = {"state": state}  # the state is donated: keep only the newest
+
+    def call(i):
+        batch = parallel.shard_batch(indices[i], mesh) if indices_from_host else indices[i]
+        holder["state"], metrics = compiled(holder["state"], images, labels, batch,
+                                            augment_rng)
+        return holder["state"], metrics
+
+    time_calls(call, warmup)
+    seconds = time_calls(lambda i: call(warmup + i), count)
+    return {"compiled": compiled, "compile_seconds": compile_seconds,
+            "step_seconds": percentiles(seconds), "state": holder["state"]}

@@ -1,17 +1,16 @@
 r"""The paper's Table 3 on this machine: first-cycle, last-cycle and multi-level model.
 
-Trains three models one after another with the same data, the same number of
-steps and the same cyclic learning rate (cosine from eta_max to eta_min,
-restarted at the same cycle boundaries; paper Sec. 5.2, Table 3):
+Trains three models with the same data, the same number of steps and the same
+cyclic learning rate (cosine from eta_max to eta_min, restarted at the same
+cycle boundaries; paper Sec. 5.2, Table 3):
 
 * ``first_cycle``: fixed depth, the first cycle's blocks and h (ResNet-14 in
   the paper);
 * ``last_cycle``: fixed depth, the last cycle's blocks, h = 1 (ResNet-50);
 * ``multilevel``: the multi-level run of the config (ResNet-50-i).
 
-Each run is ``mlres_jax.train.train_and_evaluate`` in its own sub-folder
-``OUTPUT_DIR/runs/MODEL/seedN`` (with its ``summary.json`` and TensorBoard
-events). Then it writes, in ``OUTPUT_DIR``:
+The runs are those of `benchmarks.runs` (``OUTPUT_DIR/runs/MODEL/seedN``,
+reused, resumed or trained). Then it writes, in ``OUTPUT_DIR``:
 
 * ``compare.md``: the table (test error, train time, wall time, time saved
   against the last-cycle model, the theoretical saving of the cycle split);
@@ -22,15 +21,15 @@ events). Then it writes, in ``OUTPUT_DIR``:
 Times are those of each run's ``summary.json``: *train time* is the run's
 wall time without evaluation, checkpointing and data loading
 (``totals.train_seconds``: the training steps, initialisation, compilation
-and interpolation);
-*wall time* is the whole run (``totals.wall_seconds``). Time saved = 1 -
-t(model) / t(last-cycle model), per seed, then mean ± std over seeds.
+and interpolation); *wall time* is the whole run (``totals.wall_seconds``).
+Time saved = 1 - t(model) / t(last-cycle model), per seed, then mean ± std
+over seeds.
 
 Usage (from the repository root)::
 
     python -m benchmarks.compare                     # CPU preset, ~40-45 min
-    python -m benchmarks.compare --seeds=0,1,2 --output_dir=runs/bench/seeds
-    python -m benchmarks.compare --preset=paper      # CIFAR-10, GPU, hours
+    python -m benchmarks.compare --seeds=0,1,2 --parallel_runs=2
+    python -m benchmarks.compare --config=benchmarks/presets/paper.py  # CIFAR-10, GPU
     python -m benchmarks.compare --config=configs/wrn50i.py --config.dataset=cifar100
     python -m benchmarks.compare --config.num_epochs=3 \
         --config.cycle_boundaries='(1.125, 2.0625)'  # a shorter CPU run
@@ -39,33 +38,23 @@ Usage (from the repository root)::
 ``--config`` takes any multi-level config (``multilevel=True`` with cycle
 boundaries); the two baselines are derived from it. The default is
 ``benchmarks/presets/cpu.py``, whose docstring has the time arithmetic.
-Everything that can be checked (flags, the three configs, the data, earlier
-runs in ``OUTPUT_DIR``) is checked before the first run starts. A folder
-with earlier runs needs ``--resume``: finished runs of the same config are
-reused, unfinished ones continue from their checkpoints (and are marked
-``resumed``: their times leave out the work lost at the interruption).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Sequence
 
 import ml_collections
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from benchmarks import common, compare_report
-from mlres_jax import cli, configuration, errors, models, plan, train
+from benchmarks import common, compare_report, runs
+from mlres_jax import cli, models, plan
 
 PRESETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
-PRESETS = ("cpu", "paper")
-
 FLAGS = flags.FLAGS
-
 MODELS = compare_report.MODELS
-LABELS = compare_report.LABELS
 
 # Paper Tables 3 and 4 (GTX 1080, TensorFlow): (width, first-cycle
 # blocks per stage) -> names of the fixed-depth and the multi-level model, and
@@ -86,61 +75,33 @@ PAPER_RESULTS = {
 }
 
 
-class CompareError(errors.UserError, ValueError):
-    """The comparison cannot be set up from the given config or flags."""
+def model_overrides(config: ml_collections.ConfigDict) -> dict[str, dict]:
+    """The three models as overrides of a multi-level config (`runs.plan_runs`).
 
-
-# ---------------------------------------------------------------------------
-# Set-up: configs of the three models, checked before any training.
-
-
-def last_cycle_stage_sizes(config: ml_collections.ConfigDict) -> tuple[int, ...]:
-    """Blocks per stage in the last cycle: each interpolation doubles them."""
-    doublings = len(config.cycle_boundaries)
-    return tuple(int(n) * 2**doublings for n in config.stage_sizes)
-
-
-def model_configs(config: ml_collections.ConfigDict,
-                  seed: int) -> dict[str, ml_collections.ConfigDict]:
-    """The configs of the three models for one seed, resolved and checked.
-
-    Args:
-      config: a multi-level config (``multilevel=True``, >= 1 boundary).
-      seed: the run's seed (initialisation and data order).
-
-    Returns:
-      ``{"first_cycle", "last_cycle", "multilevel"}`` -> resolved config. The
-      baselines keep every field of ``config`` (data, epochs, boundaries,
-      schedule, optimiser) and change only ``multilevel`` (False),
-      ``stage_sizes`` and, for the last-cycle model, ``step_size`` (1.0).
+    The baselines keep every field of ``config`` (data, epochs, boundaries,
+    schedule, optimiser) and change only ``multilevel`` (False),
+    ``stage_sizes`` and, for the last-cycle model, ``step_size`` (1.0); the
+    last cycle's blocks are `plan.cycle_networks`'.
 
     Raises:
-      CompareError: if ``config`` is not a multi-level config.
-      configuration.ConfigError: for a field with a value not allowed.
+      common.BenchmarkError: if ``config`` is not a multi-level config with at
+        least one cycle boundary.
     """
     if config.get("multilevel") is not True:
-        raise CompareError(
+        raise common.BenchmarkError(
             f"config.multilevel = {config.get('multilevel')!r} is not allowed: "
             "compare needs a multi-level config (True), from which it derives "
             "the fixed-depth baselines")
-    if not tuple(config.get("cycle_boundaries", ())):
-        raise CompareError(
-            f"config.cycle_boundaries = {config.get('cycle_boundaries')!r} is "
-            "not allowed: compare needs at least one cycle boundary (one "
-            "interpolation), e.g. (60, 110)")
-    multi = ml_collections.ConfigDict(config.to_dict())
-    multi.seed = seed
-    multi = configuration.resolve(multi)  # checked before deriving from it
-    configs = {}
-    for name in MODELS:
-        derived = ml_collections.ConfigDict(multi.to_dict())
-        if name != "multilevel":
-            derived.multilevel = False
-        if name == "last_cycle":
-            derived.stage_sizes = last_cycle_stage_sizes(multi)
-            derived.step_size = 1.0
-        configs[name] = configuration.resolve(derived)
-    return configs
+    boundaries = tuple(config.get("cycle_boundaries", ()))
+    if not boundaries:
+        raise common.BenchmarkError(
+            f"config.cycle_boundaries = {boundaries!r} is not allowed: compare needs "
+            "at least one cycle boundary (one interpolation), e.g. (60, 110)")
+    last_sizes, _ = plan.cycle_networks(config.stage_sizes, config.step_size,
+                                        len(boundaries) + 1)[-1]
+    return {"first_cycle": {"multilevel": False},
+            "last_cycle": {"multilevel": False, "stage_sizes": last_sizes, "step_size": 1.0},
+            "multilevel": {}}
 
 
 def theoretical_saving(config: ml_collections.ConfigDict) -> dict:
@@ -179,21 +140,11 @@ def paper_reference(config: ml_collections.ConfigDict) -> dict | None:
             "source": "paper Tables 3-4 (GTX 1080, TensorFlow)"}
 
 
-def run_dir(output_dir: str, model: str, seed: int) -> str:
-    """The sub-folder of one run: ``OUTPUT_DIR/runs/MODEL/seedN``."""
-    return os.path.join(output_dir, "runs", model, f"seed{seed}")
-
-
-# ---------------------------------------------------------------------------
-# Running.
-
-
-def run_record(summary: dict, seed: int, workdir: str) -> dict:
+def run_record(result: runs.Result) -> dict:
     """The numbers of one run that the comparison uses (seconds, fractions)."""
-    totals = summary["totals"]
+    totals = result.summary["totals"]
     return {
-        "seed": seed,
-        "workdir": workdir,
+        "seed": result.run.seed, "workdir": result.run.workdir, "status": result.status,
         "test_error": totals["final_test_error"],
         "train_seconds": totals["train_seconds"],
         "wall_seconds": totals["wall_seconds"],
@@ -202,7 +153,7 @@ def run_record(summary: dict, seed: int, workdir: str) -> dict:
         "steps": totals["steps"],
         "cycles": [{key: c[key] for key in ("stage_sizes", "steps", "train_seconds",
                                             "compile_seconds")}
-                   for c in summary["cycles"]],
+                   for c in result.summary["cycles"]],
     }
 
 
@@ -215,13 +166,12 @@ def model_description(summary: dict) -> dict:
             "depth": models.depth(cycles[-1]["stage_sizes"])}
 
 
-# ---------------------------------------------------------------------------
-# The whole comparison.
-
-
-def build_report(config, seeds, records, descriptions, machine,
-                 complete: bool) -> dict:
+def build_report(config, seeds, results: Sequence[runs.Result], machine: dict,
+                 parallel_runs: int, complete: bool) -> dict:
     """The content of ``compare.json`` (see `run_comparison`)."""
+    records = {name: [run_record(r) for r in results if r.run.name == name]
+               for name in MODELS}
+    last_cycle_sizes = model_overrides(config)["last_cycle"]["stage_sizes"]
     return {
         "benchmark": "compare",
         "complete": complete,
@@ -229,181 +179,102 @@ def build_report(config, seeds, records, descriptions, machine,
         "settings": {
             "dataset": config.dataset, "width": config.width,
             "first_cycle_stage_sizes": list(config.stage_sizes),
-            "last_cycle_stage_sizes": list(last_cycle_stage_sizes(config)),
+            "last_cycle_stage_sizes": list(last_cycle_sizes),
             "num_epochs": config.num_epochs,
             "cycle_boundaries": list(config.cycle_boundaries),
             "batch_size": config.batch_size, "seeds": list(seeds),
-            "config": {k: v for k, v in common.comparable_config(config.to_dict()).items()
-                       if k != "seed"},
+            "parallel_runs": parallel_runs,
+            "config": {k: v for k, v in config.to_dict().items()
+                       if k not in ("seed", "progress_bar")},
         },
         "theoretical": theoretical_saving(config),
         "paper_reference": paper_reference(config),
-        "models": descriptions,
+        "models": {r.run.name: model_description(r.summary) for r in results},
         "stats": compare_report.aggregate(records),
         "time_gap": compare_report.time_gap_over_seeds(records),
         "runs": records,
     }
 
 
-def check_setup(config: ml_collections.ConfigDict, seeds: Sequence[int],
-                output_dir: str, resume: bool) -> dict[int, dict]:
-    """Every check that can fail before training; returns the configs per seed.
-
-    Raises:
-      CompareError: a config that is not multi-level; without ``resume`` a
-        run folder that is not empty (its checkpoints would make
-        `train.train_and_evaluate` resume, and a resumed run's times are not
-        those of one run); with ``resume`` a finished run of another config.
-      configuration.ConfigError: bad config, or a cycle without steps.
-      input_pipeline.DataSetError: the data set is missing or damaged.
-      OSError: ``output_dir`` cannot be created or written.
-    """
-    per_seed = {seed: model_configs(config, seed) for seed in seeds}
-    for seed in seeds:
-        for name in MODELS:
-            summary = common.read_summary(run_dir(output_dir, name, seed))
-            differences = summary and common.config_differences(summary, per_seed[seed][name])
-            if resume and differences:
-                raise CompareError(
-                    f"{run_dir(output_dir, name, seed)} holds a finished run of "
-                    f"another config (differs in {', '.join(differences)}); "
-                    "choose another --output_dir")
-    if not resume:
-        used = [run_dir(output_dir, name, seed) for seed in seeds for name in MODELS
-                if common.holds_files(run_dir(output_dir, name, seed))]
-        if used:
-            raise CompareError(
-                f"{used[0]} already holds a run ({len(used)} of the runs' folders "
-                "do): pass --resume to reuse finished runs and continue "
-                "unfinished ones from their checkpoints, or choose another "
-                "--output_dir")
-    for name in MODELS:  # data present, and every cycle at least one step long
-        train.check_config(per_seed[seeds[0]][name])
-    os.makedirs(output_dir, exist_ok=True)
-    if not os.access(output_dir, os.W_OK):
-        raise OSError(f"output folder {output_dir!r} is not writable")
-    return per_seed
-
-
 def run_comparison(config: ml_collections.ConfigDict, seeds: Sequence[int],
-                   output_dir: str, *, resume: bool = False) -> dict:
+                   output_dir: str, *, resume: bool = False,
+                   parallel_runs: int = 1) -> dict:
     """Trains the three models per seed and writes the table, JSON and plot.
 
     ``compare.json`` and ``compare.md`` are rewritten (atomically) after every
     run with ``"complete": false``, so a crash keeps what finished.
 
     Args:
-      config: a multi-level config (see `model_configs`).
+      config: a multi-level config (see `model_overrides`).
       seeds: seeds to run, each for all three models.
       output_dir: where the outputs and the runs' sub-folders go.
-      resume: reuse finished runs whose ``summary.json`` has the same
-        config, and let unfinished ones continue from their checkpoints
-        (`train.train_and_evaluate` resumes by itself). Without it, a run
-        folder that is not empty is an error.
+      resume, parallel_runs: as `runs.train_runs`.
 
     Returns:
       The report written to ``compare.json``: ``machine``, ``settings``,
       ``theoretical`` (cost ratio and saving of the cycle split), ``models``
       (blocks, h, parameters), ``stats`` (mean ± std per model, time saved),
-      ``runs`` (per-seed records; ``status`` is ``trained``, ``reused`` or
-      ``resumed``) and ``paper_reference``.
+      ``time_gap``, ``runs`` (per-seed records; ``status`` is ``trained``,
+      ``reused`` or ``resumed``) and ``paper_reference``.
 
     Raises:
-      CompareError, configuration.ConfigError,
-      input_pipeline.DataSetError, OSError: before any training.
+      common.BenchmarkError, configuration.ConfigError,
+      datasets.DataSetError, OSError: before any training.
       checkpoint.CheckpointError: from a run (e.g. a resumed run whose
         checkpoints are of another config).
     """
     seeds = list(seeds)
-    per_seed = check_setup(config, seeds, output_dir, resume)
-    config = per_seed[seeds[0]]["multilevel"]  # resolved: batch size etc. filled in
+    planned = runs.plan_runs(config, model_overrides(config), seeds, output_dir)
+    config = planned[-1].config  # resolved: batch size etc. filled in
     machine = common.machine_info()
-    records = {name: [] for name in MODELS}
-    descriptions, histories = {}, {name: [] for name in MODELS}
-    for seed in seeds:
-        for name in MODELS:
-            workdir = run_dir(output_dir, name, seed)
-            summary = common.reusable_summary(workdir, per_seed[seed][name]) if resume else None
-            status = "reused"
-            if summary is None:
-                status = "resumed" if common.holds_files(workdir) else "trained"
-                logging.info("Training the %s, seed %d, in %s", LABELS[name], seed, workdir)
-                summary = train.train_and_evaluate(per_seed[seed][name], workdir)
-            records[name].append({**run_record(summary, seed, workdir), "status": status})
-            descriptions[name] = model_description(summary)
-            histories[name].append(summary["history"])
-            report = build_report(config, seeds, records, descriptions, machine,
-                                  complete=False)
-            compare_report.write_outputs(output_dir, report, {})
-    report = build_report(config, seeds, records, descriptions, machine,
-                          complete=True)
-    report["machine_at_end"] = {"load_average_1_5_15_min":
-                                common.machine_info()["load_average_1_5_15_min"]}
-    curves = {name: compare_report.mean_curves(histories[name]) for name in MODELS}
-    compare_report.write_outputs(output_dir, report, curves)
-    return report
+
+    def write(results, complete=False, figures=None, **extra):
+        report = dict(build_report(config, seeds, results, machine, parallel_runs,
+                                   complete), **extra)
+        common.write_outputs(output_dir, "compare", report,
+                             compare_report.report_markdown(report), figures)
+        return report
+
+    results = runs.train_runs(planned, output_dir, resume=resume,
+                              parallel_runs=parallel_runs, on_finished=write)
+    curves = {name: compare_report.mean_curves([r.summary["history"] for r in results
+                                                if r.run.name == name])
+              for name in MODELS}
+    figure = compare_report.curves_figure(curves, config.cycle_boundaries, seeds,
+                                            config.dataset)
+    at_end = {"load_average_1_5_15_min": common.machine_info()["load_average_1_5_15_min"]}
+    return write(results, complete=True, figures={"compare_curves.png": figure},
+                 machine_at_end=at_end)
 
 
-# ---------------------------------------------------------------------------
-# Command line.
-
-
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-    """Calls ``get_config()`` of a config file given by its path."""
-    spec = importlib.util.spec_from_file_location("compare_preset", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
-def config_from_flags() -> ml_collections.ConfigDict:
-    """The config chosen by ``--config`` (with overrides) or ``--preset``.
-
-    Raises:
-      common.FlagError: ``--preset`` together with ``--config`` or a
-        ``--config.FIELD`` override.
-    """
-    if FLAGS.preset is None:
-        return FLAGS.config
-    overrides = [name for name in FLAGS
-                 if name.startswith("config.") and FLAGS[name].present]
-    if FLAGS["config"].present or overrides:
-        given = "--config" if FLAGS["config"].present else f"--{overrides[0]}"
-        raise common.flag_error(
-            "preset", FLAGS.preset,
-            f"it cannot be combined with {given}; to change fields of a "
-            f"preset use --config=benchmarks/presets/{FLAGS.preset}.py "
-            "--config.FIELD=VALUE")
-    return load_config_file(os.path.join(PRESETS_DIR, f"{FLAGS.preset}.py"))
-
-
-def define_flags() -> None:
-    """Defines the command-line flags (called only when run as a program)."""
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """Defines the command-line flags (called only when run as a program, or by a test)."""
     config_flags.DEFINE_config_file(
         "config", os.path.join(PRESETS_DIR, "cpu.py"),
-        "A multi-level training config (configs/*i.py, benchmarks/presets/*.py); "
-        "fields can be overridden with --config.FIELD=VALUE.", lock_config=True)
-    flags.DEFINE_enum(
-        "preset", None, list(PRESETS),
-        "Shorthand for --config=benchmarks/presets/PRESET.py: 'cpu' (Fashion-MNIST, "
-        "about 40 min on 2 cores, the default) or 'paper' (CIFAR-10 ResNet-50-i, "
-        "needs the data and a GPU).")
-    flags.DEFINE_string("seeds", "0", "Comma-separated seeds; every model is "
-                        "trained once per seed, results are mean ± std.")
+        "A multi-level training config (configs/*i.py, benchmarks/presets/*.py: 'cpu', "
+        "Fashion-MNIST, about 40 min on 2 cores, the default; 'paper', CIFAR-10 "
+        "ResNet-50-i, needs the data and a GPU); fields can be overridden with "
+        "--config.FIELD=VALUE.", lock_config=True, flag_values=flag_values)
+    common.define_list("seeds", "0", "Seeds; every model is trained once per seed, "
+                       "results are mean ± std.", flags.IntegerParser(lower_bound=0),
+                       flag_values=flag_values)
     flags.DEFINE_string("output_dir", "runs/bench/compare",
                         "Folder for compare.md, compare.json, compare_curves.png "
-                        "and the runs' sub-folders.")
+                        "and the runs' sub-folders.", flag_values=flag_values)
     flags.DEFINE_bool("resume", False, "Reuse finished runs (same config) found "
                       "in the output folder and continue unfinished ones from "
-                      "their checkpoints; without it such folders are an error.")
+                      "their checkpoints; without it such folders are an error.",
+                      flag_values=flag_values)
+    flags.DEFINE_integer("parallel_runs", 1, "Runs trained side by side, each in its own "
+                         "process on one CPU core (CPU only); their times compare with "
+                         "each other only.", lower_bound=1, flag_values=flag_values)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    seeds = common.parse_int_list("seeds", FLAGS.seeds, minimum=0, unique=True)
-    report = run_comparison(config_from_flags(), seeds, FLAGS.output_dir,
-                            resume=FLAGS.resume)
+    report = run_comparison(FLAGS.config, FLAGS.seeds, FLAGS.output_dir,
+                            resume=FLAGS.resume, parallel_runs=FLAGS.parallel_runs)
     print(compare_report.report_markdown(report), flush=True)
     print(f"Wrote compare.md, compare.json and compare_curves.png to "
           f"{FLAGS.output_dir}", flush=True)

@@ -1,16 +1,18 @@
 """Results of ``benchmarks/compare.py``: statistics over seeds, the table, the plot.
 
-Pure functions of the per-run records, except `plot_curves` and
-`write_outputs`, which write files (atomically).
+Pure functions of the per-run records; `curves_figure` draws a matplotlib
+``Figure`` (no pyplot state).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
 from benchmarks import common
-from mlres_jax import files, models
+from mlres_jax import models
 
 # The three models, in the order they are trained and shown.
 MODELS = ("first_cycle", "last_cycle", "multilevel")
@@ -18,22 +20,23 @@ LABELS = {"first_cycle": "first-cycle model", "last_cycle": "last-cycle model",
           "multilevel": "multi-level"}
 
 
-def aggregate(records: dict[str, list[dict]]) -> dict[str, dict]:
-    """Mean ± std over seeds per model, and the time saved against the last-cycle model.
+def aggregate(records: dict[str, list[dict]], reference: str = "last_cycle") -> dict[str, dict]:
+    """Mean ± std over seeds per model, and the time saved against the reference model.
 
     Args:
-      records: model -> `run_record` per seed (same seeds, same order, for
-        every model present).
+      records: model -> `compare.run_record` per seed.
+      reference: the model the savings are measured against.
 
     Returns:
       model -> ``{"test_error", "train_seconds", "wall_seconds",
       "compile_seconds", "eval_seconds"}`` as `common.mean_std` dicts, plus for
-      models other than the last-cycle one ``"time_saved_train"`` and
-      ``"time_saved_wall"``: the saving per seed (paired by seed) and its
-      mean ± std. The savings are absent until the last-cycle model has run.
+      models other than the reference ``"time_saved_train"`` and
+      ``"time_saved_wall"``: the saving per seed (paired by seed, over the
+      seeds both have run) and its mean ± std. The savings are absent until
+      the reference has run a seed the model has.
     """
     result = {}
-    last = records.get("last_cycle")
+    by_seed = {r["seed"]: r for r in records.get(reference, [])}
     for name, runs in records.items():
         if not runs:
             continue
@@ -42,11 +45,11 @@ def aggregate(records: dict[str, list[dict]]) -> dict[str, dict]:
         for key in ("compile_seconds", "eval_seconds"):
             values = [r[key] for r in runs if r[key] is not None]
             stats[key] = common.mean_std(values) if values else None
-        if name != "last_cycle" and last and len(last) == len(runs):
+        paired = [(r, by_seed[r["seed"]]) for r in runs if r["seed"] in by_seed]
+        if name != reference and paired:
             for kind in ("train", "wall"):
-                per_seed = [common.time_saved(r[f"{kind}_seconds"],
-                                              ref[f"{kind}_seconds"])
-                            for r, ref in zip(runs, last)]
+                per_seed = [common.time_saved(r[f"{kind}_seconds"], ref[f"{kind}_seconds"])
+                            for r, ref in paired]
                 stats[f"time_saved_{kind}"] = {
                     **common.mean_std(per_seed), "per_seed": per_seed}
         result[name] = stats
@@ -109,12 +112,14 @@ def time_gap(multilevel: dict, last_cycle: dict) -> dict:
 
 
 def time_gap_over_seeds(records: dict[str, list[dict]]) -> dict | None:
-    """`time_gap` per seed and its mean over seeds; None until both models have a run.
+    """`time_gap` per seed and its mean over seeds; None until both models have run a seed.
 
-    Records without ``cycles`` (written before it was recorded) are left out.
+    Runs are paired by seed; records without ``cycles`` (written before it
+    was recorded) are left out.
     """
-    pairs = [(m, l) for m, l in zip(records.get("multilevel", []), records.get("last_cycle", []))
-             if "cycles" in m and "cycles" in l]
+    last = {r["seed"]: r for r in records.get("last_cycle", []) if "cycles" in r}
+    pairs = [(m, last[m["seed"]]) for m in records.get("multilevel", [])
+             if "cycles" in m and m["seed"] in last]
     if not pairs:
         return None
     per_seed = [time_gap(m, l) for m, l in pairs]
@@ -260,21 +265,19 @@ def mean_curves(histories: Sequence[list[dict]]) -> dict[str, list[float]]:
                      for e in epochs] for key in ("train_error", "test_error")}}
 
 
-def plot_curves(curves: dict[str, dict], boundaries: Sequence[float],
-                path: str, title: str) -> None:
-    """Train and test error per epoch of each model, cycle boundaries dashed.
+def curves_figure(curves: dict[str, dict], boundaries: Sequence[float], seeds: Sequence[int],
+                  dataset: str) -> Figure:
+    """Train and test error per epoch of each model, cycle boundaries dashed (paper Fig. 6).
 
     Args:
       curves: model -> `mean_curves` output.
       boundaries: epochs at which cycles start (vertical lines).
-      path: the PNG file, written atomically.
-      title: the figure's title.
+      seeds: the seeds the curves are the mean of.
+      dataset: the data set's name, for the title.
     """
-    import matplotlib  # pylint: disable=import-outside-toplevel
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    figure = Figure(figsize=(11, 4.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, 2, sharex=True)
     for axis, key, name in zip(axes, ("train_error", "test_error"),
                                ("train error (augmented, mean since last eval)",
                                 "test error")):
@@ -289,32 +292,7 @@ def plot_curves(curves: dict[str, dict], boundaries: Sequence[float],
         axis.set_ylabel(f"{name} (%)")
         axis.grid(alpha=0.3)
     axes[1].legend()
-    figure.suptitle(title)
-    figure.tight_layout()
-    files.save_figure(figure, path)
-    plt.close(figure)
-
-
-def _seeds_text(seeds: Sequence[int]) -> str:
-    if len(seeds) == 1:
-        return f"seed {seeds[0]}"
-    return "mean over seeds " + ", ".join(str(seed) for seed in seeds)
-
-
-def write_outputs(output_dir: str, report: dict, curves: dict) -> None:
-    """Writes ``compare.json``, ``compare.md`` and (given curves) ``compare_curves.png``.
-
-    Args:
-      output_dir: an existing folder.
-      report: from ``compare.build_report``.
-      curves: model -> `mean_curves`; empty while runs are missing (no plot).
-    """
-    files.write_json(os.path.join(output_dir, "compare.json"), report)
-    files.write_text(os.path.join(output_dir, "compare.md"),
-                                 report_markdown(report))
-    if curves:
-        settings = report["settings"]
-        plot_curves(curves, settings["cycle_boundaries"],
-                    os.path.join(output_dir, "compare_curves.png"),
-                    f"{settings['dataset']}: first-cycle, last-cycle and "
-                    f"multi-level model ({_seeds_text(settings['seeds'])})")
+    seeds_text = (f"seed {seeds[0]}" if len(seeds) == 1 else
+                  "mean over seeds " + ", ".join(str(seed) for seed in seeds))
+    figure.suptitle(f"{dataset}: first-cycle, last-cycle and multi-level model ({seeds_text})")
+    return figure

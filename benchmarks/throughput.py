@@ -40,6 +40,7 @@ spread.
 
 from __future__ import annotations
 
+import itertools
 import os
 import resource
 import subprocess
@@ -52,144 +53,80 @@ import numpy as np
 from absl import app, flags, logging
 
 from benchmarks import common
-from mlres_jax import cli, configuration, files, input_pipeline, models, parallel, plan, steps
+from mlres_jax import cli, configuration, cpu_backend, datasets, models, parallel, plan, steps
 
 FAMILIES = {"resnet": 16, "wresnet": 32}
 FAMILY_NAMES = {16: "ResNet", 32: "WResNet"}
 # Block layouts (models.ResNet.scan_blocks False / True).
 LAYOUTS = ("unrolled", "scanned")
+# Epochs per cycle when --cycle_epochs is not given: benchmarks/presets/cpu.py's
+# for three levels, else 2 each.
+DEFAULT_CYCLE_EPOCHS = (2.25, 1.875, 1.875)
 
 FLAGS = flags.FLAGS
 
 
-# ---------------------------------------------------------------------------
-# Flags.
+class FamilyParser(flags.ArgumentParser):
+    """absl parser of a family: 'resnet' (width 16), 'wresnet' (32) or a width >= 1."""
+
+    syntactic_help = "'resnet', 'wresnet' or a first-stage width (an integer >= 1)"
+
+    def parse(self, argument) -> int:
+        text = str(argument).strip().lower()
+        if text in FAMILIES:
+            return FAMILIES[text]
+        if text.isdigit() and int(text) >= 1:
+            return int(text)
+        raise ValueError(f"{argument!r} is not {self.syntactic_help}")
+
+    def flag_type(self) -> str:
+        return "family"
 
 
-def parse_families(text: str) -> list[tuple[str, int]]:
-    """``"resnet,wresnet,8"`` -> ``[("ResNet", 16), ("WResNet", 32), ("ResNet w8", 8)]``.
+def family_name(width: int) -> str:
+    """``"ResNet"`` (width 16), ``"WResNet"`` (32) or ``"ResNet w8"``."""
+    return FAMILY_NAMES.get(width, f"ResNet w{width}")
+
+
+def plan_levels(stage_sizes, epochs, steps_per_epoch: int) -> list[plan.Cycle]:
+    """The cycles of a multi-level run, one per level (`plan.plan_cycles`).
+
+    Args:
+      stage_sizes: blocks per stage of the first level, h = 1.
+      epochs: epochs of each cycle.
+      steps_per_epoch: training steps per epoch.
 
     Raises:
-      common.FlagError: for an unknown name or a width that is not an
-        integer >= 1.
+      common.BenchmarkError: for a cycle without steps.
     """
-    allowed = ("a comma-separated list of 'resnet', 'wresnet' or first-stage "
-               "widths (integers >= 1), e.g. 'resnet,wresnet' or '8'")
-    families = []
-    for part in (p.strip().lower() for p in str(text).split(",")):
-        if part in FAMILIES:
-            width = FAMILIES[part]
-        elif part.isdigit() and int(part) >= 1:
-            width = int(part)
-        else:
-            raise common.flag_error("families", text, allowed)
-        families.append((FAMILY_NAMES.get(width, f"ResNet w{width}"), width))
-    if len({w for _, w in families}) != len(families):
-        raise common.flag_error("families", text, allowed + ", each once")
-    return families
-
-
-def image_shape_for(dataset: str, text: str) -> tuple[int, int, int]:
-    """The synthetic images' (H, W, C): ``--image_shape`` or the data set's.
-
-    Raises:
-      common.FlagError: unknown data set, or a shape that is not three
-        integers >= 1 (H, W >= 4 so that two stride-2 stages fit).
-    """
-    if dataset not in input_pipeline.DATASETS:
-        raise common.flag_error("dataset", dataset,
-                                f"known data sets are {sorted(input_pipeline.DATASETS)}")
-    if not text:
-        return tuple(input_pipeline.DATASETS[dataset].image_shape)
     try:
-        shape = tuple(common.parse_int_list("image_shape", text, minimum=1))
-    except common.FlagError:
-        shape = ()
-    if len(shape) != 3 or min(shape[:2]) < 4:
-        raise common.flag_error("image_shape", text,
-                                "three integers H,W,C with H, W >= 4 and C >= 1, "
-                                "e.g. '32,32,3'")
-    return shape
+        return plan.plan_cycles(
+            stage_sizes=stage_sizes, step_size=1.0, num_epochs=sum(epochs),
+            cycle_boundaries=list(itertools.accumulate(epochs))[:-1],
+            steps_per_epoch=steps_per_epoch, multilevel=True)
+    except ValueError as error:
+        raise common.BenchmarkError(f"--cycle_epochs={','.join(map(str, epochs))} is not "
+                                    f"allowed: {error}") from None
 
 
-def level_plan(stage_sizes: Sequence[int], levels: int) -> list[tuple[tuple[int, ...], float]]:
-    """Blocks and h of each level: ``(2,2,2), 3`` -> 2-2-2 h=1, 4-4-4 h=0.5, 8-8-8 h=0.25."""
-    return [(tuple(n * 2**i for n in stage_sizes), 1.0 / 2**i) for i in range(levels)]
-
-
-def cycle_steps(cycle_epochs: Sequence[float], levels: int, num_train: int,
-                batch_size: int) -> list[int]:
-    """Training steps per cycle for ``cycle_epochs`` (one per level, or one for all).
-
-    Raises:
-      common.FlagError: if the number of values is neither 1 nor ``levels``.
-    """
-    if len(cycle_epochs) == 1:
-        cycle_epochs = list(cycle_epochs) * levels
-    if len(cycle_epochs) != levels:
-        raise common.flag_error(
-            "cycle_epochs", ",".join(f"{e:g}" for e in cycle_epochs),
-            f"one number of epochs per level ({levels} values, --levels) or one for all")
-    steps_per_epoch = max(1, num_train // batch_size)
-    return [max(1, round(e * steps_per_epoch)) for e in cycle_epochs]
-
-
-def default_cycle_epochs(levels: int) -> list[float]:
-    """The CPU compare preset's cycles (2.25, 1.875, 1.875 epochs) for 3 levels, else 2 each."""
-    return [2.25, 1.875, 1.875] if levels == 3 else [2.0] * levels
-
-
-def check_flags() -> dict:
-    """Parses and checks every flag before anything is compiled.
-
-    Returns:
-      The settings of the run (families, levels, shapes, step counts).
-
-    Raises:
-      common.FlagError: naming the first flag with a value not allowed.
-    """
-    image_shape = image_shape_for(FLAGS.dataset, FLAGS.image_shape)
-    stage_sizes = common.parse_int_list("stage_sizes", FLAGS.stage_sizes, minimum=1)
-    for flag, minimum in (("levels", 1), ("batch_size", 1), ("eval_batch_size", 1),
-                          ("warmup", 0), ("steps", 1), ("eval_steps", 1),
-                          ("seed", 0)):
-        if FLAGS[flag].value < minimum:
-            raise common.flag_error(flag, FLAGS[flag].value,
-                                    f"it must be an integer >= {minimum}")
-    if FLAGS.levels > 1 and min(stage_sizes) < 2:
-        raise common.flag_error(
-            "stage_sizes", FLAGS.stage_sizes,
-            "with --levels > 1 every stage needs >= 2 blocks (the paper's "
-            "interpolation rule copies the second block, App. B)")
-    info = input_pipeline.DATASETS[FLAGS.dataset]
-    device_counts = common.parse_int_list("device_counts", FLAGS.device_counts, minimum=1,
-                                          unique=True)
-    for flag in ("batch_size", "eval_batch_size"):
-        uneven = [n for n in device_counts if FLAGS[flag].value % n]
-        if uneven:
-            raise common.flag_error(flag, FLAGS[flag].value,
-                                    f"it must split evenly over {uneven[0]} devices "
-                                    f"(--device_counts={FLAGS.device_counts})")
-    layouts = common.parse_name_list("layouts", FLAGS.layouts, LAYOUTS)
-    if FLAGS.compute_dtype not in configuration.COMPUTE_DTYPES:
-        raise common.flag_error("compute_dtype", FLAGS.compute_dtype,
-                                f"one of {list(configuration.COMPUTE_DTYPES)}")
-    epochs = (common.parse_float_list("cycle_epochs", FLAGS.cycle_epochs)
-              if FLAGS.cycle_epochs else default_cycle_epochs(FLAGS.levels))
+def settings_from_flags() -> dict:
+    """The settings of the benchmark from its (checked) flags."""
+    info = datasets.DATASETS[FLAGS.dataset]
+    epochs = list(FLAGS.cycle_epochs or (
+        DEFAULT_CYCLE_EPOCHS if FLAGS.levels == 3 else [2.0] * FLAGS.levels))
+    epochs *= FLAGS.levels if len(epochs) == 1 else 1
+    cycles = plan_levels(FLAGS.stage_sizes, epochs, max(1, info.num_train // FLAGS.batch_size))
     return {
-        "dataset": FLAGS.dataset, "image_shape": list(image_shape),
+        "dataset": FLAGS.dataset, "image_shape": FLAGS.image_shape or list(info.image_shape),
         "num_classes": info.num_classes, "crop_padding": info.padding,
-        "families": parse_families(FLAGS.families),
-        "levels": level_plan(stage_sizes, FLAGS.levels),
+        "families": [(family_name(width), width) for width in FLAGS.families],
+        "levels": [(c.stage_sizes, c.step_size) for c in cycles],
         "batch_size": FLAGS.batch_size, "eval_batch_size": FLAGS.eval_batch_size,
         "warmup": FLAGS.warmup, "steps": FLAGS.steps, "eval_steps": FLAGS.eval_steps,
-        "cycle_epochs": epochs if len(epochs) > 1 else epochs * FLAGS.levels,
-        "cycle_steps": cycle_steps(epochs, FLAGS.levels, info.num_train,
-                                   FLAGS.batch_size),
-        "seed": FLAGS.seed,
-        "device_counts": device_counts,
-        "layouts": layouts,
-        "compute_dtype": FLAGS.compute_dtype,
+        "cycle_epochs": epochs,
+        "cycle_steps": [c.num_steps for c in cycles],
+        "seed": FLAGS.seed, "device_counts": FLAGS.device_counts,
+        "layouts": FLAGS.layouts, "compute_dtype": FLAGS.compute_dtype,
     }
 
 
@@ -269,46 +206,6 @@ def compile_share(compile_seconds: float, steps: int, step_seconds: float) -> fl
     return compile_seconds / (compile_seconds + steps * step_seconds)
 
 
-def time_train_step(model: models.ResNet, settings: dict, mesh):
-    """Compiles `steps.train_step` for ``model`` on ``mesh`` and times it.
-
-    The data is a pool of 8 batches of random images, replicated on the
-    mesh's devices; every step gets a new random mini-batch of it, split over
-    the devices, as the training loop gathers from the whole training set on
-    the devices.
-
-    Returns:
-      ``(compiled, compile_seconds, step_seconds, state)``: step seconds as
-      `common.percentiles` of ``settings["steps"]`` steps after
-      ``settings["warmup"]``; the state after the last step.
-    """
-    rng = np.random.default_rng(settings["seed"])
-    batch = settings["batch_size"]
-    images, labels = parallel.put_replicated(common.synthetic_images(
-        rng, 8 * batch, settings["image_shape"], settings["num_classes"]), mesh)
-    indices = [parallel.shard_batch(rng.permutation(8 * batch)[:batch].astype(np.int32),
-                                    mesh)
-               for _ in range(settings["warmup"] + settings["steps"])]
-    augment_rng = parallel.put_replicated(jax.random.PRNGKey(settings["seed"] + 1), mesh)
-    optimizer = common.default_optimizer()
-    state = parallel.put_replicated(steps.create_train_state(
-        jax.random.PRNGKey(settings["seed"]), model, optimizer,
-        tuple(settings["image_shape"])), mesh)
-    compiled, compile_seconds = steps.compile_ahead(
-        steps.make_train_step(model, optimizer, settings["crop_padding"], mesh),
-        state, images, labels, indices[0], augment_rng)
-    holder = {"state": state}  # the state is donated: keep only the newest
-
-    def call(i):
-        holder["state"], metrics = compiled(holder["state"], images, labels,
-                                            indices[i], augment_rng)
-        return holder["state"], metrics
-
-    common.time_calls(call, settings["warmup"])
-    seconds = common.time_calls(lambda i: call(settings["warmup"] + i), settings["steps"])
-    return compiled, compile_seconds, common.percentiles(seconds), holder["state"]
-
-
 def time_eval_step(model: models.ResNet, variables, settings: dict, mesh):
     """Compiles `steps.eval_step` for ``model`` on ``mesh`` and times it on random images.
 
@@ -339,7 +236,7 @@ def measure(width: int, stage_sizes: tuple[int, ...], step_size: float,
       width: first-stage filters.
       stage_sizes: blocks per stage.
       step_size: h.
-      settings: from `check_flags`.
+      settings: from `settings_from_flags`.
       devices: devices of the data-parallel mesh (`parallel.make_mesh`); the
         batches are split over them.
       layout: ``"unrolled"`` (a block after another) or ``"scanned"`` (the
@@ -353,21 +250,26 @@ def measure(width: int, stage_sizes: tuple[int, ...], step_size: float,
     model = models.ResNet(stage_sizes=stage_sizes, width=width,
                           num_classes=settings["num_classes"], step_size=step_size,
                           scan_blocks=layout == "scanned",
-                          dtype=jnp.dtype(settings["compute_dtype"]))
+                          dtype=jnp.dtype(settings["compute_dtype"]),
+                          scanned_conv=cpu_backend.scanned_conv())
     mesh = parallel.make_mesh(devices)
-    compiled_train, train_compile, train_seconds, state = time_train_step(model, settings, mesh)
+    timed = common.time_train_step(
+        model, image_shape=settings["image_shape"], num_classes=settings["num_classes"],
+        crop_padding=settings["crop_padding"], batch_size=settings["batch_size"],
+        warmup=settings["warmup"], count=settings["steps"], seed=settings["seed"], mesh=mesh)
+    train_seconds, state = timed["step_seconds"], timed["state"]
     eval_compile, eval_seconds = time_eval_step(model, state.variables, settings, mesh)
     return {
         "num_params": models.count_parameters(state.params),
-        "compile_train_seconds": train_compile,
+        "compile_train_seconds": timed["compile_seconds"],
         "compile_eval_seconds": eval_compile,
         "train_step_seconds": train_seconds,
         "train_images_per_second": images_per_second(settings["batch_size"], train_seconds),
         "eval_step_seconds": eval_seconds,
         "eval_images_per_second": images_per_second(settings["eval_batch_size"],
                                                     eval_seconds),
-        "train_step_flops": xla_flops(compiled_train),
-        "train_step_xla_memory_bytes": xla_memory_bytes(compiled_train),
+        "train_step_flops": xla_flops(timed["compiled"]),
+        "train_step_xla_memory_bytes": xla_memory_bytes(timed["compiled"]),
         "peak_memory": peak_memory(),
     }
 
@@ -449,6 +351,14 @@ def results_table(rows: list[dict]) -> str:
     return common.markdown_table(headers, body)
 
 
+def _cell(row: dict | None, key: str, digits: str) -> str:
+    """A table cell: the row's value (of a step time, the median); "—" where not measured."""
+    if row is None:
+        return "—"
+    value = row[key]["median"] if isinstance(row[key], dict) else row[key]
+    return f"{value:{digits}}"
+
+
 def layout_table(rows: list[dict]) -> str:
     """Compile and step time of each network in both layouts, side by side (first device count)."""
     first = min(r["devices"] for r in rows)
@@ -460,8 +370,9 @@ def layout_table(rows: list[dict]) -> str:
                *[f"compile train, {name} (s)" for name in layouts],
                *[f"train step, {name} (s)" for name in layouts]]
     body = [[model_name(family, sizes), models.format_stage_sizes(sizes),
-             *[f"{by[(family, sizes, name)]['compile_train_seconds']:.1f}" for name in layouts],
-             *[f"{by[(family, sizes, name)]['train_step_seconds']['median']:.3f}"
+             *[_cell(by.get((family, sizes, name)), "compile_train_seconds", ".1f")
+               for name in layouts],
+             *[_cell(by.get((family, sizes, name)), "train_step_seconds", ".3f")
                for name in layouts]] for family, sizes in networks]
     return common.markdown_table(headers, body)
 
@@ -477,16 +388,18 @@ def scaling_table(rows: list[dict]) -> str:
     counts = sorted({r["devices"] for r in rows})
     networks = list(dict.fromkeys((r["family"], tuple(r["stage_sizes"]), r["step_size"])
                                   for r in rows))
-    speed = {(r["family"], tuple(r["stage_sizes"]), r["step_size"], r["devices"]):
-             r["train_images_per_second"]["median"] for r in rows}
+    by = {(r["family"], tuple(r["stage_sizes"]), r["step_size"], r["devices"]): r
+          for r in rows}
     headers = ["model", "blocks", *[f"train images/s, {n} device{'s' * (n > 1)}"
                                     for n in counts],
                f"{counts[-1]} vs {counts[0]} device{'s' * (counts[0] > 1)}"]
     body = []
     for family, sizes, h in networks:
-        values = [speed[(family, sizes, h, n)] for n in counts]
+        cells = [by.get((family, sizes, h, n)) for n in counts]
+        first, last = (c and c["train_images_per_second"]["median"] for c in (cells[0], cells[-1]))
+        speed_up = f"x{last / first:.2f}" if first and last else "—"
         body.append([model_name(family, sizes), models.format_stage_sizes(sizes),
-                     *[f"{v:.0f}" for v in values], f"x{values[-1] / values[0]:.2f}"])
+                     *[_cell(c, "train_images_per_second", ".0f") for c in cells], speed_up])
     return common.markdown_table(headers, body)
 
 
@@ -532,41 +445,33 @@ def report_markdown(report: dict) -> str:
         "(configurations ran smallest first). XLA mem: the compiled train "
         "step's arguments + outputs - donated + temporaries.",
         f"- Machine: {common.machine_line(report['machine'])}.",
+        *([] if report.get("complete", True) else
+          ["- **Incomplete**: not every configuration has been measured (yet)."]),
     ]
     return "\n".join(lines) + "\n"
 
 
-def run_benchmark(settings: dict) -> dict:
-    """Measures every (family, level) of ``settings``; returns the report.
+def build_report(settings: dict, measured: dict, machine: dict) -> dict:
+    """The report of the configurations measured so far.
 
     Returns:
-      ``machine``, ``settings`` and ``rows`` (one per configuration, family
-      by family, first level first: `measure` output plus family, width,
-      stage sizes, h, device count, cycle steps and compile share) and
-      ``families`` (`family_summary` per family, on the first device count).
+      ``machine``, ``settings``, ``complete`` (every configuration measured),
+      ``rows`` (one per configuration measured, family by family, first level
+      first: `measure` output plus family, width, stage sizes, h, device
+      count, layout, cycle steps and compile share) and ``families``
+      (`family_summary` per family whose levels are all measured, on the
+      first device count and layout).
     """
-    machine = common.machine_info()
     levels = settings["levels"]
-    measured = {}
     variants = [(devices, layout) for layout in settings["layouts"]
                 for devices in settings["device_counts"]]
-    for devices, layout in variants:
-        for name, width, level in run_order(settings["families"], levels):
-            sizes, h = levels[level]
-            logging.info("Measuring %s, width %d, %s blocks, h = %g, %d device(s), %s",
-                         model_name(name, sizes), width, models.format_stage_sizes(sizes),
-                         h, devices, layout)
-            result = measure(width, sizes, h, settings, devices, layout)
-            measured[(width, level, devices, layout)] = result
-            # Each result as it comes: a long run stopped early still told something.
-            logging.info("  compile train %.1f s, eval %.1f s; train step %.3f s (median)",
-                         result["compile_train_seconds"], result["compile_eval_seconds"],
-                         result["train_step_seconds"]["median"])
     rows, families = [], {}
     for name, width in settings["families"]:
         for devices, layout in variants:
             family_rows = []
             for level, (sizes, h) in enumerate(levels):
+                if (width, level, devices, layout) not in measured:
+                    continue
                 row = {"family": name, "width": width, "stage_sizes": list(sizes),
                        "step_size": h, "devices": devices, "layout": layout,
                        "cycle_steps": settings["cycle_steps"][level],
@@ -576,51 +481,115 @@ def run_benchmark(settings: dict) -> dict:
                     row["cycle_steps"], row["train_step_seconds"]["median"])
                 family_rows.append(row)
             rows += family_rows
-            if (devices, layout) == variants[0]:
+            if (devices, layout) == variants[0] and len(family_rows) == len(levels):
                 families[name] = family_summary(family_rows, settings["cycle_steps"])
     plain_settings = {**settings,
                       "families": [{"name": n, "width": w} for n, w in settings["families"]],
                       "levels": [{"stage_sizes": list(s), "step_size": h}
                                  for s, h in levels]}
-    return {"benchmark": "throughput", "machine": machine,
-            "settings": plain_settings, "rows": rows, "families": families}
+    return {"benchmark": "throughput", "machine": machine, "settings": plain_settings,
+            "complete": len(rows) == len(variants) * len(levels) * len(settings["families"]),
+            "rows": rows, "families": families}
 
 
-def define_flags() -> None:
-    """Defines the command-line flags (called only when run as a program)."""
-    flags.DEFINE_string("dataset", "fashion_mnist",
-                        f"Image shape, classes, crop padding and epoch length of "
-                        f"this data set: one of {sorted(input_pipeline.DATASETS)}.")
-    flags.DEFINE_string("image_shape", "", "H,W,C of the synthetic images; "
-                        "default: the data set's.")
-    flags.DEFINE_string("families", "resnet,wresnet",
-                        "Comma-separated: 'resnet' (width 16), 'wresnet' (width "
-                        "32) or first-stage widths as integers.")
-    flags.DEFINE_string("stage_sizes", "2,2,2", "Blocks per stage of the first level.")
-    flags.DEFINE_integer("levels", 3, "Depths measured: the first level and "
-                         "LEVELS - 1 interpolations (blocks x2, h / 2 each).")
-    flags.DEFINE_integer("batch_size", 100, "Training mini-batch (images).")
-    flags.DEFINE_integer("eval_batch_size", 500, "Evaluation batch (images).")
-    flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
-    flags.DEFINE_integer("steps", 5, "Timed training steps per configuration.")
-    flags.DEFINE_integer("eval_steps", 3, "Timed evaluation steps per configuration.")
-    flags.DEFINE_string("cycle_epochs", "",
-                        "Epochs per cycle, one per level (or one for all), for the "
-                        "compile share and the predicted saving. Default: "
-                        "benchmarks/presets/cpu.py's 2.25,1.875,1.875 for 3 levels, "
-                        "else 2 per level; the paper's is 60,50,50.")
+def run_benchmark(settings: dict, on_measured=None) -> dict:
+    """Measures every (family, level, device count, layout) of ``settings``.
+
+    Args:
+      settings: from `settings_from_flags`.
+      on_measured: called with the report so far (`build_report`) after each
+        configuration: a run cut short still tells what it measured.
+
+    Returns:
+      The report (`build_report`).
+    """
+    machine = common.machine_info()
+    levels = settings["levels"]
+    measured = {}
+    for layout in settings["layouts"]:
+        for devices in settings["device_counts"]:
+            for name, width, level in run_order(settings["families"], levels):
+                sizes, h = levels[level]
+                logging.info("Measuring %s, width %d, %s blocks, h = %g, %d device(s), %s",
+                             model_name(name, sizes), width,
+                             models.format_stage_sizes(sizes), h, devices, layout)
+                result = measure(width, sizes, h, settings, devices, layout)
+                measured[(width, level, devices, layout)] = result
+                logging.info("  compile train %.1f s, eval %.1f s; train step %.3f s "
+                             "(median)", result["compile_train_seconds"],
+                             result["compile_eval_seconds"],
+                             result["train_step_seconds"]["median"])
+                if on_measured:
+                    on_measured(build_report(settings, measured, machine))
+    return build_report(settings, measured, machine)
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """Defines the command-line flags and their checks (called when run as a program, or by a test)."""
+    integer = flags.IntegerParser
+    flags.DEFINE_enum("dataset", "fashion_mnist", sorted(datasets.DATASETS),
+                      "Image shape, classes, crop padding and epoch length of this data set.",
+                      flag_values=flag_values)
+    common.define_list("image_shape", None, "H,W,C of the synthetic images; default: the "
+                       "data set's.", integer(lower_bound=1), unique=False,
+                       flag_values=flag_values)
+    common.define_list("families", "resnet,wresnet", "'resnet' (width 16), 'wresnet' (width "
+                       "32) or first-stage widths as integers.", FamilyParser(),
+                       flag_values=flag_values)
+    common.define_list("stage_sizes", "2,2,2", "Blocks per stage of the first level.",
+                       integer(lower_bound=1), unique=False, flag_values=flag_values)
+    flags.DEFINE_integer("levels", 3, "Depths measured: the first level and LEVELS - 1 "
+                         "interpolations (blocks x2, h / 2 each; plan.cycle_networks).",
+                         lower_bound=1, flag_values=flag_values)
+    flags.DEFINE_integer("batch_size", 100, "Training mini-batch (images).", lower_bound=1,
+                         flag_values=flag_values)
+    flags.DEFINE_integer("eval_batch_size", 500, "Evaluation batch (images).", lower_bound=1,
+                         flag_values=flag_values)
+    flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.", lower_bound=0,
+                         flag_values=flag_values)
+    flags.DEFINE_integer("steps", 5, "Timed training steps per configuration.",
+                         lower_bound=1, flag_values=flag_values)
+    flags.DEFINE_integer("eval_steps", 3, "Timed evaluation steps per configuration.",
+                         lower_bound=1, flag_values=flag_values)
+    common.define_list("cycle_epochs", None, "Epochs per cycle, one per level (or one for "
+                       "all), for the compile share and the predicted saving. Default: "
+                       "benchmarks/presets/cpu.py's 2.25,1.875,1.875 for 3 levels, else 2 "
+                       "per level; the paper's is 60,50,50.", flags.FloatParser(lower_bound=0),
+                       unique=False, flag_values=flag_values)
     flags.DEFINE_string("output_dir", "runs/bench/throughput",
-                        "Folder for throughput.json and throughput.md.")
-    flags.DEFINE_integer("seed", 0, "Seed of the synthetic data and initialisation.")
-    flags.DEFINE_string("layouts", "unrolled",
-                        "Comma-separated block layouts to measure: 'unrolled' and/or "
-                        "'scanned' (models.ResNet.scan_blocks).")
-    flags.DEFINE_string("compute_dtype", "float32", "'float32' or 'bfloat16'.")
-    flags.DEFINE_string("device_counts", "1",
-                        "Comma-separated numbers of devices to measure each network on "
-                        "(data parallel, the batch split over them), e.g. '1,2'. On a "
-                        "CPU with fewer devices, the benchmark reruns itself with that "
-                        "many forced host devices (--xla_force_host_platform_device_count).")
+                        "Folder for throughput.json and throughput.md.", flag_values=flag_values)
+    flags.DEFINE_integer("seed", 0, "Seed of the synthetic data and initialisation.",
+                         lower_bound=0, flag_values=flag_values)
+    common.define_list("layouts", "unrolled", "Block layouts to measure: 'unrolled' and/or "
+                       "'scanned' (models.ResNet.scan_blocks).", flags.EnumParser(LAYOUTS),
+                       flag_values=flag_values)
+    flags.DEFINE_enum("compute_dtype", "float32", list(configuration.COMPUTE_DTYPES),
+                      "Computation dtype (parameters stay float32).", flag_values=flag_values)
+    common.define_list("device_counts", "1", "Numbers of devices to measure each network on "
+                       "(data parallel, the batch split over them), e.g. '1,2'. On a CPU with "
+                       "fewer devices, the benchmark reruns itself with that many forced host "
+                       "devices (--xla_force_host_platform_device_count).",
+                       integer(lower_bound=1), flag_values=flag_values)
+    checks = {
+        ("levels", "stage_sizes"): (
+            lambda f: f["levels"] == 1 or min(f["stage_sizes"]) >= 2,
+            "with --levels > 1 every stage needs >= 2 blocks in --stage_sizes (the "
+            "paper's interpolation rule copies the second block, App. B)"),
+        ("levels", "cycle_epochs"): (
+            lambda f: not f["cycle_epochs"] or len(f["cycle_epochs"]) in (1, f["levels"]),
+            "--cycle_epochs needs one number of epochs per level (--levels) or one for all"),
+        ("image_shape",): (
+            lambda f: not f["image_shape"] or (len(f["image_shape"]) == 3
+                                               and min(f["image_shape"][:2]) >= 4),
+            "--image_shape needs three integers H,W,C with H, W >= 4, e.g. '32,32,3'"),
+        ("batch_size", "eval_batch_size", "device_counts"): (
+            lambda f: all(f[b] % n == 0 for b in ("batch_size", "eval_batch_size")
+                          for n in f["device_counts"]),
+            "--batch_size and --eval_batch_size must split evenly over every count of "
+            "--device_counts"),
+    }
+    for names, (check, message) in checks.items():
+        flags.register_multi_flags_validator(list(names), check, message, flag_values)
 
 
 def rerun_with_host_devices(count: int) -> None:
@@ -639,21 +608,18 @@ def rerun_with_host_devices(count: int) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    settings = check_flags()
+    settings = settings_from_flags()
     needed = max(settings["device_counts"])
     if jax.device_count() < needed:
         if jax.default_backend() != "cpu" or "force_host_platform_device_count" in \
                 os.environ.get("XLA_FLAGS", ""):
-            raise common.flag_error("device_counts", FLAGS.device_counts,
-                                    f"this machine has {jax.device_count()} "
-                                    f"{jax.default_backend()} devices")
+            raise common.BenchmarkError(
+                f"--device_counts={','.join(map(str, FLAGS.device_counts))} is not allowed: "
+                f"this machine has {jax.device_count()} {jax.default_backend()} devices")
         rerun_with_host_devices(needed)
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
-    report = run_benchmark(settings)
-    files.write_json(os.path.join(FLAGS.output_dir, "throughput.json"), report)
-    text = report_markdown(report)
-    files.write_text(os.path.join(FLAGS.output_dir, "throughput.md"), text)
-    print(text, flush=True)
+    report = run_benchmark(settings, on_measured=lambda report: common.write_outputs(
+        FLAGS.output_dir, "throughput", report, report_markdown(report)))
+    print(report_markdown(report), flush=True)
     print(f"Wrote throughput.json and throughput.md to {FLAGS.output_dir}", flush=True)
 
 

@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import numpy as np
 from absl import flags, logging
 
-from mlres_jax import (checkpoint, cli, errors, figures, files, input_pipeline,
+from mlres_jax import (checkpoint, cli, datasets, errors, figures, files,
                        measurements, models)
 
 FLAGS = flags.FLAGS
@@ -163,15 +163,15 @@ class _Loader:
         data_dir = self._options.data_dir or config.get("data_dir")
         fashion_mnist_dir = (self._options.fashion_mnist_dir
                              or config.get("fashion_mnist_dir")
-                             or input_pipeline.DEFAULT_FASHION_MNIST_DIR)
+                             or datasets.DEFAULT_FASHION_MNIST_DIR)
         key = (name, data_dir, fashion_mnist_dir)
         if key not in self._test_sets:
-            if name not in input_pipeline.DATASETS:
+            if name not in datasets.DATASETS:
                 raise AnalysisInputError(
                     f"the checkpoint's data set {name!r} is not one of "
-                    f"{sorted(input_pipeline.DATASETS)}")
-            data = input_pipeline.load(name, data_dir=data_dir,
-                                       fashion_mnist_dir=fashion_mnist_dir)
+                    f"{sorted(datasets.DATASETS)}")
+            data = datasets.load(name, data_dir=data_dir,
+                                 fashion_mnist_dir=fashion_mnist_dir)
             images, labels = data.test_images, data.test_labels
             if self._options.num_examples > 0:
                 images = images[:self._options.num_examples]

@@ -12,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-from mlres_jax import errors, input_pipeline, multilevel, plan
+from mlres_jax import datasets, errors, multilevel, plan
 
 # Paper Sec. 5.2: mini-batch 100 for CIFAR, 32 for STL-10. Fashion-MNIST is
 # not in the paper; it uses CIFAR's 100.
@@ -61,10 +61,10 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       ConfigError: naming the first field whose value is not allowed.
     """
     config = ml_collections.ConfigDict(config.to_dict())
-    if config.dataset not in input_pipeline.DATASETS:
+    if config.dataset not in datasets.DATASETS:
         _fail("dataset", config.dataset,
-              f"known data sets are {sorted(input_pipeline.DATASETS)}")
-    info = input_pipeline.DATASETS[config.dataset]
+              f"known data sets are {sorted(datasets.DATASETS)}")
+    info = datasets.DATASETS[config.dataset]
     _check_model(config)
     _check_multilevel(config)
     _check_schedule(config)
@@ -79,7 +79,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def check_against_data(config: ml_collections.ConfigDict, num_train: int) -> None:
     """Checks the fields whose validity depends on the training set's size.
 
-    Called with the count from ``input_pipeline.check_available``, before
+    Called with the count from ``datasets.check_available``, before
     the data is loaded: the batch must fit the training set, and every cycle
     of the plan must have at least one step once its epochs are rounded to
     whole steps (``plan.plan_cycles``).
@@ -165,7 +165,7 @@ def _check_optimizer(config) -> None:
             _fail(field, value, "it must be a number in [0, 1)")
 
 
-def _resolve_batches_and_padding(config, info: input_pipeline.DataSetInfo) -> None:
+def _resolve_batches_and_padding(config, info: datasets.DataSetInfo) -> None:
     _positive_integer(config, "batch_size", allow_derived=True)
     if config.batch_size == -1:
         config.batch_size = PAPER_BATCH_SIZES[config.dataset]

@@ -27,7 +27,9 @@ compile time flat in depth. The first (downsampling) block stays apart::
     params/stage2/blocks/residual/{norm1, ...}       (leading axis: blocks 2..n)
 
 `mlres_jax.multilevel.SCANNED` reads and writes this layout, and
-`multilevel.convert_layout` converts between the two (a pure function).
+`multilevel.convert_layout` converts between the two (a pure function). The
+scanned blocks' convolution is a field (``scanned_conv``), chosen for the
+backend where a run builds its model (`mlres_jax.cpu_backend`).
 
 **Mixed precision** (``dtype=jnp.bfloat16``): convolutions, batch norms and
 the head compute in bfloat16 with float32 parameters (batch-norm statistics
@@ -47,6 +49,11 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from mlres_jax import cpu_backend
+
+# A module class or a partial of one, as flax's examples type ``conv``.
+ModuleDef = Any
 
 # He initialisation (fan-out), the usual choice for ResNets on CIFAR.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -72,11 +79,6 @@ INTERMEDIATES = "intermediates"
 # Names in the scanned layout: stage/blocks/residual holds blocks 2..n stacked.
 SCANNED_BLOCKS = "blocks"
 SCANNED_MODULE = "residual"
-
-# The dimension order XLA's CPU backend runs on its fast convolution kernel
-# (flax's default): images NHWC, kernels HWIO, outputs NHWC.
-CANONICAL_CONV_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
-
 
 def block_name(block_index: int) -> str:
     """Name of the block at 0-based position ``block_index`` within a stage."""
@@ -105,114 +107,6 @@ def downsampling_shortcut(x: jax.Array, out_features: int) -> jax.Array:
     return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra)))
 
 
-def _same_padding(kernel_size: int) -> tuple[int, int]:
-    """(before, after) padding of a stride-1 'SAME' convolution with this kernel size."""
-    return (kernel_size - 1) // 2, kernel_size // 2
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _canonical_conv(inputs: jax.Array, kernel: jax.Array, precision) -> jax.Array:
-    padding = [_same_padding(k) for k in kernel.shape[:2]]
-    return jax.lax.conv_general_dilated(inputs, kernel, (1, 1), padding,
-                                        dimension_numbers=CANONICAL_CONV_DIMENSIONS,
-                                        precision=precision)
-
-
-def _canonical_conv_forward(inputs, kernel, precision):
-    return _canonical_conv(inputs, kernel, precision), (inputs, kernel)
-
-
-def _canonical_conv_backward(precision, residuals, output_cotangent):
-    inputs, kernel = residuals
-    (top, bottom), (left, right) = [_same_padding(k) for k in kernel.shape[:2]]
-    # Input cotangent: the output cotangent correlated with the kernel rotated
-    # by 180 degrees, input and output channels swapped (still HWIO).
-    flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
-    inputs_cotangent = jax.lax.conv_general_dilated(
-        output_cotangent, flipped, (1, 1), [(bottom, top), (right, left)],
-        dimension_numbers=CANONICAL_CONV_DIMENSIONS, precision=precision)
-    # Kernel cotangent: dK[a, b, i, o] = sum_{n, y, x} X_pad[n, y + a, x + b, i] dY[n, y, x, o],
-    # a convolution with channels as batch ([C_in, H, W, N]) and the output
-    # cotangent as an HWIO kernel ([H, W, N, C_out]); its output is [C_in, kh, kw, C_out].
-    kernel_cotangent = jax.lax.conv_general_dilated(
-        jnp.transpose(inputs, (3, 1, 2, 0)), jnp.transpose(output_cotangent, (1, 2, 0, 3)),
-        (1, 1), [(top, bottom), (left, right)],
-        dimension_numbers=CANONICAL_CONV_DIMENSIONS, precision=precision)
-    return inputs_cotangent, jnp.transpose(kernel_cotangent, (1, 2, 0, 3)).astype(kernel.dtype)
-
-
-_canonical_conv.defvjp(_canonical_conv_forward, _canonical_conv_backward)
-
-
-def conv_with_canonical_gradients(inputs: jax.Array, kernel: jax.Array, window_strides,
-                                  padding, *, lhs_dilation=None, rhs_dilation=None,
-                                  dimension_numbers=None, feature_group_count: int = 1,
-                                  precision=None) -> jax.Array:
-    """A stride-1 'SAME' convolution whose gradients are NHWC x HWIO convolutions too.
-
-    The same function as ``jax.lax.conv_general_dilated`` (its signature, so
-    that it can be ``flax.linen.Conv``'s ``conv_general_dilated``), with
-    hand-written gradients: the input gradient is a convolution of the output
-    cotangent with the flipped kernel, the kernel gradient a convolution with
-    the channel and batch axes swapped, both in the NHWC x HWIO -> NHWC form.
-
-    Why: XLA's CPU backend hands a convolution to its fast (Eigen) kernel only
-    in that form. JAX's automatic gradients of a convolution come in other
-    dimension orders, which XLA rewrites into the fast form with transposes,
-    but only in the entry computation (its ``ConvCanonicalization`` pass walks
-    nothing else). Inside the body of a ``jax.lax.scan`` they stay as they are
-    and run as generic loops: the scanned train step was 5 (width 8) to 15
-    (ResNet-122) times slower than the unrolled one (README, "Paper scale"). With this function
-    the scanned blocks' gradients take the fast path too.
-
-    Args:
-      inputs: float[N, H, W, C_in].
-      kernel: float[kh, kw, C_in, C_out], kh and kw odd or even (SAME padding
-        puts the extra row and column after, as XLA does).
-      window_strides: must be (1, 1).
-      padding: must be ``"SAME"``.
-      lhs_dilation, rhs_dilation: must be None or all ones.
-      dimension_numbers: must be NHWC x HWIO -> NHWC (flax's default).
-      feature_group_count: must be 1.
-      precision: passed on to every convolution.
-
-    Returns:
-      float[N, H, W, C_out], in the inputs' dtype.
-
-    Raises:
-      ValueError: for any other stride, padding, dilation, dimension order or
-        group count.
-    """
-    dimensions = jax.lax.conv_dimension_numbers(inputs.shape, kernel.shape,
-                                                dimension_numbers or CANONICAL_CONV_DIMENSIONS)
-    canonical = jax.lax.conv_dimension_numbers(inputs.shape, kernel.shape,
-                                               CANONICAL_CONV_DIMENSIONS)
-    unsupported = {
-        "window_strides": (tuple(window_strides), "(1, 1)", tuple(window_strides) == (1, 1)),
-        "padding": (padding, '"SAME"', isinstance(padding, str) and padding.upper() == "SAME"),
-        "lhs_dilation": (lhs_dilation, "None or ones", not lhs_dilation or set(lhs_dilation) == {1}),
-        "rhs_dilation": (rhs_dilation, "None or ones", not rhs_dilation or set(rhs_dilation) == {1}),
-        "dimension_numbers": (dimension_numbers, "NHWC x HWIO -> NHWC", dimensions == canonical),
-        "feature_group_count": (feature_group_count, "1", feature_group_count == 1),
-    }
-    for name, (value, allowed, ok) in unsupported.items():
-        if not ok:
-            raise ValueError(f"conv_with_canonical_gradients: {name} is {value!r}; "
-                             f"only {allowed} is supported")
-    return _canonical_conv(inputs, kernel, precision)
-
-
-def scanned_conv_function():
-    """The convolution for the blocks inside a scan: `conv_with_canonical_gradients` on CPU.
-
-    On other backends (GPU, TPU) the compiler picks the convolution kernels
-    for any dimension order, inside loops too, and matches JAX's own gradient
-    forms to its backward kernels, so ``None`` (flax's default,
-    ``jax.lax.conv_general_dilated``) is returned there.
-    """
-    return conv_with_canonical_gradients if jax.default_backend() == "cpu" else None
-
-
 class ResidualModule(nn.Module):
     """The residual module G = F of one block (paper Fig. 2, Eq. 2).
 
@@ -227,9 +121,9 @@ class ResidualModule(nn.Module):
     features: int
     strides: int = 1
     dtype: Any = jnp.float32
-    # The convolution function for flax's ``nn.Conv`` (None: its default,
-    # ``jax.lax.conv_general_dilated``); see `scanned_conv_function`.
-    conv_function: Any = None
+    # The convolution module (flax's ``nn.Conv`` or one with its signature,
+    # e.g. `mlres_jax.cpu_backend.CanonicalGradientConv`).
+    conv: ModuleDef = nn.Conv
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -242,9 +136,8 @@ class ResidualModule(nn.Module):
             dtype=self.dtype,
         )
         conv = functools.partial(
-            nn.Conv, self.features, (3, 3), use_bias=False,
+            self.conv, self.features, (3, 3), use_bias=False,
             kernel_init=conv_kernel_init, dtype=self.dtype,
-            conv_general_dilated=self.conv_function,
         )
         y = nn.relu(norm(name="norm1")(x))
         y = conv(strides=(self.strides, self.strides), name="conv1")(y)
@@ -262,10 +155,11 @@ class _ScannedBlock(nn.Module):
     step_size: float
     train: bool
     dtype: Any = jnp.float32
+    conv: ModuleDef = nn.Conv
 
     @nn.compact
     def __call__(self, x: jax.Array, _) -> tuple[jax.Array, None]:
-        residual = ResidualModule(self.features, 1, self.dtype, scanned_conv_function(),
+        residual = ResidualModule(self.features, 1, self.dtype, self.conv,
                                   name=SCANNED_MODULE)(x, self.train)
         return x + self.step_size * residual, None
 
@@ -288,6 +182,7 @@ class Stage(nn.Module):
     downsample_by_shortcut: bool = False
     scan_blocks: bool = False
     dtype: Any = jnp.float32
+    scanned_conv: ModuleDef = nn.Conv
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool):
@@ -309,7 +204,7 @@ class Stage(nn.Module):
             scan = nn.scan(_ScannedBlock, variable_axes={"params": 0, "batch_stats": 0,
                                                          INTERMEDIATES: 0},
                            split_rngs={"params": True}, length=self.num_blocks - 1)
-            x, _ = scan(self.features, self.step_size, train, self.dtype,
+            x, _ = scan(self.features, self.step_size, train, self.dtype, self.scanned_conv,
                         name=SCANNED_BLOCKS)(x, None)
         return x
 
@@ -335,6 +230,11 @@ class ResNet(nn.Module):
         parameters.
       dtype: computation dtype, ``jnp.float32`` or ``jnp.bfloat16``
         (parameters stay float32).
+      scanned_conv: the convolution module of the scanned blocks (flax's
+        ``nn.Conv`` or one with its signature); the same function whichever
+        is chosen. A run on the CPU takes
+        `mlres_jax.cpu_backend.scanned_conv` (gradients in the form XLA:CPU
+        runs fast inside a scan).
 
     Call: ``model.apply(variables, images, train=...)`` with
     ``images: float32[N, H, W, C]``; returns logits ``float32[N, num_classes]``.
@@ -348,6 +248,7 @@ class ResNet(nn.Module):
     shortcut_only_stages: Sequence[int] = ()
     scan_blocks: bool = False
     dtype: Any = jnp.float32
+    scanned_conv: ModuleDef = nn.Conv
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -368,6 +269,7 @@ class ResNet(nn.Module):
                 downsample_by_shortcut=shortcut_only,
                 scan_blocks=self.scan_blocks,
                 dtype=self.dtype,
+                scanned_conv=self.scanned_conv,
                 name=stage_name(i),
             )(x, train)
         x = nn.BatchNorm(
@@ -400,16 +302,16 @@ def init_variables(model: ResNet, rng: jax.Array, image_shape: Sequence[int]):
 
     Returns:
       dict with ``params`` and ``batch_stats`` pytrees of float32 arrays.
+      The initialisation runs once, so it is compiled with
+      `cpu_backend.one_shot_compiler_options` (on the CPU, without XLA's
+      optimisations, which would cost more time than they save).
     """
     dummy = jnp.zeros((1, *image_shape), jnp.float32)
     init = jax.jit(functools.partial(model.init, train=False))
     if isinstance(dummy, jax.core.Tracer):  # inside jax.eval_shape or jit
         return dict(init(rng, dummy))
-    # Runs once: XLA's optimisations would cost more (4 s against 0.6 s for
-    # 2-2-2 on a 2-core CPU) than they save.
-    executable = init.lower(rng, dummy).compile(compiler_options={
-        "xla_backend_optimization_level": 0,
-        "xla_llvm_disable_expensive_passes": True})
+    executable = init.lower(rng, dummy).compile(
+        compiler_options=cpu_backend.one_shot_compiler_options())
     return dict(executable(rng, dummy))
 
 

@@ -4,7 +4,7 @@ Pure functions of numbers (no trees, no I/O):
 
 * `plan_cycles` lays out the cycles of a run (paper Table 1, Sec. 5.2): when
   each starts, how many steps it has, the stage sizes and step size h of its
-  network;
+  network (`cycle_networks`, the one place where the blocks double);
 * `learning_rate_schedule` builds the cosine learning rate that restarts at
   every cycle (SGDR, paper Eq. 9) from optax;
 * `theoretical_time_saved` and `theoretical_cost_ratio` are the paper's
@@ -54,6 +54,31 @@ def cycle_start_steps(cycle_boundaries: Sequence[float], steps_per_epoch: int) -
     return [round(epoch * steps_per_epoch) for epoch in cycle_boundaries]
 
 
+def cycle_networks(stage_sizes: Sequence[int], step_size: float, num_cycles: int,
+                   multilevel: bool = True) -> list[tuple[tuple[int, ...], float]]:
+    """Blocks per stage and step size h of each cycle's network (paper Table 1).
+
+    Args:
+      stage_sizes: blocks per stage of the first cycle's network.
+      step_size: its h.
+      num_cycles: number of cycles, >= 1.
+      multilevel: whether the network is interpolated at every cycle boundary
+        (blocks doubled and h halved, paper Sec. 4.1); if False, every cycle
+        keeps the first cycle's network.
+
+    Returns:
+      ``[(stage_sizes, h), ...]``, one per cycle; ``(2, 2, 2), 1.0, 3`` gives
+      2-2-2 with h = 1, 4-4-4 with h = 0.5, 8-8-8 with h = 0.25.
+    """
+    sizes, h = tuple(int(n) for n in stage_sizes), float(step_size)
+    networks = []
+    for _ in range(num_cycles):
+        networks.append((sizes, h))
+        if multilevel:
+            sizes, h = tuple(2 * n for n in sizes), h / 2
+    return networks
+
+
 def plan_cycles(
     *,
     stage_sizes: Sequence[int],
@@ -88,8 +113,8 @@ def plan_cycles(
     starts = [0, *cycle_start_steps(cycle_boundaries, steps_per_epoch)]
     ends = starts[1:] + [total]
     cycles = []
-    sizes, h = tuple(stage_sizes), float(step_size)
-    for index, (start, end) in enumerate(zip(starts, ends)):
+    networks = cycle_networks(stage_sizes, step_size, len(starts), multilevel)
+    for index, (start, end, (sizes, h)) in enumerate(zip(starts, ends, networks)):
         if end <= start:
             edges = [0.0, *cycle_boundaries, num_epochs]
             raise ValueError(
@@ -98,8 +123,6 @@ def plan_cycles(
                 f"{end} at {steps_per_epoch} steps per epoch, and every cycle needs "
                 f"at least one step")
         cycles.append(Cycle(index, sizes, h, start, end - start))
-        if multilevel:
-            sizes, h = tuple(2 * n for n in sizes), h / 2
     return cycles
 
 

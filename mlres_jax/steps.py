@@ -140,11 +140,30 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+# The phases of a train step, in order. `train_step` runs them all; with
+# ``last_phase`` it stops after that one (``benchmarks.step_cost`` times each
+# prefix of the real step: what one phase adds is a difference of two).
+TRAIN_STEP_PHASES = ("gather", "augment", "forward", "backward", "update", "check")
+
+
+def _cut_short(state: TrainState, *values):
+    """What a step stopped before its update returns: the step counted, and a
+    scalar that depends on every one of ``values`` (so that none is compiled away)."""
+    total = sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(values))
+    return state.replace(step=state.step + 1), {"loss": total}
+
+
 def train_step(state: TrainState, train_images: jax.Array,
                train_labels: jax.Array, batch_indices: jax.Array,
                base_rng: jax.Array, *, model: models.ResNet,
-               optimizer: optax.GradientTransformation, crop_padding: int):
+               optimizer: optax.GradientTransformation, crop_padding: int,
+               last_phase: str = "check"):
     """One SGD step on the mini-batch ``batch_indices`` of the training set.
+
+    Its phases (`TRAIN_STEP_PHASES`): gather the mini-batch from the training
+    set on the device; augment it (paper App. A); the forward pass and the
+    loss; the backward pass; the SGD update; the check that everything is
+    finite, with the running metric sums.
 
     Args:
       state: the train state.
@@ -154,6 +173,11 @@ def train_step(state: TrainState, train_images: jax.Array,
       base_rng: PRNG key of the run; this step's augmentation uses
         ``fold_in(base_rng, step)``.
       model, optimizer, crop_padding: bound by `make_train_step`.
+      last_phase: the phase after which the step stops (a benchmark's
+        option); ``"check"``, the default, is the whole step. Stopped before
+        ``"update"``, it returns the state with only its step count moved on
+        and ``{"loss": a sum of what it computed}``; after ``"update"``, the
+        updated state without the check and the metric sums.
 
     Returns:
       ``(new_state, metrics)``, metrics float32 scalars ``loss`` (without
@@ -162,9 +186,12 @@ def train_step(state: TrainState, train_images: jax.Array,
       state with ``nonfinite_step`` set (if not set already).
     """
     rng = jax.random.fold_in(base_rng, state.step)
-    images = input_pipeline.preprocess_for_train(
-        rng, train_images[batch_indices], crop_padding)
+    images = train_images[batch_indices]
+    if last_phase != "gather":
+        images = input_pipeline.preprocess_for_train(rng, images, crop_padding)
     labels = train_labels[batch_indices]
+    if last_phase in ("gather", "augment"):
+        return _cut_short(state, images, labels)
 
     def loss_fn(params):
         logits, updates = model.apply(
@@ -172,20 +199,27 @@ def train_step(state: TrainState, train_images: jax.Array,
             train=True, mutable=["batch_stats"])
         return cross_entropy_loss(logits, labels).mean(), (logits, updates)
 
+    if last_phase == "forward":
+        return _cut_short(state, loss_fn(state.params))
     (loss, (logits, updates)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
+    if last_phase == "backward":
+        return _cut_short(state, loss, grads, updates)
     param_updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     metrics = {"loss": loss,
                "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
-    step_sums = dict(metrics, count=1.0)
-    new_state = state.replace(
+    updated = state.replace(
         step=state.step + 1,
         params=optax.apply_updates(state.params, param_updates),
         batch_stats=updates["batch_stats"],
         opt_state=opt_state,
-        metric_sums={window: jax.tree_util.tree_map(jnp.add, sums, step_sums)
-                     for window, sums in state.metric_sums.items()},
     )
+    if last_phase == "update":
+        return updated, metrics
+    step_sums = dict(metrics, count=1.0)
+    new_state = updated.replace(
+        metric_sums={window: jax.tree_util.tree_map(jnp.add, sums, step_sums)
+                     for window, sums in state.metric_sums.items()})
     finite = jax.tree_util.tree_reduce(
         jnp.logical_and,
         jax.tree_util.tree_map(lambda x: jnp.all(jnp.isfinite(x)),
@@ -281,8 +315,12 @@ def evaluate(eval_fn: Callable, variables, images: np.ndarray,
 
 
 def make_train_step(model: models.ResNet, optimizer: optax.GradientTransformation,
-                    crop_padding: int, mesh: Mesh | None = None) -> Callable:
+                    crop_padding: int, mesh: Mesh | None = None,
+                    last_phase: str = "check") -> Callable:
     """`train_step` for ``model``, jitted, donating the train state (argument 0).
+
+    ``last_phase`` (`TRAIN_STEP_PHASES`) stops the step early (see `train_step`);
+    the default is the whole step, as training runs it.
 
     With a ``mesh`` (`parallel.make_mesh`) the step is one SPMD program over
     its devices: the state, the training set and the key replicated, the
@@ -290,8 +328,10 @@ def make_train_step(model: models.ResNet, optimizer: optax.GradientTransformatio
     augments and runs its part of the global batch; batch-norm statistics
     and the loss are means over the global batch.
     """
+    if last_phase not in TRAIN_STEP_PHASES:
+        raise ValueError(f"last_phase {last_phase!r} is not one of {TRAIN_STEP_PHASES}")
     step = functools.partial(train_step, model=model, optimizer=optimizer,
-                             crop_padding=crop_padding)
+                             crop_padding=crop_padding, last_phase=last_phase)
     if mesh is None:
         return jax.jit(step, donate_argnums=0)
     whole, split = parallel.replicated(mesh), parallel.batch_sharded(mesh)

@@ -37,7 +37,8 @@ import optax
 import tqdm
 from absl import logging
 
-from mlres_jax import (checkpoint, configuration, errors, events, files, input_pipeline,
+from mlres_jax import (checkpoint, configuration, cpu_backend, datasets, errors, events,
+                       files, input_pipeline,
                        models, multilevel, parallel, plan, reporting, steps, stopping,
                        stopwatch,
                        workdir as workdirs)
@@ -70,7 +71,7 @@ class Run:
 
     config: ml_collections.ConfigDict
     workdir: str
-    data: input_pipeline.DataSet
+    data: datasets.DataSet
     cycles: tuple[plan.Cycle, ...]
     steps_per_epoch: int
     eval_every_steps: int
@@ -86,11 +87,16 @@ class Run:
         return parallel.is_main_process()
 
     def model(self, stage_sizes, step_size: float) -> models.ResNet:
-        """The network of the given depth and step size h, in the config's layout and dtype."""
+        """The network of the given depth and step size h, in the config's layout and dtype.
+
+        The one place where a run's backend chooses the model's convolution
+        (`cpu_backend.scanned_conv`).
+        """
         return models.ResNet(stage_sizes=tuple(stage_sizes), width=self.config.width,
                              num_classes=self.data.info.num_classes, step_size=step_size,
                              scan_blocks=self.config.scan_blocks,
-                             dtype=jnp.dtype(self.config.compute_dtype))
+                             dtype=jnp.dtype(self.config.compute_dtype),
+                             scanned_conv=cpu_backend.scanned_conv())
 
     @property
     def layout(self) -> multilevel.StageLayout:
@@ -149,7 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     Raises:
       configuration.ConfigError: for a field with a value not allowed, or a
         cycle that rounds to zero steps on the data found.
-      input_pipeline.DataSetError: if the data set is missing or damaged.
+      datasets.DataSetError: if the data set is missing or damaged.
       workdir.WorkdirBusyError: if another process is writing to ``workdir``.
       checkpoint.ConfigMismatchError: if the workdir's checkpoints are of a
         run with another model or schedule.
@@ -214,7 +220,7 @@ def check_config(config: ml_collections.ConfigDict
     """Everything a user can get wrong, checked in seconds before any work.
 
     The config's fields (`configuration.resolve`), the data set's presence
-    and the readability of its headers (`input_pipeline.check_available`),
+    and the readability of its headers (`datasets.check_available`),
     the fields that depend on its size, such as a cycle that rounds to zero
     steps (`configuration.check_against_data`), and the devices: the mesh
     of ``num_devices`` must split both batch sizes evenly.
@@ -223,13 +229,13 @@ def check_config(config: ml_collections.ConfigDict
       The resolved config and the device mesh (`parallel.make_mesh`).
 
     Raises:
-      configuration.ConfigError, input_pipeline.DataSetError, parallel.MeshError,
+      configuration.ConfigError, datasets.DataSetError, parallel.MeshError,
       checkpoint.CheckpointError (an unreadable ``init_from`` checkpoint).
     """
     config = configuration.resolve(config)
     if config.init_from:
         config = configuration.start_from(config, _init_from_metadata(config.init_from))
-    num_train = input_pipeline.check_available(
+    num_train = datasets.check_available(
         config.dataset, data_dir=config.data_dir, fashion_mnist_dir=config.fashion_mnist_dir)
     configuration.check_against_data(config, num_train)
     mesh = parallel.make_mesh(config.num_devices)
@@ -255,12 +261,12 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str,
     """Loads the data and plans the cycles of a checked config (`check_config`).
 
     Raises:
-      input_pipeline.DataSetError: if a file turns out to be damaged.
+      datasets.DataSetError: if a file turns out to be damaged.
       OSError: if the workdir has no room for the checkpoints.
     """
     logging.info("Loading %s ...", config.dataset)
-    data = input_pipeline.load(config.dataset, data_dir=config.data_dir,
-                               fashion_mnist_dir=config.fashion_mnist_dir)
+    data = datasets.load(config.dataset, data_dir=config.data_dir,
+                         fashion_mnist_dir=config.fashion_mnist_dir)
     num_train = len(data.train_labels)
     steps_per_epoch = num_train // config.batch_size
     cycles = tuple(plan.plan_cycles(

@@ -14,10 +14,12 @@ import sys
 import ml_collections
 import pytest
 import tensorflow_datasets as tfds
+from absl import flags
 
-from benchmarks import common, compare, compare_report, throughput
-from mlres_jax import files
+from benchmarks import common, compare, compare_report, growth, runs, step_cost, throughput
+from mlres_jax import configuration, files, plan, steps, train
 from configs import default, fashion_mnist, resnet50, resnet50i
+from tests import fake_data
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,25 +71,41 @@ def test_markdown_table_and_row_length_check():
         common.markdown_table(["model"], [["a", "b"]])
 
 
+def _parse(module, *args):
+    """The flags of a benchmark command after parsing ``args`` (absl, as on the command line)."""
+    flag_values = flags.FlagValues()
+    module.define_flags(flag_values)
+    flag_values(["benchmark", *args])
+    return flag_values
+
+
 @pytest.mark.parametrize("text", ["", "a,b", "0,-1", "1,1"])
-def test_parse_int_list_names_the_flag(text):
-    with pytest.raises(common.FlagError, match=r"--seeds="):
-        common.parse_int_list("seeds", text, minimum=0, unique=True)
+def test_a_bad_seed_list_names_the_flag(text):
+    with pytest.raises(flags.IllegalFlagValueError,
+                       match=r"--seeds=.*each a non-negative integer, none twice"):
+        _parse(compare, f"--seeds={text}")
 
 
 @pytest.mark.parametrize("text", ["", " , ", "unrolled,unrolled", "unrolled,rolled"])
-def test_parse_name_list_names_the_flag_and_the_allowed_names(text):
-    with pytest.raises(common.FlagError, match=r"--layouts=.*\['unrolled', 'scanned'\]"):
-        common.parse_name_list("layouts", text, ("unrolled", "scanned"))
+def test_a_bad_name_list_names_the_flag_and_the_allowed_names(text):
+    with pytest.raises(flags.IllegalFlagValueError,
+                       match=r"--layouts=.*\['unrolled', 'scanned'\]"):
+        _parse(throughput, f"--layouts={text}")
 
 
-def test_parse_lists():
-    assert common.parse_int_list("seeds", "0, 1,2", unique=True) == [0, 1, 2]
-    assert common.parse_name_list("rules", "linear, paper", ("paper", "linear")) == [
-        "linear", "paper"]
-    assert common.parse_float_list("cycle_epochs", "60,50,50") == [60, 50, 50]
-    with pytest.raises(common.FlagError, match="--cycle_epochs='1,0'"):
-        common.parse_float_list("cycle_epochs", "1,0")
+def test_list_flags():
+    assert _parse(compare, "--seeds=0, 1,2").seeds == [0, 1, 2]
+    assert _parse(compare).seeds == [0]
+    parsed = _parse(growth, "--rules=linear, paper", "--runs=paper/reset,identity/interpolate")
+    assert parsed.rules == ["linear", "paper"]
+    assert parsed.runs == ["paper/reset", "identity/interpolate"]
+    assert _parse(throughput, "--cycle_epochs=60,50,50").cycle_epochs == [60, 50, 50]
+    with pytest.raises(flags.IllegalFlagValueError, match="--cycle_epochs=1,-1"):
+        _parse(throughput, "--cycle_epochs=1,-1")
+    with pytest.raises(flags.IllegalFlagValueError, match="--runs=paper/x"):
+        _parse(growth, "--runs=paper/x")
+    with pytest.raises(flags.IllegalFlagValueError, match="--parallel_runs=0"):
+        _parse(compare, "--parallel_runs=0")
 
 
 def test_atomic_writes_leave_no_temporary_files(tmp_path):
@@ -108,27 +126,30 @@ def test_machine_info_names_platform_and_cpus():
 # compare: configs, theory, aggregation, table.
 
 
-def test_model_configs_derive_the_paper_baselines():
-    configs = compare.model_configs(resnet50i.get_config(), seed=3)
-    first, last, multi = (configs[m] for m in compare.MODELS)
+def test_model_overrides_derive_the_paper_baselines(tmp_path):
+    config = resnet50i.get_config()
+    planned = runs.plan_runs(config, compare.model_overrides(config), [3], str(tmp_path))
+    assert [run.name for run in planned] == list(compare.MODELS)
+    assert planned[0].workdir == os.path.join(str(tmp_path), "runs", "first_cycle", "seed3")
+    first, last, multi = (run.config for run in planned)
     assert (first.stage_sizes, first.step_size, first.multilevel) == ((2, 2, 2), 1.0, False)
     assert (last.stage_sizes, last.step_size, last.multilevel) == ((8, 8, 8), 1.0, False)
     assert (multi.stage_sizes, multi.step_size, multi.multilevel) == ((2, 2, 2), 1.0, True)
-    for config in configs.values():  # same data, steps and restarts
-        assert (config.seed, config.num_epochs, config.cycle_boundaries) == (
+    for run in planned:  # same data, steps and restarts
+        assert (run.config.seed, run.config.num_epochs, run.config.cycle_boundaries) == (
             3, 160, (60.0, 110.0))
     # The derived last-cycle model is the paper's ResNet-50 config.
     reference = resnet50.get_config()
     assert (last.width, last.stage_sizes) == (reference.width, tuple(reference.stage_sizes))
 
 
-def test_model_configs_refuse_a_fixed_depth_config():
-    with pytest.raises(compare.CompareError, match="config.multilevel = False"):
-        compare.model_configs(resnet50.get_config(), seed=0)
+def test_model_overrides_refuse_a_fixed_depth_config():
+    with pytest.raises(common.BenchmarkError, match="config.multilevel = False"):
+        compare.model_overrides(resnet50.get_config())
     config = fashion_mnist.get_config()
     config.cycle_boundaries = ()
-    with pytest.raises(compare.CompareError, match="config.cycle_boundaries"):
-        compare.model_configs(config, seed=0)
+    with pytest.raises(common.BenchmarkError, match="config.cycle_boundaries"):
+        compare.model_overrides(config)
 
 
 def test_theoretical_saving_of_paper_split_and_cpu_preset():
@@ -136,10 +157,11 @@ def test_theoretical_saving_of_paper_split_and_cpu_preset():
     assert paper["cycle_epochs"] == [60, 50, 50]
     assert paper["cost_ratio"] == pytest.approx(0.5625)
     assert paper["time_saved"] == pytest.approx(0.4375)
-    cpu = compare.load_config_file(os.path.join(compare.PRESETS_DIR, "cpu.py"))
+    from benchmarks.presets import cpu as cpu_preset  # pylint: disable=import-outside-toplevel
+    cpu = cpu_preset.get_config()
     # The CPU preset keeps the paper's proportions: 2.25 / 1.875 / 1.875 epochs.
     assert compare.theoretical_saving(cpu)["time_saved"] == pytest.approx(0.4375)
-    assert compare.last_cycle_stage_sizes(cpu) == (8, 8, 8)
+    assert compare.model_overrides(cpu)["last_cycle"]["stage_sizes"] == (8, 8, 8)
 
 
 def test_paper_reference_only_for_the_papers_setting():
@@ -171,6 +193,12 @@ def test_aggregate_pairs_savings_by_seed_and_table_shows_them():
     assert saved["std"] == pytest.approx(math.sqrt(2 * 0.05**2))
     assert "time_saved_train" not in stats["last_cycle"]
     assert stats["last_cycle"]["test_error"]["mean"] == pytest.approx(0.11)
+    # Paired by seed, not by position: runs side by side finish in any order.
+    swapped = compare_report.aggregate({**records, "multilevel": records["multilevel"][::-1]})
+    assert swapped["multilevel"]["time_saved_train"]["per_seed"] == pytest.approx([0.5, 0.4])
+    partial = compare_report.aggregate({"multilevel": records["multilevel"][1:],
+                                        "last_cycle": records["last_cycle"][:1]})
+    assert "time_saved_train" not in partial["multilevel"]  # seed 1 has no last-cycle run
 
     descriptions = {
         "first_cycle": {"stage_sizes": [[2, 2, 2]] * 3, "step_sizes": [1.0] * 3,
@@ -221,7 +249,7 @@ def test_time_gap_splits_the_shortfall_into_cycles_and_compiling():
     over_seeds = compare_report.time_gap_over_seeds(
         {"multilevel": [multi, {**multi, "seed": 1, "cycles": multi["cycles"][:2]}],
          "last_cycle": [last]})
-    assert over_seeds["seeds"] == [0]  # zip pairs by position: seed 1 has no last-cycle run
+    assert over_seeds["seeds"] == [0]  # paired by seed: seed 1 has no last-cycle run
     table = compare_report.time_gap_table(over_seeds)
     assert "| compiling | 9.0 | 5.0 | +4.0 | +1.90 |" in table
     assert "+5.71 |" in table.splitlines()[-1]
@@ -237,9 +265,9 @@ def test_a_finished_run_from_before_a_config_field_existed_is_reused_only_at_its
     old_config = {k: v for k, v in config.to_dict().items()
                   if k not in ("compile_ahead", "scan_blocks")}
     summary = {"config": old_config}
-    assert common.config_differences(summary, config) == []
+    assert runs.config_differences(summary, config) == []
     config.scan_blocks, config.compile_ahead = True, True
-    assert common.config_differences(summary, config) == ["compile_ahead", "scan_blocks"]
+    assert runs.config_differences(summary, config) == ["compile_ahead", "scan_blocks"]
 
 
 def test_mean_curves_average_seeds_per_epoch():
@@ -258,30 +286,33 @@ def test_mean_curves_average_seeds_per_epoch():
 # throughput: flags and arithmetic.
 
 
-def test_throughput_flag_parsing():
-    assert throughput.parse_families("resnet,wresnet,8") == [
-        ("ResNet", 16), ("WResNet", 32), ("ResNet w8", 8)]
-    with pytest.raises(common.FlagError, match="--families='resnet,vgg'"):
-        throughput.parse_families("resnet,vgg")
-    assert throughput.image_shape_for("cifar10", "") == (32, 32, 3)
-    assert throughput.image_shape_for("fashion_mnist", "") == (28, 28, 1)
-    assert throughput.image_shape_for("cifar10", "16,16,3") == (16, 16, 3)
-    with pytest.raises(common.FlagError, match="--image_shape='32,32'"):
-        throughput.image_shape_for("cifar10", "32,32")
-    with pytest.raises(common.FlagError, match="--dataset='imagenet'"):
-        throughput.image_shape_for("imagenet", "")
+def test_throughput_flags():
+    parsed = _parse(throughput, "--families=resnet,wresnet,8")
+    assert parsed.families == [16, 32, 8]
+    assert [throughput.family_name(w) for w in parsed.families] == [
+        "ResNet", "WResNet", "ResNet w8"]
+    for args, words in [(["--families=resnet,vgg"], "--families=resnet,vgg"),
+                        (["--families=resnet,16"], "none twice"),
+                        (["--image_shape=32,32"], "three integers H,W,C"),
+                        (["--dataset=imagenet"], "--dataset=imagenet"),
+                        (["--levels=3", "--stage_sizes=1,2,2"], ">= 2 blocks"),
+                        (["--levels=3", "--cycle_epochs=1,2"], "one number of epochs per level"),
+                        (["--batch_size=3", "--device_counts=1,2"], "split evenly")]:
+        with pytest.raises(flags.IllegalFlagValueError, match=words):
+            _parse(throughput, *args)
+    assert _parse(throughput, "--image_shape=16,16,3").image_shape == [16, 16, 3]
 
 
-def test_throughput_level_plan_and_cycle_steps():
-    assert throughput.level_plan((2, 2, 2), 3) == [
-        ((2, 2, 2), 1.0), ((4, 4, 4), 0.5), ((8, 8, 8), 0.25)]
+def test_throughput_levels_come_from_the_plan():
     # Fashion-MNIST at batch 100: 600 steps per epoch.
-    assert throughput.cycle_steps([2.25, 1.875, 1.875], 3, 60_000, 100) == [1350, 1125, 1125]
-    assert throughput.cycle_steps([50.0], 2, 50_000, 100) == [25_000, 25_000]
-    with pytest.raises(common.FlagError, match="--cycle_epochs"):
-        throughput.cycle_steps([1.0, 2.0], 3, 60_000, 100)
-    assert throughput.default_cycle_epochs(3) == [2.25, 1.875, 1.875]
-    assert throughput.default_cycle_epochs(2) == [2.0, 2.0]
+    cycles = throughput.plan_levels((2, 2, 2), [2.25, 1.875, 1.875], 600)
+    assert [(c.stage_sizes, c.step_size) for c in cycles] == [
+        ((2, 2, 2), 1.0), ((4, 4, 4), 0.5), ((8, 8, 8), 0.25)]
+    assert [c.num_steps for c in cycles] == [1350, 1125, 1125]
+    assert [c.num_steps for c in throughput.plan_levels((5,), [60, 50, 50], 500)] == [
+        30_000, 25_000, 25_000]
+    with pytest.raises(common.BenchmarkError, match="--cycle_epochs=1,0"):
+        throughput.plan_levels((2,), [1, 0], 600)
 
 
 def test_throughput_arithmetic():
@@ -302,7 +333,7 @@ def test_throughput_arithmetic():
 
 
 def test_throughput_runs_smallest_configuration_first():
-    levels = throughput.level_plan((2, 2, 2), 3)
+    levels = plan.cycle_networks((2, 2, 2), 1.0, 3)
     order = throughput.run_order([("ResNet", 16), ("WResNet", 32)], levels)
     assert order[0] == ("ResNet", 16, 0) and order[-1] == ("WResNet", 32, 2)
 
@@ -334,6 +365,11 @@ def tiny_comparison(tmp_path_factory):
     with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
         report = compare.run_comparison(_tiny_config(), [0], output_dir)
     return output_dir, report
+
+
+def _must_not_train(monkeypatch):
+    monkeypatch.setattr(train, "train_and_evaluate",
+                        lambda *a, **k: pytest.fail("training started"))
 
 
 def test_compare_json_has_three_models_and_savings(tiny_comparison):
@@ -369,7 +405,7 @@ def test_compare_writes_table_plot_and_each_run(tiny_comparison):
     assert f"{error:.2f}" in text and "25.00 %" in text  # theoretical saving
     assert os.path.getsize(os.path.join(output_dir, "compare_curves.png")) > 0
     for model in compare.MODELS:
-        workdir = compare.run_dir(output_dir, model, 0)
+        workdir = runs.run_dir(output_dir, model, 0)
         with open(os.path.join(workdir, "summary.json")) as handle:
             summary = json.load(handle)
         assert summary["totals"]["steps"] == 10  # same steps for every model
@@ -380,10 +416,7 @@ def test_compare_writes_table_plot_and_each_run(tiny_comparison):
 def test_compare_resume_reuses_finished_runs(tiny_comparison, monkeypatch):
     output_dir, report = tiny_comparison
 
-    def must_not_train(*args, **kwargs):
-        raise AssertionError("a finished run was trained again")
-
-    monkeypatch.setattr(compare.train, "train_and_evaluate", must_not_train)
+    _must_not_train(monkeypatch)
     with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
         again = compare.run_comparison(_tiny_config(), [0], output_dir, resume=True)
     assert [r["status"] for r in again["runs"]["multilevel"]] == ["reused"]
@@ -394,29 +427,25 @@ def test_compare_resume_reuses_finished_runs(tiny_comparison, monkeypatch):
 
 def test_compare_refuses_earlier_runs_without_resume(tiny_comparison, monkeypatch):
     output_dir, _ = tiny_comparison
-    monkeypatch.setattr(compare.train, "train_and_evaluate",
-                        lambda *a, **k: pytest.fail("training started"))
-    with pytest.raises(compare.CompareError, match="--resume"):
+    _must_not_train(monkeypatch)
+    with pytest.raises(common.BenchmarkError, match="--resume"):
         compare.run_comparison(_tiny_config(), [0], output_dir)
 
 
 def test_compare_resume_refuses_a_finished_run_of_another_config(tiny_comparison,
                                                                   monkeypatch):
     output_dir, _ = tiny_comparison
-    monkeypatch.setattr(compare.train, "train_and_evaluate",
-                        lambda *a, **k: pytest.fail("training started"))
+    _must_not_train(monkeypatch)
     config = _tiny_config()
     config.learning_rate_max = 0.1
-    with pytest.raises(compare.CompareError, match="differs in learning_rate_max"):
+    with pytest.raises(common.BenchmarkError, match="differs in learning_rate_max"):
         compare.run_comparison(config, [0], output_dir, resume=True)
 
 
 def test_compare_bad_config_fails_before_training(tmp_path, monkeypatch):
-    monkeypatch.setattr(compare.train, "train_and_evaluate",
-                        lambda *a, **k: pytest.fail("training started"))
+    _must_not_train(monkeypatch)
     config = _tiny_config()
     config.batch_size = 0
-    from mlres_jax import configuration  # pylint: disable=import-outside-toplevel
     with pytest.raises(configuration.ConfigError, match="config.batch_size = 0"):
         compare.run_comparison(config, [0, 1], str(tmp_path))
     assert not os.listdir(tmp_path)
@@ -434,6 +463,10 @@ def test_scaling_table_puts_device_counts_side_by_side():
                         "2 devices | 2 vs 1 device |")
     assert lines[2] == "| ResNet-6 | 2 | 100 | 180 | x1.80 |"
     assert lines[3] == "| ResNet-10 | 4 | 50 | 95 | x1.90 |"
+    # A run cut short: the cells not measured are marked, not guessed.
+    partial = throughput.scaling_table([row([2], 1, 100.0), row([4], 1, 50.0),
+                                        row([2], 2, 180.0)]).splitlines()
+    assert partial[3] == "| ResNet-10 | 4 | 50 | — | — |"
 
 
 def test_throughput_reruns_itself_with_forced_host_devices(tmp_path):
@@ -447,7 +480,7 @@ def test_throughput_reruns_itself_with_forced_host_devices(tmp_path):
     assert result.returncode == 0, result.stderr
     with open(output / "throughput.json") as handle:
         report = json.load(handle)
-    assert [r["devices"] for r in report["rows"]] == [1, 2]
+    assert [r["devices"] for r in report["rows"]] == [1, 2] and report["complete"]
     assert len(report["machine"]["devices"]) == 2  # measured in the rerun process
     assert "| ResNet-4 w2 | 1 |" in (output / "throughput.md").read_text()
     assert "train images/s, 2 devices" in result.stdout
@@ -457,33 +490,115 @@ def test_throughput_reruns_itself_with_forced_host_devices(tmp_path):
 # growth: every rule and policy on the same run.
 
 
-def test_growth_benchmark_runs_each_rule_and_resumes(tmp_path):
-    from benchmarks import growth  # pylint: disable=import-outside-toplevel
-    from tests import fake_data  # pylint: disable=import-outside-toplevel
+def _tiny_fashion_mnist(tmp_path) -> ml_collections.ConfigDict:
     data = fake_data.write_fashion_mnist(str(tmp_path / "data"), num_train=32, num_test=8)
     config = fashion_mnist.get_config()
     config.update(fashion_mnist_dir=data, width=2, stage_sizes=(2,), batch_size=8,
                   eval_batch_size=8, num_epochs=2.0, cycle_boundaries=(1.0,),
                   growth_train_examples=16, progress_bar=False)
+    return config
+
+
+def test_growth_benchmark_runs_each_rule_and_resumes(tmp_path):
+    config = _tiny_fashion_mnist(tmp_path)
     output = str(tmp_path / "growth")
     report = growth.run_benchmark(config, [("paper", "interpolate"), ("identity", "interpolate")],
                                   output)
-    assert [(r["rule"], r["policy"], r["status"]) for r in report["runs"]] == [
-        ("paper", "interpolate", "trained"), ("identity", "interpolate", "trained")]
+    assert [(r["rule"], r["policy"], r["seed"], r["status"]) for r in report["runs"]] == [
+        ("paper", "interpolate", 0, "trained"), ("identity", "interpolate", 0, "trained")]
     jumps = {r["rule"]: r["growths"][0]["jump"]["test_loss"] for r in report["runs"]}
     assert abs(jumps["identity"]) < 1e-4 < abs(jumps["paper"])  # identity preserves
     table = (tmp_path / "growth" / "growth.md").read_text()
-    assert "| identity | interpolate |" in table and "jump test loss, growth 1" in table
+    assert "| identity | interpolate | 0 |" in table and "jump test loss, growth 1" in table
     # The time column adds what each summary's totals saved with the checkpoints
     # (all invocations of a run), not the last invocation's wall time.
-    with open(os.path.join(output, "runs", "identity", "interpolate", "summary.json")) as handle:
+    with open(os.path.join(runs.run_dir(output, "identity/interpolate", 0),
+                           "summary.json")) as handle:
         totals = json.load(handle)["totals"]
     timed = totals["train_seconds"] + totals["eval_seconds"] + totals["checkpoint_seconds"]
     assert f"| {totals['train_seconds']:.0f} | {timed:.0f} |" in table
     with open(tmp_path / "growth" / "growth.png", "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(growth.GrowthBenchmarkError, match="pass --resume"):
+    with pytest.raises(common.BenchmarkError, match="pass --resume"):
         growth.run_benchmark(config, [("paper", "interpolate")], output)
     again = growth.run_benchmark(config, [("paper", "interpolate")], output, resume=True)
     assert again["runs"][0]["status"] == "reused"
     assert again["runs"][0]["growths"] == report["runs"][0]["growths"]
+
+
+# ---------------------------------------------------------------------------
+# runs: side by side, one process per core.
+
+
+def test_runs_side_by_side_match_runs_one_after_another(tmp_path, monkeypatch):
+    if len(common.cpus_available()) < 2:
+        pytest.skip("needs two CPU cores")
+    config = _tiny_fashion_mnist(tmp_path)
+    overrides = {"first_cycle": {"multilevel": False}, "multilevel": {}}
+    planned = runs.plan_runs(config, overrides, [0], str(tmp_path / "side_by_side"))
+    finished = []
+    side_by_side = runs.train_runs(planned, str(tmp_path / "side_by_side"), parallel_runs=2,
+                                   on_finished=lambda results: finished.append(len(results)))
+    assert [(r.run.name, r.status) for r in side_by_side] == [
+        ("first_cycle", "trained"), ("multilevel", "trained")]
+    assert finished == [1, 2]  # the report is rewritten as each run finishes
+    # The same runs one after another: the same errors (one core or two
+    # compute the same numbers), the same order of results.
+    alone = runs.train_runs(runs.plan_runs(config, overrides, [0], str(tmp_path / "alone")),
+                            str(tmp_path / "alone"))
+    for a, b in zip(side_by_side, alone):
+        assert [h["test_loss"] for h in a.summary["history"]] == pytest.approx(
+            [h["test_loss"] for h in b.summary["history"]], rel=1e-5)
+    _must_not_train(monkeypatch)  # finished runs are reused, not trained again
+    again = runs.train_runs(planned, str(tmp_path / "side_by_side"), resume=True,
+                            parallel_runs=2)
+    assert [r.status for r in again] == ["reused", "reused"]
+    with pytest.raises(common.BenchmarkError, match="--parallel_runs=999"):
+        runs.train_runs(planned, str(tmp_path / "side_by_side"), resume=True,
+                        parallel_runs=999)
+
+
+# ---------------------------------------------------------------------------
+# step_cost and the GPU script.
+
+
+def test_step_cost_fit_and_every_phase_timed():
+    # seconds = 0.002 + 0.0005 * blocks, exactly: the fit recovers both.
+    assert step_cost.fit([6, 12, 24], [0.005, 0.008, 0.014]) == pytest.approx(
+        {"fixed": 0.002, "per_block": 0.0005})
+    seconds = step_cost.measure_depth((1,), {
+        "width": 2, "image_shape": (8, 8, 1), "num_classes": 10, "crop_padding": 1,
+        "batch_size": 4, "warmup": 0, "steps": 1})
+    assert list(seconds) == [*steps.TRAIN_STEP_PHASES, step_cost.HOST_INDICES]
+    assert all(value > 0 for value in seconds.values())
+
+
+def test_gpu_check_script_runs_end_to_end_on_the_cpu_at_tiny_sizes(tmp_path):
+    # Every command of the prepared GPU script, at tiny sizes: its first run
+    # on a GPU is not lost to a typo.
+    data = fake_data.write_fashion_mnist(str(tmp_path / "data"), num_train=32, num_test=8)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable, BUDGET_SECONDS="600",
+               THROUGHPUT_FLAGS=(
+                   "--dataset=fashion_mnist --image_shape=8,8,1 --families=2 --stage_sizes=1 "
+                   "--levels=1 --cycle_epochs=1 --steps=1 --warmup=0 --eval_steps=1 "
+                   "--batch_size=4 --eval_batch_size=4 --layouts=unrolled"),
+               COMPARE_FLAGS=("--config.width=2 --config.stage_sizes=(2,) --config.batch_size=8 "
+                              "--config.eval_batch_size=8 --config.progress_bar=False"))
+    output = tmp_path / "out"
+    script = os.path.join(REPO_ROOT, "benchmarks", "gpu_check.sh")
+    result = subprocess.run(["bash", script, str(output), data], capture_output=True,
+                            text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for part in ("resnet", "wresnet", "resnet_bf16", "wresnet_bf16"):
+        with open(output / part / "throughput.json") as handle:
+            report = json.load(handle)
+        assert report["settings"]["compute_dtype"] == (
+            "bfloat16" if part.endswith("bf16") else "float32")
+    with open(output / "compare" / "compare.json") as handle:
+        compare_json = json.load(handle)
+    assert compare_json["complete"] and compare_json["settings"]["num_epochs"] == 3.0
+    # The budget: with none left every part is skipped and the script ends.
+    result = subprocess.run(["bash", script, str(tmp_path / "none"), data],
+                            capture_output=True, text=True, timeout=120,
+                            env=dict(env, BUDGET_SECONDS="0"))
+    assert result.returncode == 0 and result.stderr.count("skipped") == 5, result.stderr

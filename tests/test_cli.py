@@ -5,7 +5,7 @@ import signal
 
 import pytest
 
-from mlres_jax import (checkpoint, cli, configuration, errors, input_pipeline, stopping, train,
+from mlres_jax import (checkpoint, cli, configuration, datasets, errors, stopping, train,
                        workdir)
 
 
@@ -17,7 +17,7 @@ def _raising(error):
 
 @pytest.mark.parametrize("error,status", [
     (configuration.ConfigError("config.width = 0 is not allowed"), 2),
-    (input_pipeline.DataSetDamagedError("Data set 'x' cannot be read"), 2),
+    (datasets.DataSetDamagedError("Data set 'x' cannot be read"), 2),
     (checkpoint.CheckpointMismatchError("holds a network of 8-8-8 blocks"), 2),
     (workdir.WorkdirBusyError("in use by process 7"), 2),
     (train.NonFiniteLossError("non-finite loss at step 3"), 2),
@@ -37,8 +37,8 @@ def test_user_errors_are_one_line_with_their_exit_status(error, status, capsys):
 
 
 def test_every_user_error_class_derives_from_the_one_base():
-    for cls in (configuration.ConfigError, input_pipeline.DataSetError,
-                input_pipeline.DataSetUnavailableError, checkpoint.CheckpointError,
+    for cls in (configuration.ConfigError, datasets.DataSetError,
+                datasets.DataSetUnavailableError, checkpoint.CheckpointError,
                 checkpoint.ConfigMismatchError, workdir.WorkdirBusyError,
                 train.NonFiniteLossError, stopping.Interrupted):
         assert issubclass(cls, errors.UserError), cls

@@ -3,12 +3,13 @@
 import re
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlres_jax import models
+from mlres_jax import cpu_backend, models
 
 # Paper Table 5: (width, blocks per stage, CIFAR-10, CIFAR-100).
 PAPER_PARAMETER_COUNTS = [
@@ -212,7 +213,7 @@ def test_conv_with_canonical_gradients_matches_automatic_gradients(
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     def ours(x, k):
-        return models.conv_with_canonical_gradients(
+        return cpu_backend.conv_with_canonical_gradients(
             x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     expected, expected_vjp = jax.vjp(plain, inputs, kernel)
@@ -232,8 +233,8 @@ def test_conv_with_canonical_gradients_matches_automatic_gradients(
 def test_conv_with_canonical_gradients_rejects_other_convolutions(field, value):
     arguments = {"window_strides": (1, 1), "padding": "SAME", field: value}
     with pytest.raises(ValueError, match=field):
-        models.conv_with_canonical_gradients(jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2, 2)),
-                                             **arguments)
+        cpu_backend.conv_with_canonical_gradients(jnp.zeros((1, 4, 4, 2)),
+                                                  jnp.zeros((3, 3, 2, 2)), **arguments)
 
 
 def _parameter_gradients(model, variables, images):
@@ -244,10 +245,23 @@ def _parameter_gradients(model, variables, images):
     return jax.jit(jax.grad(loss)), variables["params"]
 
 
+def test_the_cpu_workarounds_are_chosen_for_the_cpu_only():
+    assert cpu_backend.scanned_conv("cpu") is cpu_backend.CanonicalGradientConv
+    assert cpu_backend.scanned_conv("gpu") is nn.Conv
+    assert cpu_backend.scanned_conv("tpu") is nn.Conv
+    assert cpu_backend.one_shot_compiler_options("cpu") == {
+        "xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+    assert cpu_backend.one_shot_compiler_options("gpu") == {}
+    # Models built with the same convolution compare and hash equal (the
+    # eval step is cached per model).
+    a, b = (models.ResNet((2,), scanned_conv=cpu_backend.scanned_conv("cpu")) for _ in "ab")
+    assert a == b and hash(a) == hash(b)
+
+
 def test_scanned_gradients_equal_unrolled_and_take_the_fast_convolution_form():
     from mlres_jax import multilevel  # pylint: disable=import-outside-toplevel
     unrolled = models.ResNet((3, 2), width=4, num_classes=3, step_size=0.5)
-    scanned = unrolled.clone(scan_blocks=True)
+    scanned = unrolled.clone(scan_blocks=True, scanned_conv=cpu_backend.scanned_conv())
     variables = _variables_of(unrolled)
     converted = multilevel.convert_layout(variables, multilevel.STAGES, multilevel.SCANNED)
     images = jax.random.normal(jax.random.PRNGKey(3), (4, 8, 8, 3))
@@ -263,6 +277,12 @@ def test_scanned_gradients_equal_unrolled_and_take_the_fast_convolution_form():
     # included, must be NHWC x HWIO -> NHWC, the form XLA runs on its fast
     # kernel; JAX's own gradients inside the scan were f01b_i01o->01bf and
     # b01f_01oi->b01f, which ran 5 to 15 times slower.
-    text = grad_scanned.lower(params_scanned).compile().as_text()
-    forms = set(re.findall(r"dim_labels=([\w>-]+)", text))
-    assert forms == {"b01f_01io->b01f"}, forms
+    def forms(grad):
+        text = grad.lower(params_scanned).compile().as_text()
+        return set(re.findall(r"dim_labels=([\w>-]+)", text))
+
+    assert forms(grad_scanned) == {"b01f_01io->b01f"}
+    # The model takes the convolution it is given, and tests no backend
+    # itself: with flax's own nn.Conv, JAX's gradient forms stay in the scan.
+    grad_plain, _ = _parameter_gradients(scanned.clone(scanned_conv=nn.Conv), converted, images)
+    assert forms(grad_plain) - {"b01f_01io->b01f"}

@@ -32,6 +32,14 @@ def test_paper_cycle_plan():
     assert [c.first_step for c in baseline] == [0, 30_000, 55_000]
 
 
+def test_cycle_networks_double_the_blocks_and_halve_h():
+    # Paper Table 1: ResNet-50-i is 2-2-2 -> 4-4-4 -> 8-8-8 with h 1 -> 1/2 -> 1/4.
+    assert plan.cycle_networks((2, 2, 2), 1.0, 3) == [
+        ((2, 2, 2), 1.0), ((4, 4, 4), 0.5), ((8, 8, 8), 0.25)]
+    assert plan.cycle_networks((5, 3), 0.5, 2) == [((5, 3), 0.5), ((10, 6), 0.25)]
+    assert plan.cycle_networks((8, 8, 8), 1.0, 3, multilevel=False) == [((8, 8, 8), 1.0)] * 3
+
+
 def test_cycle_without_steps_raises():
     with pytest.raises(ValueError, match="cycle 2 would have 0 steps"):
         plan.plan_cycles(stage_sizes=(2, 2, 2), step_size=1.0, num_epochs=3,

@@ -132,3 +132,26 @@ def test_bfloat16_training_tracks_float32_with_float32_state():
     # 5.2 % of the largest parameter after 12 steps); 10 % is allowed.
     scale = max(float(jnp.max(jnp.abs(x))) for x in params[0])
     assert max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(*params)) < 0.10 * scale
+
+
+def test_a_step_stopped_after_a_phase_is_a_prefix_of_the_real_step():
+    # benchmarks.step_cost times these prefixes; each must do what it says.
+    state, full_step, images, labels = _state_and_step()
+    model = models.ResNet((1,), width=2, num_classes=3)
+    optimizer = optax.sgd(0.1)
+    args = (images, labels, jnp.arange(2), jax.random.PRNGKey(1))
+    full, metrics = full_step(jax.tree.map(jnp.copy, state), *args)
+    for phase in steps.TRAIN_STEP_PHASES[:4]:  # before the update: parameters kept
+        step = steps.make_train_step(model, optimizer, crop_padding=0, last_phase=phase)
+        stopped, result = step(jax.tree.map(jnp.copy, state), *args)
+        assert int(stopped.step) == 1 and np.isfinite(float(result["loss"]))
+        chex.assert_trees_all_equal(stopped.params, state.params)
+    # Stopped after the update: the real step's parameters, no metric sums.
+    step = steps.make_train_step(model, optimizer, crop_padding=0, last_phase="update")
+    updated, result = step(jax.tree.map(jnp.copy, state), *args)
+    chex.assert_trees_all_close(updated.params, full.params)
+    assert float(result["loss"]) == float(metrics["loss"])
+    assert float(updated.metric_sums["eval"]["count"]) == 0.0
+    assert float(full.metric_sums["eval"]["count"]) == 1.0
+    with pytest.raises(ValueError, match="last_phase 'all'"):
+        steps.make_train_step(model, optimizer, crop_padding=0, last_phase="all")

@@ -1,1 +1,1 @@
-"""Config files for ``benchmarks/compare.py`` (``--preset=NAME`` loads ``NAME.py``)."""
+"""Config files for ``benchmarks/compare.py``: ``--config=benchmarks/presets/NAME.py``."""

@@ -12,7 +12,7 @@ README) and a GPU: on the paper's GTX 1080 the three runs would take about
 3.5 hours (ResNet-50 114 min, ResNet-50-i 67 min, ResNet-14 about a quarter
 of ResNet-50). Other data sets and models of Tables 3 and 4:
 
-    python -m benchmarks.compare --preset=paper
+    python -m benchmarks.compare --config=benchmarks/presets/paper.py
     python -m benchmarks.compare --config=benchmarks/presets/paper.py \
         --config.data_dir=/data/tfds --config.dataset=cifar100
     python -m benchmarks.compare --config=configs/wrn122i.py --config.dataset=stl10
