@@ -12,6 +12,7 @@ import datetime
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -199,6 +200,16 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _commit() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"], check=True, text=True,
+            capture_output=True, cwd=os.path.dirname(os.path.abspath(__file__)),
+            timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def cpus_available() -> list[int]:
     """The CPU cores this process may run on (all of them where that is not known)."""
     if hasattr(os, "sched_getaffinity"):
@@ -210,8 +221,9 @@ def machine_info() -> dict:
     """What the numbers were measured on.
 
     Returns:
-      JAX and Python versions, JAX's backend platform and devices, the CPU
-      model, the number of CPUs (``os.cpu_count``, and those this process may
+      The commit of the code (``git describe --always --dirty``, or None
+      outside a git checkout), JAX and Python versions, JAX's backend
+      platform and devices, the CPU model, the number of CPUs (``os.cpu_count``, and those this process may
       run on), the 1/5/15-minute load average at the time of the call (other
       processes on the machine make timings noisy) and a UTC time stamp.
     """
@@ -219,6 +231,7 @@ def machine_info() -> dict:
     return {
         "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds"),
+        "commit": _commit(),
         "platform": jax.default_backend(),
         "devices": [str(d) for d in devices],
         "device_kind": devices[0].device_kind,
@@ -233,13 +246,14 @@ def machine_info() -> dict:
 
 
 def machine_line(info: dict) -> str:
-    """One line for a table's caption: platform, devices, CPUs, load."""
+    """One line for a table's caption: platform, devices, CPUs, load, commit and date."""
     load = info.get("load_average_1_5_15_min")
     load_text = (f", load average {load[0]:.2f} at start" if load else "")
+    commit = f"; commit {info['commit']}" if info.get("commit") else ""
     return (f"{info['platform']} ({info['device_kind']}, "
             f"{len(info['devices'])} device(s)); {info['cpu_model']}, "
             f"{info['cpus_available'] or info['cpu_count']} CPUs{load_text}; "
-            f"jax {info['jax_version']}")
+            f"jax {info['jax_version']}{commit}; {info['time_utc']}")
 
 
 # ---------------------------------------------------------------------------

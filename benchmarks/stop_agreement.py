@@ -25,13 +25,14 @@ import time
 from absl import flags
 
 from benchmarks import common
-from mlres_jax import cli, files
+from mlres_jax import cli
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    flags.DEFINE_list("processes", ["1", "2"], "Numbers of processes to measure.")
+    common.define_list("processes", "1,2", "Numbers of processes to measure.",
+                       flags.IntegerParser(lower_bound=1))
     flags.DEFINE_integer("exchanges", 1000, "Timed calls per process count.", lower_bound=1)
     flags.DEFINE_integer("warmup", 50, "Untimed calls first.", lower_bound=0)
     flags.DEFINE_string("output_dir", "runs/bench/stop_agreement",
@@ -88,7 +89,7 @@ def main(argv) -> None:
         _worker(FLAGS.worker)
         return
     rows, results = [], []
-    for processes in (int(n) for n in FLAGS.processes):
+    for processes in FLAGS.processes:
         stats = common.percentiles([1e6 * s for s in _run(processes)])
         results.append({"processes": processes, "microseconds": stats})
         rows.append([processes, f"{stats['median']:.1f}", f"{stats['p25']:.1f}",
@@ -96,12 +97,11 @@ def main(argv) -> None:
     table = common.markdown_table(
         ["processes", "median µs per step", "25 %", "75 %", "max"], rows)
     machine = common.machine_info()
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
-    files.write_json(os.path.join(FLAGS.output_dir, "stop_agreement.json"),
-                     {"machine": machine, "exchanges": FLAGS.exchanges, "results": results})
     text = (f"# Stop agreement: cost per training step\n\n{common.machine_line(machine)}\n\n"
             f"{table}\n")
-    files.write_text(os.path.join(FLAGS.output_dir, "stop_agreement.md"), text)
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    common.write_outputs(FLAGS.output_dir, "stop_agreement", {
+        "machine": machine, "exchanges": FLAGS.exchanges, "results": results}, text)
     print(text)
 
 
