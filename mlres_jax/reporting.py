@@ -188,7 +188,7 @@ def summary_table(summary: dict) -> str:
     lines.append(
         f"total: {t['steps']} steps, train {t['train_seconds']:.1f} s "
         f"(compile {t['compile_seconds']:.1f} s), eval {t['eval_seconds']:.1f} s, "
-        f"checkpoints {t['checkpoint_seconds']:.1f} s, wall of this invocation "
+        f"checkpoints {t['checkpoint_seconds']:.1f} s, wall of the invocation that finished it "
         f"{t['wall_seconds']:.1f} s; "
         f"final test error {100 * t['final_test_error']:.2f}% "
         f"({t['test_examples']} examples)")

@@ -66,7 +66,6 @@ class PeerLostError(errors.UserError):
     barrier for the dead peer.
     """
 
-    exit_status = 1
     exit_at_once = True
 
 
@@ -168,14 +167,19 @@ class StopAgreement:
         self._processes = jax.process_count()
         self._client = parallel.coordination_client() if self._processes > 1 else None
         self._exchanges = 0
-        self.received_by: list[int] = []
+        self.received_by: dict[int, int] = {}
+        self._waiting_since = None
+        if self._client is not None:
+            threading.Thread(target=self._watch_steps, name="step_watchdog", daemon=True).start()
 
     def should_stop(self) -> int | None:
         """The signal on which every process stops now, or None to go on.
 
         Returns:
           The same answer on every process: the smallest signal number that
-          any process received (SIGINT before SIGTERM), or None.
+          any process received (SIGINT before SIGTERM; the exit status is
+          128 + it), or None. ``received_by`` then maps each process that
+          received one to its signal.
 
         Raises:
           PeerLostError: if another process did not answer within the
@@ -183,7 +187,7 @@ class StopAgreement:
         """
         own = self.request.signal_number
         if self._client is None:
-            self.received_by = [0] if own else []
+            self.received_by = {0: own} if own else {}
             return own
         exchange, self._exchanges = self._exchanges, self._exchanges + 1
         me = jax.process_index()
@@ -197,9 +201,51 @@ class StopAgreement:
         if exchange >= 2:
             # Every process has read exchange - 2: it wrote exchange - 1 after that.
             self._client.key_value_delete(f"{_AGREEMENT_PREFIX}/{exchange - 2}/{me}")
-        received = sorted(number for number in answers.values() if number)
-        self.received_by = sorted(p for p, number in answers.items() if number)
-        return received[0] if received else None
+        self.received_by = {p: number for p, number in sorted(answers.items()) if number}
+        return min(self.received_by.values()) if self.received_by else None
+
+    def describe_signals(self) -> str:
+        """``"SIGTERM"``, or with several processes ``"SIGTERM (received by process 0)"``.
+
+        Each signal is named with the processes that received it, so that a
+        SIGINT on one host and a SIGTERM on another read as such.
+        """
+        names = {}
+        for process, number in self.received_by.items():
+            names.setdefault(signal.Signals(number).name, []).append(str(process))
+        if self._client is None:
+            return " and ".join(names)
+        return " and ".join(f"{name} (received by process {', '.join(processes)})"
+                            for name, processes in names.items())
+
+    def wait_for_step(self, outputs, steps_done: int) -> None:
+        """Waits for a step's ``outputs``; then ``steps_done`` steps are finished.
+
+        With several processes a step waits for all of them (its collectives);
+        one that hangs (a frozen host) would hold it for good. A watchdog then
+        ends this process after the agreement timeout with one line naming
+        the last complete checkpoint, before JAX's heartbeat does so with a
+        stack trace. A step must therefore take less than that timeout.
+        """
+        self._waiting_since = time.monotonic()
+        jax.block_until_ready(outputs)
+        self._waiting_since = None
+        self.request.steps_done = steps_done
+
+    def _watch_steps(self) -> None:
+        while True:
+            time.sleep(min(1.0, self._timeout / 4))
+            since = self._waiting_since
+            if since is not None and time.monotonic() - since > self._timeout:
+                sys.stdout.flush()
+                sys.stderr.write(
+                    f"error: process {jax.process_index()} waited {self._timeout:g} s for "
+                    f"step {self.request.steps_done + 1} to finish, which needs every "
+                    f"process of {self._processes}: one of them hangs, died or lost its host. "
+                    f"This process stops too; {self.request.last_checkpoint()}. To resume, "
+                    "run the same command on every host again.\n")
+                sys.stderr.flush()
+                os._exit(PeerLostError.exit_status)
 
     def _wait_for(self, key: str, peer: int, deadline: float) -> str:
         while True:

@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import signal
 import sys
 import time
 from typing import Any
@@ -534,8 +533,7 @@ def train_cycle(run: Run, cycle: plan.Cycle, compiled: steps.CompiledSteps,
                 progress.state, *train_data, parallel.shard_batch(order[position], run.mesh),
                 run.augment_rng)
             if previous_metrics is not None:
-                jax.block_until_ready(previous_metrics)
-                stop.request.steps_done = step
+                stop.wait_for_step(previous_metrics, steps_done=step)
             previous_metrics = metrics
             progress.step = done = step + 1
             bar.update(1)
@@ -619,19 +617,20 @@ def save_checkpoint(run: Run, cycle: plan.Cycle, progress: Progress,
 
 def stop_with_checkpoint(run: Run, cycle: plan.Cycle, progress: Progress,
                          checkpointer: checkpoint.Checkpointer, signal_number: int,
-                         received_by: list[int]) -> None:
+                         name: str) -> None:
     """Saves the step reached (unless it is saved already) and stops the run.
 
     Called between two steps, where the train state is complete, by every
     process at the same step (`stopping.StopAgreement`).
 
+    Args:
+      signal_number: the exit status is 128 + it.
+      name: the signal(s) and who received them (`StopAgreement.describe_signals`).
+
     Raises:
       stopping.Interrupted: always, saying where the run stopped and how to
         resume; the same message on every process.
     """
-    name = signal.Signals(signal_number).name
-    if jax.process_count() > 1:
-        name += f" (received by process {', '.join(map(str, received_by))})"
     if progress.state is None:
         raise stopping.Interrupted(f"stopped by {name} before the first step; nothing was trained, "
                           "and the next run starts afresh", signal_number)
@@ -654,7 +653,7 @@ def stop_if_requested(run: Run, cycle: plan.Cycle, progress: Progress,
     signal_number = stop.should_stop()
     if signal_number is not None:
         stop_with_checkpoint(run, cycle, progress, checkpointer, signal_number,
-                             stop.received_by)
+                             stop.describe_signals())
 
 
 def check_finite(run: Run, cycle: plan.Cycle, state: steps.TrainState,

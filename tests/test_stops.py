@@ -96,16 +96,19 @@ def _two_processes(data_dir, workdir, **changes):
             for i in (0, 1)]
 
 
-def _stopped_at(run, signal_name="SIGTERM"):
-    """The step of the stop message, which must be the run's last line."""
+def _stopped_at(run, signals=r"SIGTERM"):
+    """The step of the stop message, which must be the run's last line.
+
+    Args:
+      signals: a pattern for what the message says stopped the run.
+    """
     last = run.lines[-1]
-    match = re.fullmatch(rf"error: stopped by {signal_name}( \(received by process [\d, ]+\))? "
-                         r"at step (\d+) \(epoch [\d.]+\); the checkpoint of step (\d+) "
-                         r"\(cycle 1, 2 blocks\) is in .*\. To resume, run the same command "
-                         r"again\.", last)
+    match = re.fullmatch(rf"error: stopped by {signals} at step (?P<step>\d+) \(epoch [\d.]+\); "
+                         r"the checkpoint of step (?P<saved>\d+) \(cycle 1, 2 blocks\) is in .*\. To resume, "
+                         r"run the same command again\.", last)
     assert match, run.output
-    assert match.group(2) == match.group(3)
-    return int(match.group(2)), last
+    assert match["step"] == match["saved"]
+    return int(match["step"]), last
 
 
 def _received_after(run, signal_name="SIGTERM"):
@@ -145,24 +148,30 @@ def _resume_both(data_dir, workdir, reference):
 
 
 @pytest.mark.parametrize("signalled", [
-    (0,),       # a SIGTERM that reaches one host only
-    (1, 0),     # each host, at different moments
+    ((0, signal.SIGTERM),),                      # a SIGTERM that reaches one host only
+    ((1, signal.SIGTERM), (0, signal.SIGINT)),   # each host, at different moments
 ])
-def test_a_sigterm_to_some_processes_stops_all_at_one_step_and_resumes(
+def test_a_signal_to_some_processes_stops_all_at_one_step_and_resumes(
         data_dir, reference, tmp_path, signalled):
     runs = _two_processes(data_dir, tmp_path)
     runs[0].wait_for_line(r"epoch 2\.00")
-    for number, process_id in enumerate(signalled):
+    for number, (process_id, signal_number) in enumerate(signalled):
         if number:
             time.sleep(0.05)
-        runs[process_id].process.send_signal(signal.SIGTERM)
+        runs[process_id].process.send_signal(signal_number)
     results = [run.finish(timeout=STOP_SECONDS) for run in runs]
-    assert [status for status, _ in results] == [143, 143], [r.output for r in runs]
-    (step0, message0), (step1, message1) = (_stopped_at(run) for run in runs)
-    # The same step, the same message on both; the step is a complete checkpoint.
+    named_signals = r"SIG[A-Z]+ \(received by process [\d, ]+\)(?: and SIG[A-Z]+ \(.*\))?"
+    (step0, message0), (step1, message1) = (_stopped_at(run, named_signals) for run in runs)
+    # The same step, status and message on both; the step is a complete checkpoint.
     assert step0 == step1 and message0 == message1
-    receivers = re.search(r"received by process ([\d, ]+)\)", message0).group(1)
-    assert str(signalled[0]) in receivers.split(", ")
+    assert results[0][0] == results[1][0], [r.output for r in runs]
+    # Each signal is named with the process(es) that received it; the first
+    # one sent is always among them, and the status is that of the smallest.
+    named = {getattr(signal, name): processes.split(", ") for name, processes in re.findall(
+        r"(SIG[A-Z]+) \(received by process ([\d, ]+)\)", message0)}
+    first_process, first_signal = signalled[0]
+    assert str(first_process) in named[first_signal], message0
+    assert results[0][0] == 128 + min(named)
     assert 16 <= step0 < END_STEP
     assert max(checkpoint.list_steps(str(tmp_path))) == step0
     _, variables, metadata = checkpoint.load_model(str(tmp_path))
@@ -173,21 +182,31 @@ def test_a_sigterm_to_some_processes_stops_all_at_one_step_and_resumes(
     _resume_both(data_dir, tmp_path, reference)
 
 
-def test_a_killed_peer_ends_the_other_process_which_says_so_and_the_run_resumes(
-        data_dir, reference, tmp_path):
+@pytest.mark.parametrize("peer_fault", [signal.SIGKILL, signal.SIGSTOP])  # died, hangs
+def test_a_lost_peer_ends_the_other_process_which_says_so_and_the_run_resumes(
+        data_dir, reference, tmp_path, peer_fault):
     runs = _two_processes(data_dir, tmp_path)
-    runs[0].wait_for_line(r"epoch 6\.00")  # after the checkpoint of step 40
-    runs[1].process.send_signal(signal.SIGKILL)
-    status, seconds = runs[0].finish(timeout=HEARTBEAT_SECONDS + STOP_SECONDS)
-    assert status == 1, runs[0].output
-    # Documented bound: the heartbeat timeout (here 10 s), plus a step.
-    assert seconds < HEARTBEAT_SECONDS + 5, (seconds, runs[0].output)
+    try:
+        runs[0].wait_for_line(r"epoch 6\.00")  # after the checkpoint of step 40
+        runs[1].process.send_signal(peer_fault)
+        status, seconds = runs[0].finish(timeout=HEARTBEAT_SECONDS + STOP_SECONDS)
+    finally:
+        runs[1].process.kill()
+    assert status == 2, runs[0].output
+    # Documented bound: half the heartbeat timeout (here 10 s), plus a step.
+    assert seconds < HEARTBEAT_SECONDS, (seconds, runs[0].output)
     last = runs[0].lines[-1]
-    assert last.startswith("error: "), runs[0].output
-    assert "another process of the run died or lost its host" in last or (
-        "waited for process 1 of 2" in last), last
-    assert re.search(r"the last complete checkpoint is step (40|80) in ", last)
-    _resume_both(data_dir, tmp_path, reference)
+    assert re.fullmatch(
+        r"error: (a step with the other processes failed after step \d+ \(.*\): another "
+        r"process of the run died or lost its host|process 0 waited for process 1 of 2 to agree "
+        r"whether to stop after step \d+ \(.*\): that process died, hangs, or lost its host"
+        r"|process 0 waited 5 s for step \d+ to finish, which needs every process of 2: one of "
+        r"them hangs, died or lost its host)\. This process stops too; the last complete "
+        r"checkpoint is step (40|80) in .*checkpoints\. To resume, run the same command on "
+        r"every host again\.", last), runs[0].output
+    assert "Check failure" not in runs[0].output
+    if peer_fault == signal.SIGKILL:
+        _resume_both(data_dir, tmp_path, reference)
 
 
 def test_a_single_process_stop_lands_within_two_steps_of_the_signal(data_dir, tmp_path):
