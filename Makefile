@@ -1,13 +1,14 @@
 # mlres_jax: set-up, the main job and the tests.
 #   make run    installs everything and trains the Fashion-MNIST multi-level config
 #   make test   installs everything and runs the test suite
+#   make docs   writes docs/results.md and the README's results table from docs/results/*.json
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 WORKDIR ?= runs/fashion_mnist
 
-.PHONY: install data run test test-slow bench clean
+.PHONY: install data run test test-slow bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +53,11 @@ BENCH_ARGS ?=
 bench: install data
 	$(BIN)/python -m benchmarks.throughput --families=8,resnet,wresnet --output_dir=$(BENCH_DIR)/throughput
 	$(BIN)/python -m benchmarks.compare --output_dir=$(BENCH_DIR)/compare $(BENCH_ARGS)
+
+# The results page and the README's headline table, from the JSON in docs/results/
+# (benchmarks/results.py): nothing in them is typed by hand.
+docs: install
+	$(BIN)/python -m benchmarks.results
 
 clean:
 	rm -rf $(VENV) *.egg-info
