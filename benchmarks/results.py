@@ -202,8 +202,8 @@ def headline(results_dir: str, page: str) -> str:
         machine = environment_line(report.get("environment", {}))
         table = main_job_table(report)
     else:
-        return ("No result has been measured on the current code yet (no `compare.json` or "
-                f"`main_job.json`); see [{page}]({page}).\n")
+        return ("No headline result yet: neither `compare.json` nor `main_job.json` has been "
+                f"written into the results folder. What has: [{page}]({page}).\n")
     return f"{what}; {provenance(report)} on {machine}. All results: [{page}]({page}).\n\n{table}\n"
 
 

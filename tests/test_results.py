@@ -134,7 +134,7 @@ def test_without_a_result_the_readme_says_so(tmp_path):
     readme = tmp_path / "README.md"
     _readme(readme)
     results.write_pages(str(tmp_path / "results"), str(tmp_path / "results.md"), str(readme))
-    assert "No result has been measured on the current code yet" in readme.read_text()
+    assert "No headline result yet: neither `compare.json` nor `main_job.json`" in readme.read_text()
 
 
 def test_a_readme_without_the_markers_is_refused_before_anything_is_written(tmp_path):
