@@ -47,9 +47,9 @@ test-slow: install data
 
 BENCH_DIR ?= runs/bench
 BENCH_ARGS ?=
-# Per-depth costs (a few minutes on 2 cores), then the paper's Table 3 comparison
-# on Fashion-MNIST (about 40-45 minutes on 2 idle cores): tables, JSON and the
-# curves plot in $(BENCH_DIR). After an interruption: make bench BENCH_ARGS=--resume
+# Per-depth costs, then the paper's Table 3 comparison on Fashion-MNIST (the CPU
+# preset; docs/benchmarks.md): tables, JSON and the curves plot in $(BENCH_DIR).
+# After an interruption: make bench BENCH_ARGS=--resume
 bench: install data
 	$(BIN)/python -m benchmarks.throughput --families=8,resnet,wresnet --output_dir=$(BENCH_DIR)/throughput
 	$(BIN)/python -m benchmarks.compare --output_dir=$(BENCH_DIR)/compare $(BENCH_ARGS)
