@@ -1,13 +1,14 @@
 # mlres_jax: set-up, the main job and the tests.
 #   make run    installs everything and trains the Fashion-MNIST multi-level config
 #   make test   installs everything and runs the test suite
+#   make docs   writes docs/results.md and the README's results table from docs/results/*.json
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 WORKDIR ?= runs/fashion_mnist
 
-.PHONY: install data run test test-slow bench clean
+.PHONY: install data run test test-slow bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,12 +47,17 @@ test-slow: install data
 
 BENCH_DIR ?= runs/bench
 BENCH_ARGS ?=
-# Per-depth costs (a few minutes on 2 cores), then the paper's Table 3 comparison
-# on Fashion-MNIST (about 40-45 minutes on 2 idle cores): tables, JSON and the
-# curves plot in $(BENCH_DIR). After an interruption: make bench BENCH_ARGS=--resume
+# Per-depth costs, then the paper's Table 3 comparison on Fashion-MNIST (the CPU
+# preset; docs/benchmarks.md): tables, JSON and the curves plot in $(BENCH_DIR).
+# After an interruption: make bench BENCH_ARGS=--resume
 bench: install data
 	$(BIN)/python -m benchmarks.throughput --families=8,resnet,wresnet --output_dir=$(BENCH_DIR)/throughput
 	$(BIN)/python -m benchmarks.compare --output_dir=$(BENCH_DIR)/compare $(BENCH_ARGS)
+
+# The results page and the README's headline table, from the JSON in docs/results/
+# (benchmarks/results.py): nothing in them is typed by hand.
+docs: install
+	$(BIN)/python -m benchmarks.results
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -12,7 +12,6 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -189,27 +188,6 @@ def write_outputs(output_dir: str, name: str, report: dict, markdown: str,
         files.save_figure(figure, os.path.join(output_dir, file_name))
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _commit() -> str | None:
-    try:
-        return subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=12"], check=True, text=True,
-            capture_output=True, cwd=os.path.dirname(os.path.abspath(__file__)),
-            timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def cpus_available() -> list[int]:
     """The CPU cores this process may run on (all of them where that is not known)."""
     if hasattr(os, "sched_getaffinity"):
@@ -231,14 +209,14 @@ def machine_info() -> dict:
     return {
         "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds"),
-        "commit": _commit(),
+        "commit": parallel.source_commit(),
         "platform": jax.default_backend(),
         "devices": [str(d) for d in devices],
         "device_kind": devices[0].device_kind,
         "jax_version": jax.__version__,
         "python_version": sys.version.split()[0],
         "os": platform.platform(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": parallel.cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpus_available": len(cpus_available()),
         "load_average_1_5_15_min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,

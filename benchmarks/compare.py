@@ -27,7 +27,7 @@ over seeds.
 
 Usage (from the repository root)::
 
-    python -m benchmarks.compare                     # CPU preset, ~40-45 min
+    python -m benchmarks.compare                     # the CPU preset
     python -m benchmarks.compare --seeds=0,1,2 --parallel_runs=2
     python -m benchmarks.compare --config=benchmarks/presets/paper.py  # CIFAR-10, GPU
     python -m benchmarks.compare --config=configs/wrn50i.py --config.dataset=cifar100
@@ -252,7 +252,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     config_flags.DEFINE_config_file(
         "config", os.path.join(PRESETS_DIR, "cpu.py"),
         "A multi-level training config (configs/*i.py, benchmarks/presets/*.py: 'cpu', "
-        "Fashion-MNIST, about 40 min on 2 cores, the default; 'paper', CIFAR-10 "
+        "Fashion-MNIST, for a CPU, the default; 'paper', CIFAR-10 "
         "ResNet-50-i, needs the data and a GPU); fields can be overridden with "
         "--config.FIELD=VALUE.", lock_config=True, flag_values=flag_values)
     common.define_list("seeds", "0", "Seeds; every model is trained once per seed, "

@@ -19,7 +19,7 @@ and just after (``summary.json``'s ``growths``). Then it writes, in
 
 Usage (from the repository root)::
 
-    python -m benchmarks.growth                      # 15 runs, about 17 min each on 2 cores
+    python -m benchmarks.growth                      # 15 runs, each as long as the main job
     python -m benchmarks.growth --rules=paper,identity --policies=interpolate
     python -m benchmarks.growth --runs=paper/reset,identity/interpolate --seeds=0,1
     python -m benchmarks.growth --resume             # after an interruption

@@ -83,26 +83,36 @@ def _run(processes: int) -> list[float]:
     return json.loads(outputs[0].strip().splitlines()[-1])
 
 
+def report_markdown(report: dict) -> str:
+    """``stop_agreement.md``: the table and how it was measured."""
+    rows = [[r["processes"], *(f"{r['microseconds'][key]:.1f}"
+                               for key in ("median", "p25", "p75", "max"))]
+            for r in report["results"]]
+    table = common.markdown_table(
+        ["processes", "median µs per step", "25 %", "75 %", "max"], rows)
+    warmup = report.get("warmup")
+    return "\n".join([
+        "# Stop agreement: cost per training step", "", table, "",
+        f"- {report['exchanges']} timed calls of StopAgreement.should_stop per process "
+        f"count{f' after {warmup} untimed' if warmup is not None else ''}, back to back; "
+        "processes joined over localhost.",
+        f"- Machine: {common.machine_line(report['machine'])}.", ""])
+
+
 def main(argv) -> None:
     del argv
     if FLAGS.worker:
         _worker(FLAGS.worker)
         return
-    rows, results = [], []
+    machine, results = common.machine_info(), []
     for processes in FLAGS.processes:
         stats = common.percentiles([1e6 * s for s in _run(processes)])
         results.append({"processes": processes, "microseconds": stats})
-        rows.append([processes, f"{stats['median']:.1f}", f"{stats['p25']:.1f}",
-                     f"{stats['p75']:.1f}", f"{stats['max']:.1f}"])
-    table = common.markdown_table(
-        ["processes", "median µs per step", "25 %", "75 %", "max"], rows)
-    machine = common.machine_info()
-    text = (f"# Stop agreement: cost per training step\n\n{common.machine_line(machine)}\n\n"
-            f"{table}\n")
+    report = {"benchmark": "stop_agreement", "machine": machine,
+              "exchanges": FLAGS.exchanges, "warmup": FLAGS.warmup, "results": results}
     os.makedirs(FLAGS.output_dir, exist_ok=True)
-    common.write_outputs(FLAGS.output_dir, "stop_agreement", {
-        "machine": machine, "exchanges": FLAGS.exchanges, "results": results}, text)
-    print(text)
+    common.write_outputs(FLAGS.output_dir, "stop_agreement", report, report_markdown(report))
+    print(report_markdown(report), flush=True)
 
 
 if __name__ == "__main__":

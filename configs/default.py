@@ -83,11 +83,9 @@ def get_config() -> ml_collections.ConfigDict:
     # statistics and optimizer state stay float32; for accelerators).
     config.compute_dtype = 'float32'
     # Compile the next depth's steps in a background thread while the
-    # current cycle trains, so a growth does not wait for the compiler. On by
-    # default: on a 2-core CPU, where the thread competes with training, it
-    # still cut a short 3-cycle run's train time from 140 s to 122 s (README,
-    # "Paper scale"). A stop (Ctrl-C) during a cycle waits for a compilation
-    # in flight to finish; set False to stop at once.
+    # current cycle trains, so a growth does not wait for the compiler
+    # (docs/paper-scale.md). A stop (Ctrl-C) during a cycle waits for a
+    # compilation in flight to finish; set False to stop at once.
     config.compile_ahead = True
 
     # --- Devices ----------------------------------------------------------------

@@ -1,14 +1,12 @@
-"""The multi-level method on Fashion-MNIST, sized for a 2-core CPU.
+"""The multi-level method on Fashion-MNIST, sized for a 2-core CPU: the main job of `make run`.
 
-The README's main job. ResNet with 8 filters in the first stage (half the
-paper's 16: one epoch of 2-2-2 then takes about 50 s instead of 130 s on two
-cores), three cycles 2-2-2 -> 4-4-4 -> 8-8-8 with h 1 -> 0.5 -> 0.25, the
-paper's schedule (cosine from 0.5 to 0.001, restarted per cycle) and
-optimiser. The cycles are 4, 2 and 1 epochs: the cheap shallow model gets the
-most epochs, as in the paper's 60/50/50 split (theoretical cost 3/7 = 0.43 of
-the last-cycle model, plan.theoretical_cost_ratio). About 16 minutes on
-two Intel Xeon cores (10 on the AMD EPYC cores used before; README,
-"Results"); full train (60,000) and test (10,000) sets.
+ResNet with 8 filters in the first stage (half the paper's 16), three cycles
+2-2-2 -> 4-4-4 -> 8-8-8 with h 1 -> 0.5 -> 0.25, the paper's schedule (cosine
+from 0.5 to 0.001, restarted per cycle) and optimiser. The cycles are 4, 2
+and 1 epochs: the cheap shallow model gets the most epochs, as in the paper's
+60/50/50 split (theoretical cost 3/7 = 0.43 of the last-cycle model,
+plan.theoretical_cost_ratio). Full train (60,000) and test (10,000) sets;
+its measured times and errors are in docs/results.md.
 
     python -m mlres_jax.main --config=configs/fashion_mnist.py --workdir=runs/fashion_mnist
 """

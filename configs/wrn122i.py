@@ -14,8 +14,8 @@ def get_config():
     config.width = 32
     config.stage_sizes = (5, 5, 5)
     config.multilevel = True
-    # Scanned blocks at this depth: on the 2-core CPU the 20-20-20 train step
-    # compiled 3.7-4.4x faster and ran 1.1-1.2x faster than unrolled (README,
-    # "Paper scale"); --config.scan_blocks=False for the unrolled layout.
+    # Scanned blocks at this depth: compile time flat in depth (why, and the
+    # measurement behind this default: docs/paper-scale.md);
+    # --config.scan_blocks=False for the unrolled layout.
     config.scan_blocks = True
     return config

@@ -7,7 +7,8 @@
 A run uses every device of the machine (``--config.num_devices`` to choose).
 On several hosts, start the same command on each with
 ``--coordinator_address=HOST0:PORT --num_processes=N --process_id=I`` (or
-let Slurm, Open MPI or ``$JAX_COORDINATOR_ADDRESS`` say so); see the README.
+let Slurm, Open MPI or ``$JAX_COORDINATOR_ADDRESS`` say so); see
+docs/devices-and-hosts.md.
 
 Any config field can be overridden with ``--config.FIELD=VALUE``. This module
 parses flags and at the end draws the training curves and prints the

@@ -17,10 +17,12 @@ only its own devices' part of them on its devices (`shard_batch`).
 
 from __future__ import annotations
 
+import datetime
 import importlib.metadata
 import os
 import platform
 import socket
+import subprocess
 from typing import Any, Sequence
 
 import jax
@@ -107,14 +109,43 @@ def coordination_client():
     return distributed.global_state.client
 
 
+def source_commit() -> str | None:
+    """The commit of this code: ``git describe --always --dirty`` (12 hex digits).
+
+    Returns:
+      e.g. ``"ee07604feb08"``, with ``-dirty`` when tracked files differ from
+      it; None outside a git checkout or without git.
+    """
+    try:
+        return subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"], check=True, text=True,
+            capture_output=True, cwd=os.path.dirname(os.path.abspath(__file__)),
+            timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def cpu_model() -> str:
+    """The host CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def environment() -> dict:
-    """What runs this process: devices, processes and library versions.
+    """What runs this process, and when: devices, processes, code and library versions.
 
     Returns:
       ``platform`` (e.g. ``"cpu"``, ``"gpu"``), ``device_kind`` (e.g.
       ``"NVIDIA H200"``), ``devices`` (global), ``local_devices``,
       ``processes``, ``host`` (process 0's host name when written by it),
-      ``python`` and ``versions`` of jax, jaxlib, flax, optax,
+      ``cpu_model``, ``commit`` (`source_commit`), ``time_utc`` (now, ISO
+      8601), ``python`` and ``versions`` of jax, jaxlib, flax, optax,
       orbax-checkpoint and numpy.
     """
     device = jax.devices()[0]
@@ -122,6 +153,8 @@ def environment() -> dict:
         "platform": device.platform, "device_kind": device.device_kind,
         "devices": jax.device_count(), "local_devices": jax.local_device_count(),
         "processes": jax.process_count(), "host": socket.gethostname(),
+        "cpu_model": cpu_model(), "commit": source_commit(),
+        "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "versions": {name: importlib.metadata.version(name) for name in (
             "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")},

@@ -8,6 +8,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,7 +17,8 @@ import pytest
 import tensorflow_datasets as tfds
 from absl import flags
 
-from benchmarks import common, compare, compare_report, growth, runs, step_cost, throughput
+from benchmarks import (common, compare, compare_report, growth, results, runs, step_cost,
+                        throughput)
 from mlres_jax import configuration, files, plan, steps, train
 from configs import default, fashion_mnist, resnet50, resnet50i
 from tests import fake_data
@@ -411,6 +413,25 @@ def test_compare_writes_table_plot_and_each_run(tiny_comparison):
         assert summary["totals"]["steps"] == 10  # same steps for every model
         assert summary["totals"]["test_examples"] == NUM_EXAMPLES
     assert not glob.glob(os.path.join(output_dir, "*.tmp"))
+
+
+def test_results_page_and_readme_headline_from_a_real_compare_json(tiny_comparison, tmp_path):
+    output_dir, report = tiny_comparison
+    results_dir = tmp_path / "docs" / "results"
+    results_dir.mkdir(parents=True)
+    for name in ("compare.json", "compare_curves.png"):
+        shutil.copy(os.path.join(output_dir, name), results_dir / name)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{results.BEGIN}\n{results.END}\n")
+    page = results.write_pages(str(results_dir), str(tmp_path / "docs" / "results.md"),
+                               str(readme))
+    with open(os.path.join(output_dir, "compare.md")) as handle:
+        table = compare_report.results_table(report["stats"], report["models"])
+        assert table in handle.read()  # the benchmark's own table, as it printed it
+    assert table in page and table in readme.read_text()
+    assert f"- Machine: {common.machine_line(report['machine'])}." in page
+    assert f"at commit {report['machine']['commit']}" in page
+    assert "](results/compare_curves.png)" in page
 
 
 def test_compare_resume_reuses_finished_runs(tiny_comparison, monkeypatch):

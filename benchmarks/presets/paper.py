@@ -7,8 +7,8 @@ h = 1) with the same restarts. Theoretical saving 1 - 0.5625 = 43.75 %; the
 paper measured 114 min (ResNet-50) against 67 min (ResNet-50-i) on a GTX 1080,
 41 % saved.
 
-Needs CIFAR-10 prepared as tensorflow-datasets ArrayRecord files (see the
-README) and a GPU: on the paper's GTX 1080 the three runs would take about
+Needs CIFAR-10 prepared as tensorflow-datasets ArrayRecord files (see
+docs/paper-scale.md) and a GPU: on the paper's GTX 1080 the three runs would take about
 3.5 hours (ResNet-50 114 min, ResNet-50-i 67 min, ResNet-14 about a quarter
 of ResNet-50). Other data sets and models of Tables 3 and 4:
 
