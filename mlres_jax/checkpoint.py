@@ -29,6 +29,8 @@ from absl import logging
 from mlres_jax import errors, files, models, multilevel
 
 CHECKPOINT_FOLDER = "checkpoints"
+# Where unreadable checkpoints are moved, beside CHECKPOINT_FOLDER.
+UNREADABLE_FOLDER = "unreadable_checkpoints"
 # Version of `CheckpointMetadata`'s JSON; a checkpoint of another version is
 # refused with a message rather than misread.
 METADATA_FORMAT = 2
@@ -422,7 +424,7 @@ class Checkpointer:
         inspection, never deleted), so that training can save those steps
         again.
         """
-        aside = os.path.join(os.path.dirname(self.directory), "unreadable_checkpoints")
+        aside = os.path.join(os.path.dirname(self.directory), UNREADABLE_FOLDER)
         for bad in [s for s in self.all_steps() if s > step]:
             os.makedirs(aside, exist_ok=True)
             target = os.path.join(aside, str(bad))

@@ -648,8 +648,14 @@ def write_summary(run: Run, progress: Progress, wall_seconds: float) -> dict:
 
 
 def _hold_workdir(workdir: str):
-    """The workdir's lock (`workdir.hold`), taken by the main process for all of them."""
-    return workdirs.hold(workdir) if parallel.is_main_process() else contextlib.nullcontext()
+    """The workdir's lock (`workdir.hold`), taken by the main process for all of them.
+
+    It also checks, before any work, that every path the run writes there
+    can be written.
+    """
+    if not parallel.is_main_process():
+        return contextlib.nullcontext()
+    return workdirs.hold(workdir, files=(SUMMARY_FILE,))
 
 
 def _summary_path(run: Run) -> str:

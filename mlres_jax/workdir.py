@@ -1,4 +1,4 @@
-"""A run's folder: one writer at a time, and room for its checkpoints.
+"""A run's folder: one writer at a time, every folder it writes writable, room for its checkpoints.
 
 `hold` makes a process the only writer of a workdir for as long as it runs:
 it takes an exclusive ``flock`` on ``<workdir>/.lock`` and writes who holds
@@ -7,6 +7,12 @@ is refused at once with a message naming the holder. The operating system
 releases the lock when the holder ends in any way (exit, SIGKILL, a crash,
 power loss), so a dead holder never blocks the next run; its stale details
 are simply overwritten.
+
+`hold` is also the one place where every path a run (or ``mlres_jax.grow``)
+writes is checked, before the caller does any work (`check_writable`): a
+folder this user cannot write, or a file the run replaces that is a folder,
+is refused in one line instead of failing at the first save, after the
+training it was to keep.
 """
 
 from __future__ import annotations
@@ -19,11 +25,15 @@ import os
 import shutil
 import socket
 import sys
-from typing import Iterator
+import tempfile
+from typing import Iterator, Sequence
 
-from mlres_jax import errors
+from mlres_jax import checkpoint, errors
 
 LOCK_FILE = ".lock"
+# Folders of the workdir whose whole tree a run may change: orbax deletes
+# old checkpoints (with their subfolders), and a damaged one is moved aside.
+_TREES_WRITTEN = (checkpoint.CHECKPOINT_FOLDER, checkpoint.UNREADABLE_FOLDER)
 
 
 class WorkdirBusyError(errors.UserError):
@@ -40,12 +50,26 @@ def _holder_description(path: str) -> str:
         return "another process (its details are not readable)"
 
 
+class WorkdirNotWritableError(errors.UserError, OSError):
+    """A folder or file the run will write cannot be written by this user."""
+
+
 @contextlib.contextmanager
-def hold(workdir: str) -> Iterator[None]:
+def hold(workdir: str, files: Sequence[str] = ()) -> Iterator[None]:
     """Holds ``workdir`` for this process: creates it, locks it, releases it at the end.
+
+    Once it holds the folder it checks, before the caller does any work,
+    that everything the run writes there can be written (`check_writable`).
+
+    Args:
+      workdir: the folder.
+      files: names of files in it that the run writes or replaces (e.g.
+        ``summary.json``).
 
     Raises:
       WorkdirBusyError: if another live process holds it, naming that process.
+      WorkdirNotWritableError: if a folder or file the run writes cannot be
+        written (`check_writable`).
       OSError: if the folder cannot be created or written (before any work).
     """
     path = os.path.join(workdir, LOCK_FILE)
@@ -53,7 +77,8 @@ def hold(workdir: str) -> Iterator[None]:
         os.makedirs(workdir, exist_ok=True)
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as error:
-        raise OSError(f"workdir {workdir!r} is not writable: {error}") from None
+        raise _not_writable(workdir, error.filename or workdir,
+                            error.strerror or str(error)) from None
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -67,9 +92,70 @@ def hold(workdir: str) -> Iterator[None]:
                   "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])}
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, json.dumps(holder).encode(), 0)
+        check_writable(workdir, files)
         yield
     finally:
         os.close(descriptor)  # releases the lock
+
+
+def _not_writable(workdir: str, path: str, reason: str) -> WorkdirNotWritableError:
+    user = f"uid {os.geteuid()}" if hasattr(os, "geteuid") else "this user"
+    return WorkdirNotWritableError(
+        f"{path!r} is not writable by this process ({user}): {reason}. The run writes "
+        f"there, so it stops before any work: make it writable (e.g. chown or chmod "
+        f"{os.path.abspath(workdir)!r} and what it holds), or copy that folder elsewhere "
+        "and run the same command on the copy.")
+
+
+def _probe(folder: str) -> None:
+    """Creates and removes a file in ``folder``: the one sure test that it can be written.
+
+    Raises:
+      OSError: as the operating system reports it (permissions, a read-only
+        file system, not a folder).
+    """
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test_"):
+        pass
+
+
+def check_writable(workdir: str, files: Sequence[str] = ()) -> None:
+    """Fails early unless this process can write every path a run writes in ``workdir``.
+
+    Checked: the workdir itself (lock, events, result files, a new
+    ``checkpoints/``), ``checkpoints/`` and every folder below it (orbax
+    writes new checkpoints there and deletes the oldest with their
+    folders), ``unreadable_checkpoints/`` if present, and each of ``files``
+    that exists must be a plain file (it is replaced by a rename). A run
+    started as one user (say root) and resumed as another, or a read-only
+    mount, is found here, before data loading, compiling or training.
+
+    Raises:
+      WorkdirNotWritableError: naming the first path that cannot be written,
+        the reason, and what to do.
+    """
+    def refuse(path: str, reason: str):
+        raise _not_writable(workdir, path, reason)
+
+    probed = [workdir]  # the run creates files and folders right in these
+    nested = []  # orbax deletes (or the run moves) these with their content
+    for name in _TREES_WRITTEN:
+        top = os.path.join(workdir, name)
+        if os.path.lexists(top):
+            probed.append(top)
+            nested += sorted(os.path.join(root, sub) for root, subs, _ in os.walk(top)
+                             for sub in subs)
+    for folder in probed:
+        try:
+            _probe(folder)
+        except OSError as error:
+            refuse(folder, error.strerror or str(error))
+    for folder in nested:
+        if not os.access(folder, os.R_OK | os.W_OK | os.X_OK):
+            refuse(folder, "no permission to change what it holds")
+    for name in files:
+        path = os.path.join(workdir, name)
+        if os.path.lexists(path) and not os.path.isfile(path):
+            refuse(path, "it is not a file (the run replaces it with one)")
 
 
 def check_free_space(workdir: str, needed_bytes: int) -> None:
