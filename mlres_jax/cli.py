@@ -32,14 +32,19 @@ FLAGS = flags.FLAGS
 
 # Libraries whose INFO records only bury the run's own lines: orbax (dozens
 # per checkpoint) and JAX's backend probing ("Unable to initialize backend
-# 'tpu'" on every machine without a TPU). Their warnings still show.
+# 'tpu'" on every machine without a TPU). Their warnings still show, as one
+# line each: orbax also logs the traceback of every error of its threads (a
+# full disk gave two of 30 lines each), and the error reaches the project's
+# code, which reports it.
 _CHATTY_LIBRARIES = (f"{os.sep}orbax{os.sep}", f"{os.sep}jax{os.sep}_src{os.sep}")
 
 
 def quiet_library_info(record: python_logging.LogRecord) -> bool:
-    """Logging filter: drops the INFO records of chatty libraries, keeps warnings."""
-    return (record.levelno >= python_logging.WARNING
-            or not any(part in record.pathname for part in _CHATTY_LIBRARIES))
+    """Logging filter: drops the INFO records of chatty libraries, keeps warnings without tracebacks."""
+    if not any(part in record.pathname for part in _CHATTY_LIBRARIES):
+        return True
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return record.levelno >= python_logging.WARNING
 
 
 def fail(message: str, exit_status: int = 2) -> None:

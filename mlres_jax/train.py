@@ -23,6 +23,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -163,7 +164,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """
     start = time.perf_counter()
     config, mesh = check_config(config)
-    with _hold_workdir(workdir):
+    with _hold_workdir(workdir, config):
         run = prepare_run(config, workdir, mesh)
         with checkpoint.Checkpointer(workdir, config.checkpoints_to_keep) as checkpointer:
             progress = restore_or_start(run, checkpointer)
@@ -237,7 +238,6 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str,
 
     Raises:
       input_pipeline.DataSetError: if a file turns out to be damaged.
-      OSError: if the workdir has no room for the checkpoints.
     """
     logging.info("Loading %s ...", config.dataset)
     data = input_pipeline.load(config.dataset, data_dir=config.data_dir,
@@ -257,7 +257,6 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str,
               eval_every_steps=max(1, round(config.eval_every_epochs * steps_per_epoch)),
               schedule=schedule, optimizer=steps.create_optimizer(config, schedule),
               init_rng=init_rng, augment_rng=augment_rng)
-    workdirs.check_free_space(workdir, _checkpoint_bytes(run))
     logging.info("Data parallel over %d %s device(s) of %d process(es): %d examples per "
                  "device per step", mesh.devices.size, jax.devices()[0].platform,
                  jax.process_count(), config.batch_size // mesh.devices.size)
@@ -647,15 +646,17 @@ def write_summary(run: Run, progress: Progress, wall_seconds: float) -> dict:
     return summary
 
 
-def _hold_workdir(workdir: str):
+def _hold_workdir(workdir: str, config: ml_collections.ConfigDict):
     """The workdir's lock (`workdir.hold`), taken by the main process for all of them.
 
     It also checks, before any work, that every path the run writes there
-    can be written.
+    can be written and that its checkpoints fit.
     """
     if not parallel.is_main_process():
         return contextlib.nullcontext()
-    return workdirs.hold(workdir, files=(SUMMARY_FILE,))
+    return workdirs.hold(workdir, files=(SUMMARY_FILE,),
+                         checkpoint_bytes=_checkpoint_bytes(config),
+                         checkpoints_to_keep=config.checkpoints_to_keep)
 
 
 def _summary_path(run: Run) -> str:
@@ -693,12 +694,22 @@ def _progress_bar(run: Run, cycle: plan.Cycle, step: int):
              f"{models.format_stage_sizes(cycle.stage_sizes)} h={cycle.step_size:g}")
 
 
-def _checkpoint_bytes(run: Run) -> int:
-    """Disk space the checkpoints of the deepest network will take, roughly."""
-    last = run.cycles[-1]
-    shapes = jax.eval_shape(lambda: models.init_variables(
-        run.model(last.stage_sizes, last.step_size), jax.random.PRNGKey(0),
-        run.data.info.image_shape))
-    state_bytes = 4 * (2 * models.count_parameters(shapes["params"])
-                       + models.count_parameters(shapes["batch_stats"]))
-    return (run.config.checkpoints_to_keep + 1) * state_bytes + 2**20
+def _checkpoint_bytes(config: ml_collections.ConfigDict) -> int:
+    """Disk space of one checkpoint of the run's deepest network (`checkpoint.estimated_bytes`).
+
+    From a checked config alone (`check_config`), before any data is loaded:
+    the deepest network has the stage sizes doubled at every growth (paper
+    Sec. 4.1); the metadata holds at most one evaluation per
+    ``eval_every_epochs`` and per cycle end, one record per cycle and growth.
+    """
+    info = input_pipeline.DATASETS[config.dataset]
+    growths = len(config.cycle_boundaries) if config.multilevel else 0
+    model = models.ResNet(stage_sizes=tuple(n * 2**growths for n in config.stage_sizes),
+                          width=config.width, num_classes=info.num_classes,
+                          scan_blocks=config.scan_blocks)
+    shapes = jax.eval_shape(lambda: steps.create_train_state(
+        jax.random.PRNGKey(0), model, steps.create_optimizer(config, lambda step: 0.0),
+        info.image_shape))
+    cycles = len(config.cycle_boundaries) + 1
+    records = math.ceil(config.num_epochs / config.eval_every_epochs) + 3 * cycles
+    return checkpoint.estimated_bytes(shapes, records)

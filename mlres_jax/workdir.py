@@ -12,7 +12,8 @@ are simply overwritten.
 writes is checked, before the caller does any work (`check_writable`): a
 folder this user cannot write, or a file the run replaces that is a folder,
 is refused in one line instead of failing at the first save, after the
-training it was to keep.
+training it was to keep. So is a file system without room for the run's
+checkpoints (`check_free_space`).
 """
 
 from __future__ import annotations
@@ -54,23 +55,34 @@ class WorkdirNotWritableError(errors.UserError, OSError):
     """A folder or file the run will write cannot be written by this user."""
 
 
+class WorkdirFullError(errors.UserError, OSError):
+    """The workdir's file system has no room for the run's checkpoints."""
+
+
+
 @contextlib.contextmanager
-def hold(workdir: str, files: Sequence[str] = ()) -> Iterator[None]:
+def hold(workdir: str, files: Sequence[str] = (), checkpoint_bytes: int = 0,
+         checkpoints_to_keep: int = 1) -> Iterator[None]:
     """Holds ``workdir`` for this process: creates it, locks it, releases it at the end.
 
     Once it holds the folder it checks, before the caller does any work,
-    that everything the run writes there can be written (`check_writable`).
+    that everything the run writes there can be written (`check_writable`)
+    and, given ``checkpoint_bytes``, that there is room for the checkpoints
+    (`check_free_space`).
 
     Args:
       workdir: the folder.
       files: names of files in it that the run writes or replaces (e.g.
         ``summary.json``).
+      checkpoint_bytes: disk space of one checkpoint of the run's largest
+        network (`checkpoint.estimated_bytes`); 0 skips the space check.
+      checkpoints_to_keep: how many checkpoints the run keeps.
 
     Raises:
       WorkdirBusyError: if another live process holds it, naming that process.
       WorkdirNotWritableError: if a folder or file the run writes cannot be
         written (`check_writable`).
-      OSError: if the folder cannot be created or written (before any work).
+      WorkdirFullError: if the checkpoints do not fit (`check_free_space`).
     """
     path = os.path.join(workdir, LOCK_FILE)
     try:
@@ -93,6 +105,8 @@ def hold(workdir: str, files: Sequence[str] = ()) -> Iterator[None]:
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, json.dumps(holder).encode(), 0)
         check_writable(workdir, files)
+        if checkpoint_bytes:
+            check_free_space(workdir, checkpoint_bytes, checkpoints_to_keep)
         yield
     finally:
         os.close(descriptor)  # releases the lock
@@ -158,14 +172,59 @@ def check_writable(workdir: str, files: Sequence[str] = ()) -> None:
             refuse(path, "it is not a file (the run replaces it with one)")
 
 
-def check_free_space(workdir: str, needed_bytes: int) -> None:
-    """Fails early if ``workdir`` has less than ``needed_bytes`` free.
+def _bytes_on_disk(path: str) -> int:
+    """Bytes allocated to a folder's files (what removing it frees), or to a file."""
+    paths = [path] + [os.path.join(root, name) for root, subs, names in os.walk(path)
+                      for name in subs + names]
+    return sum(os.lstat(p).st_blocks * 512 for p in paths if os.path.lexists(p))
+
+
+def _mib(count: float) -> str:
+    return f"{count / 2**20:.1f} MiB"
+
+
+# Room for what a run writes beside its checkpoints: events, summary, plot.
+OTHER_FILES_BYTES = 2**20
+
+
+def check_free_space(workdir: str, checkpoint_bytes: int, checkpoints_to_keep: int) -> None:
+    """Fails early if ``workdir``'s file system has no room for the run's checkpoints.
+
+    At its fullest, the checkpoint folder holds ``checkpoints_to_keep``
+    checkpoints and the one being written (orbax deletes the oldest after a
+    save), or, with more kept from before, those and the new one. The
+    checkpoints already there count as written; the temporary folders of
+    unfinished saves (`checkpoint.unfinished_saves`) count as free, because
+    the run removes them when it opens its checkpoints. ``OTHER_FILES_BYTES``
+    is added for the events and result files.
+
+    Args:
+      workdir: the run's folder (existing).
+      checkpoint_bytes: one checkpoint of the largest network
+        (`checkpoint.estimated_bytes`).
+      checkpoints_to_keep: ``config.checkpoints_to_keep``.
 
     Raises:
-      OSError: naming the folder, the free and the needed space.
+      WorkdirFullError: naming the folder, the free and the needed space,
+        any unfinished saves, and what to do.
     """
-    free = shutil.disk_usage(workdir).free
-    if free < needed_bytes:
-        raise OSError(
-            f"workdir {workdir!r} has {free / 2**20:.1f} MiB free, but the "
-            f"checkpoints of this run need about {needed_bytes / 2**20:.1f} MiB")
+    directory = checkpoint.checkpoint_dir(workdir)
+    existing = sum(_bytes_on_disk(os.path.join(directory, str(step)))
+                   for step in checkpoint.list_steps(workdir))
+    unfinished = checkpoint.unfinished_saves(directory)
+    reclaimable = sum(_bytes_on_disk(path) for path in unfinished)
+    fullest = max(existing + checkpoint_bytes, (checkpoints_to_keep + 1) * checkpoint_bytes)
+    needed = fullest - existing + OTHER_FILES_BYTES
+    free = shutil.disk_usage(workdir).free + reclaimable
+    if free >= needed:
+        return
+    leftovers = (f", counting {_mib(reclaimable)} in the unfinished save(s) "
+                 f"{', '.join(unfinished)}, which the run removes" if unfinished else "")
+    raise WorkdirFullError(
+        f"workdir {workdir!r} has {_mib(free)} free{leftovers}, but the run needs about "
+        f"{_mib(needed)} more: up to {checkpoints_to_keep} kept checkpoints "
+        f"(config.checkpoints_to_keep) and one being written, about "
+        f"{_mib(checkpoint_bytes)} each (orbax's metadata included), and "
+        f"{_mib(OTHER_FILES_BYTES)} for events and results. Free some space, lower "
+        "--config.checkpoints_to_keep, or copy the workdir to a larger disk and run the "
+        "same command with --workdir=COPY.")
