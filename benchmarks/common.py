@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from configs import default
-from mlres_jax import checkpoint, errors, plan, steps
+from mlres_jax import checkpoint, errors, plan, reporting, steps
 
 
 class FlagError(errors.UserError, ValueError):
@@ -103,11 +103,10 @@ def comparable_config(config_dict: dict) -> dict:
 
 
 def read_summary(workdir: str) -> dict | None:
-    """The run's ``summary.json``, or None if it has none (or an unreadable one)."""
+    """The run's ``summary.json``, or None if it has none or a damaged one (`reporting.read_summary`)."""
     try:
-        with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
+        return reporting.read_summary(os.path.join(workdir, "summary.json"))
+    except reporting.SummaryError:
         return None
 
 

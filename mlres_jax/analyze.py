@@ -21,7 +21,6 @@ line on stderr and exit status 2. The numbers come from
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Callable, Sequence
@@ -30,7 +29,7 @@ import numpy as np
 from absl import flags, logging
 
 from mlres_jax import (checkpoint, cli, errors, figures, files, input_pipeline,
-                       measurements, models)
+                       measurements, models, reporting)
 
 FLAGS = flags.FLAGS
 
@@ -338,18 +337,8 @@ def run_curves(workdirs: Sequence[str], options: Options) -> list[dict]:
     if len(workdirs) != 1:
         raise AnalysisInputError(f"curves takes one --workdir, got {len(workdirs)}")
     path = os.path.join(workdirs[0], "summary.json")
-    if not os.path.isfile(path):
-        raise AnalysisInputError(
-            f"no summary.json in {workdirs[0]!r}: a run writes it when it ends")
-    try:
-        with open(path) as handle:
-            summary = json.load(handle)
-        history = summary["history"]
-        boundaries = summary["config"]["cycle_boundaries"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise AnalysisInputError(
-            f"{path} is not a run summary (needs 'history' and "
-            f"'config.cycle_boundaries'): {type(error).__name__}: {error}") from None
+    summary = reporting.read_summary(path, whole=False)
+    history, boundaries = summary["history"], summary["config"]["cycle_boundaries"]
     if not history:
         raise AnalysisInputError(f"{path} has no evaluations in 'history'")
     paths = [_path(options, "training_curves.png"), _path(options, "training_curves.csv")]

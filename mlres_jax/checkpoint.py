@@ -531,8 +531,8 @@ class Checkpointer:
             raise
         except Exception as error:
             raise CheckpointError(
-                f"checkpoint of step {step} in {self.directory} is unreadable: "
-                f"{error}") from error
+                f"checkpoint of step {step} in {self.directory} is unreadable "
+                f"({one_line(error)})") from error
         tree = restored["state"]
         return {"params": tree["params"], "batch_stats": tree["batch_stats"]}, metadata
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -168,8 +167,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         run = prepare_run(config, workdir, mesh)
         with checkpoint.Checkpointer(workdir, config.checkpoints_to_keep) as checkpointer:
             progress = restore_or_start(run, checkpointer)
-            if progress.step == run.cycles[-1].end_step and os.path.exists(_summary_path(run)):
-                return _finished_summary(run)
+            if progress.step == run.cycles[-1].end_step:
+                summary = _finished_summary(run)
+                if summary is not None:
+                    return summary  # else it is rebuilt from the checkpoint below
             progress.writer = _open_event_writer(run, progress)
             with progress.writer, stopping.StopRequest() as stop:
                 train_data = parallel.put_replicated(
@@ -663,11 +664,22 @@ def _summary_path(run: Run) -> str:
     return os.path.join(run.workdir, SUMMARY_FILE)
 
 
-def _finished_summary(run: Run) -> dict:
+def _finished_summary(run: Run) -> dict | None:
+    """The summary of a run that is complete, or None if it has to be (re)written.
+
+    A missing or damaged ``summary.json`` (`reporting.read_summary`) is
+    rebuilt from the last checkpoint, which holds the whole history: the
+    caller goes on as if the run had just finished its last cycle.
+    """
+    try:
+        summary = reporting.read_summary(_summary_path(run))
+    except reporting.SummaryError as error:
+        if os.path.lexists(_summary_path(run)):
+            logging.warning("%s; rewriting it from the last checkpoint", error)
+        return None
     logging.info("The run in %s is already complete; nothing to do. Its summary: %s",
                  run.workdir, _summary_path(run))
-    with open(_summary_path(run), encoding="utf-8") as handle:
-        return json.load(handle)
+    return summary
 
 
 def _open_event_writer(run: Run, progress: Progress):

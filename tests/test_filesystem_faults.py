@@ -16,7 +16,7 @@ import tempfile
 import pytest
 
 from configs import default
-from mlres_jax import checkpoint, grow, train, workdir
+from mlres_jax import analyze, checkpoint, errors, grow, reporting, train, workdir
 from tests import fake_data
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,10 +60,17 @@ def data_dir(shared_dir):
 
 
 @pytest.fixture(scope="module")
-def stopped_run(data_dir, tmp_path_factory):
+def finished_run(data_dir, tmp_path_factory):
+    """A finished run: checkpoints 3, 6 and 8, events and its summary."""
+    folder = str(tmp_path_factory.mktemp("finished"))
+    summary = train.train_and_evaluate(_config(data_dir, checkpoints_to_keep=3), folder)
+    return folder, summary
+
+
+@pytest.fixture(scope="module")
+def stopped_run(finished_run, tmp_path_factory):
     """A run stopped after step 6: checkpoints 3 and 6, events, no summary."""
-    folder = str(tmp_path_factory.mktemp("stopped"))
-    train.train_and_evaluate(_config(data_dir, checkpoints_to_keep=3), folder)
+    folder = shutil.copytree(finished_run[0], str(tmp_path_factory.mktemp("stopped") / "run"))
     shutil.rmtree(os.path.join(checkpoint.checkpoint_dir(folder), "8"))
     os.remove(os.path.join(folder, train.SUMMARY_FILE))
     return folder
@@ -299,3 +306,45 @@ def test_a_failed_save_removes_its_unfinished_folder_and_says_how_to_resume(
             r"resumes .* copy that folder to another disk .* kept: steps \[3, 6\]$")):
         train.train_and_evaluate(_config(data_dir), folder)
     assert sorted(os.listdir(checkpoint.checkpoint_dir(folder))) == ["3", "6"]
+
+
+# ---------------------------------------------------------------------------
+# 3. A damaged summary is rebuilt from the checkpoint, or refused in one line.
+
+DAMAGED_SUMMARIES = {
+    "truncated": b'{"cycles": [1, 2,,',                      # the issue's
+    "empty": b"",
+    "binary": b"\xff\xfe\x00\x81 not text",
+    "a list": b"[]",
+    "fields missing": b'{"config": {}, "cycles": [1, 2], "totals": {}, "history": []}',
+    "records damaged": b'{"config": {"cycle_boundaries": []}, "dataset": {}, "cycles": [1], '
+                       b'"totals": {}, "history": []}',
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED_SUMMARIES))
+def test_a_damaged_summary_of_a_finished_run_is_rebuilt_from_its_checkpoint(
+        data_dir, finished_run, tmp_path, caplog, damage):
+    folder = shutil.copytree(finished_run[0], str(tmp_path / "run"))
+    path = os.path.join(folder, train.SUMMARY_FILE)
+    with open(path, "wb") as handle:
+        handle.write(DAMAGED_SUMMARIES[damage])
+    with caplog.at_level("WARNING"):
+        summary = train.train_and_evaluate(_config(data_dir), folder)
+    assert f"{path} " in caplog.text and "rewriting it from the last checkpoint" in caplog.text
+    original = finished_run[1]
+    assert summary["history"] == original["history"]
+    assert [c["test_error"] for c in summary["cycles"]] == [
+        c["test_error"] for c in original["cycles"]]
+    assert reporting.read_summary(path)["history"] == original["history"]  # valid again
+    assert checkpoint.list_steps(folder) == [3, 6, 8]  # nothing trained again
+
+
+@pytest.mark.parametrize("damage", ["binary", "a list", "fields missing"])
+def test_analysis_of_a_damaged_summary_is_refused_in_one_line(finished_run, tmp_path, damage):
+    folder = shutil.copytree(finished_run[0], str(tmp_path / "run"))
+    path = os.path.join(folder, train.SUMMARY_FILE)
+    with open(path, "wb") as handle:
+        handle.write(DAMAGED_SUMMARIES[damage])
+    with pytest.raises(errors.UserError, match=rf"^{path} (cannot be read|is not a run)"):
+        analyze.run_curves([folder], analyze.Options(output_dir=str(tmp_path / "analysis")))
