@@ -24,6 +24,8 @@ import dataclasses
 import math
 import os
 import shutil
+import tempfile
+import time
 from typing import Any, Callable
 
 import jax
@@ -573,8 +575,53 @@ def list_steps(workdir: str) -> list[int]:
         return checkpointer.all_steps()
 
 
+# Reading a folder that another run may be writing: that run deletes its
+# oldest checkpoint after each save (config.checkpoints_to_keep), possibly
+# while it is read. Reads are made from a private copy, and made again (of
+# the newest checkpoint) when the one read was deleted meanwhile.
+_READ_ATTEMPTS = 5
+_DELETION_SECONDS = 0.2  # lets a deletion in progress finish before looking
+
+
+def _restore_from_copy(workdir: str, step: int) -> tuple[dict, CheckpointMetadata] | None:
+    """`Checkpointer.restore_variables` of checkpoint ``step``, read from a private copy.
+
+    orbax never changes a finished checkpoint's files, so a copy that
+    completes, of a checkpoint that still exists afterwards, is that
+    checkpoint whole: nothing another run does to the folder meanwhile
+    (deleting this checkpoint, saving others) reaches the reading.
+
+    Returns:
+      ``(variables, metadata)``, or None if the checkpoint was deleted while
+      it was copied or read.
+
+    Raises:
+      CheckpointError: if it cannot be read although it is still there.
+    """
+    source = os.path.join(checkpoint_dir(workdir), str(step))
+    with tempfile.TemporaryDirectory(prefix="mlres_jax_checkpoint_") as copy:
+        try:
+            shutil.copytree(source, os.path.join(copy, CHECKPOINT_FOLDER, str(step)))
+            with Checkpointer(copy, create=False) as checkpointer:
+                return checkpointer.restore_variables(step)
+        except Exception as error:  # copying: OSError, shutil.Error; orbax: many
+            time.sleep(_DELETION_SECONDS)
+            if os.path.isdir(source) and step in list_steps(workdir):
+                if isinstance(error, CheckpointError):
+                    raise CheckpointError(str(error).replace(
+                        os.path.join(copy, CHECKPOINT_FOLDER), checkpoint_dir(workdir))) from None
+                raise CheckpointError(f"checkpoint of step {step} in {checkpoint_dir(workdir)} "
+                                      f"cannot be read ({one_line(error)})") from None
+            return None
+
+
 def load_model(workdir: str, step: int | None = None):
-    """The network and variables of a run's checkpoint (for analyses).
+    """The network and variables of a run's checkpoint (for analyses, growing, ``init_from``).
+
+    The run may still be writing the folder: the checkpoint is read from a
+    private copy, and if that run deletes it meanwhile (it keeps only its
+    newest ``checkpoints_to_keep``), the newest one is read instead (a
+    requested ``step`` that is gone is refused).
 
     Args:
       workdir: the run's folder (holding ``checkpoints/``).
@@ -588,12 +635,37 @@ def load_model(workdir: str, step: int | None = None):
       from the scanned one where needed (`multilevel.convert_layout`).
 
     Raises:
-      CheckpointError: if there is no readable checkpoint.
+      CheckpointError: if there is no such readable checkpoint, or the run
+        writing the folder deleted ``_READ_ATTEMPTS`` checkpoints in turn
+        while they were read.
     """
-    if not os.path.isdir(checkpoint_dir(workdir)):
-        raise CheckpointError(f"no checkpoints in {checkpoint_dir(workdir)}")
-    with Checkpointer(workdir, create=False) as checkpointer:
-        variables, metadata = checkpointer.restore_variables(step)
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"no checkpoints in {directory}")
+    for attempt in range(1, _READ_ATTEMPTS + 1):
+        try:
+            steps = list_steps(workdir)
+        except FileNotFoundError:  # a checkpoint deleted while it was listed
+            steps = None
+        if not steps:  # None, or none between a deletion and a rename
+            if steps is not None and attempt == _READ_ATTEMPTS:
+                raise CheckpointError(f"no checkpoint in {directory}")
+            time.sleep(_DELETION_SECONDS)
+            continue
+        if step is not None and step not in steps:
+            raise CheckpointError(f"no checkpoint of step {step} in {directory}; steps: {steps}")
+        chosen = steps[-1] if step is None else step
+        restored = _restore_from_copy(workdir, chosen)
+        if restored is not None:
+            break
+        logging.info("The checkpoint of step %d in %s was deleted while it was read (the "
+                     "run writing there saved a newer one)", chosen, directory)
+    else:
+        raise CheckpointError(
+            f"the checkpoints in {directory} were deleted while they were read, "
+            f"{_READ_ATTEMPTS} in turn: the run writing there replaces them faster than "
+            "they can be copied. Read them after it stops, or from a copy of a checkpoint.")
+    variables, metadata = restored
     variables = multilevel.convert_layout(jax.tree_util.tree_map(jax.numpy.asarray, variables),
                                           multilevel.layout_of(metadata.scan_blocks),
                                           multilevel.STAGES)

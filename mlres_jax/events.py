@@ -54,6 +54,14 @@ def read_records(path: str) -> list[bytes]:
     return records
 
 
+def records_training(path: str) -> bool:
+    """Whether an event file holds an event of a step after 0, that is of training.
+
+    A run writes only its config (step 0) before its first step.
+    """
+    return any(Event.FromString(record).step > 0 for record in read_records(path))
+
+
 def _framed(record: bytes) -> bytes:
     header = struct.pack("<Q", len(record))
     return (header + struct.pack("<I", masked_crc32c(header)) + record

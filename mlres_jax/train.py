@@ -66,6 +66,9 @@ class Run:
       augment_rng: PRNG key of the augmentation (folded with the step).
       mesh: the devices of all processes, one ``"data"`` axis
         (`parallel.make_mesh`).
+      initial_variables: with ``config.init_from``, the variables (unrolled
+        layout) of the checkpoint the run starts from, read by `check_config`;
+        else None.
     """
 
     config: ml_collections.ConfigDict
@@ -79,6 +82,7 @@ class Run:
     init_rng: jax.Array
     augment_rng: jax.Array
     mesh: parallel.Mesh
+    initial_variables: dict | None = None
 
     @property
     def is_main(self) -> bool:
@@ -162,9 +166,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       OSError: if ``workdir`` cannot be written.
     """
     start = time.perf_counter()
-    config, mesh = check_config(config)
+    config, mesh, initial_variables = check_config(config)
     with _hold_workdir(workdir, config):
-        run = prepare_run(config, workdir, mesh)
+        run = prepare_run(config, workdir, mesh, initial_variables)
         with checkpoint.Checkpointer(workdir, config.checkpoints_to_keep) as checkpointer:
             progress = restore_or_start(run, checkpointer)
             if progress.step == run.cycles[-1].end_step:
@@ -193,48 +197,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def check_config(config: ml_collections.ConfigDict
-                 ) -> tuple[ml_collections.ConfigDict, parallel.Mesh]:
+                 ) -> tuple[ml_collections.ConfigDict, parallel.Mesh, dict | None]:
     """Everything a user can get wrong, checked in seconds before any work.
 
-    The config's fields (`configuration.resolve`), the data set's presence
-    and the readability of its headers (`input_pipeline.check_available`),
-    the fields that depend on its size, such as a cycle that rounds to zero
-    steps (`configuration.check_against_data`), and the devices: the mesh
-    of ``num_devices`` must split both batch sizes evenly.
+    The config's fields (`configuration.resolve`), the ``init_from``
+    checkpoint (read whole here, once, before the workdir is made: its
+    network sets the run's, `configuration.start_from`), the data set's
+    presence and the readability of its headers
+    (`input_pipeline.check_available`), the fields that depend on its size,
+    such as a cycle that rounds to zero steps
+    (`configuration.check_against_data`), and the devices: the mesh of
+    ``num_devices`` must split both batch sizes evenly.
 
     Returns:
-      The resolved config and the device mesh (`parallel.make_mesh`).
+      The resolved config, the device mesh (`parallel.make_mesh`) and the
+      ``init_from`` checkpoint's variables (None without ``init_from``).
 
     Raises:
       configuration.ConfigError, input_pipeline.DataSetError, parallel.MeshError,
       checkpoint.CheckpointError (an unreadable ``init_from`` checkpoint).
     """
     config = configuration.resolve(config)
+    initial_variables = None
     if config.init_from:
-        config = configuration.start_from(config, _init_from_metadata(config.init_from))
+        metadata, initial_variables = _read_init_from(config.init_from)
+        config = configuration.start_from(config, metadata)
     num_train = input_pipeline.check_available(
         config.dataset, data_dir=config.data_dir, fashion_mnist_dir=config.fashion_mnist_dir)
     configuration.check_against_data(config, num_train)
     mesh = parallel.make_mesh(config.num_devices)
     for field in ("batch_size", "eval_batch_size"):
         parallel.check_batch_divides(field, config[field], mesh)
-    return config, mesh
+    return config, mesh, initial_variables
 
 
-def _init_from_metadata(folder: str) -> checkpoint.CheckpointMetadata:
-    """The metadata of the latest checkpoint in ``folder`` (``config.init_from``)."""
-    steps_found = checkpoint.list_steps(folder)
-    if not steps_found:
+def _read_init_from(folder: str) -> tuple[checkpoint.CheckpointMetadata, dict]:
+    """The metadata and variables of the latest checkpoint in ``folder`` (``config.init_from``).
+
+    One checkpoint, read from a private copy (`checkpoint.load_model`): the
+    run that writes ``folder`` may be saving and deleting checkpoints meanwhile.
+    """
+    if not checkpoint.list_steps(folder):
         raise configuration.ConfigError(
             f"config.init_from = {folder!r} is not allowed: there is no checkpoint in "
             f"{checkpoint.checkpoint_dir(folder)} (give a run's folder, or the output of "
             "python -m mlres_jax.grow)")
-    with checkpoint.Checkpointer(folder, create=False) as checkpointer:
-        return checkpointer.read_metadata(steps_found[-1])
+    _, variables, metadata = checkpoint.load_model(folder)
+    logging.info("config.init_from: the checkpoint of step %d in %s (%s)", metadata.step,
+                 folder, checkpoint.format_network(metadata))
+    return metadata, variables
 
 
 def prepare_run(config: ml_collections.ConfigDict, workdir: str,
-                mesh: parallel.Mesh) -> Run:
+                mesh: parallel.Mesh, initial_variables: dict | None = None) -> Run:
     """Loads the data and plans the cycles of a checked config (`check_config`).
 
     Raises:
@@ -257,7 +272,7 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str,
               steps_per_epoch=steps_per_epoch,
               eval_every_steps=max(1, round(config.eval_every_epochs * steps_per_epoch)),
               schedule=schedule, optimizer=steps.create_optimizer(config, schedule),
-              init_rng=init_rng, augment_rng=augment_rng)
+              init_rng=init_rng, augment_rng=augment_rng, initial_variables=initial_variables)
     logging.info("Data parallel over %d %s device(s) of %d process(es): %d examples per "
                  "device per step", mesh.devices.size, jax.devices()[0].platform,
                  jax.process_count(), config.batch_size // mesh.devices.size)
@@ -327,12 +342,10 @@ def _initial_state(run: Run, cycle: plan.Cycle) -> steps.TrainState:
     model = run.model(cycle.stage_sizes, cycle.step_size)
     state = steps.create_train_state(run.init_rng, model, run.optimizer,
                                      run.data.info.image_shape)
-    if not run.config.init_from:
+    if run.initial_variables is None:
         return state
-    _, variables, metadata = checkpoint.load_model(run.config.init_from)
-    logging.info("Starting from the checkpoint of step %d in %s (%s)", metadata.step,
-                 run.config.init_from, checkpoint.format_network(metadata))
-    variables = multilevel.convert_layout(variables, multilevel.STAGES, run.layout)
+    logging.info("Starting from the checkpoint read from %s", run.config.init_from)
+    variables = multilevel.convert_layout(run.initial_variables, multilevel.STAGES, run.layout)
     return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
 
 

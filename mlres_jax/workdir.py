@@ -13,7 +13,8 @@ writes is checked, before the caller does any work (`check_writable`): a
 folder this user cannot write, or a file the run replaces that is a folder,
 is refused in one line instead of failing at the first save, after the
 training it was to keep. So is a file system without room for the run's
-checkpoints (`check_free_space`).
+checkpoints (`check_free_space`). A run that fails before it recorded
+anything leaves no folder behind: `hold` removes the folder it created.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import fnmatch
 import json
 import os
 import shutil
@@ -29,7 +31,9 @@ import sys
 import tempfile
 from typing import Iterator, Sequence
 
-from mlres_jax import checkpoint, errors
+from absl import logging
+
+from mlres_jax import checkpoint, errors, events
 
 LOCK_FILE = ".lock"
 # Folders of the workdir whose whole tree a run may change: orbax deletes
@@ -68,7 +72,10 @@ def hold(workdir: str, files: Sequence[str] = (), checkpoint_bytes: int = 0,
     Once it holds the folder it checks, before the caller does any work,
     that everything the run writes there can be written (`check_writable`)
     and, given ``checkpoint_bytes``, that there is room for the checkpoints
-    (`check_free_space`).
+    (`check_free_space`). If this call created the folder and the caller
+    fails before it recorded anything (`_holds_records`: a checkpoint, a
+    result, an event of training), the folder is removed, so that a failed
+    start leaves no stray workdir.
 
     Args:
       workdir: the folder.
@@ -85,10 +92,13 @@ def hold(workdir: str, files: Sequence[str] = (), checkpoint_bytes: int = 0,
       WorkdirFullError: if the checkpoints do not fit (`check_free_space`).
     """
     path = os.path.join(workdir, LOCK_FILE)
+    created = not os.path.lexists(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as error:
+        if created and os.path.isdir(workdir):
+            os.rmdir(workdir)
         raise _not_writable(workdir, error.filename or workdir,
                             error.strerror or str(error)) from None
     try:
@@ -104,12 +114,36 @@ def hold(workdir: str, files: Sequence[str] = (), checkpoint_bytes: int = 0,
                   "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])}
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, json.dumps(holder).encode(), 0)
-        check_writable(workdir, files)
-        if checkpoint_bytes:
-            check_free_space(workdir, checkpoint_bytes, checkpoints_to_keep)
-        yield
+        try:
+            check_writable(workdir, files)
+            if checkpoint_bytes:
+                check_free_space(workdir, checkpoint_bytes, checkpoints_to_keep)
+            yield
+        except BaseException:
+            if created and not _holds_records(workdir):
+                shutil.rmtree(workdir, ignore_errors=True)
+                logging.info("Removed %s: the run ended before it recorded anything", workdir)
+            raise
     finally:
         os.close(descriptor)  # releases the lock
+
+
+def _holds_records(workdir: str) -> bool:
+    """Whether a run recorded anything in ``workdir``.
+
+    Anything but the lock file, empty folders, and event files without an
+    event of training (`events.records_training`) counts: a checkpoint, an
+    unfinished save, a result file, anything a user put there.
+    """
+    for root, _, names in os.walk(workdir):
+        for name in names:
+            path = os.path.join(root, name)
+            if root == workdir and (name == LOCK_FILE or (
+                    fnmatch.fnmatch(name, events.EVENT_FILE_PATTERN)
+                    and not events.records_training(path))):
+                continue
+            return True
+    return False
 
 
 def _not_writable(workdir: str, path: str, reason: str) -> WorkdirNotWritableError:

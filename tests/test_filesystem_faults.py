@@ -348,3 +348,137 @@ def test_analysis_of_a_damaged_summary_is_refused_in_one_line(finished_run, tmp_
         handle.write(DAMAGED_SUMMARIES[damage])
     with pytest.raises(errors.UserError, match=rf"^{path} (cannot be read|is not a run)"):
         analyze.run_curves([folder], analyze.Options(output_dir=str(tmp_path / "analysis")))
+
+
+# ---------------------------------------------------------------------------
+# 4. A checkpoint folder that another run is writing; no stray workdir.
+
+
+def _latest_deleted_at_first_read(monkeypatch, folder):
+    """The run writing ``folder`` saves step 9 and deletes step 6 as soon as a read starts."""
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    restore = ocp.CheckpointManager.restore
+    directory = checkpoint.checkpoint_dir(folder)
+
+    def restore_while_the_writer_moves_on(self, *args, **kwargs):
+        if os.path.isdir(os.path.join(directory, "6")):
+            shutil.copytree(os.path.join(directory, "6"), os.path.join(directory, "9"))
+            shutil.rmtree(os.path.join(directory, "6"))
+        return restore(self, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", restore_while_the_writer_moves_on)
+
+
+def test_a_checkpoint_deleted_while_it_is_read_is_read_whole(stopped_run, tmp_path, monkeypatch):
+    # Issue 18: init_from a run saving every step and keeping one died in 2 of
+    # 4 tries: "checkpoint of step 46 ... is unreadable" (the writer had deleted
+    # it mid-read) with a TensorStore dump, or "Event loop is closed" tracebacks.
+    import chex  # pylint: disable=import-outside-toplevel
+    _, expected, _ = checkpoint.load_model(stopped_run, step=6)
+    folder = shutil.copytree(stopped_run, str(tmp_path / "writer"))
+    _latest_deleted_at_first_read(monkeypatch, folder)
+    _, variables, metadata = checkpoint.load_model(folder)
+    assert metadata.step == 6 and not os.path.exists(os.path.join(folder, "checkpoints", "6"))
+    chex.assert_trees_all_equal(variables, expected)
+
+
+def test_init_from_a_folder_another_run_writes_starts_from_one_whole_checkpoint(
+        data_dir, stopped_run, tmp_path, monkeypatch):
+    folder = shutil.copytree(stopped_run, str(tmp_path / "writer"))
+    _latest_deleted_at_first_read(monkeypatch, folder)
+    summary = train.train_and_evaluate(_config(data_dir, init_from=folder),
+                                       str(tmp_path / "run"))
+    assert summary["config"]["init_from"] == folder and summary["totals"]["steps"] == 8
+
+
+def _copy_deletes_its_source(monkeypatch, times=1, newer=False):
+    """The writer deletes the checkpoint being copied (after saving a newer one)."""
+    copytree = shutil.copytree
+    deletions = [times]
+
+    def copy_while_deleted(source, destination, *args, **kwargs):
+        name = os.path.basename(source)
+        if (name.isdigit() and os.path.basename(os.path.dirname(source)) == "checkpoints"
+                and deletions[0] > 0):
+            deletions[0] -= 1
+            if newer:
+                copytree(source, os.path.join(os.path.dirname(source), str(int(name) + 10)))
+            shutil.rmtree(source)
+        return copytree(source, destination, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "copytree", copy_while_deleted)
+
+
+def test_a_checkpoint_deleted_while_it_is_copied_gives_the_newest_left(
+        stopped_run, tmp_path, monkeypatch):
+    folder = shutil.copytree(stopped_run, str(tmp_path / "writer"))
+    _copy_deletes_its_source(monkeypatch)
+    assert checkpoint.load_model(folder)[2].step == 3  # 6 went while it was copied
+    folder = shutil.copytree(stopped_run, str(tmp_path / "writer_of_step"))
+    _copy_deletes_its_source(monkeypatch)
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"^no checkpoint of step 6 in .*; steps: \[3\]$"):
+        checkpoint.load_model(folder, step=6)
+
+
+def test_checkpoints_deleted_faster_than_they_are_read_are_refused_in_one_line(
+        stopped_run, tmp_path, monkeypatch):
+    folder = shutil.copytree(stopped_run, str(tmp_path / "writer"))
+    _copy_deletes_its_source(monkeypatch, times=100, newer=True)
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"^the checkpoints in .* were deleted while they were read, 5 "
+                             r"in turn: the run writing there replaces them faster"):
+        checkpoint.load_model(folder)
+
+
+def test_an_unreadable_init_from_is_refused_before_the_workdir_is_made(
+        data_dir, stopped_run, tmp_path):
+    # Issue 18: the failed start left a workdir holding a .lock and an events file.
+    damaged = shutil.copytree(stopped_run, str(tmp_path / "damaged"))
+    for step in ("3", "6"):
+        with open(os.path.join(damaged, "checkpoints", step, "state", "_METADATA"), "w") as f:
+            f.write("{")
+    with pytest.raises(checkpoint.CheckpointError, match=r"checkpoint of step 6 .* unreadable"):
+        train.train_and_evaluate(_config(data_dir, init_from=damaged), str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_run_that_fails_after_making_its_workdir_but_before_training_removes_it(
+        data_dir, tmp_path, monkeypatch):
+    from mlres_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+
+    def damaged_data(*args, **kwargs):  # found only when loaded, after the headers
+        raise input_pipeline.DataSetDamagedError("Data set 'fashion_mnist' cannot be read")
+
+    monkeypatch.setattr(input_pipeline, "load", damaged_data)
+    with pytest.raises(input_pipeline.DataSetDamagedError):
+        train.train_and_evaluate(_config(data_dir), str(tmp_path / "runs" / "run"))
+    assert os.listdir(tmp_path / "runs") == []
+    existing = tmp_path / "made_by_the_user"  # a folder the run did not make stays
+    existing.mkdir()
+    with pytest.raises(input_pipeline.DataSetDamagedError):
+        train.train_and_evaluate(_config(data_dir), str(existing))
+    assert os.listdir(existing) == [workdir.LOCK_FILE]
+
+
+def test_grow_from_a_folder_without_checkpoints_leaves_no_output(tmp_path):
+    # grow holds (and checks) its output before reading its source.
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoints in"):
+        grow.grow(str(tmp_path / "no_run"), str(tmp_path / "grown"))
+    assert not os.path.exists(tmp_path / "grown")
+
+
+def test_a_run_that_recorded_something_keeps_its_workdir(data_dir, tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    save = ocp.CheckpointManager.save
+
+    def disk_full_from_step_6(self, step, *args, **kwargs):
+        if step >= 6:
+            raise OSError(28, "No space left on device")
+        return save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", disk_full_from_step_6)
+    folder = str(tmp_path / "run")
+    with pytest.raises(checkpoint.CheckpointError, match="newest complete checkpoint is step 3"):
+        train.train_and_evaluate(_config(data_dir), folder)
+    assert checkpoint.list_steps(folder) == [3]
