@@ -482,3 +482,76 @@ def test_a_run_that_recorded_something_keeps_its_workdir(data_dir, tmp_path, mon
     with pytest.raises(checkpoint.CheckpointError, match="newest complete checkpoint is step 3"):
         train.train_and_evaluate(_config(data_dir), folder)
     assert checkpoint.list_steps(folder) == [3]
+
+
+# ---------------------------------------------------------------------------
+# 5. Paths as users type them: the shell leaves "~" after "=" as it is.
+
+
+def _command(module, *args, home, cwd):
+    """Runs ``python -m module args`` with $HOME ``home`` in ``cwd``."""
+    env = dict(os.environ, HOME=str(home), JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=str(cwd), env=env,
+                          capture_output=True, text=True, timeout=240)
+
+
+def _home_and_cwd(tmp_path):
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    return home, cwd
+
+
+def test_grow_output_with_a_tilde_is_in_the_home_folder(stopped_run, tmp_path):
+    # Issue 18: --output=~/grown made a folder named "~" in the current directory.
+    home, cwd = _home_and_cwd(tmp_path)
+    shutil.copytree(stopped_run, home / "run")
+    result = _command("mlres_jax.grow", "--workdir=~/run", "--output=~/grown", home=home, cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    assert checkpoint.list_steps(str(home / "grown")) == [6]
+    assert os.listdir(cwd) == []
+
+
+def test_training_paths_with_a_tilde_in_flags_overrides_and_config_files(data_dir, tmp_path):
+    home, cwd = _home_and_cwd(tmp_path)
+    shutil.copytree(data_dir, home / "fmnist")
+    with open(os.path.join(REPO_ROOT, "configs", "default.py")) as handle:
+        config_file = handle.read()
+    (home / "my_config.py").write_text(
+        config_file + "\n\n_default = get_config\n\n\ndef get_config():\n"
+        "    config = _default()\n    config.fashion_mnist_dir = '~/fmnist'\n"
+        "    return config\n")
+    (home / "run" / "summary.json").mkdir(parents=True)  # stops the run before loading
+    overrides = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+    result = _command("mlres_jax.main", "--config=~/my_config.py", "--workdir=~/run",
+                      *overrides, home=home, cwd=cwd)
+    assert _one_line_error(result.stderr).startswith(
+        f"error: '{home}/run/summary.json' is not writable"), result.stderr
+    result = _command("mlres_jax.main", "--config=~/my_config.py", "--workdir=~/run",
+                      "--config.init_from=~/no_run", *overrides, home=home, cwd=cwd)
+    assert _one_line_error(result.stderr).startswith(
+        f"error: config.init_from = '{home}/no_run' is not allowed: there is no checkpoint "
+        f"in {home}/no_run/checkpoints"), result.stderr
+    assert os.listdir(cwd) == []
+
+
+def test_analysis_paths_with_a_tilde(finished_run, tmp_path):
+    home, cwd = _home_and_cwd(tmp_path)
+    shutil.copytree(finished_run[0], home / "run")
+    result = _command("mlres_jax.analyze", "curves", "--workdir=~/run",
+                      "--output_dir=~/analysis", home=home, cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(home / "analysis")) == ["training_curves.csv",
+                                                     "training_curves.png"]
+    assert os.listdir(cwd) == []
+
+
+def test_a_home_folder_that_is_not_known_is_refused_in_one_line(tmp_path):
+    home, cwd = _home_and_cwd(tmp_path)
+    result = _command("mlres_jax.grow", "--workdir=~/run", "--output=~no_such_user_here/grown",
+                      home=home, cwd=cwd)
+    assert result.returncode == 2
+    assert _one_line_error(result.stderr) == (
+        "error: --output=~no_such_user_here/grown: '~no_such_user_here' is not a home folder "
+        "on this machine (no such user, or $HOME unset); give the path without '~'")
+    assert os.listdir(cwd) == []
