@@ -181,8 +181,9 @@ class _Loader:
     def load(self, workdir: str, step: int) -> Loaded:
         model, variables, metadata = checkpoint.load_model(workdir, step)
         images, labels = self._test_set(metadata)
-        batch_size = (self._options.batch_size
-                      or metadata.config.get("eval_batch_size") or 500)
+        batch_size = input_pipeline.fitted_eval_batch_size(
+            self._options.batch_size or metadata.config.get("eval_batch_size") or 500,
+            len(images))
         logging.info("Loaded %s: %d test images", workdir, len(images))
         return Loaded(workdir, metadata.step, model, variables, metadata,
                       images, labels, int(batch_size))

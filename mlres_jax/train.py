@@ -252,12 +252,16 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str,
                 mesh: parallel.Mesh, initial_variables: dict | None = None) -> Run:
     """Loads the data and plans the cycles of a checked config (`check_config`).
 
+    The evaluation batch is fitted to the test split found
+    (`_with_fitted_eval_batch`).
+
     Raises:
       input_pipeline.DataSetError: if a file turns out to be damaged.
     """
     logging.info("Loading %s ...", config.dataset)
     data = input_pipeline.load(config.dataset, data_dir=config.data_dir,
                                fashion_mnist_dir=config.fashion_mnist_dir)
+    config = _with_fitted_eval_batch(config, len(data.test_labels), mesh)
     num_train = len(data.train_labels)
     steps_per_epoch = num_train // config.batch_size
     cycles = tuple(plan.plan_cycles(
@@ -283,6 +287,25 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str,
         ", ".join(f"{models.format_stage_sizes(c.stage_sizes)} h={c.step_size:g} for "
                   f"{c.num_steps} steps" for c in cycles))
     return run
+
+
+def _with_fitted_eval_batch(config: ml_collections.ConfigDict, num_test: int,
+                            mesh: parallel.Mesh) -> ml_collections.ConfigDict:
+    """The config with ``eval_batch_size`` no larger than the test split needs.
+
+    The one place where the run's evaluation batch is set: every evaluation
+    of the run (the compiled eval step, the growths' train subset) uses it.
+    See `input_pipeline.fitted_eval_batch_size`.
+    """
+    fitted = input_pipeline.fitted_eval_batch_size(config.eval_batch_size, num_test,
+                                                   mesh.devices.size)
+    if fitted == config.eval_batch_size:
+        return config
+    logging.info("config.eval_batch_size = %d is more than the %d test images need: "
+                 "evaluating in batches of %d", config.eval_batch_size, num_test, fitted)
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.eval_batch_size = fitted
+    return config
 
 
 def restore_or_start(run: Run, checkpointer: checkpoint.Checkpointer) -> Progress:

@@ -555,3 +555,50 @@ def test_a_home_folder_that_is_not_known_is_refused_in_one_line(tmp_path):
         "error: --output=~no_such_user_here/grown: '~no_such_user_here' is not a home folder "
         "on this machine (no such user, or $HOME unset); give the path without '~'")
     assert os.listdir(cwd) == []
+
+
+# ---------------------------------------------------------------------------
+# 6. An evaluation batch larger than the split is fitted to it.
+
+
+@pytest.mark.parametrize("batch_size,num_examples,multiple,expected", [
+    (100_000, 500, 1, 500),   # the issue's: one batch of the whole split
+    (100_000, 500, 8, 504),   # 8 devices: 63 images each
+    (256, 500, 8, 256),       # smaller than the split: as asked
+    (500, 500, 4, 500),
+    (16, 20, 1, 16),
+])
+def test_the_fitted_eval_batch(batch_size, num_examples, multiple, expected):
+    from mlres_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+    assert input_pipeline.fitted_eval_batch_size(batch_size, num_examples, multiple) == expected
+
+
+@pytest.mark.parametrize("eval_batch_size,expected", [(100_000, 20), (24, 20), (16, 16)])
+def test_a_run_evaluates_in_batches_no_larger_than_its_test_split(
+        data_dir, tmp_path, monkeypatch, eval_batch_size, expected):
+    # Issue 18: --config.eval_batch_size=100000 on a 500-image test split padded
+    # every evaluation to 100,000 images. The fake split has 20 images.
+    from mlres_jax import input_pipeline  # pylint: disable=import-outside-toplevel
+    batches = input_pipeline.eval_batches
+    sizes = []
+
+    def recorded(images, labels, batch_size):
+        sizes.append((len(images), batch_size))
+        return batches(images, labels, batch_size)
+
+    monkeypatch.setattr(input_pipeline, "eval_batches", recorded)
+    summary = train.train_and_evaluate(
+        _config(data_dir, eval_batch_size=eval_batch_size, num_epochs=0.5),
+        str(tmp_path / "run"))
+    assert sizes == [(20, expected)]  # the one evaluation, at the end
+    assert summary["config"]["eval_batch_size"] == expected
+
+
+def test_analyses_evaluate_in_batches_no_larger_than_their_images(finished_run):
+    loaded = analyze._Loader(  # pylint: disable=protected-access
+        analyze.Options(output_dir="unused", batch_size=100_000)).load(finished_run[0], 8)
+    assert len(loaded.images) == 20 and loaded.batch_size == 20
+    loaded = analyze._Loader(  # pylint: disable=protected-access
+        analyze.Options(output_dir="unused", batch_size=100_000, num_examples=7)).load(
+            finished_run[0], 8)
+    assert loaded.batch_size == 7
