@@ -136,12 +136,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     If ``workdir`` holds checkpoints of the same run, training resumes from
     the newest readable one and ends with the same result as an
-    uninterrupted run; if the run is complete, its summary is returned.
+    uninterrupted run; if the run is complete, its summary is returned
+    (a missing or damaged ``summary.json`` is written again from the last
+    checkpoint).
 
     Args:
       config: see ``configs/default.py``; validated first.
       workdir: folder for checkpoints, TensorBoard events and
-        ``summary.json``; created.
+        ``summary.json``; created (and removed again if the run fails
+        before it recorded anything).
 
     Returns:
       The summary written to ``workdir/summary.json``
@@ -155,12 +158,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         cycle that rounds to zero steps on the data found.
       input_pipeline.DataSetError: if the data set is missing or damaged.
       workdir.WorkdirBusyError: if another process is writing to ``workdir``.
+      workdir.WorkdirNotWritableError: if a folder or file the run writes
+        cannot be written (before any work).
+      workdir.WorkdirFullError: if its file system has no room for the
+        checkpoints (before any work).
       checkpoint.ConfigMismatchError: if the workdir's checkpoints are of a
         run with another model or schedule.
       checkpoint.CheckpointMismatchError: if its newest readable checkpoint
         holds another structure, or only a model (a ``mlres_jax.grow`` output).
-      checkpoint.CheckpointError: if a checkpoint cannot be written or none
-        of the existing ones can be read.
+      checkpoint.CheckpointError: if a checkpoint cannot be written (naming
+        the newest complete one) or none of the existing ones can be read.
       NonFiniteLossError: if the loss or a gradient stops being finite.
       stopping.Interrupted: on SIGINT or SIGTERM, after saving a checkpoint.
       OSError: if ``workdir`` cannot be written.
@@ -254,6 +261,10 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str,
 
     The evaluation batch is fitted to the test split found
     (`_with_fitted_eval_batch`).
+
+    Args:
+      config, mesh, initial_variables: as `check_config` returns them.
+      workdir: the run's folder.
 
     Raises:
       input_pipeline.DataSetError: if a file turns out to be damaged.

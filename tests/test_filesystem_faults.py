@@ -3,7 +3,10 @@
 A user without root is simulated by running the command as user 65534
 (``nobody``) with ``setpriv`` when the tests run as root (root ignores
 permissions), or as the test's own user otherwise; the permissions are set
-with chmod, so the same test works both ways.
+with chmod, so the same test works both ways. A full disk is simulated by
+the free space ``shutil.disk_usage`` reports, a failing save by orbax's
+``CheckpointManager.save`` raising ENOSPC, and the run writing a folder
+while it is read by deleting its checkpoint during the read.
 """
 
 import os
@@ -13,10 +16,15 @@ import subprocess
 import sys
 import tempfile
 
+import chex
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import default
-from mlres_jax import analyze, checkpoint, errors, grow, reporting, train, workdir
+from mlres_jax import (analyze, checkpoint, errors, grow, input_pipeline, models, parallel,
+                       reporting, steps, train, workdir)
 from tests import fake_data
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -210,9 +218,6 @@ def test_the_estimate_of_a_checkpoint_covers_what_orbax_writes(data_dir, tmp_pat
     # Issue 18: each checkpoint took about 0.8 MB, of which about 370 KB orbax
     # metadata the estimate did not count. Written here: the deepest network's
     # train state with incompressible values, and metadata with a full history.
-    import jax  # pylint: disable=import-outside-toplevel
-    import numpy as np  # pylint: disable=import-outside-toplevel
-    from mlres_jax import models, parallel, steps  # pylint: disable=import-outside-toplevel
     config = train.check_config(_config(data_dir, **changes))[0]
     growths = len(config.cycle_boundaries) if config.multilevel else 0
     deepest = tuple(n * 2**growths for n in config.stage_sizes)
@@ -291,7 +296,6 @@ def test_an_unfinished_save_is_named_when_the_room_is_still_too_small(
 
 def test_a_failed_save_removes_its_unfinished_folder_and_says_how_to_resume(
         data_dir, stopped_run, tmp_path, monkeypatch):
-    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
     folder = shutil.copytree(stopped_run, str(tmp_path / "run"))
 
     def disk_full_half_way(self, step, *args, **kwargs):
@@ -356,7 +360,6 @@ def test_analysis_of_a_damaged_summary_is_refused_in_one_line(finished_run, tmp_
 
 def _latest_deleted_at_first_read(monkeypatch, folder):
     """The run writing ``folder`` saves step 9 and deletes step 6 as soon as a read starts."""
-    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
     restore = ocp.CheckpointManager.restore
     directory = checkpoint.checkpoint_dir(folder)
 
@@ -373,7 +376,6 @@ def test_a_checkpoint_deleted_while_it_is_read_is_read_whole(stopped_run, tmp_pa
     # Issue 18: init_from a run saving every step and keeping one died in 2 of
     # 4 tries: "checkpoint of step 46 ... is unreadable" (the writer had deleted
     # it mid-read) with a TensorStore dump, or "Event loop is closed" tracebacks.
-    import chex  # pylint: disable=import-outside-toplevel
     _, expected, _ = checkpoint.load_model(stopped_run, step=6)
     folder = shutil.copytree(stopped_run, str(tmp_path / "writer"))
     _latest_deleted_at_first_read(monkeypatch, folder)
@@ -445,7 +447,6 @@ def test_an_unreadable_init_from_is_refused_before_the_workdir_is_made(
 
 def test_a_run_that_fails_after_making_its_workdir_but_before_training_removes_it(
         data_dir, tmp_path, monkeypatch):
-    from mlres_jax import input_pipeline  # pylint: disable=import-outside-toplevel
 
     def damaged_data(*args, **kwargs):  # found only when loaded, after the headers
         raise input_pipeline.DataSetDamagedError("Data set 'fashion_mnist' cannot be read")
@@ -469,7 +470,6 @@ def test_grow_from_a_folder_without_checkpoints_leaves_no_output(tmp_path):
 
 
 def test_a_run_that_recorded_something_keeps_its_workdir(data_dir, tmp_path, monkeypatch):
-    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
     save = ocp.CheckpointManager.save
 
     def disk_full_from_step_6(self, step, *args, **kwargs):
@@ -569,7 +569,6 @@ def test_a_home_folder_that_is_not_known_is_refused_in_one_line(tmp_path):
     (16, 20, 1, 16),
 ])
 def test_the_fitted_eval_batch(batch_size, num_examples, multiple, expected):
-    from mlres_jax import input_pipeline  # pylint: disable=import-outside-toplevel
     assert input_pipeline.fitted_eval_batch_size(batch_size, num_examples, multiple) == expected
 
 
@@ -578,7 +577,6 @@ def test_a_run_evaluates_in_batches_no_larger_than_its_test_split(
         data_dir, tmp_path, monkeypatch, eval_batch_size, expected):
     # Issue 18: --config.eval_batch_size=100000 on a 500-image test split padded
     # every evaluation to 100,000 images. The fake split has 20 images.
-    from mlres_jax import input_pipeline  # pylint: disable=import-outside-toplevel
     batches = input_pipeline.eval_batches
     sizes = []
 
