@@ -103,7 +103,7 @@ def comparable_config(config_dict: dict) -> dict:
 
 
 def read_summary(workdir: str) -> dict | None:
-    """The run's ``summary.json``, or None if it has none or a damaged one (`reporting.read_summary`)."""
+    """The run's ``summary.json``; None if it is missing or damaged (`reporting.read_summary`)."""
     try:
         return reporting.read_summary(os.path.join(workdir, "summary.json"))
     except reporting.SummaryError:

@@ -47,7 +47,7 @@ _CHATTY_LIBRARIES = (f"{os.sep}orbax{os.sep}", f"{os.sep}jax{os.sep}_src{os.sep}
 
 
 def quiet_library_info(record: python_logging.LogRecord) -> bool:
-    """Logging filter: drops the INFO records of chatty libraries, keeps warnings without tracebacks."""
+    """Logging filter: drops chatty libraries' INFO records, keeps their warnings in one line."""
     if not any(part in record.pathname for part in _CHATTY_LIBRARIES):
         return True
     record.exc_info, record.exc_text, record.stack_info = None, None, None
@@ -92,7 +92,7 @@ def _expand_config_fields(config: ml_collections.ConfigDict, prefix: str) -> Non
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, with ``~`` expanded, and a one-line error for a bad flag or ``--config.FIELD``.
+    """absl's parsing with ``~`` expanded; one line for a bad flag or ``--config.FIELD``.
 
     A field the config does not have (``--config.batchsize=10``) or a value
     of the wrong type makes ml_collections raise while the flags are parsed,

@@ -354,6 +354,24 @@ def test_analysis_of_a_damaged_summary_is_refused_in_one_line(finished_run, tmp_
         analyze.run_curves([folder], analyze.Options(output_dir=str(tmp_path / "analysis")))
 
 
+@pytest.mark.parametrize("damaged", ["meta/metadata", "state/_METADATA", "state/_sharding"])
+def test_damaged_checkpoint_metadata_is_refused_in_one_line_or_rebuilt_from_the_one_before(
+        data_dir, finished_run, tmp_path, damaged):
+    folder = shutil.copytree(finished_run[0], str(tmp_path / "run"))
+    with open(os.path.join(folder, "checkpoints", "8", damaged), "w") as handle:
+        handle.write('{"step": 8,,')
+    os.remove(os.path.join(folder, train.SUMMARY_FILE))
+    # A reader (analyze, grow, init_from) names the checkpoint, in one line.
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=rf"^checkpoint of step 8 in {folder}/checkpoints is unreadable "
+                             r"\([^\n]*\)$"):
+        checkpoint.load_model(folder)
+    # The run itself sets it aside and trains again from the one before.
+    summary = train.train_and_evaluate(_config(data_dir), folder)
+    assert summary["history"] == finished_run[1]["history"]
+    assert os.listdir(os.path.join(folder, "unreadable_checkpoints")) == ["8"]
+
+
 # ---------------------------------------------------------------------------
 # 4. A checkpoint folder that another run is writing; no stray workdir.
 
