@@ -35,7 +35,7 @@ import ml_collections
 from absl import logging
 
 from benchmarks import common
-from mlres_jax import checkpoint, configuration, train
+from mlres_jax import checkpoint, configuration, reporting, train
 
 # Run statuses, in the records and tables.
 TRAINED, RESUMED, REUSED = "trained", "resumed", "reused"
@@ -95,11 +95,10 @@ def plan_runs(config: ml_collections.ConfigDict,
 
 
 def read_summary(workdir: str) -> dict | None:
-    """The run's ``summary.json``, or None if it has none (or an unreadable one)."""
+    """The run's ``summary.json``; None if it is missing or damaged (`reporting.read_summary`)."""
     try:
-        with open(os.path.join(workdir, train.SUMMARY_FILE), encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
+        return reporting.read_summary(os.path.join(workdir, train.SUMMARY_FILE))
+    except reporting.SummaryError:
         return None
 
 

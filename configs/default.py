@@ -72,7 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Mini-batch size; -1 derives it from the data set (100, STL-10: 32).
     config.batch_size = -1
     # Evaluation batch size (the last batch is padded and masked, so every
-    # test example counts).
+    # test example counts); one larger than the test split is fitted to it.
     config.eval_batch_size = 500
 
     # --- Speed ------------------------------------------------------------------

@@ -21,7 +21,6 @@ line on stderr and exit status 2. The numbers come from
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Callable, Sequence
@@ -29,8 +28,8 @@ from typing import Callable, Sequence
 import numpy as np
 from absl import flags, logging
 
-from mlres_jax import (checkpoint, cli, datasets, errors, figures, files,
-                       measurements, models)
+from mlres_jax import (checkpoint, cli, datasets, errors, figures, files, input_pipeline,
+                       measurements, models, reporting)
 
 FLAGS = flags.FLAGS
 
@@ -182,8 +181,9 @@ class _Loader:
     def load(self, workdir: str, step: int) -> Loaded:
         model, variables, metadata = checkpoint.load_model(workdir, step)
         images, labels = self._test_set(metadata)
-        batch_size = (self._options.batch_size
-                      or metadata.config.get("eval_batch_size") or 500)
+        batch_size = input_pipeline.fitted_eval_batch_size(
+            self._options.batch_size or metadata.config.get("eval_batch_size") or 500,
+            len(images))
         logging.info("Loaded %s: %d test images", workdir, len(images))
         return Loaded(workdir, metadata.step, model, variables, metadata,
                       images, labels, int(batch_size))
@@ -338,18 +338,8 @@ def run_curves(workdirs: Sequence[str], options: Options) -> list[dict]:
     if len(workdirs) != 1:
         raise AnalysisInputError(f"curves takes one --workdir, got {len(workdirs)}")
     path = os.path.join(workdirs[0], "summary.json")
-    if not os.path.isfile(path):
-        raise AnalysisInputError(
-            f"no summary.json in {workdirs[0]!r}: a run writes it when it ends")
-    try:
-        with open(path) as handle:
-            summary = json.load(handle)
-        history = summary["history"]
-        boundaries = summary["config"]["cycle_boundaries"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise AnalysisInputError(
-            f"{path} is not a run summary (needs 'history' and "
-            f"'config.cycle_boundaries'): {type(error).__name__}: {error}") from None
+    summary = reporting.read_summary(path, whole=False)
+    history, boundaries = summary["history"], summary["config"]["cycle_boundaries"]
     if not history:
         raise AnalysisInputError(f"{path} has no evaluations in 'history'")
     paths = [_path(options, "training_curves.png"), _path(options, "training_curves.csv")]

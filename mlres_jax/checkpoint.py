@@ -12,13 +12,20 @@ init2winit's checkpoints do for trees whose shape changes.
 orbax writes each step into a temporary folder and renames it when complete,
 so a save killed half-way never replaces a good checkpoint; a checkpoint that
 is unreadable anyway (a truncated file) is skipped in favour of the previous
-one, with a warning.
+one, with a warning. The temporary folder of a save that failed is removed at
+once, and one left by a killed run is removed by orbax when the run's
+`Checkpointer` opens the folder again (``cleanup_tmp_directories``): the
+workdir's lock (`mlres_jax.workdir.hold`) makes that safe.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import shutil
+import tempfile
+import time
 from typing import Any, Callable
 
 import jax
@@ -29,6 +36,8 @@ from absl import logging
 from mlres_jax import errors, files, models, multilevel
 
 CHECKPOINT_FOLDER = "checkpoints"
+# Where unreadable checkpoints are moved, beside CHECKPOINT_FOLDER.
+UNREADABLE_FOLDER = "unreadable_checkpoints"
 # Version of `CheckpointMetadata`'s JSON; a checkpoint of another version is
 # refused with a message rather than misread.
 METADATA_FORMAT = 2
@@ -58,6 +67,40 @@ FIELDS_ADDED = {
     "compute_dtype": "float32",
     "compile_ahead": False,         # compiled when a cycle starts
 }
+
+
+# What orbax writes beyond the arrays' bytes, measured on checkpoints of
+# train states of 37 to 981 arrays (widths 2 to 32, 1 to 60 blocks; ext4 and
+# tmpfs, allocated blocks): about 100 KiB per checkpoint (about 25 small
+# files, each taking whole blocks) and 0.9 to 1.6 KiB per array (its entries
+# in _METADATA, _sharding, array_metadatas and the OCDBT manifest, and its
+# zarr metadata), e.g. 0.65 MiB for the 388 KB state of 405 arrays of a
+# width-4 8-8-8 network. The data are zstd-compressed, which saves little on
+# trained float32 values, so the arrays count with their whole size.
+_ORBAX_BYTES_PER_CHECKPOINT = 128 * 2**10
+_ORBAX_BYTES_PER_ARRAY = 2 * 2**10
+# The metadata JSON (`CheckpointMetadata`): the config, and about 200 bytes
+# per evaluation record and 600 per cycle or growth record (measured).
+_METADATA_BYTES = 4 * 2**10
+_METADATA_BYTES_PER_RECORD = 2**10
+
+
+def estimated_bytes(abstract_state: Any, num_records: int) -> int:
+    """Disk space one checkpoint takes, an upper bound measured on orbax's output.
+
+    Args:
+      abstract_state: the train state, or its ``jax.eval_shape``.
+      num_records: evaluation, cycle and growth records its metadata will
+        hold at most.
+
+    Returns:
+      Bytes: the arrays' bytes, orbax's metadata per array and per
+      checkpoint (measured: see the constants above), and the JSON metadata.
+    """
+    leaves = jax.tree_util.tree_leaves(abstract_state)
+    array_bytes = sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in leaves)
+    return (array_bytes + _ORBAX_BYTES_PER_ARRAY * len(leaves) + _ORBAX_BYTES_PER_CHECKPOINT
+            + _METADATA_BYTES + _METADATA_BYTES_PER_RECORD * num_records)
 
 
 class CheckpointError(errors.UserError):
@@ -277,7 +320,10 @@ class Checkpointer:
     Args:
       workdir: the run's folder; checkpoints go to ``workdir/checkpoints``.
       max_to_keep: number of most recent checkpoints kept on disk.
-      create: create the folder if missing (False for read-only use).
+      create: True for the folder's one writer (the holder of its lock,
+        `mlres_jax.workdir.hold`): creates the folder if missing and removes
+        the temporary folders of unfinished saves. False for reading, e.g. a
+        folder another run writes: nothing is created or removed.
     """
 
     def __init__(self, workdir: str, max_to_keep: int = 3, create: bool = True):
@@ -285,7 +331,7 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, create=create,
+                max_to_keep=max_to_keep, create=create, cleanup_tmp_directories=create,
                 # Synchronous: the train step donates its state's buffers.
                 enable_async_checkpointing=False),
             # Handlers named up front, so that a stored tree's structure can
@@ -308,7 +354,9 @@ class Checkpointer:
 
         Raises:
           CheckpointError: if the write fails (disk full, permissions); the
-            earlier checkpoints stay as they were.
+            earlier checkpoints stay as they were, the unfinished save's
+            temporary folder is removed, and the message names the newest
+            complete checkpoint and how to resume (here or elsewhere).
         """
         step = metadata.step
         try:
@@ -317,11 +365,32 @@ class Checkpointer:
                 meta=ocp.args.JsonSave(metadata.to_json())), force=True)
             self._manager.wait_until_finished()
         except Exception as error:  # orbax raises many types for I/O errors.
+            removed = self._remove_unfinished_saves()
+            self._manager.reload()
             kept = [s for s in self.all_steps() if s != step]
+            workdir = os.path.dirname(self.directory)
+            newest = (f"the newest complete checkpoint is step {kept[-1]}, from which it "
+                      "resumes (the steps after it are trained again)" if kept else
+                      "no checkpoint is complete yet, so it starts afresh")
             raise CheckpointError(
-                f"saving the checkpoint of step {step} in {self.directory} "
-                f"failed: {error}. Earlier checkpoints are kept: steps {kept}"
+                f"saving the checkpoint of step {step} in {self.directory} failed "
+                f"({one_line(error)}). The run stops here"
+                + (f" ({', '.join(removed)}, the unfinished save, was removed)" if removed
+                   else "")
+                + f"; {newest}. Make room in (or permission for) {workdir} and run the "
+                "same command again, or copy that folder to another disk and run the same "
+                f"command on the copy. Earlier checkpoints are kept: steps {kept}"
             ) from error
+
+    def _remove_unfinished_saves(self) -> list[str]:
+        """Removes the temporary folders of saves that did not finish; returns their names.
+
+        Only for the folder's one writer (``create=True``), which saved last.
+        """
+        names = [os.path.basename(path) for path in unfinished_saves(self.directory)]
+        for name in names:
+            shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        return names
 
     def read_metadata(self, step: int) -> CheckpointMetadata:
         """The metadata of checkpoint ``step``.
@@ -407,10 +476,8 @@ class Checkpointer:
         except CheckpointError:
             raise
         except Exception as error:  # orbax raises many types for damaged files
-            text = str(error).replace("\n", " ")
             raise _Unreadable(
-                f"checkpoint of step {step} is unreadable ({type(error).__name__}: "
-                f"{text[:300]}{'...' if len(text) > 300 else ''})") from error
+                f"checkpoint of step {step} is unreadable ({one_line(error)})") from error
         if result is None:
             raise _Unreadable(f"checkpoint of step {step} is unreadable (no tree metadata)")
         return result
@@ -422,7 +489,7 @@ class Checkpointer:
         inspection, never deleted), so that training can save those steps
         again.
         """
-        aside = os.path.join(os.path.dirname(self.directory), "unreadable_checkpoints")
+        aside = os.path.join(os.path.dirname(self.directory), UNREADABLE_FOLDER)
         for bad in [s for s in self.all_steps() if s > step]:
             os.makedirs(aside, exist_ok=True)
             target = os.path.join(aside, str(bad))
@@ -466,14 +533,38 @@ class Checkpointer:
             raise
         except Exception as error:
             raise CheckpointError(
-                f"checkpoint of step {step} in {self.directory} is unreadable: "
-                f"{error}") from error
+                f"checkpoint of step {step} in {self.directory} is unreadable "
+                f"({one_line(error)})") from error
         tree = restored["state"]
         return {"params": tree["params"], "batch_stats": tree["batch_stats"]}, metadata
 
     def close(self) -> None:
         """Releases orbax's resources (thread pools)."""
         self._manager.close()
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception as one line of at most about ``limit`` characters, with its type.
+
+    Libraries (orbax, TensorStore) put dumps of many lines into their errors.
+    """
+    text = " ".join(str(error).split())
+    return (f"{type(error).__name__}: {text[:limit]}"
+            f"{'...' if len(text) > limit else ''}")
+
+
+def unfinished_saves(directory: str) -> list[str]:
+    """Temporary folders of saves that did not finish in a checkpoint folder (orbax's).
+
+    Args:
+      directory: a ``<workdir>/checkpoints`` folder (`checkpoint_dir`).
+
+    Returns:
+      Their paths, sorted; [] if there is no such folder.
+    """
+    if not os.path.isdir(directory):
+        return []
+    return sorted(str(temporary.get()) for temporary in ocp.utils.tmp_checkpoints(directory))
 
 
 def list_steps(workdir: str) -> list[int]:
@@ -484,8 +575,53 @@ def list_steps(workdir: str) -> list[int]:
         return checkpointer.all_steps()
 
 
+# Reading a folder that another run may be writing: that run deletes its
+# oldest checkpoint after each save (config.checkpoints_to_keep), possibly
+# while it is read. Reads are made from a private copy, and made again (of
+# the newest checkpoint) when the one read was deleted meanwhile.
+_READ_ATTEMPTS = 5
+_DELETION_SECONDS = 0.2  # lets a deletion in progress finish before looking
+
+
+def _restore_from_copy(workdir: str, step: int) -> tuple[dict, CheckpointMetadata] | None:
+    """`Checkpointer.restore_variables` of checkpoint ``step``, read from a private copy.
+
+    orbax never changes a finished checkpoint's files, so a copy that
+    completes, of a checkpoint that still exists afterwards, is that
+    checkpoint whole: nothing another run does to the folder meanwhile
+    (deleting this checkpoint, saving others) reaches the reading.
+
+    Returns:
+      ``(variables, metadata)``, or None if the checkpoint was deleted while
+      it was copied or read.
+
+    Raises:
+      CheckpointError: if it cannot be read although it is still there.
+    """
+    source = os.path.join(checkpoint_dir(workdir), str(step))
+    with tempfile.TemporaryDirectory(prefix="mlres_jax_checkpoint_") as copy:
+        try:
+            shutil.copytree(source, os.path.join(copy, CHECKPOINT_FOLDER, str(step)))
+            with Checkpointer(copy, create=False) as checkpointer:
+                return checkpointer.restore_variables(step)
+        except Exception as error:  # copying: OSError, shutil.Error; orbax: many
+            time.sleep(_DELETION_SECONDS)
+            if os.path.isdir(source) and step in list_steps(workdir):
+                if isinstance(error, CheckpointError):
+                    raise CheckpointError(str(error).replace(
+                        os.path.join(copy, CHECKPOINT_FOLDER), checkpoint_dir(workdir))) from None
+                raise CheckpointError(f"checkpoint of step {step} in {checkpoint_dir(workdir)} "
+                                      f"cannot be read ({one_line(error)})") from None
+            return None
+
+
 def load_model(workdir: str, step: int | None = None):
-    """The network and variables of a run's checkpoint (for analyses).
+    """The network and variables of a run's checkpoint (for analyses, growing, ``init_from``).
+
+    The run may still be writing the folder: the checkpoint is read from a
+    private copy, and if that run deletes it meanwhile (it keeps only its
+    newest ``checkpoints_to_keep``), the newest one is read instead (a
+    requested ``step`` that is gone is refused).
 
     Args:
       workdir: the run's folder (holding ``checkpoints/``).
@@ -499,12 +635,37 @@ def load_model(workdir: str, step: int | None = None):
       from the scanned one where needed (`multilevel.convert_layout`).
 
     Raises:
-      CheckpointError: if there is no readable checkpoint.
+      CheckpointError: if there is no such readable checkpoint, or the run
+        writing the folder deleted ``_READ_ATTEMPTS`` checkpoints in turn
+        while they were read.
     """
-    if not os.path.isdir(checkpoint_dir(workdir)):
-        raise CheckpointError(f"no checkpoints in {checkpoint_dir(workdir)}")
-    with Checkpointer(workdir, create=False) as checkpointer:
-        variables, metadata = checkpointer.restore_variables(step)
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"no checkpoints in {directory}")
+    for attempt in range(1, _READ_ATTEMPTS + 1):
+        try:
+            steps = list_steps(workdir)
+        except FileNotFoundError:  # a checkpoint deleted while it was listed
+            steps = None
+        if not steps:  # None, or none between a deletion and a rename
+            if steps is not None and attempt == _READ_ATTEMPTS:
+                raise CheckpointError(f"no checkpoint in {directory}")
+            time.sleep(_DELETION_SECONDS)
+            continue
+        if step is not None and step not in steps:
+            raise CheckpointError(f"no checkpoint of step {step} in {directory}; steps: {steps}")
+        chosen = steps[-1] if step is None else step
+        restored = _restore_from_copy(workdir, chosen)
+        if restored is not None:
+            break
+        logging.info("The checkpoint of step %d in %s was deleted while it was read (the "
+                     "run writing there saved a newer one)", chosen, directory)
+    else:
+        raise CheckpointError(
+            f"the checkpoints in {directory} were deleted while they were read, "
+            f"{_READ_ATTEMPTS} in turn: the run writing there replaces them faster than "
+            "they can be copied. Read them after it stops, or from a copy of a checkpoint.")
+    variables, metadata = restored
     variables = multilevel.convert_layout(jax.tree_util.tree_map(jax.numpy.asarray, variables),
                                           multilevel.layout_of(metadata.scan_blocks),
                                           multilevel.STAGES)

@@ -6,6 +6,12 @@ defines its flags in a ``define_flags()`` function and starts with
 `run_command`, which calls it only when the module runs as a program, so that
 importing a command (in a test, or beside another command) defines no flag.
 
+`parse_flags` is the one place where a path typed with ``~`` becomes a path,
+for every command: the shell leaves ``~`` after ``=`` as it is
+(``--output=~/grown``), so every flag value, ``--config.FIELD`` override and
+string field of a ``--config`` file that starts with ``~`` or ``~user`` is
+expanded (`expand_home`), or refused in one line when it cannot be.
+
 `run_command` is also the one place where a user's mistake becomes one line
 instead of a traceback, for every command: a flag or ``--config`` field that
 does not parse (`parse_flags`), any `errors.UserError` (config, data set,
@@ -24,6 +30,7 @@ import signal
 import sys
 from typing import Callable, Sequence
 
+import ml_collections
 from absl import app, flags, logging
 
 from mlres_jax import errors
@@ -32,14 +39,19 @@ FLAGS = flags.FLAGS
 
 # Libraries whose INFO records only bury the run's own lines: orbax (dozens
 # per checkpoint) and JAX's backend probing ("Unable to initialize backend
-# 'tpu'" on every machine without a TPU). Their warnings still show.
+# 'tpu'" on every machine without a TPU). Their warnings still show, as one
+# line each: orbax also logs the traceback of every error of its threads (a
+# full disk gave two of 30 lines each), and the error reaches the project's
+# code, which reports it.
 _CHATTY_LIBRARIES = (f"{os.sep}orbax{os.sep}", f"{os.sep}jax{os.sep}_src{os.sep}")
 
 
 def quiet_library_info(record: python_logging.LogRecord) -> bool:
-    """Logging filter: drops the INFO records of chatty libraries, keeps warnings."""
-    return (record.levelno >= python_logging.WARNING
-            or not any(part in record.pathname for part in _CHATTY_LIBRARIES))
+    """Logging filter: drops chatty libraries' INFO records, keeps their warnings in one line."""
+    if not any(part in record.pathname for part in _CHATTY_LIBRARIES):
+        return True
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return record.levelno >= python_logging.WARNING
 
 
 def fail(message: str, exit_status: int = 2, *, at_once: bool = False) -> None:
@@ -57,16 +69,55 @@ def fail(message: str, exit_status: int = 2, *, at_once: bool = False) -> None:
     sys.exit(exit_status)
 
 
+def expand_home(value: str, where: str) -> str:
+    """``value`` with a leading ``~`` or ``~user`` replaced by that home folder.
+
+    Args:
+      value: a flag's or config field's value.
+      where: how the user gave it, for the message (``--output``).
+
+    Returns:
+      ``value`` itself unless it starts with ``~``.
+
+    Raises:
+      SystemExit: through `fail`, if the home folder is not known here.
+    """
+    if not value.startswith("~"):
+        return value
+    expanded = os.path.expanduser(value)
+    if expanded.startswith("~"):
+        fail(f"{where}={value}: {value.split(os.sep)[0]!r} is not a home folder on this "
+             "machine (no such user, or $HOME unset); give the path without '~'")
+    return expanded
+
+
+def _expand_config_fields(config: ml_collections.ConfigDict, prefix: str) -> None:
+    """`expand_home` on every string field of a ConfigDict, in place."""
+    for name, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            _expand_config_fields(value, f"{prefix}.{name}")
+        elif isinstance(value, str) and value.startswith("~"):
+            config[name] = expand_home(value, f"{prefix}.{name}")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, with a one-line error for a bad flag or ``--config.FIELD``.
+    """absl's parsing with ``~`` expanded; one line for a bad flag or ``--config.FIELD``.
 
     A field the config does not have (``--config.batchsize=10``) or a value
     of the wrong type makes ml_collections raise while the flags are parsed,
     before the command's main runs; without this the user would get a
-    traceback.
+    traceback. ``--NAME=~...`` is expanded before parsing (a config file is
+    loaded while parsing), the string fields of a config file after.
     """
+    argv = [argv[0]] + [
+        f"{name}={expand_home(value, name)}" if arg.startswith("--") and sep else arg
+        for arg in argv[1:] for name, sep, value in [arg.partition("=")]]
     try:
-        return FLAGS(argv)
+        remaining = FLAGS(argv)
+        for name in FLAGS:
+            if isinstance(FLAGS[name].value, ml_collections.ConfigDict):
+                _expand_config_fields(FLAGS[name].value, f"--{name}")
+        return remaining
     except flags.Error as error:
         fail(f"{error}\nPass --helpfull to see the flags.")
     except (AttributeError, KeyError) as error:

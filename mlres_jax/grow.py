@@ -39,24 +39,26 @@ def grow(workdir: str, output: str, step: int | None = None,
       checkpoint.CheckpointError: if the checkpoint cannot be read, or
         ``output`` already holds checkpoints.
       workdir.WorkdirBusyError: if another process writes to ``output``.
+      workdir.WorkdirNotWritableError: if ``output`` cannot be written
+        (checked before the checkpoint is read).
       errors.UserError: if the network cannot be interpolated under ``rule``.
     """
-    model, variables, metadata = checkpoint.load_model(workdir, step)
-    try:
-        deeper_model, deeper_variables = multilevel.deepen(model, variables, rule)
-    except ValueError as error:
-        raise errors.UserError(f"cannot grow the checkpoint of step {metadata.step} in "
-                               f"{workdir}: {error}") from None
-    grown = dataclasses.replace(
-        metadata, stage_sizes=tuple(deeper_model.stage_sizes),
-        step_size=deeper_model.step_size, history=[], cycle_records=[], growths=[],
-        stopwatch={}, kind=checkpoint.MODEL, scan_blocks=False,
-        grown_from={"workdir": workdir, "step": metadata.step, "rule": rule})
-    with workdirs.hold(output):
+    with workdirs.hold(output):  # checks that it can be written, before any reading
         existing = checkpoint.list_steps(output)
         if existing:
             raise checkpoint.CheckpointError(
                 f"{output} already holds checkpoints {existing}; choose an empty folder")
+        model, variables, metadata = checkpoint.load_model(workdir, step)
+        try:
+            deeper_model, deeper_variables = multilevel.deepen(model, variables, rule)
+        except ValueError as error:
+            raise errors.UserError(f"cannot grow the checkpoint of step {metadata.step} in "
+                                   f"{workdir}: {error}") from None
+        grown = dataclasses.replace(
+            metadata, stage_sizes=tuple(deeper_model.stage_sizes),
+            step_size=deeper_model.step_size, history=[], cycle_records=[], growths=[],
+            stopwatch={}, kind=checkpoint.MODEL, scan_blocks=False,
+            grown_from={"workdir": workdir, "step": metadata.step, "rule": rule})
         checkpoint.save_model(output, deeper_variables, grown)
     print(f"Interpolated {models.format_stage_sizes(model.stage_sizes)} blocks (h = "
           f"{model.step_size:g}) into {models.format_stage_sizes(deeper_model.stage_sizes)} "

@@ -55,6 +55,26 @@ def train_batch_indices(num_examples: int, batch_size: int, seed: int,
     return perm[:steps * batch_size].reshape(steps, batch_size)
 
 
+def fitted_eval_batch_size(batch_size: int, num_examples: int, multiple: int = 1) -> int:
+    """The evaluation batch for a set of ``num_examples``: no larger than the set needs.
+
+    `eval_batches` pads the last batch to the full batch size, so a batch
+    larger than the set only adds padding to evaluate (a batch of 100,000
+    for a test split of 500 evaluates 200 times its images).
+
+    Args:
+      batch_size: the batch asked for (``config.eval_batch_size``), > 0.
+      num_examples: the set's size, > 0.
+      multiple: the batch must be a multiple of this (the devices of the
+        mesh that splits it); ``batch_size`` is one.
+
+    Returns:
+      ``batch_size``, or, if smaller, ``num_examples`` rounded up to a
+      multiple of ``multiple``: the set in one batch.
+    """
+    return min(batch_size, -(-num_examples // multiple) * multiple)
+
+
 def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int
                  ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Batches a whole evaluation set in order, padding the last batch.

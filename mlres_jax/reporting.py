@@ -5,15 +5,22 @@ Plain data and text, no plotting (figures are in `mlres_jax.figures`):
 * `evaluation_record` and `evaluation_line`: one evaluation of the history;
 * `cycle_record`: one finished cycle;
 * `growth_record` and `growth_line`: one growth and its jump;
-* `run_summary`: the content of ``summary.json``;
+* `run_summary`: the content of ``summary.json``, and `read_summary`, the
+  one reader of that file, which refuses a damaged one in one line;
 * `summary_table`: the end-of-run table printed on stdout.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Sequence
 
-from mlres_jax import models, parallel, plan, stopwatch
+from mlres_jax import errors, models, parallel, plan, stopwatch
+
+
+class SummaryError(errors.UserError):
+    """A ``summary.json`` that cannot be read or is not a run's summary."""
 
 
 def evaluation_record(*, step: int, steps_per_epoch: int, cycle: plan.Cycle,
@@ -168,6 +175,74 @@ def run_summary(*, config: dict, dataset: dict, cycles: Sequence[plan.Cycle],
         "growths": list(growths),
         "history": history,
     }
+
+
+# What the readers of a summary use: every reader, the config's cycle
+# boundaries and the evaluations (the curves); `summary_table` also the
+# cycles and totals.
+_EVALUATION_FIELDS = ("epoch", "train_error", "test_error")
+_CYCLE_FIELDS = ("cycle", "stage_sizes", "step_size", "num_params", "epochs", "steps",
+                 "compile_seconds", "train_seconds", "eval_seconds", "final_train_loss",
+                 "test_error")
+_TOTALS_FIELDS = ("steps", "train_seconds", "compile_seconds", "eval_seconds",
+                  "checkpoint_seconds", "wall_seconds", "final_test_error", "test_examples")
+
+
+def _summary_problem(summary, whole: bool) -> str | None:
+    """What a summary lacks that its readers use, or None."""
+    if not isinstance(summary, dict):
+        return f"it holds a {type(summary).__name__}, not an object"
+    kinds = {"config": dict, "history": list, **({"cycles": list, "totals": dict} if whole else {})}
+    for field, kind in kinds.items():
+        if not isinstance(summary.get(field), kind):
+            return f"'{field}' is missing or not a{'n' if kind is dict else ''} {kind.__name__}"
+    if "cycle_boundaries" not in summary["config"]:
+        return "'config' lacks 'cycle_boundaries'"
+    records = [("history", r, _EVALUATION_FIELDS) for r in summary["history"]]
+    if whole:
+        records += [("cycles", r, _CYCLE_FIELDS) for r in summary["cycles"]]
+        records.append(("totals", summary["totals"], _TOTALS_FIELDS))
+    for name, record, fields in records:
+        if not isinstance(record, dict):
+            return f"a record of '{name}' is a {type(record).__name__}, not an object"
+        missing = [field for field in fields if field not in record]
+        if missing:
+            return f"a record of '{name}' lacks {', '.join(missing)}"
+    return None
+
+
+def read_summary(path: str, whole: bool = True) -> dict:
+    """A run's ``summary.json``, checked to hold what its readers use.
+
+    The one reader of the file: a finished run's second invocation, the
+    curves analysis and the benchmarks' reuse of finished runs.
+
+    Args:
+      path: the file.
+      whole: also check the cycles and totals (what `summary_table` reads);
+        False for a reader of the history alone.
+
+    Returns:
+      The summary (`run_summary`'s content).
+
+    Raises:
+      SummaryError: in one line naming the file, if it is missing,
+        unreadable, not JSON (e.g. truncated or overwritten), or lacks a
+        field its readers use.
+    """
+    try:
+        with open(path, "rb") as handle:
+            summary = json.loads(handle.read().decode("utf-8"))
+    except FileNotFoundError:
+        raise SummaryError(f"no {os.path.basename(path)} in {os.path.dirname(path)!r}: a run "
+                           "writes it when it ends") from None
+    except (OSError, ValueError) as error:  # JSONDecodeError, UnicodeDecodeError
+        raise SummaryError(f"{path} cannot be read ({type(error).__name__}: "
+                           f"{' '.join(str(error).split())[:200]})") from None
+    problem = _summary_problem(summary, whole)
+    if problem:
+        raise SummaryError(f"{path} is not a run's summary: {problem}")
+    return summary
 
 
 def summary_table(summary: dict) -> str:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import json
+import math
 import os
 import sys
 import time
@@ -66,6 +66,9 @@ class Run:
       augment_rng: PRNG key of the augmentation (folded with the step).
       mesh: the devices of all processes, one ``"data"`` axis
         (`parallel.make_mesh`).
+      initial_variables: with ``config.init_from``, the variables (unrolled
+        layout) of the checkpoint the run starts from, read by `check_config`;
+        else None.
     """
 
     config: ml_collections.ConfigDict
@@ -79,6 +82,7 @@ class Run:
     init_rng: jax.Array
     augment_rng: jax.Array
     mesh: parallel.Mesh
+    initial_variables: dict | None = None
 
     @property
     def is_main(self) -> bool:
@@ -137,12 +141,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     If ``workdir`` holds checkpoints of the same run, training resumes from
     the newest readable one and ends with the same result as an
-    uninterrupted run; if the run is complete, its summary is returned.
+    uninterrupted run; if the run is complete, its summary is returned
+    (a missing or damaged ``summary.json`` is written again from the last
+    checkpoint).
 
     Args:
       config: see ``configs/default.py``; validated first.
       workdir: folder for checkpoints, TensorBoard events and
-        ``summary.json``; created.
+        ``summary.json``; created (and removed again if the run fails
+        before it started training).
 
     Returns:
       The summary written to ``workdir/summary.json``
@@ -156,24 +163,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         cycle that rounds to zero steps on the data found.
       datasets.DataSetError: if the data set is missing or damaged.
       workdir.WorkdirBusyError: if another process is writing to ``workdir``.
+      workdir.WorkdirNotWritableError: if a folder or file the run writes
+        cannot be written (before any work).
+      workdir.WorkdirFullError: if its file system has no room for the
+        checkpoints (before any work).
       checkpoint.ConfigMismatchError: if the workdir's checkpoints are of a
         run with another model or schedule.
       checkpoint.CheckpointMismatchError: if its newest readable checkpoint
         holds another structure, or only a model (a ``mlres_jax.grow`` output).
-      checkpoint.CheckpointError: if a checkpoint cannot be written or none
-        of the existing ones can be read.
+      checkpoint.CheckpointError: if a checkpoint cannot be written (naming
+        the newest complete one) or none of the existing ones can be read.
       NonFiniteLossError: if the loss or a gradient stops being finite.
       stopping.Interrupted: on SIGINT or SIGTERM, after saving a checkpoint.
       OSError: if ``workdir`` cannot be written.
     """
     start = time.perf_counter()
-    config, mesh = check_config(config)
-    with _hold_workdir(workdir):
-        run = prepare_run(config, workdir, mesh)
+    config, mesh, initial_variables = check_config(config)
+    with _hold_workdir(workdir, config) as holding:
+        run = prepare_run(config, workdir, mesh, initial_variables)
         with checkpoint.Checkpointer(workdir, config.checkpoints_to_keep) as checkpointer:
             progress = restore_or_start(run, checkpointer)
-            if progress.step == run.cycles[-1].end_step and os.path.exists(_summary_path(run)):
-                return _finished_summary(run)
+            if progress.step == run.cycles[-1].end_step:
+                summary = _finished_summary(run)
+                if summary is not None:
+                    return summary  # else it is rebuilt from the checkpoint below
             progress.writer = _open_event_writer(run, progress)
             with (progress.writer, stopping.StopRequest(checkpointer.directory) as request,
                   _peer_loss_reported(request)):
@@ -181,6 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 request.steps_done = progress.step
                 train_data = parallel.put_replicated(
                     (run.data.train_images, run.data.train_labels), run.mesh)
+                holding.recorded = True  # from here on the workdir is kept
                 with StepCompiler(run, train_data) as compiler:
                     for cycle in run.cycles:
                         if cycle.end_step <= progress.step:
@@ -215,57 +229,75 @@ def _peer_loss_reported(request: stopping.StopRequest):
 
 
 def check_config(config: ml_collections.ConfigDict
-                 ) -> tuple[ml_collections.ConfigDict, parallel.Mesh]:
+                 ) -> tuple[ml_collections.ConfigDict, parallel.Mesh, dict | None]:
     """Everything a user can get wrong, checked in seconds before any work.
 
-    The config's fields (`configuration.resolve`), the data set's presence
-    and the readability of its headers (`datasets.check_available`),
-    the fields that depend on its size, such as a cycle that rounds to zero
-    steps (`configuration.check_against_data`), and the devices: the mesh
-    of ``num_devices`` must split both batch sizes evenly.
+    The config's fields (`configuration.resolve`), the ``init_from``
+    checkpoint (read whole here, once, before the workdir is made: its
+    network sets the run's, `configuration.start_from`), the data set's
+    presence and the readability of its headers
+    (`datasets.check_available`), the fields that depend on its size,
+    such as a cycle that rounds to zero steps
+    (`configuration.check_against_data`), and the devices: the mesh of
+    ``num_devices`` must split both batch sizes evenly.
 
     Returns:
-      The resolved config and the device mesh (`parallel.make_mesh`).
+      The resolved config, the device mesh (`parallel.make_mesh`) and the
+      ``init_from`` checkpoint's variables (None without ``init_from``).
 
     Raises:
       configuration.ConfigError, datasets.DataSetError, parallel.MeshError,
       checkpoint.CheckpointError (an unreadable ``init_from`` checkpoint).
     """
     config = configuration.resolve(config)
+    initial_variables = None
     if config.init_from:
-        config = configuration.start_from(config, _init_from_metadata(config.init_from))
+        metadata, initial_variables = _read_init_from(config.init_from)
+        config = configuration.start_from(config, metadata)
     num_train = datasets.check_available(
         config.dataset, data_dir=config.data_dir, fashion_mnist_dir=config.fashion_mnist_dir)
     configuration.check_against_data(config, num_train)
     mesh = parallel.make_mesh(config.num_devices)
     for field in ("batch_size", "eval_batch_size"):
         parallel.check_batch_divides(field, config[field], mesh)
-    return config, mesh
+    return config, mesh, initial_variables
 
 
-def _init_from_metadata(folder: str) -> checkpoint.CheckpointMetadata:
-    """The metadata of the latest checkpoint in ``folder`` (``config.init_from``)."""
-    steps_found = checkpoint.list_steps(folder)
-    if not steps_found:
+def _read_init_from(folder: str) -> tuple[checkpoint.CheckpointMetadata, dict]:
+    """The metadata and variables of the latest checkpoint in ``folder`` (``config.init_from``).
+
+    One checkpoint, read from a private copy (`checkpoint.load_model`): the
+    run that writes ``folder`` may be saving and deleting checkpoints meanwhile.
+    """
+    if not checkpoint.list_steps(folder):
         raise configuration.ConfigError(
             f"config.init_from = {folder!r} is not allowed: there is no checkpoint in "
             f"{checkpoint.checkpoint_dir(folder)} (give a run's folder, or the output of "
             "python -m mlres_jax.grow)")
-    with checkpoint.Checkpointer(folder, create=False) as checkpointer:
-        return checkpointer.read_metadata(steps_found[-1])
+    _, variables, metadata = checkpoint.load_model(folder)
+    logging.info("config.init_from: the checkpoint of step %d in %s (%s)", metadata.step,
+                 folder, checkpoint.format_network(metadata))
+    return metadata, variables
 
 
 def prepare_run(config: ml_collections.ConfigDict, workdir: str,
-                mesh: parallel.Mesh) -> Run:
+                mesh: parallel.Mesh, initial_variables: dict | None = None) -> Run:
     """Loads the data and plans the cycles of a checked config (`check_config`).
+
+    The evaluation batch is fitted to the test split found
+    (`_with_fitted_eval_batch`).
+
+    Args:
+      config, mesh, initial_variables: as `check_config` returns them.
+      workdir: the run's folder.
 
     Raises:
       datasets.DataSetError: if a file turns out to be damaged.
-      OSError: if the workdir has no room for the checkpoints.
     """
     logging.info("Loading %s ...", config.dataset)
     data = datasets.load(config.dataset, data_dir=config.data_dir,
                          fashion_mnist_dir=config.fashion_mnist_dir)
+    config = _with_fitted_eval_batch(config, len(data.test_labels), mesh)
     num_train = len(data.train_labels)
     steps_per_epoch = num_train // config.batch_size
     cycles = tuple(plan.plan_cycles(
@@ -280,8 +312,7 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str,
               steps_per_epoch=steps_per_epoch,
               eval_every_steps=max(1, round(config.eval_every_epochs * steps_per_epoch)),
               schedule=schedule, optimizer=steps.create_optimizer(config, schedule),
-              init_rng=init_rng, augment_rng=augment_rng)
-    workdirs.check_free_space(workdir, _checkpoint_bytes(run))
+              init_rng=init_rng, augment_rng=augment_rng, initial_variables=initial_variables)
     logging.info("Running on %s", parallel.describe_environment(parallel.environment()))
     logging.info("Data parallel over %d %s device(s) of %d process(es): %d examples per "
                  "device per step", mesh.devices.size, jax.devices()[0].platform,
@@ -293,6 +324,25 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str,
         ", ".join(f"{models.format_stage_sizes(c.stage_sizes)} h={c.step_size:g} for "
                   f"{c.num_steps} steps" for c in cycles))
     return run
+
+
+def _with_fitted_eval_batch(config: ml_collections.ConfigDict, num_test: int,
+                            mesh: parallel.Mesh) -> ml_collections.ConfigDict:
+    """The config with ``eval_batch_size`` no larger than the test split needs.
+
+    The one place where the run's evaluation batch is set: every evaluation
+    of the run (the compiled eval step, the growths' train subset) uses it.
+    See `input_pipeline.fitted_eval_batch_size`.
+    """
+    fitted = input_pipeline.fitted_eval_batch_size(config.eval_batch_size, num_test,
+                                                   mesh.devices.size)
+    if fitted == config.eval_batch_size:
+        return config
+    logging.info("config.eval_batch_size = %d is more than the %d test images need: "
+                 "evaluating in batches of %d", config.eval_batch_size, num_test, fitted)
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.eval_batch_size = fitted
+    return config
 
 
 def restore_or_start(run: Run, checkpointer: checkpoint.Checkpointer) -> Progress:
@@ -352,12 +402,10 @@ def _initial_state(run: Run, cycle: plan.Cycle) -> steps.TrainState:
     model = run.model(cycle.stage_sizes, cycle.step_size)
     state = steps.create_train_state(run.init_rng, model, run.optimizer,
                                      run.data.info.image_shape)
-    if not run.config.init_from:
+    if run.initial_variables is None:
         return state
-    _, variables, metadata = checkpoint.load_model(run.config.init_from)
-    logging.info("Starting from the checkpoint of step %d in %s (%s)", metadata.step,
-                 run.config.init_from, checkpoint.format_network(metadata))
-    variables = multilevel.convert_layout(variables, multilevel.STAGES, run.layout)
+    logging.info("Starting from the checkpoint read from %s", run.config.init_from)
+    variables = multilevel.convert_layout(run.initial_variables, multilevel.STAGES, run.layout)
     return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
 
 
@@ -694,20 +742,39 @@ def write_summary(run: Run, progress: Progress, wall_seconds: float) -> dict:
     return summary
 
 
-def _hold_workdir(workdir: str):
-    """The workdir's lock (`workdir.hold`), taken by the main process for all of them."""
-    return workdirs.hold(workdir) if parallel.is_main_process() else contextlib.nullcontext()
+def _hold_workdir(workdir: str, config: ml_collections.ConfigDict):
+    """The workdir's lock (`workdir.hold`), taken by the main process for all of them.
+
+    It also checks, before any work, that every path the run writes there
+    can be written and that its checkpoints fit.
+    """
+    if not parallel.is_main_process():
+        return contextlib.nullcontext(workdirs.Holding())
+    return workdirs.hold(workdir, files=(SUMMARY_FILE,),
+                         checkpoint_bytes=_checkpoint_bytes(config),
+                         checkpoints_to_keep=config.checkpoints_to_keep)
 
 
 def _summary_path(run: Run) -> str:
     return os.path.join(run.workdir, SUMMARY_FILE)
 
 
-def _finished_summary(run: Run) -> dict:
+def _finished_summary(run: Run) -> dict | None:
+    """The summary of a run that is complete, or None if it has to be (re)written.
+
+    A missing or damaged ``summary.json`` (`reporting.read_summary`) is
+    rebuilt from the last checkpoint, which holds the whole history: the
+    caller goes on as if the run had just finished its last cycle.
+    """
+    try:
+        summary = reporting.read_summary(_summary_path(run))
+    except reporting.SummaryError as error:
+        if os.path.lexists(_summary_path(run)):
+            logging.warning("%s; rewriting it from the last checkpoint", error)
+        return None
     logging.info("The run in %s is already complete; nothing to do. Its summary: %s",
                  run.workdir, _summary_path(run))
-    with open(_summary_path(run), encoding="utf-8") as handle:
-        return json.load(handle)
+    return summary
 
 
 def _open_event_writer(run: Run, progress: Progress):
@@ -734,12 +801,22 @@ def _progress_bar(run: Run, cycle: plan.Cycle, step: int):
              f"{models.format_stage_sizes(cycle.stage_sizes)} h={cycle.step_size:g}")
 
 
-def _checkpoint_bytes(run: Run) -> int:
-    """Disk space the checkpoints of the deepest network will take, roughly."""
-    last = run.cycles[-1]
-    shapes = jax.eval_shape(lambda: models.init_variables(
-        run.model(last.stage_sizes, last.step_size), jax.random.PRNGKey(0),
-        run.data.info.image_shape))
-    state_bytes = 4 * (2 * models.count_parameters(shapes["params"])
-                       + models.count_parameters(shapes["batch_stats"]))
-    return (run.config.checkpoints_to_keep + 1) * state_bytes + 2**20
+def _checkpoint_bytes(config: ml_collections.ConfigDict) -> int:
+    """Disk space of one checkpoint of the run's deepest network (`checkpoint.estimated_bytes`).
+
+    From a checked config alone (`check_config`), before any data is loaded:
+    the deepest network has the stage sizes doubled at every growth (paper
+    Sec. 4.1); the metadata holds at most one evaluation per
+    ``eval_every_epochs`` and per cycle end, one record per cycle and growth.
+    """
+    info = datasets.DATASETS[config.dataset]
+    cycles = len(config.cycle_boundaries) + 1
+    deepest, _ = plan.cycle_networks(config.stage_sizes, config.step_size, cycles,
+                                     config.multilevel)[-1]
+    model = models.ResNet(stage_sizes=deepest, width=config.width,
+                          num_classes=info.num_classes, scan_blocks=config.scan_blocks)
+    shapes = jax.eval_shape(lambda: steps.create_train_state(
+        jax.random.PRNGKey(0), model, steps.create_optimizer(config, lambda step: 0.0),
+        info.image_shape))
+    records = math.ceil(config.num_epochs / config.eval_every_epochs) + 3 * cycles
+    return checkpoint.estimated_bytes(shapes, records)

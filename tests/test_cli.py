@@ -1,7 +1,10 @@
 """Tests of the one place where errors become one line (`mlres_jax.cli`)."""
 
 import errno
+import logging as python_logging
+import os
 import signal
+import sys
 
 import pytest
 
@@ -47,3 +50,25 @@ def test_every_user_error_class_derives_from_the_one_base():
 def test_a_bug_keeps_its_traceback():
     with pytest.raises(ZeroDivisionError):
         cli.with_one_line_errors(_raising(ZeroDivisionError("a bug")))(["command"])
+
+
+def _record(pathname, level, exc_info=None):
+    return python_logging.LogRecord("absl", level, pathname, 1, "thread raised: %s",
+                                    ("disk full",), exc_info)
+
+
+def test_library_errors_are_one_line_and_their_info_is_dropped():
+    # Issue 18: a full disk gave two orbax tracebacks of 30 lines before the
+    # run's own one-line error.
+    try:
+        raise ValueError("RESOURCE_EXHAUSTED: No space left on device")
+    except ValueError:
+        exc_info = sys.exc_info()
+    orbax = f"{os.sep}site-packages{os.sep}orbax{os.sep}checkpoint{os.sep}future.py"
+    error = _record(orbax, python_logging.ERROR, exc_info)
+    assert cli.quiet_library_info(error)
+    assert python_logging.Formatter().format(error) == "thread raised: disk full"
+    assert not cli.quiet_library_info(_record(orbax, python_logging.INFO))
+    own = _record(f"{os.sep}mlres_jax{os.sep}train.py", python_logging.ERROR, exc_info)
+    assert cli.quiet_library_info(own)  # the project's own records keep their traceback
+    assert "Traceback" in python_logging.Formatter().format(own)
