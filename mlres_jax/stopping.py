@@ -267,6 +267,25 @@ class StopAgreement:
                 "every host again.")
 
 
+# What JAX's collectives say when a peer process is gone (gloo on CPUs, NCCL on GPUs).
+_COLLECTIVE_FAILURES = ("Gloo", "NCCL", "by peer", "heartbeat")
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether ``error``, or an error it was raised from, is a failed collective.
+
+    JAX raises its runtime error (or, through orbax's save threads, a
+    ``ValueError`` with the same text) in the processes that are left when a
+    collective's peer is gone.
+    """
+    while error is not None:
+        if isinstance(error, jax.errors.JaxRuntimeError) or any(
+                word in str(error) for word in _COLLECTIVE_FAILURES):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def peer_lost(error: Exception, request: StopRequest) -> PeerLostError:
     """A `PeerLostError` for a collective that failed under a multi-process run.
 
@@ -275,6 +294,8 @@ def peer_lost(error: Exception, request: StopRequest) -> PeerLostError:
         closed by peer``).
       request: the run's `StopRequest`, for the step and the last checkpoint.
     """
+    while error.__cause__ is not None:  # the collective's own error, not a wrapper's
+        error = error.__cause__
     first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
     return PeerLostError(
         f"a step with the other processes failed after step {request.steps_done} "

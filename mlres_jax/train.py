@@ -210,16 +210,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 @contextlib.contextmanager
 def _peer_loss_reported(request: stopping.StopRequest):
-    """With several processes, a failed step or collective is reported as a lost peer.
+    """With several processes, a failed step, save or collective is reported as a lost peer.
 
     JAX raises its runtime error in the processes that are left when a
-    collective's peer is gone (on the CPU at once; on GPUs the collective
-    may instead hang until JAX's heartbeat timeout ends the process).
+    collective's peer is gone (on the CPU at once; on GPUs the collective may
+    instead hang, which `stopping.StopAgreement` watches for); a checkpoint
+    save fails with the same text.
     """
     try:
         yield
-    except jax.errors.JaxRuntimeError as error:
-        if jax.process_count() == 1:
+    except Exception as error:  # pylint: disable=broad-except
+        if jax.process_count() == 1 or not stopping.is_collective_failure(error):
             raise
         raise stopping.peer_lost(error, request) from error
 
