@@ -568,11 +568,13 @@ def unfinished_saves(directory: str) -> list[str]:
 
 
 def list_steps(workdir: str) -> list[int]:
-    """Steps of the complete checkpoints in ``<workdir>/checkpoints``; [] if none."""
-    if not os.path.isdir(checkpoint_dir(workdir)):
-        return []
-    with Checkpointer(workdir, create=False) as checkpointer:
-        return checkpointer.all_steps()
+    """Steps of the complete checkpoints in ``<workdir>/checkpoints``; [] if none.
+
+    Read from the folder alone (orbax's ``utils.checkpoint_steps``), so that
+    one process of a multi-process run may call it: opening a
+    ``CheckpointManager`` is a step all processes must take together.
+    """
+    return sorted(ocp.utils.checkpoint_steps(checkpoint_dir(workdir)))
 
 
 # Reading a folder that another run may be writing: that run deletes its
