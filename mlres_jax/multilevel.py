@@ -254,6 +254,41 @@ def _rule(name: str) -> Callable[[int], list[NewBlock]]:
 # Layouts: where a network tree keeps its blocks.
 
 
+def _residual_output_names(value) -> tuple[str, ...]:
+    """A layout's ``residual_output`` as a tuple of leaf paths; one string is one path.
+
+    Every layout constructor (`StageLayout`, `KeyLayout`, `ListLayout` and the
+    functions that build them) takes the leaves a block's residual output is
+    linear in as a sequence of paths inside the block, keys joined by "/"
+    (``("mlp/fc2/kernel", "mlp/fc2/bias")``), or as one path
+    (``"conv2/kernel"``): a string is one name, never its characters.
+
+    Raises:
+      TypeError: for a value that is neither a string nor a sequence of strings.
+      ValueError: for no name, or an empty one.
+    """
+    allowed = ("a leaf path inside a block ('conv2/kernel') or a sequence of them "
+               "(('mlp/fc2/kernel', 'mlp/fc2/bias'))")
+    if isinstance(value, str):
+        names = (value,)
+    elif isinstance(value, Sequence):
+        names = tuple(value)
+    else:
+        raise TypeError(f"residual_output must be {allowed}: got {value!r}, of type "
+                        f"{type(value).__name__}")
+    wrong = next((name for name in names if not isinstance(name, str)), None)
+    if wrong is not None:
+        raise TypeError(f"residual_output must be {allowed}: got {value!r}, whose entry "
+                        f"{wrong!r} is not a string but of type {type(wrong).__name__}")
+    if not names:
+        raise ValueError(f"residual_output names no leaf: got {value!r}; it must be {allowed}: "
+                         "without one, no rule can scale the residual output")
+    if "" in names:
+        raise ValueError(f"residual_output has an empty name: got {value!r}; it must be "
+                         f"{allowed}")
+    return names
+
+
 class Layout(Protocol):
     """Finds the blocks of a network tree and puts new ones in their place.
 
@@ -263,7 +298,8 @@ class Layout(Protocol):
         says it found nothing.
       residual_output: the leaves, by path inside a block (keys joined by
         "/"), that the block's residual output G is linear in; the rules'
-        factors scale these.
+        factors scale these. Every constructor takes one path as a string
+        or a sequence of them (`_residual_output_names`).
       first_block_is_transition: whether the first block of every stage has
         other shapes than the rest (a downsampling block, paper App. B); the
         rules then make the block inserted after it from the second.
@@ -337,6 +373,10 @@ class StageLayout:
         module's output G is linear in (``conv2/kernel``: G ends in conv2,
         which has no bias).
       label: how error messages name the layout.
+
+    Raises:
+      TypeError, ValueError: for a ``residual_output`` that is not one leaf
+        path or a sequence of them (`_residual_output_names`).
     """
 
     residual_output: tuple[str, ...] = ("conv2/kernel",)
@@ -345,6 +385,9 @@ class StageLayout:
                                 "'block2', ... (models.ResNet)")
     first_block_is_transition: ClassVar[bool] = True
     explicit_step_size: ClassVar[bool] = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "residual_output", _residual_output_names(self.residual_output))
 
     def is_network(self, node) -> bool:
         return isinstance(node, Mapping) and any(is_stage_key(k) for k in node)
@@ -447,6 +490,10 @@ class KeyLayout:
         caller halves at each growth; flax's examples have none.
       label: how error messages name the layout.
       looks_for: what ``locate`` recognises, for error messages.
+
+    Raises:
+      TypeError, ValueError: for a ``residual_output`` that is not one leaf
+        path or a sequence of them (`_residual_output_names`).
     """
 
     locate: Callable[[str], tuple[int, int] | None]
@@ -457,6 +504,9 @@ class KeyLayout:
     label: str = dataclasses.field(default="KeyLayout", compare=False)
     looks_for: str = dataclasses.field(default="keys that its locate function places in a stage",
                                        compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "residual_output", _residual_output_names(self.residual_output))
 
     def is_network(self, node) -> bool:
         return isinstance(node, Mapping) and any(
@@ -484,8 +534,8 @@ class KeyLayout:
 
 
 def flax_examples_layout(stage_sizes: Sequence[int], prefix: str = "ResNetBlock_",
-                         residual_output: tuple[str, ...] = ("BatchNorm_1/scale",
-                                                             "BatchNorm_1/bias"),
+                         residual_output: str | Sequence[str] = ("BatchNorm_1/scale",
+                                                                 "BatchNorm_1/bias"),
                          explicit_step_size: bool = False) -> KeyLayout:
     """The layout of flax's example ResNets: blocks ``ResNetBlock_0..`` numbered through all stages.
 
@@ -499,9 +549,14 @@ def flax_examples_layout(stage_sizes: Sequence[int], prefix: str = "ResNetBlock_
       stage_sizes: blocks per stage of the tree to grow (or coarsen), e.g.
         ``(2, 2, 2, 2)`` for ResNet-18, or `stage_sizes_from_widths`.
       prefix: the blocks' name before their number.
-      residual_output: leaves the residual output is linear in.
+      residual_output: leaves the residual output is linear in (one path, or
+        a sequence of them).
       explicit_step_size: True for a variant that multiplies every residual
         output by a step size h, which the caller halves at each growth.
+
+    Raises:
+      TypeError, ValueError: for a ``residual_output`` that is not one leaf
+        path or a sequence of them (`_residual_output_names`).
     """
     starts = np.cumsum([0, *stage_sizes])
 
@@ -519,7 +574,7 @@ def flax_examples_layout(stage_sizes: Sequence[int], prefix: str = "ResNetBlock_
         return f"{prefix}{sum(sizes[:stage]) + block}"
 
     last = f"{prefix}{int(starts[-1]) - 1}"
-    return KeyLayout(locate, name, tuple(residual_output),
+    return KeyLayout(locate, name, residual_output,
                      explicit_step_size=explicit_step_size,
                      label=f"flax_examples_layout({tuple(stage_sizes)})",
                      looks_for=f"keys {prefix}0 .. {last} (stage sizes {tuple(stage_sizes)})")
@@ -599,6 +654,10 @@ class ListLayout:
         output by a step size h that the caller halves when it builds the
         grown network; False for a network without one.
       label: how error messages name the layout.
+
+    Raises:
+      TypeError, ValueError: for a ``residual_output`` that is not one leaf
+        path or a sequence of them (`_residual_output_names`).
     """
 
     stages: str
@@ -606,6 +665,9 @@ class ListLayout:
     first_block_is_transition: bool = True
     explicit_step_size: bool = False
     label: str = dataclasses.field(default="ListLayout", compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "residual_output", _residual_output_names(self.residual_output))
 
     @property
     def looks_for(self) -> str:
@@ -662,7 +724,7 @@ def _replace_at(node: Mapping, path: tuple, value) -> dict:
     return {**node, head: _replace_at(node[head], tuple(rest), value) if rest else value}
 
 
-def bonsai_resnet_layout(residual_output: tuple[str, ...] = ("bn2/scale", "bn2/bias"),
+def bonsai_resnet_layout(residual_output: str | Sequence[str] = ("bn2/scale", "bn2/bias"),
                          stages: str = r"layer\d+/blocks", *,
                          explicit_step_size: bool = False) -> ListLayout:
     """The layout of a ResNet written as jax-ml/bonsai writes one in Flax NNX.
@@ -681,12 +743,16 @@ def bonsai_resnet_layout(residual_output: tuple[str, ...] = ("bn2/scale", "bn2/b
       stages: regular expression for the path of a stage's list of blocks.
       explicit_step_size: True if the network multiplies every residual
         output by a step size h that the caller halves at each growth.
+
+    Raises:
+      TypeError, ValueError: for a ``residual_output`` that is not one leaf
+        path or a sequence of them (`_residual_output_names`).
     """
-    return ListLayout(stages, tuple(residual_output), first_block_is_transition=True,
+    return ListLayout(stages, residual_output, first_block_is_transition=True,
                       explicit_step_size=explicit_step_size, label="bonsai_resnet_layout()")
 
 
-def transformer_layout(residual_output: tuple[str, ...], blocks: str = "blocks", *,
+def transformer_layout(residual_output: str | Sequence[str], blocks: str = "blocks", *,
                        explicit_step_size: bool = False) -> ListLayout:
     """The layout of a transformer whose blocks sit in one ``nnx.List`` (one stage).
 
@@ -699,13 +765,18 @@ def transformer_layout(residual_output: tuple[str, ...], blocks: str = "blocks",
     Args:
       residual_output: leaves, by path inside a block, of the last linear map
         of every residual branch, e.g. ``("attention/out/kernel",
-        "attention/out/bias", "mlp/output/kernel", "mlp/output/bias")``.
+        "attention/out/bias", "mlp/output/kernel", "mlp/output/bias")`` (a
+        string is one leaf).
       blocks: the key of the list of blocks in the model's state (a regular
         expression for its path, e.g. ``"decoder/layers"``).
       explicit_step_size: True if the block multiplies both branches by a
         step size h (a residual scale) that the caller halves at each growth.
+
+    Raises:
+      TypeError, ValueError: for a ``residual_output`` that is not one leaf
+        path or a sequence of them (`_residual_output_names`).
     """
-    return ListLayout(blocks, tuple(residual_output), first_block_is_transition=False,
+    return ListLayout(blocks, residual_output, first_block_is_transition=False,
                       explicit_step_size=explicit_step_size, label="transformer_layout()")
 
 

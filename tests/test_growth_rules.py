@@ -277,6 +277,42 @@ def test_a_layout_whose_residual_output_is_not_in_the_blocks_is_refused():
     multilevel.interpolate(variables["batch_stats"], "identity", layout)
 
 
+# Every constructor that takes residual_output, given the names as one argument.
+_LAYOUT_CONSTRUCTORS = {
+    "StageLayout": lambda names: multilevel.StageLayout(residual_output=names),
+    "ScannedStageLayout": lambda names: multilevel.ScannedStageLayout(residual_output=names),
+    "KeyLayout": lambda names: multilevel.KeyLayout(
+        lambda key: None, lambda stage, block, sizes: "", names, first_block_is_transition=True),
+    "flax_examples_layout": lambda names: multilevel.flax_examples_layout(
+        (2, 2), residual_output=names),
+    "ListLayout": lambda names: multilevel.ListLayout("blocks", names,
+                                                      first_block_is_transition=False),
+    "bonsai_resnet_layout": multilevel.bonsai_resnet_layout,
+    "transformer_layout": lambda names: multilevel.transformer_layout(names, blocks="layers"),
+}
+
+
+@pytest.mark.parametrize("constructor", sorted(_LAYOUT_CONSTRUCTORS))
+def test_residual_output_given_as_one_string_is_one_name(constructor):
+    make = _LAYOUT_CONSTRUCTORS[constructor]
+    # Before: ('m', 'l', 'p', '/', 'd', ...), each character a "name", no error.
+    assert make("mlp/down/kernel").residual_output == ("mlp/down/kernel",)
+    assert make(["mlp/down/kernel", "mlp/down/bias"]).residual_output == (
+        "mlp/down/kernel", "mlp/down/bias")
+    # Anything else is refused, naming the field, the value and what is allowed.
+    for value, error, message in [
+            ((), ValueError, r"residual_output names no leaf: got \(\); "),
+            (("mlp/down/kernel", ""), ValueError,
+             r"residual_output has an empty name: got \('mlp/down/kernel', ''\); "),
+            (("mlp/down/kernel", 2), TypeError,
+             r"residual_output must be a leaf path .* or a sequence of them .*: got "
+             r"\('mlp/down/kernel', 2\), whose entry 2 is not a string but of type int"),
+            (None, TypeError, r"residual_output must be a leaf path .*: got None, of type "
+                              r"NoneType")]:
+        with pytest.raises(error, match=message):
+            make(value)
+
+
 def test_optimizer_state_without_the_layouts_stages():
     momentum = optax.sgd(0.1, momentum=0.9).init(_NO_STAGES["params"])
     with pytest.raises(ValueError, match="cannot interpolate: multilevel.STAGES finds no stage"):
