@@ -40,8 +40,10 @@ in, whether the first block of a stage is a transition (App. B: a
 transformer's stack has none), and whether the network has an explicit h
 (without one, the grown blocks keep a full step: see docs/nnx.md). A tree
 in which the layout finds no stage is refused, as is a stage whose blocks
-do not match it: the rules, their inverses and the momentum policies are
-one implementation for all layouts.
+do not match it and a residual-output leaf that no block of the tree has
+(so batch statistics, which have none, are grown with the parameters): the
+rules, their inverses and the momentum policies are one implementation for
+all layouts.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from typing import Any, Callable, ClassVar, Protocol, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from mlres_jax import models
@@ -864,19 +867,16 @@ def _shapes(block) -> dict[str, tuple]:
             for path, leaf in jax.tree_util.tree_flatten_with_path(block)[0]}
 
 
-def _first_few(names) -> str:
+def _first_few(names, count: int = 4) -> str:
     names = sorted(names)
-    return str(names[:4])[:-1] + (", ...]" if len(names) > 4 else "]")
+    return str(names[:count])[:-1] + (", ...]" if len(names) > count else "]")
 
 
 def _check_blocks(layout: Layout, stage: str, blocks: list) -> None:
     """Refuses a stage whose blocks do not have the shapes the layout expects.
 
     Every block but a transition one (the first, where the layout has one)
-    must have the entries and shapes of the others, and every leaf the
-    layout names as part of the residual output (``mlp/fc2/kernel``) must be
-    in a block that has leaves of its kind (``kernel``: batch-norm
-    statistics have none, and are not checked).
+    must have the entries and shapes of the others.
 
     Raises:
       ValueError: naming the stage, the block and what differs.
@@ -899,17 +899,76 @@ def _check_blocks(layout: Layout, stage: str, blocks: list) -> None:
             detail = f"has {name!r} of shape {shapes[name]}, block {start} {reference[name]}"
         raise ValueError(f"stage {stage!r} does not match the layout: its block "
                          f"{index} (0-based) {detail}; the layout expects {expected}")
-    for index, block in enumerate(blocks):
-        names = list(_shapes(block))
-        for entry in layout.residual_output:
-            kind = entry.rsplit("/", 1)[-1]
-            alike = [n for n in names if n.rsplit("/", 1)[-1] == kind]
-            if alike and not any(_is_residual_output(n, (entry,)) for n in names):
-                raise ValueError(
-                    f"block {index} (0-based) of stage {stage!r} has no leaf {entry!r}, which "
-                    f"the layout names as part of the residual output, though it has "
-                    f"{_first_few(alike)}; pass residual_output= the leaves the block's "
-                    "residual output is linear in")
+
+
+def _leaf_names(block) -> list[str]:
+    """The paths of ``block``'s leaves; optax's ``MaskedNode`` counts as one.
+
+    A masked optimizer state (``optax.masked``, ``optax.multi_transform``)
+    keeps a ``MaskedNode`` where it tracks no state for a parameter: the
+    leaf is there, without an array.
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        block, is_leaf=lambda node: isinstance(node, optax.MaskedNode))
+    return [_leaf_name(path) for path, _ in flat]
+
+
+def _leaves_near(names: list[str], entry: str) -> str:
+    """What a block has in place of the leaf ``entry``, for messages.
+
+    Its leaves under ``entry``'s module (``down`` for ``down/w``, then the
+    modules above it), else its leaves of ``entry``'s kind (``kernel``),
+    else its first leaves.
+    """
+    modules = entry.split("/")[:-1]
+    for depth in range(len(modules), 0, -1):
+        module = "/".join(modules[:depth])
+        near = [n for n in names if f"/{module}/" in f"/{n}"]
+        if near:
+            return f"under {module!r}: {_first_few(near, 8)}"
+    kind = entry.rsplit("/", 1)[-1]
+    alike = [n for n in names if n.rsplit("/", 1)[-1] == kind]
+    if alike:
+        return f"named {kind!r}: {_first_few(alike, 8)}"
+    return f"the leaves {_first_few(names, 8)}"
+
+
+_RESIDUAL_OUTPUT_HINT = ("pass residual_output= the paths, inside a block, of the leaves the "
+                         "block's residual output is linear in")
+
+
+def _residual_output_found(layout: Layout, stages: list[tuple[str, list]]) -> set[str]:
+    """The names of ``layout.residual_output`` that the blocks of one network tree have.
+
+    A network tree has each name in every block of every stage, or in none:
+    a tree may lack a name (batch-norm statistics have no kernels), but then
+    no block has it. `_rewrite_stages` refuses a name that no network tree
+    of the call has.
+
+    Args:
+      stages: ``(stage name, blocks)`` of the network tree.
+
+    Raises:
+      ValueError: for a name that some block has and another lacks, naming
+        both blocks and what the lacking one has instead.
+    """
+    blocks = [(stage, index, _leaf_names(block))
+              for stage, stage_blocks in stages for index, block in enumerate(stage_blocks)]
+    found = set()
+    for entry in layout.residual_output:
+        has = [any(_is_residual_output(n, (entry,)) for n in names) for _, _, names in blocks]
+        if not any(has):
+            continue
+        if not all(has):
+            stage, index, names = blocks[has.index(False)]
+            other_stage, other_index, _ = blocks[has.index(True)]
+            raise ValueError(
+                f"block {index} (0-based) of stage {stage!r} has no leaf {entry!r}, which the "
+                f"layout names as part of the residual output and block {other_index} of stage "
+                f"{other_stage!r} has; it has, {_leaves_near(names, entry)}; "
+                f"{_RESIDUAL_OUTPUT_HINT}")
+        found.add(entry)
+    return found
 
 
 def _top_level_keys(tree) -> str:
@@ -933,33 +992,77 @@ def _finds_network(tree, layout: Layout) -> bool:
                for node in jax.tree_util.tree_leaves(tree, is_leaf=layout.is_network))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Network:
+    """A network tree of a layout, read and checked: what `_rewrite_stages` rewrites."""
+
+    node: Mapping  # the network tree (fresh containers), an nnx.State or a plain mapping
+    stage_names: list[str]
+    stages: list[list[Any]]
+    others: Any  # what layout.write needs besides the stages
+    residual_output_found: set[str]  # the names of layout.residual_output its blocks have
+
+
+def _read_network(node, layout: Layout, action: str) -> _Network:
+    # Fresh containers: nnx Variables are mutable, the result shares none with the input.
+    node = jax.tree_util.tree_map(lambda leaf: leaf, node)
+    plain = _plain(node)
+    try:
+        stages, others = layout.read(plain)
+        names = layout.stage_names(plain)
+        for name, blocks in zip(names, stages):
+            _check_blocks(layout, name, blocks)
+        found = _residual_output_found(layout, list(zip(names, stages)))
+    except ValueError as error:
+        raise ValueError(f"cannot {action} under {layout.label}: {error}") from None
+    return _Network(node, names, stages, others, found)
+
+
 def _rewrite_stages(tree, layout: Layout, rewrite: Callable[[str, list], list], action: str):
     """``tree`` with every stage's blocks replaced by ``rewrite(stage_name, blocks)``.
 
+    Every network tree is read and checked before any is rewritten. The
+    residual-output names are checked over all of them together: one tree
+    may lack a name (batch statistics have no kernels), but every name must
+    be in some network tree of ``tree``, else a misspelt name would leave
+    the residual output unscaled (the identity rule no identity).
+
     Raises:
       ValueError: if the layout finds no stage in ``tree``, cannot read a
-        network tree, or a stage does not match it (`_check_blocks`).
+        network tree, a stage does not match it (`_check_blocks`), a
+        residual-output name is in some blocks of a network tree but not in
+        all (`_residual_output_found`), or in no network tree of ``tree``.
     """
-    if not _finds_network(tree, layout):
+    leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=layout.is_network)
+    networks = {position: _read_network(node, layout, action)
+                for position, node in enumerate(leaves) if layout.is_network(node)}
+    if not networks:
         raise ValueError(
             f"cannot {action}: {layout.label} finds no stage of blocks in the tree; it looks "
             f"for {layout.looks_for}; the tree's top-level keys are {_top_level_keys(tree)}")
-
-    def rewrite_network(node):
-        # Fresh containers: nnx Variables are mutable, the result shares none with the input.
-        node = jax.tree_util.tree_map(lambda leaf: leaf, node)
-        plain = _plain(node)
-        try:
-            stages, others = layout.read(plain)
-            names = layout.stage_names(plain)
-            for name, blocks in zip(names, stages):
-                _check_blocks(layout, name, blocks)
-        except ValueError as error:
-            raise ValueError(f"cannot {action} under {layout.label}: {error}") from None
-        return _like(node, layout.write(
-            [rewrite(name, blocks) for name, blocks in zip(names, stages)], others))
-
-    return map_network_trees(rewrite_network, tree, layout)
+    found = set().union(*(network.residual_output_found for network in networks.values()))
+    missing = [entry for entry in layout.residual_output if entry not in found]
+    if missing:
+        # Show the block with the most leaves (the parameters' rather than the statistics').
+        stage, index, names = max(
+            ((stage, index, _leaf_names(block)) for network in networks.values()
+             for stage, blocks in zip(network.stage_names, network.stages)
+             for index, block in enumerate(blocks)), key=lambda shown: len(shown[2]))
+        near = {}  # what the block has instead: the names it stands for
+        for entry in missing:
+            near.setdefault(_leaves_near(names, entry), []).append(repr(entry))
+        raise ValueError(
+            f"cannot {action} under {layout.label}: no block of the tree has "
+            f"{' or '.join(map(repr, missing))}, which the layout names as part of the residual "
+            f"output; block {index} (0-based) of stage {stage!r} has, "
+            + "; ".join(f"for {' and '.join(entries)}, {what}" for what, entries in near.items())
+            + f"; {_RESIDUAL_OUTPUT_HINT} (a tree that holds none of them, such as batch "
+            "statistics alone, is grown in one call together with the parameters)")
+    for position, network in networks.items():
+        leaves[position] = _like(network.node, layout.write(
+            [rewrite(name, blocks) for name, blocks in zip(network.stage_names, network.stages)],
+            network.others))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def interpolate(tree, rule: str = "paper", layout: Layout = STAGES, *,
@@ -1000,9 +1103,12 @@ def interpolate(tree, rule: str = "paper", layout: Layout = STAGES, *,
       ValueError: for an unknown rule; a tree in which the layout finds no
         stage (the message names the layout, what it looks for and the
         tree's top-level keys); a stage whose blocks do not match the layout
-        (other entries or shapes, no residual-output leaf); a stage of one
-        block where the first block is a transition; blocks that the layout
-        cannot read.
+        (other entries or shapes); a ``layout.residual_output`` name that
+        no block of ``tree`` has (a tree may lack one only where another
+        network tree in it has it: grow batch statistics together with the
+        parameters), or that some blocks of a network tree have and others
+        lack; a stage of one block where the first block is a transition;
+        blocks that the layout cannot read.
     """
     make = _rule(rule)
 
