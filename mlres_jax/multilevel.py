@@ -992,6 +992,31 @@ def _finds_network(tree, layout: Layout) -> bool:
                for node in jax.tree_util.tree_leaves(tree, is_leaf=layout.is_network))
 
 
+def _refuse_nnx_objects(tree, action: str) -> None:
+    """Refuses an ``nnx.Module`` or ``nnx.Optimizer`` where its ``nnx.State`` belongs.
+
+    Flax NNX objects are pytrees, so without this an ``nnx.Optimizer`` came
+    back as one, and the next ``nnx.update`` failed inside flax.
+
+    Raises:
+      TypeError: naming where the object is, its kind, and what to pass.
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda node: isinstance(node, nnx.Pytree))
+    for path, node in flat:
+        if not isinstance(node, nnx.Pytree):
+            continue
+        kind, name = ((f"nnx.Optimizer object ({type(node).__name__})", "optimizer")
+                      if isinstance(node, nnx.Optimizer) else
+                      (f"nnx.Module object ({type(node).__name__})", "model")
+                      if isinstance(node, nnx.Module) else
+                      (f"nnx.Pytree object ({type(node).__name__})", "object"))
+        where = f"the tree at {jax.tree_util.keystr(path)}" if path else "the tree"
+        raise TypeError(f"cannot {action}: {where} is an {kind}, not a state; pass "
+                        f"nnx.state({name}) and load the result into the deeper {name} with "
+                        "nnx.update")
+
+
 @dataclasses.dataclass(frozen=True)
 class _Network:
     """A network tree of a layout, read and checked: what `_rewrite_stages` rewrites."""
@@ -1032,7 +1057,10 @@ def _rewrite_stages(tree, layout: Layout, rewrite: Callable[[str, list], list], 
         network tree, a stage does not match it (`_check_blocks`), a
         residual-output name is in some blocks of a network tree but not in
         all (`_residual_output_found`), or in no network tree of ``tree``.
+      TypeError: for an ``nnx.Module`` or ``nnx.Optimizer`` in ``tree``
+        (`_refuse_nnx_objects`).
     """
+    _refuse_nnx_objects(tree, action)
     leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=layout.is_network)
     networks = {position: _read_network(node, layout, action)
                 for position, node in enumerate(leaves) if layout.is_network(node)}
@@ -1085,9 +1113,9 @@ def interpolate(tree, rule: str = "paper", layout: Layout = STAGES, *,
     Args:
       tree: any pytree containing network trees: model variables
         ``{"params": ..., "batch_stats": ...}``, a ``params`` tree, an
-        ``nnx.State`` (``nnx.state(model)``), or an optimizer state whose
-        momentum mirrors the parameters. Leaves outside network trees (e.g.
-        an optimizer step count) pass unchanged.
+        ``nnx.State`` (``nnx.state(model)``, not the model), or an optimizer
+        state whose momentum mirrors the parameters. Leaves outside network
+        trees (e.g. an optimizer step count) pass unchanged.
       rule: a key of `GROWTH_RULES`.
       layout: where the blocks are (`STAGES`, `SCANNED`, a `KeyLayout`, a
         `ListLayout` for Flax NNX models).
@@ -1109,6 +1137,8 @@ def interpolate(tree, rule: str = "paper", layout: Layout = STAGES, *,
         parameters), or that some blocks of a network tree have and others
         lack; a stage of one block where the first block is a transition;
         blocks that the layout cannot read.
+      TypeError: for an ``nnx.Module`` or ``nnx.Optimizer`` where its
+        ``nnx.state(...)`` belongs (the message says what to pass).
     """
     make = _rule(rule)
 
@@ -1145,6 +1175,7 @@ def coarsen(tree, rule: str = "paper", layout: Layout = STAGES):
         itself (its old block cannot be recovered; none of `GROWTH_RULES`),
         or as `interpolate` for a tree in which the layout finds no stage or
         a stage that does not match it.
+      TypeError: as `interpolate`, for an ``nnx.Module`` instead of its state.
     """
     make = _rule(rule)
 
@@ -1188,10 +1219,13 @@ def grow_optimizer_state(opt_state, rule: str, policy: str, layout: Layout = STA
     Raises:
       ValueError: for an unknown policy; a state that holds per-parameter
         arrays in which the layout finds no stage; or as `interpolate`.
+      TypeError: for the ``nnx.Optimizer`` itself instead of
+        ``nnx.state(optimizer)``.
     """
     if policy not in MOMENTUM_POLICIES:
         raise ValueError(f"unknown momentum policy {policy!r}; known: "
                          f"{sorted(MOMENTUM_POLICIES)}")
+    _refuse_nnx_objects(opt_state, "grow the optimizer state")
     if not _finds_network(opt_state, layout) and all(
             np.ndim(leaf) == 0 for leaf in jax.tree_util.tree_leaves(opt_state)):
         return opt_state

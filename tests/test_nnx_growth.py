@@ -549,6 +549,45 @@ def test_a_masked_optimizer_state_may_lack_residual_output_leaves():
                                         multilevel.transformer_layout("mlp/fc2/b"))
 
 
+# What is passed where a state is expected: the object itself, not nnx.state(...).
+def _nnx_objects():
+    model = _transformer(3)
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
+    return {  # (the object or a tree holding it, where, its kind, what to pass)
+        "nnx.Optimizer": (optimizer, "the tree", "an nnx.Optimizer object (Optimizer)",
+                          "nnx.state(optimizer)"),
+        "nnx.Module": (model, "the tree", "an nnx.Module object (Transformer)",
+                       "nnx.state(model)"),
+        "nnx.List of blocks": (model.blocks, "the tree", "an nnx.Module object (List)",
+                               "nnx.state(model)"),
+        "nnx.Optimizer in a dict": ({"model": nnx.state(model), "optimizer": optimizer},
+                                    "the tree at ['optimizer']",
+                                    "an nnx.Optimizer object (Optimizer)",
+                                    "nnx.state(optimizer)"),
+    }
+
+
+@pytest.mark.parametrize("passed", ["nnx.Optimizer", "nnx.Module", "nnx.List of blocks",
+                                    "nnx.Optimizer in a dict"])
+@pytest.mark.parametrize("action", ["identity", "coarsen", *sorted(multilevel.MOMENTUM_POLICIES)])
+def test_an_nnx_object_instead_of_its_state_is_refused(passed, action):
+    # Before: grow_optimizer_state returned the nnx.Optimizer (the next nnx.update
+    # failed with flax's "'Optimizer' object has no attribute 'items'"), and
+    # interpolate said the layout found no stage in "a Transformer".
+    tree, where, kind, state = _nnx_objects()[passed]
+    if action in multilevel.MOMENTUM_POLICIES:
+        verb = "grow the optimizer state"
+        call = functools.partial(multilevel.grow_optimizer_state, tree, "paper", action)
+    else:
+        verb = "coarsen" if action == "coarsen" else "interpolate"
+        call = functools.partial(_grow_or_coarsen, action, tree)
+    with pytest.raises(TypeError) as raised:
+        call(TRANSFORMER_LAYOUT)
+    assert str(raised.value) == (
+        f"cannot {verb}: {where} is {kind}, not a state; pass {state} and load the result into "
+        f"the deeper {state[10:-1]} with nnx.update"), str(raised.value)
+
+
 def test_an_nnx_optimizer_state_without_the_layouts_blocks_is_refused():
     optimizer = nnx.Optimizer(_transformer(3), optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
     with pytest.raises(ValueError, match=r"cannot interpolate: bonsai_resnet_layout\(\) finds no "
