@@ -86,13 +86,21 @@ class NewBlock:
     inserted: bool = False
 
 
-def _check_stage(num_blocks: int, rule: str) -> None:
+def _check_stage(num_blocks: int, rule: str, layout: str = "the layout") -> None:
+    """Refuses a stage too short for a rule, where its first block is a transition.
+
+    Args:
+      layout: how the message names the layout (its ``first_block_is_transition``
+        is True: the callers check a stage only then).
+    """
     if num_blocks < 2:
         raise ValueError(
-            f"the {rule!r} growth rule needs at least 2 blocks per stage, got a "
-            f"stage of {num_blocks}: the block inserted after the first "
-            "(downsampling) block is made from the second block, since the first "
-            "block's shapes differ from the rest (paper App. B)")
+            f"the {rule!r} growth rule needs at least 2 blocks in a stage whose first block "
+            f"is a transition, got a stage of {num_blocks}: {layout} has "
+            "first_block_is_transition=True, so the block inserted after the first is made "
+            "from the second, whose entries and shapes the later blocks share (paper App. B); "
+            "a network whose blocks are all alike takes a layout with "
+            "first_block_is_transition=False")
 
 
 def _copy(index: int, scale: float = 1.0, inserted: bool = False) -> NewBlock:
@@ -109,7 +117,7 @@ def paper_prolongation_sources(num_blocks: int) -> list[int]:
     Raises:
       ValueError: for ``num_blocks < 2`` (no second block to copy).
     """
-    _check_stage(num_blocks, "paper")
+    _check_stage(num_blocks, "paper", "multilevel.STAGES")
     return _paper_sources(num_blocks)
 
 

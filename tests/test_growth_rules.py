@@ -360,6 +360,29 @@ def test_residual_output_given_as_one_string_is_one_name(constructor):
             make(value)
 
 
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("layout_name", ["STAGES", "SCANNED", "flax_examples_layout"])
+def test_a_one_block_stage_is_refused_in_the_layouts_terms(layout_name, rule):
+    if layout_name == "flax_examples_layout":
+        layout = multilevel.flax_examples_layout((2, 1))
+        variables = flax_example_resnet.ResNet(stage_sizes=(2, 1)).init(
+            jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE)), train=False)
+    else:
+        layout = getattr(multilevel, layout_name)
+        variables = random_variables(_model((2, 1)))
+        if layout_name == "SCANNED":
+            variables = multilevel.convert_layout(variables, multilevel.STAGES, layout)
+    with pytest.raises(ValueError) as raised:
+        multilevel.interpolate(variables, rule, layout)
+    assert str(raised.value) == (
+        f"cannot interpolate stage2 ({layout.label}): the {rule!r} growth rule needs at least 2 "
+        "blocks in a stage whose first block is a transition, got a stage of 1: the layout has "
+        "first_block_is_transition=True, so the block inserted after the first is made from the "
+        "second, whose entries and shapes the later blocks share (paper App. B); a network "
+        "whose blocks are all alike takes a layout with first_block_is_transition=False"), (
+        str(raised.value))
+
+
 def test_optimizer_state_without_the_layouts_stages():
     momentum = optax.sgd(0.1, momentum=0.9).init(_NO_STAGES["params"])
     with pytest.raises(ValueError, match="cannot interpolate: multilevel.STAGES finds no stage"):

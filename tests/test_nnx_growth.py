@@ -242,6 +242,29 @@ def test_one_block_stack_grows_but_one_block_resnet_stage_does_not():
         multilevel.interpolate(nnx.state(_resnet((2, 1))), "paper", RESNET_LAYOUT)
 
 
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("case", ["bonsai ResNet", "transformer with a transition"])
+def test_a_one_block_stage_with_a_transition_is_refused_in_the_layouts_terms(case, rule):
+    # Before, the message spoke of a "(downsampling) block" whatever the layout.
+    state, layout, stage = {
+        "bonsai ResNet": (nnx.state(_resnet((2, 1))), RESNET_LAYOUT, "layer1/blocks"),
+        "transformer with a transition": (
+            nnx.state(_transformer(1)),
+            multilevel.ListLayout("blocks", nnx_models.TRANSFORMER_RESIDUAL_OUTPUT,
+                                  first_block_is_transition=True, label="my_layout"),
+            "blocks"),
+    }[case]
+    with pytest.raises(ValueError) as raised:
+        multilevel.interpolate(state, rule, layout)
+    assert str(raised.value) == (
+        f"cannot interpolate {stage} ({layout.label}): the {rule!r} growth rule needs at least 2 "
+        "blocks in a stage whose first block is a transition, got a stage of 1: the layout has "
+        "first_block_is_transition=True, so the block inserted after the first is made from the "
+        "second, whose entries and shapes the later blocks share (paper App. B); a network "
+        "whose blocks are all alike takes a layout with first_block_is_transition=False"), (
+        str(raised.value))
+
+
 # --- Coarsening -------------------------------------------------------------------
 
 
