@@ -496,7 +496,8 @@ class KeyLayout:
       residual_output: the leaves, by path inside a block, that the residual
         module's output is linear in.
       first_block_is_transition: whether the first block of every stage has
-        other shapes than the rest (App. B).
+        other shapes than the rest (App. B); required, by keyword, as in
+        `ListLayout`.
       explicit_step_size: whether the network has a step size h that the
         caller halves at each growth; flax's examples have none.
       label: how error messages name the layout.
@@ -510,7 +511,8 @@ class KeyLayout:
     locate: Callable[[str], tuple[int, int] | None]
     name: Callable[[int, int, Sequence[int]], str]
     residual_output: tuple[str, ...]
-    first_block_is_transition: bool = True
+    _: dataclasses.KW_ONLY
+    first_block_is_transition: bool
     explicit_step_size: bool = False
     label: str = dataclasses.field(default="KeyLayout", compare=False)
     looks_for: str = dataclasses.field(default="keys that its locate function places in a stage",
@@ -585,7 +587,7 @@ def flax_examples_layout(stage_sizes: Sequence[int], prefix: str = "ResNetBlock_
         return f"{prefix}{sum(sizes[:stage]) + block}"
 
     last = f"{prefix}{int(starts[-1]) - 1}"
-    return KeyLayout(locate, name, residual_output,
+    return KeyLayout(locate, name, residual_output, first_block_is_transition=True,
                      explicit_step_size=explicit_step_size,
                      label=f"flax_examples_layout({tuple(stage_sizes)})",
                      looks_for=f"keys {prefix}0 .. {last} (stage sizes {tuple(stage_sizes)})")
@@ -661,6 +663,11 @@ class ListLayout:
       first_block_is_transition: whether the first block of every stage has
         other shapes than the rest (paper App. B); False: every block has the
         same entries and shapes, and none is treated as a transition.
+        Required, by keyword: a default would be wrong without a word for
+        one kind of network (True makes a transformer's block 0 a
+        transition: the block inserted after it a copy of block 1, block 0
+        not checked against the others, a one-block stack refused; False
+        misses a transition block that has the others' shapes).
       explicit_step_size: whether the network multiplies every residual
         output by a step size h that the caller halves when it builds the
         grown network; False for a network without one.
@@ -673,7 +680,8 @@ class ListLayout:
 
     stages: str
     residual_output: tuple[str, ...]
-    first_block_is_transition: bool = True
+    _: dataclasses.KW_ONLY
+    first_block_is_transition: bool
     explicit_step_size: bool = False
     label: str = dataclasses.field(default="ListLayout", compare=False)
 

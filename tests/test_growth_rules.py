@@ -360,6 +360,21 @@ def test_residual_output_given_as_one_string_is_one_name(constructor):
             make(value)
 
 
+def test_list_and_key_layouts_are_told_whether_the_first_block_is_a_transition():
+    # No default: True (the default before) silently made a transformer's block 0 a
+    # transition, the block after it a copy of block 1 and a one-block stack ungrowable.
+    for make in (lambda **kw: multilevel.ListLayout("blocks", "mlp/fc2/kernel", **kw),
+                 lambda **kw: multilevel.KeyLayout(lambda key: None, lambda s, b, sizes: "",
+                                                   "conv2/kernel", **kw)):
+        with pytest.raises(TypeError, match="missing 1 required keyword-only argument: "
+                                            "'first_block_is_transition'"):
+            make()
+        assert make(first_block_is_transition=False).first_block_is_transition is False
+    # Nor positionally, where a bare True or False would not say what it is.
+    with pytest.raises(TypeError, match="takes 3 positional arguments but 4 were given"):
+        multilevel.ListLayout("blocks", "mlp/fc2/kernel", False)
+
+
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("layout_name", ["STAGES", "SCANNED", "flax_examples_layout"])
 def test_a_one_block_stage_is_refused_in_the_layouts_terms(layout_name, rule):
