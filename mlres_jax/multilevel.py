@@ -1028,8 +1028,9 @@ def _refuse_nnx_objects(tree, action: str) -> None:
                       if isinstance(node, nnx.Module) else
                       (f"nnx.Pytree object ({type(node).__name__})", "object"))
         where = f"the tree at {jax.tree_util.keystr(path)}" if path else "the tree"
+        depth = "shallower" if action == "coarsen" else "deeper"
         raise TypeError(f"cannot {action}: {where} is an {kind}, not a state; pass "
-                        f"nnx.state({name}) and load the result into the deeper {name} with "
+                        f"nnx.state({name}) and load the result into the {depth} {name} with "
                         "nnx.update")
 
 

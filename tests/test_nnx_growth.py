@@ -606,9 +606,10 @@ def test_an_nnx_object_instead_of_its_state_is_refused(passed, action):
         call = functools.partial(_grow_or_coarsen, action, tree)
     with pytest.raises(TypeError) as raised:
         call(TRANSFORMER_LAYOUT)
+    depth = "shallower" if action == "coarsen" else "deeper"
     assert str(raised.value) == (
         f"cannot {verb}: {where} is {kind}, not a state; pass {state} and load the result into "
-        f"the deeper {state[10:-1]} with nnx.update"), str(raised.value)
+        f"the {depth} {state[10:-1]} with nnx.update"), str(raised.value)
 
 
 def test_an_nnx_optimizer_state_without_the_layouts_blocks_is_refused():
