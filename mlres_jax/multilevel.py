@@ -40,8 +40,10 @@ in, whether the first block of a stage is a transition (App. B: a
 transformer's stack has none), and whether the network has an explicit h
 (without one, the grown blocks keep a full step: see docs/nnx.md). A tree
 in which the layout finds no stage is refused, as is a stage whose blocks
-do not match it: the rules, their inverses and the momentum policies are
-one implementation for all layouts.
+do not match it and a residual-output leaf that no block of the tree has
+(so batch statistics, which have none, are grown with the parameters): the
+rules, their inverses and the momentum policies are one implementation for
+all layouts.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from typing import Any, Callable, ClassVar, Protocol, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from mlres_jax import models
@@ -83,13 +86,21 @@ class NewBlock:
     inserted: bool = False
 
 
-def _check_stage(num_blocks: int, rule: str) -> None:
+def _check_stage(num_blocks: int, rule: str, layout: str = "the layout") -> None:
+    """Refuses a stage too short for a rule, where its first block is a transition.
+
+    Args:
+      layout: how the message names the layout (its ``first_block_is_transition``
+        is True: the callers check a stage only then).
+    """
     if num_blocks < 2:
         raise ValueError(
-            f"the {rule!r} growth rule needs at least 2 blocks per stage, got a "
-            f"stage of {num_blocks}: the block inserted after the first "
-            "(downsampling) block is made from the second block, since the first "
-            "block's shapes differ from the rest (paper App. B)")
+            f"the {rule!r} growth rule needs at least 2 blocks in a stage whose first block "
+            f"is a transition, got a stage of {num_blocks}: {layout} has "
+            "first_block_is_transition=True, so the block inserted after the first is made "
+            "from the second, whose entries and shapes the later blocks share (paper App. B); "
+            "a network whose blocks are all alike takes a layout with "
+            "first_block_is_transition=False")
 
 
 def _copy(index: int, scale: float = 1.0, inserted: bool = False) -> NewBlock:
@@ -106,7 +117,7 @@ def paper_prolongation_sources(num_blocks: int) -> list[int]:
     Raises:
       ValueError: for ``num_blocks < 2`` (no second block to copy).
     """
-    _check_stage(num_blocks, "paper")
+    _check_stage(num_blocks, "paper", "multilevel.STAGES")
     return _paper_sources(num_blocks)
 
 
@@ -254,6 +265,41 @@ def _rule(name: str) -> Callable[[int], list[NewBlock]]:
 # Layouts: where a network tree keeps its blocks.
 
 
+def _residual_output_names(value) -> tuple[str, ...]:
+    """A layout's ``residual_output`` as a tuple of leaf paths; one string is one path.
+
+    Every layout constructor (`StageLayout`, `KeyLayout`, `ListLayout` and the
+    functions that build them) takes the leaves a block's residual output is
+    linear in as a sequence of paths inside the block, keys joined by "/"
+    (``("mlp/fc2/kernel", "mlp/fc2/bias")``), or as one path
+    (``"conv2/kernel"``): a string is one name, never its characters.
+
+    Raises:
+      TypeError: for a value that is neither a string nor a sequence of strings.
+      ValueError: for no name, or an empty one.
+    """
+    allowed = ("a leaf path inside a block ('conv2/kernel') or a sequence of them "
+               "(('mlp/fc2/kernel', 'mlp/fc2/bias'))")
+    if isinstance(value, str):
+        names = (value,)
+    elif isinstance(value, Sequence):
+        names = tuple(value)
+    else:
+        raise TypeError(f"residual_output must be {allowed}: got {value!r}, of type "
+                        f"{type(value).__name__}")
+    wrong = next((name for name in names if not isinstance(name, str)), None)
+    if wrong is not None:
+        raise TypeError(f"residual_output must be {allowed}: got {value!r}, whose entry "
+                        f"{wrong!r} is not a string but of type {type(wrong).__name__}")
+    if not names:
+        raise ValueError(f"residual_output names no leaf: got {value!r}; it must be {allowed}: "
+                         "without one, no rule can scale the residual output")
+    if "" in names:
+        raise ValueError(f"residual_output has an empty name: got {value!r}; it must be "
+                         f"{allowed}")
+    return names
+
+
 class Layout(Protocol):
     """Finds the blocks of a network tree and puts new ones in their place.
 
@@ -263,7 +309,8 @@ class Layout(Protocol):
         says it found nothing.
       residual_output: the leaves, by path inside a block (keys joined by
         "/"), that the block's residual output G is linear in; the rules'
-        factors scale these.
+        factors scale these. Every constructor takes one path as a string
+        or a sequence of them (`_residual_output_names`).
       first_block_is_transition: whether the first block of every stage has
         other shapes than the rest (a downsampling block, paper App. B); the
         rules then make the block inserted after it from the second.
@@ -337,6 +384,10 @@ class StageLayout:
         module's output G is linear in (``conv2/kernel``: G ends in conv2,
         which has no bias).
       label: how error messages name the layout.
+
+    Raises:
+      TypeError, ValueError: for a ``residual_output`` that is not one leaf
+        path or a sequence of them (`_residual_output_names`).
     """
 
     residual_output: tuple[str, ...] = ("conv2/kernel",)
@@ -345,6 +396,9 @@ class StageLayout:
                                 "'block2', ... (models.ResNet)")
     first_block_is_transition: ClassVar[bool] = True
     explicit_step_size: ClassVar[bool] = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "residual_output", _residual_output_names(self.residual_output))
 
     def is_network(self, node) -> bool:
         return isinstance(node, Mapping) and any(is_stage_key(k) for k in node)
@@ -442,21 +496,30 @@ class KeyLayout:
       residual_output: the leaves, by path inside a block, that the residual
         module's output is linear in.
       first_block_is_transition: whether the first block of every stage has
-        other shapes than the rest (App. B).
+        other shapes than the rest (App. B); required, by keyword, as in
+        `ListLayout`.
       explicit_step_size: whether the network has a step size h that the
         caller halves at each growth; flax's examples have none.
       label: how error messages name the layout.
       looks_for: what ``locate`` recognises, for error messages.
+
+    Raises:
+      TypeError, ValueError: for a ``residual_output`` that is not one leaf
+        path or a sequence of them (`_residual_output_names`).
     """
 
     locate: Callable[[str], tuple[int, int] | None]
     name: Callable[[int, int, Sequence[int]], str]
     residual_output: tuple[str, ...]
-    first_block_is_transition: bool = True
+    _: dataclasses.KW_ONLY
+    first_block_is_transition: bool
     explicit_step_size: bool = False
     label: str = dataclasses.field(default="KeyLayout", compare=False)
     looks_for: str = dataclasses.field(default="keys that its locate function places in a stage",
                                        compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "residual_output", _residual_output_names(self.residual_output))
 
     def is_network(self, node) -> bool:
         return isinstance(node, Mapping) and any(
@@ -484,8 +547,8 @@ class KeyLayout:
 
 
 def flax_examples_layout(stage_sizes: Sequence[int], prefix: str = "ResNetBlock_",
-                         residual_output: tuple[str, ...] = ("BatchNorm_1/scale",
-                                                             "BatchNorm_1/bias"),
+                         residual_output: str | Sequence[str] = ("BatchNorm_1/scale",
+                                                                 "BatchNorm_1/bias"),
                          explicit_step_size: bool = False) -> KeyLayout:
     """The layout of flax's example ResNets: blocks ``ResNetBlock_0..`` numbered through all stages.
 
@@ -499,9 +562,14 @@ def flax_examples_layout(stage_sizes: Sequence[int], prefix: str = "ResNetBlock_
       stage_sizes: blocks per stage of the tree to grow (or coarsen), e.g.
         ``(2, 2, 2, 2)`` for ResNet-18, or `stage_sizes_from_widths`.
       prefix: the blocks' name before their number.
-      residual_output: leaves the residual output is linear in.
+      residual_output: leaves the residual output is linear in (one path, or
+        a sequence of them).
       explicit_step_size: True for a variant that multiplies every residual
         output by a step size h, which the caller halves at each growth.
+
+    Raises:
+      TypeError, ValueError: for a ``residual_output`` that is not one leaf
+        path or a sequence of them (`_residual_output_names`).
     """
     starts = np.cumsum([0, *stage_sizes])
 
@@ -519,7 +587,7 @@ def flax_examples_layout(stage_sizes: Sequence[int], prefix: str = "ResNetBlock_
         return f"{prefix}{sum(sizes[:stage]) + block}"
 
     last = f"{prefix}{int(starts[-1]) - 1}"
-    return KeyLayout(locate, name, tuple(residual_output),
+    return KeyLayout(locate, name, residual_output, first_block_is_transition=True,
                      explicit_step_size=explicit_step_size,
                      label=f"flax_examples_layout({tuple(stage_sizes)})",
                      looks_for=f"keys {prefix}0 .. {last} (stage sizes {tuple(stage_sizes)})")
@@ -595,17 +663,30 @@ class ListLayout:
       first_block_is_transition: whether the first block of every stage has
         other shapes than the rest (paper App. B); False: every block has the
         same entries and shapes, and none is treated as a transition.
+        Required, by keyword: a default would be wrong without a word for
+        one kind of network (True makes a transformer's block 0 a
+        transition: the block inserted after it a copy of block 1, block 0
+        not checked against the others, a one-block stack refused; False
+        misses a transition block that has the others' shapes).
       explicit_step_size: whether the network multiplies every residual
         output by a step size h that the caller halves when it builds the
         grown network; False for a network without one.
       label: how error messages name the layout.
+
+    Raises:
+      TypeError, ValueError: for a ``residual_output`` that is not one leaf
+        path or a sequence of them (`_residual_output_names`).
     """
 
     stages: str
     residual_output: tuple[str, ...]
-    first_block_is_transition: bool = True
+    _: dataclasses.KW_ONLY
+    first_block_is_transition: bool
     explicit_step_size: bool = False
     label: str = dataclasses.field(default="ListLayout", compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "residual_output", _residual_output_names(self.residual_output))
 
     @property
     def looks_for(self) -> str:
@@ -662,7 +743,7 @@ def _replace_at(node: Mapping, path: tuple, value) -> dict:
     return {**node, head: _replace_at(node[head], tuple(rest), value) if rest else value}
 
 
-def bonsai_resnet_layout(residual_output: tuple[str, ...] = ("bn2/scale", "bn2/bias"),
+def bonsai_resnet_layout(residual_output: str | Sequence[str] = ("bn2/scale", "bn2/bias"),
                          stages: str = r"layer\d+/blocks", *,
                          explicit_step_size: bool = False) -> ListLayout:
     """The layout of a ResNet written as jax-ml/bonsai writes one in Flax NNX.
@@ -681,12 +762,16 @@ def bonsai_resnet_layout(residual_output: tuple[str, ...] = ("bn2/scale", "bn2/b
       stages: regular expression for the path of a stage's list of blocks.
       explicit_step_size: True if the network multiplies every residual
         output by a step size h that the caller halves at each growth.
+
+    Raises:
+      TypeError, ValueError: for a ``residual_output`` that is not one leaf
+        path or a sequence of them (`_residual_output_names`).
     """
-    return ListLayout(stages, tuple(residual_output), first_block_is_transition=True,
+    return ListLayout(stages, residual_output, first_block_is_transition=True,
                       explicit_step_size=explicit_step_size, label="bonsai_resnet_layout()")
 
 
-def transformer_layout(residual_output: tuple[str, ...], blocks: str = "blocks", *,
+def transformer_layout(residual_output: str | Sequence[str], blocks: str = "blocks", *,
                        explicit_step_size: bool = False) -> ListLayout:
     """The layout of a transformer whose blocks sit in one ``nnx.List`` (one stage).
 
@@ -699,13 +784,18 @@ def transformer_layout(residual_output: tuple[str, ...], blocks: str = "blocks",
     Args:
       residual_output: leaves, by path inside a block, of the last linear map
         of every residual branch, e.g. ``("attention/out/kernel",
-        "attention/out/bias", "mlp/output/kernel", "mlp/output/bias")``.
+        "attention/out/bias", "mlp/output/kernel", "mlp/output/bias")`` (a
+        string is one leaf).
       blocks: the key of the list of blocks in the model's state (a regular
         expression for its path, e.g. ``"decoder/layers"``).
       explicit_step_size: True if the block multiplies both branches by a
         step size h (a residual scale) that the caller halves at each growth.
+
+    Raises:
+      TypeError, ValueError: for a ``residual_output`` that is not one leaf
+        path or a sequence of them (`_residual_output_names`).
     """
-    return ListLayout(blocks, tuple(residual_output), first_block_is_transition=False,
+    return ListLayout(blocks, residual_output, first_block_is_transition=False,
                       explicit_step_size=explicit_step_size, label="transformer_layout()")
 
 
@@ -793,19 +883,16 @@ def _shapes(block) -> dict[str, tuple]:
             for path, leaf in jax.tree_util.tree_flatten_with_path(block)[0]}
 
 
-def _first_few(names) -> str:
+def _first_few(names, count: int = 4) -> str:
     names = sorted(names)
-    return str(names[:4])[:-1] + (", ...]" if len(names) > 4 else "]")
+    return str(names[:count])[:-1] + (", ...]" if len(names) > count else "]")
 
 
 def _check_blocks(layout: Layout, stage: str, blocks: list) -> None:
     """Refuses a stage whose blocks do not have the shapes the layout expects.
 
     Every block but a transition one (the first, where the layout has one)
-    must have the entries and shapes of the others, and every leaf the
-    layout names as part of the residual output (``mlp/fc2/kernel``) must be
-    in a block that has leaves of its kind (``kernel``: batch-norm
-    statistics have none, and are not checked).
+    must have the entries and shapes of the others.
 
     Raises:
       ValueError: naming the stage, the block and what differs.
@@ -828,17 +915,76 @@ def _check_blocks(layout: Layout, stage: str, blocks: list) -> None:
             detail = f"has {name!r} of shape {shapes[name]}, block {start} {reference[name]}"
         raise ValueError(f"stage {stage!r} does not match the layout: its block "
                          f"{index} (0-based) {detail}; the layout expects {expected}")
-    for index, block in enumerate(blocks):
-        names = list(_shapes(block))
-        for entry in layout.residual_output:
-            kind = entry.rsplit("/", 1)[-1]
-            alike = [n for n in names if n.rsplit("/", 1)[-1] == kind]
-            if alike and not any(_is_residual_output(n, (entry,)) for n in names):
-                raise ValueError(
-                    f"block {index} (0-based) of stage {stage!r} has no leaf {entry!r}, which "
-                    f"the layout names as part of the residual output, though it has "
-                    f"{_first_few(alike)}; pass residual_output= the leaves the block's "
-                    "residual output is linear in")
+
+
+def _leaf_names(block) -> list[str]:
+    """The paths of ``block``'s leaves; optax's ``MaskedNode`` counts as one.
+
+    A masked optimizer state (``optax.masked``, ``optax.multi_transform``)
+    keeps a ``MaskedNode`` where it tracks no state for a parameter: the
+    leaf is there, without an array.
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        block, is_leaf=lambda node: isinstance(node, optax.MaskedNode))
+    return [_leaf_name(path) for path, _ in flat]
+
+
+def _leaves_near(names: list[str], entry: str) -> str:
+    """What a block has in place of the leaf ``entry``, for messages.
+
+    Its leaves under ``entry``'s module (``down`` for ``down/w``, then the
+    modules above it), else its leaves of ``entry``'s kind (``kernel``),
+    else its first leaves.
+    """
+    modules = entry.split("/")[:-1]
+    for depth in range(len(modules), 0, -1):
+        module = "/".join(modules[:depth])
+        near = [n for n in names if f"/{module}/" in f"/{n}"]
+        if near:
+            return f"under {module!r}: {_first_few(near, 8)}"
+    kind = entry.rsplit("/", 1)[-1]
+    alike = [n for n in names if n.rsplit("/", 1)[-1] == kind]
+    if alike:
+        return f"named {kind!r}: {_first_few(alike, 8)}"
+    return f"the leaves {_first_few(names, 8)}"
+
+
+_RESIDUAL_OUTPUT_HINT = ("pass residual_output= the paths, inside a block, of the leaves the "
+                         "block's residual output is linear in")
+
+
+def _residual_output_found(layout: Layout, stages: list[tuple[str, list]]) -> set[str]:
+    """The names of ``layout.residual_output`` that the blocks of one network tree have.
+
+    A network tree has each name in every block of every stage, or in none:
+    a tree may lack a name (batch-norm statistics have no kernels), but then
+    no block has it. `_rewrite_stages` refuses a name that no network tree
+    of the call has.
+
+    Args:
+      stages: ``(stage name, blocks)`` of the network tree.
+
+    Raises:
+      ValueError: for a name that some block has and another lacks, naming
+        both blocks and what the lacking one has instead.
+    """
+    blocks = [(stage, index, _leaf_names(block))
+              for stage, stage_blocks in stages for index, block in enumerate(stage_blocks)]
+    found = set()
+    for entry in layout.residual_output:
+        has = [any(_is_residual_output(n, (entry,)) for n in names) for _, _, names in blocks]
+        if not any(has):
+            continue
+        if not all(has):
+            stage, index, names = blocks[has.index(False)]
+            other_stage, other_index, _ = blocks[has.index(True)]
+            raise ValueError(
+                f"block {index} (0-based) of stage {stage!r} has no leaf {entry!r}, which the "
+                f"layout names as part of the residual output and block {other_index} of stage "
+                f"{other_stage!r} has; it has, {_leaves_near(names, entry)}; "
+                f"{_RESIDUAL_OUTPUT_HINT}")
+        found.add(entry)
+    return found
 
 
 def _top_level_keys(tree) -> str:
@@ -862,33 +1008,106 @@ def _finds_network(tree, layout: Layout) -> bool:
                for node in jax.tree_util.tree_leaves(tree, is_leaf=layout.is_network))
 
 
+def _refuse_nnx_objects(tree, action: str) -> None:
+    """Refuses an ``nnx.Module`` or ``nnx.Optimizer`` where its ``nnx.State`` belongs.
+
+    Flax NNX objects are pytrees, so without this an ``nnx.Optimizer`` came
+    back as one, and the next ``nnx.update`` failed inside flax.
+
+    Raises:
+      TypeError: naming where the object is, its kind, and what to pass.
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda node: isinstance(node, nnx.Pytree))
+    for path, node in flat:
+        if not isinstance(node, nnx.Pytree):
+            continue
+        kind, name = ((f"nnx.Optimizer object ({type(node).__name__})", "optimizer")
+                      if isinstance(node, nnx.Optimizer) else
+                      (f"nnx.Module object ({type(node).__name__})", "model")
+                      if isinstance(node, nnx.Module) else
+                      (f"nnx.Pytree object ({type(node).__name__})", "object"))
+        where = f"the tree at {jax.tree_util.keystr(path)}" if path else "the tree"
+        depth = "shallower" if action == "coarsen" else "deeper"
+        raise TypeError(f"cannot {action}: {where} is an {kind}, not a state; pass "
+                        f"nnx.state({name}) and load the result into the {depth} {name} with "
+                        "nnx.update")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Network:
+    """A network tree of a layout, read and checked: what `_rewrite_stages` rewrites."""
+
+    node: Mapping  # the network tree (fresh containers), an nnx.State or a plain mapping
+    stage_names: list[str]
+    stages: list[list[Any]]
+    others: Any  # what layout.write needs besides the stages
+    residual_output_found: set[str]  # the names of layout.residual_output its blocks have
+
+
+def _read_network(node, layout: Layout, action: str) -> _Network:
+    # Fresh containers: nnx Variables are mutable, the result shares none with the input.
+    node = jax.tree_util.tree_map(lambda leaf: leaf, node)
+    plain = _plain(node)
+    try:
+        stages, others = layout.read(plain)
+        names = layout.stage_names(plain)
+        for name, blocks in zip(names, stages):
+            _check_blocks(layout, name, blocks)
+        found = _residual_output_found(layout, list(zip(names, stages)))
+    except ValueError as error:
+        raise ValueError(f"cannot {action} under {layout.label}: {error}") from None
+    return _Network(node, names, stages, others, found)
+
+
 def _rewrite_stages(tree, layout: Layout, rewrite: Callable[[str, list], list], action: str):
     """``tree`` with every stage's blocks replaced by ``rewrite(stage_name, blocks)``.
 
+    Every network tree is read and checked before any is rewritten. The
+    residual-output names are checked over all of them together: one tree
+    may lack a name (batch statistics have no kernels), but every name must
+    be in some network tree of ``tree``, else a misspelt name would leave
+    the residual output unscaled (the identity rule no identity).
+
     Raises:
       ValueError: if the layout finds no stage in ``tree``, cannot read a
-        network tree, or a stage does not match it (`_check_blocks`).
+        network tree, a stage does not match it (`_check_blocks`), a
+        residual-output name is in some blocks of a network tree but not in
+        all (`_residual_output_found`), or in no network tree of ``tree``.
+      TypeError: for an ``nnx.Module`` or ``nnx.Optimizer`` in ``tree``
+        (`_refuse_nnx_objects`).
     """
-    if not _finds_network(tree, layout):
+    _refuse_nnx_objects(tree, action)
+    leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=layout.is_network)
+    networks = {position: _read_network(node, layout, action)
+                for position, node in enumerate(leaves) if layout.is_network(node)}
+    if not networks:
         raise ValueError(
             f"cannot {action}: {layout.label} finds no stage of blocks in the tree; it looks "
             f"for {layout.looks_for}; the tree's top-level keys are {_top_level_keys(tree)}")
-
-    def rewrite_network(node):
-        # Fresh containers: nnx Variables are mutable, the result shares none with the input.
-        node = jax.tree_util.tree_map(lambda leaf: leaf, node)
-        plain = _plain(node)
-        try:
-            stages, others = layout.read(plain)
-            names = layout.stage_names(plain)
-            for name, blocks in zip(names, stages):
-                _check_blocks(layout, name, blocks)
-        except ValueError as error:
-            raise ValueError(f"cannot {action} under {layout.label}: {error}") from None
-        return _like(node, layout.write(
-            [rewrite(name, blocks) for name, blocks in zip(names, stages)], others))
-
-    return map_network_trees(rewrite_network, tree, layout)
+    found = set().union(*(network.residual_output_found for network in networks.values()))
+    missing = [entry for entry in layout.residual_output if entry not in found]
+    if missing:
+        # Show the block with the most leaves (the parameters' rather than the statistics').
+        stage, index, names = max(
+            ((stage, index, _leaf_names(block)) for network in networks.values()
+             for stage, blocks in zip(network.stage_names, network.stages)
+             for index, block in enumerate(blocks)), key=lambda shown: len(shown[2]))
+        near = {}  # what the block has instead: the names it stands for
+        for entry in missing:
+            near.setdefault(_leaves_near(names, entry), []).append(repr(entry))
+        raise ValueError(
+            f"cannot {action} under {layout.label}: no block of the tree has "
+            f"{' or '.join(map(repr, missing))}, which the layout names as part of the residual "
+            f"output; block {index} (0-based) of stage {stage!r} has, "
+            + "; ".join(f"for {' and '.join(entries)}, {what}" for what, entries in near.items())
+            + f"; {_RESIDUAL_OUTPUT_HINT} (a tree that holds none of them, such as batch "
+            "statistics alone, is grown in one call together with the parameters)")
+    for position, network in networks.items():
+        leaves[position] = _like(network.node, layout.write(
+            [rewrite(name, blocks) for name, blocks in zip(network.stage_names, network.stages)],
+            network.others))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def interpolate(tree, rule: str = "paper", layout: Layout = STAGES, *,
@@ -911,9 +1130,9 @@ def interpolate(tree, rule: str = "paper", layout: Layout = STAGES, *,
     Args:
       tree: any pytree containing network trees: model variables
         ``{"params": ..., "batch_stats": ...}``, a ``params`` tree, an
-        ``nnx.State`` (``nnx.state(model)``), or an optimizer state whose
-        momentum mirrors the parameters. Leaves outside network trees (e.g.
-        an optimizer step count) pass unchanged.
+        ``nnx.State`` (``nnx.state(model)``, not the model), or an optimizer
+        state whose momentum mirrors the parameters. Leaves outside network
+        trees (e.g. an optimizer step count) pass unchanged.
       rule: a key of `GROWTH_RULES`.
       layout: where the blocks are (`STAGES`, `SCANNED`, a `KeyLayout`, a
         `ListLayout` for Flax NNX models).
@@ -929,9 +1148,14 @@ def interpolate(tree, rule: str = "paper", layout: Layout = STAGES, *,
       ValueError: for an unknown rule; a tree in which the layout finds no
         stage (the message names the layout, what it looks for and the
         tree's top-level keys); a stage whose blocks do not match the layout
-        (other entries or shapes, no residual-output leaf); a stage of one
-        block where the first block is a transition; blocks that the layout
-        cannot read.
+        (other entries or shapes); a ``layout.residual_output`` name that
+        no block of ``tree`` has (a tree may lack one only where another
+        network tree in it has it: grow batch statistics together with the
+        parameters), or that some blocks of a network tree have and others
+        lack; a stage of one block where the first block is a transition;
+        blocks that the layout cannot read.
+      TypeError: for an ``nnx.Module`` or ``nnx.Optimizer`` where its
+        ``nnx.state(...)`` belongs (the message says what to pass).
     """
     make = _rule(rule)
 
@@ -968,6 +1192,7 @@ def coarsen(tree, rule: str = "paper", layout: Layout = STAGES):
         itself (its old block cannot be recovered; none of `GROWTH_RULES`),
         or as `interpolate` for a tree in which the layout finds no stage or
         a stage that does not match it.
+      TypeError: as `interpolate`, for an ``nnx.Module`` instead of its state.
     """
     make = _rule(rule)
 
@@ -1011,10 +1236,13 @@ def grow_optimizer_state(opt_state, rule: str, policy: str, layout: Layout = STA
     Raises:
       ValueError: for an unknown policy; a state that holds per-parameter
         arrays in which the layout finds no stage; or as `interpolate`.
+      TypeError: for the ``nnx.Optimizer`` itself instead of
+        ``nnx.state(optimizer)``.
     """
     if policy not in MOMENTUM_POLICIES:
         raise ValueError(f"unknown momentum policy {policy!r}; known: "
                          f"{sorted(MOMENTUM_POLICIES)}")
+    _refuse_nnx_objects(opt_state, "grow the optimizer state")
     if not _finds_network(opt_state, layout) and all(
             np.ndim(leaf) == 0 for leaf in jax.tree_util.tree_leaves(opt_state)):
         return opt_state

@@ -113,7 +113,8 @@ def interpolate_train_state(state: TrainState, rule: str, momentum_at_interpolat
                             layout: multilevel.Layout = multilevel.STAGES) -> TrainState:
     """Grows a train state to the next depth (paper Sec. 4.1) under ``rule``.
 
-    Parameters and batch-norm statistics go through `multilevel.interpolate`;
+    Parameters and batch-norm statistics go through `multilevel.interpolate`
+    (together: the residual-output leaves it checks are in the parameters);
     the optimizer state through `multilevel.grow_optimizer_state` under the
     ``momentum_at_interpolation`` policy (`multilevel.MOMENTUM_POLICIES`:
     ``'interpolate'``, the default, carries the momentum through the same
@@ -127,9 +128,11 @@ def interpolate_train_state(state: TrainState, rule: str, momentum_at_interpolat
       ValueError: for an unknown rule or policy, or a network the rule cannot
         interpolate (`multilevel.interpolate`).
     """
+    variables = multilevel.interpolate(
+        {"params": state.params, "batch_stats": state.batch_stats}, rule, layout)
     return state.replace(
-        params=multilevel.interpolate(state.params, rule, layout),
-        batch_stats=multilevel.interpolate(state.batch_stats, rule, layout),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
         opt_state=multilevel.grow_optimizer_state(state.opt_state, rule,
                                                   momentum_at_interpolation, layout),
     )

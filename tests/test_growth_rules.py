@@ -1,6 +1,8 @@
 """Tests of the growth rules, their inverses and the momentum policies (`mlres_jax.multilevel`)."""
 
+import dataclasses
 import functools
+import re
 
 import chex
 import jax
@@ -266,15 +268,134 @@ def test_a_stage_whose_blocks_differ_is_refused():
             action(broken)
 
 
-def test_a_layout_whose_residual_output_is_not_in_the_blocks_is_refused():
+@pytest.mark.parametrize("network,names,missing,near", [
+    # What block 0 of the first stage has (for flax's examples: of stage 2, its
+    # projection block, the block with the most leaves).
+    # A name whose last component some leaf has: refused before as well.
+    ("ours", ("conv3/kernel",), "'conv3/kernel'",
+     r"stage 'stage1' has, for 'conv3/kernel', named 'kernel': \['conv1/kernel', "
+     r"'conv2/kernel'\]"),
+    # Last components no leaf has: ignored before (the identity rule no identity).
+    ("ours", ("conv2/w",), "'conv2/w'",
+     r"stage 'stage1' has, for 'conv2/w', under 'conv2': \['conv2/kernel'\]"),
+    ("ours", "conv2/weight", "'conv2/weight'",
+     r"stage 'stage1' has, for 'conv2/weight', under 'conv2': \['conv2/kernel'\]"),
+    ("flax examples", ("BatchNorm_1/gamma", "BatchNorm_1/beta"),
+     "'BatchNorm_1/gamma' or 'BatchNorm_1/beta'",
+     r"stage 'stage2' has, for 'BatchNorm_1/gamma' and 'BatchNorm_1/beta', under 'BatchNorm_1': "
+     r"\['BatchNorm_1/bias', 'BatchNorm_1/scale'\]"),
+])
+@pytest.mark.parametrize("tree", ["variables", "optimizer state"])
+def test_a_layout_whose_residual_output_is_not_in_the_blocks_is_refused(network, names, missing,
+                                                                      near, tree):
+    if network == "ours":
+        variables = random_variables(_model((2, 2)))
+        layout = multilevel.StageLayout(residual_output=names, label="the layout")
+    else:
+        variables = flax_example_resnet.ResNet(stage_sizes=(2, 2)).init(
+            jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE)), train=False)
+        layout = dataclasses.replace(
+            multilevel.flax_examples_layout((2, 2), residual_output=names), label="the layout")
+    with pytest.raises(ValueError) as raised:
+        if tree == "variables":  # parameters and batch statistics: neither has them
+            multilevel.interpolate(variables, "identity", layout)
+        else:
+            multilevel.grow_optimizer_state(optax.sgd(0.1, momentum=0.9).init(
+                variables["params"]), "identity", "interpolate", layout)
+    message = str(raised.value)
+    assert re.match(rf"cannot interpolate under the layout: no block of the tree has {missing}, "
+                    r"which the layout names as part of the residual output; block 0 \(0-based\) "
+                    rf"of {near}; pass residual_output=", message), message
+
+
+def test_batch_statistics_are_grown_with_the_parameters():
+    # They have no residual-output leaf (conv2/kernel): alone, a misspelt name
+    # could not be told from a tree that has none, so they are refused alone ...
     variables = random_variables(_model((2, 2)))
-    layout = multilevel.StageLayout(residual_output=("conv3/kernel",))
-    with pytest.raises(ValueError, match=r"block 0 \(0-based\) of stage 'stage1' has no leaf "
-                                         r"'conv3/kernel'.*though it has \['conv1/kernel', "
-                                         r"'conv2/kernel'\]"):
-        multilevel.interpolate(variables, "identity", layout)
-    # Batch-norm statistics have no kernels: nothing to check there.
-    multilevel.interpolate(variables["batch_stats"], "identity", layout)
+    with pytest.raises(ValueError, match=(
+            r"no block of the tree has 'conv2/kernel', .* block 0 \(0-based\) of stage 'stage1' "
+            r"has, for 'conv2/kernel', the leaves \['norm1/mean', 'norm1/var', 'norm2/mean', "
+            r"'norm2/var'\]; .* \(a tree that holds none of them, such as batch statistics "
+            r"alone, is grown in one call together with the parameters\)")):
+        multilevel.interpolate(variables["batch_stats"], "identity")
+    # ... and grown in one call with them, as copies (no factor on a statistic).
+    grown = multilevel.interpolate(variables, "identity")["batch_stats"]["stage2"]
+    chex.assert_trees_all_equal(grown["block2"], grown["block3"],
+                                variables["batch_stats"]["stage2"]["block2"])
+
+
+# Every constructor that takes residual_output, given the names as one argument.
+_LAYOUT_CONSTRUCTORS = {
+    "StageLayout": lambda names: multilevel.StageLayout(residual_output=names),
+    "ScannedStageLayout": lambda names: multilevel.ScannedStageLayout(residual_output=names),
+    "KeyLayout": lambda names: multilevel.KeyLayout(
+        lambda key: None, lambda stage, block, sizes: "", names, first_block_is_transition=True),
+    "flax_examples_layout": lambda names: multilevel.flax_examples_layout(
+        (2, 2), residual_output=names),
+    "ListLayout": lambda names: multilevel.ListLayout("blocks", names,
+                                                      first_block_is_transition=False),
+    "bonsai_resnet_layout": multilevel.bonsai_resnet_layout,
+    "transformer_layout": lambda names: multilevel.transformer_layout(names, blocks="layers"),
+}
+
+
+@pytest.mark.parametrize("constructor", sorted(_LAYOUT_CONSTRUCTORS))
+def test_residual_output_given_as_one_string_is_one_name(constructor):
+    make = _LAYOUT_CONSTRUCTORS[constructor]
+    # Before: ('m', 'l', 'p', '/', 'd', ...), each character a "name", no error.
+    assert make("mlp/down/kernel").residual_output == ("mlp/down/kernel",)
+    assert make(["mlp/down/kernel", "mlp/down/bias"]).residual_output == (
+        "mlp/down/kernel", "mlp/down/bias")
+    # Anything else is refused, naming the field, the value and what is allowed.
+    for value, error, message in [
+            ((), ValueError, r"residual_output names no leaf: got \(\); "),
+            (("mlp/down/kernel", ""), ValueError,
+             r"residual_output has an empty name: got \('mlp/down/kernel', ''\); "),
+            (("mlp/down/kernel", 2), TypeError,
+             r"residual_output must be a leaf path .* or a sequence of them .*: got "
+             r"\('mlp/down/kernel', 2\), whose entry 2 is not a string but of type int"),
+            (None, TypeError, r"residual_output must be a leaf path .*: got None, of type "
+                              r"NoneType")]:
+        with pytest.raises(error, match=message):
+            make(value)
+
+
+def test_list_and_key_layouts_are_told_whether_the_first_block_is_a_transition():
+    # No default: True (the default before) silently made a transformer's block 0 a
+    # transition, the block after it a copy of block 1 and a one-block stack ungrowable.
+    for make in (lambda **kw: multilevel.ListLayout("blocks", "mlp/fc2/kernel", **kw),
+                 lambda **kw: multilevel.KeyLayout(lambda key: None, lambda s, b, sizes: "",
+                                                   "conv2/kernel", **kw)):
+        with pytest.raises(TypeError, match="missing 1 required keyword-only argument: "
+                                            "'first_block_is_transition'"):
+            make()
+        assert make(first_block_is_transition=False).first_block_is_transition is False
+    # Nor positionally, where a bare True or False would not say what it is.
+    with pytest.raises(TypeError, match="takes 3 positional arguments but 4 were given"):
+        multilevel.ListLayout("blocks", "mlp/fc2/kernel", False)
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("layout_name", ["STAGES", "SCANNED", "flax_examples_layout"])
+def test_a_one_block_stage_is_refused_in_the_layouts_terms(layout_name, rule):
+    if layout_name == "flax_examples_layout":
+        layout = multilevel.flax_examples_layout((2, 1))
+        variables = flax_example_resnet.ResNet(stage_sizes=(2, 1)).init(
+            jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE)), train=False)
+    else:
+        layout = getattr(multilevel, layout_name)
+        variables = random_variables(_model((2, 1)))
+        if layout_name == "SCANNED":
+            variables = multilevel.convert_layout(variables, multilevel.STAGES, layout)
+    with pytest.raises(ValueError) as raised:
+        multilevel.interpolate(variables, rule, layout)
+    assert str(raised.value) == (
+        f"cannot interpolate stage2 ({layout.label}): the {rule!r} growth rule needs at least 2 "
+        "blocks in a stage whose first block is a transition, got a stage of 1: the layout has "
+        "first_block_is_transition=True, so the block inserted after the first is made from the "
+        "second, whose entries and shapes the later blocks share (paper App. B); a network "
+        "whose blocks are all alike takes a layout with first_block_is_transition=False"), (
+        str(raised.value))
 
 
 def test_optimizer_state_without_the_layouts_stages():

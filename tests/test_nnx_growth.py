@@ -6,6 +6,7 @@ rules, coarsening and momentum policies are `multilevel`'s, located by
 """
 
 import functools
+import re
 
 import chex
 import jax
@@ -241,6 +242,29 @@ def test_one_block_stack_grows_but_one_block_resnet_stage_does_not():
         multilevel.interpolate(nnx.state(_resnet((2, 1))), "paper", RESNET_LAYOUT)
 
 
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("case", ["bonsai ResNet", "transformer with a transition"])
+def test_a_one_block_stage_with_a_transition_is_refused_in_the_layouts_terms(case, rule):
+    # Before, the message spoke of a "(downsampling) block" whatever the layout.
+    state, layout, stage = {
+        "bonsai ResNet": (nnx.state(_resnet((2, 1))), RESNET_LAYOUT, "layer1/blocks"),
+        "transformer with a transition": (
+            nnx.state(_transformer(1)),
+            multilevel.ListLayout("blocks", nnx_models.TRANSFORMER_RESIDUAL_OUTPUT,
+                                  first_block_is_transition=True, label="my_layout"),
+            "blocks"),
+    }[case]
+    with pytest.raises(ValueError) as raised:
+        multilevel.interpolate(state, rule, layout)
+    assert str(raised.value) == (
+        f"cannot interpolate {stage} ({layout.label}): the {rule!r} growth rule needs at least 2 "
+        "blocks in a stage whose first block is a transition, got a stage of 1: the layout has "
+        "first_block_is_transition=True, so the block inserted after the first is made from the "
+        "second, whose entries and shapes the later blocks share (paper App. B); a network "
+        "whose blocks are all alike takes a layout with first_block_is_transition=False"), (
+        str(raised.value))
+
+
 # --- Coarsening -------------------------------------------------------------------
 
 
@@ -432,15 +456,160 @@ def test_a_stage_that_does_not_match_the_layout_is_refused(action):
     with pytest.raises(ValueError, match=rf"cannot {verb} under transformer_layout\(\): 'blocks' "
                                          r"is not a list of blocks: its keys are \[0, 2\]"):
         _grow_or_coarsen(action, state, TRANSFORMER_LAYOUT)
-    # A residual-output leaf the blocks do not have (a misspelt name: without the
-    # check, identity would leave the MLP branch of its inserted blocks as it was).
-    wrong = multilevel.transformer_layout(("attention/out/kernel", "attention/out/bias",
-                                           "mlp/fc2/kernel", "mlp/output/bias"))
-    with pytest.raises(ValueError, match=(
-            rf"cannot {verb} under transformer_layout\(\): block 0 \(0-based\) of stage 'blocks' "
-            r"has no leaf 'mlp/output/bias', which the layout names as part of the residual "
-            r"output, though it has \['attention/key/bias'")):
-        _grow_or_coarsen(action, _small("transformer")[1], wrong)
+
+
+# Residual-output names that the blocks do not have. Before, only a name whose
+# last component some leaf has was refused ('mlp/output/bias'); the others were
+# ignored, and the identity rule's inserted blocks kept that branch's output.
+MISNAMED = {
+    # The issue's: 'w' and 'b' for nnx.Linear's 'kernel' and 'bias'.
+    "a last component no leaf has": (
+        "transformer", ("attention/out/kernel", "attention/out/bias", "mlp/fc2/w", "mlp/fc2/b"),
+        r"'mlp/fc2/w' or 'mlp/fc2/b'",
+        r"for 'mlp/fc2/w' and 'mlp/fc2/b', under 'mlp/fc2': \['mlp/fc2/bias', 'mlp/fc2/kernel'\]"),
+    "a misnamed module": (
+        "transformer", ("attention/out/kernel", "attention/out/bias", "mlp/fc2/kernel",
+                        "mlp/output/bias"),
+        r"'mlp/output/bias'",
+        r"for 'mlp/output/bias', under 'mlp': \['mlp/fc1/bias', 'mlp/fc1/kernel', "
+        r"'mlp/fc2/bias', 'mlp/fc2/kernel'\]"),
+    "one name, another framework's": (
+        "transformer", "attn/out_proj/weight", r"'attn/out_proj/weight'",
+        r"for 'attn/out_proj/weight', the leaves \['attention/key/bias', "),
+    # Parameters and batch statistics in one nnx.State: neither has them.
+    "a ResNet's norm named as in PyTorch": (
+        "resnet", ("bn2/weight", "bn2/bias_"), r"'bn2/weight' or 'bn2/bias_'",
+        # (the optimizer states have no batch statistics: no bn2/mean, bn2/var)
+        r"for 'bn2/weight' and 'bn2/bias_', under 'bn2': \['bn2/bias', ('bn2/mean', )?"
+        r"'bn2/scale'(, 'bn2/var')?\]"),
+}
+
+
+def _optimizer_state(shape, tx):
+    return nnx.state(nnx.Optimizer(_small(shape)[0], tx, wrt=nnx.Param))
+
+
+@pytest.mark.parametrize("case", sorted(MISNAMED))
+@pytest.mark.parametrize("action", [*RULES, "coarsen", "nnx.Optimizer state", "optax state"])
+def test_a_residual_output_name_no_block_has_is_refused(case, action):
+    shape, names, missing, near = MISNAMED[case]
+    layout = multilevel.ListLayout(SHAPES[shape][1].stages, names,
+                                   first_block_is_transition=shape == "resnet",
+                                   label="the layout")
+    stage = {"resnet": "layer0/blocks", "transformer": "blocks"}[shape]
+    verb = "coarsen" if action == "coarsen" else "interpolate"
+    with pytest.raises(ValueError) as raised:
+        if action == "nnx.Optimizer state":
+            multilevel.grow_optimizer_state(_optimizer_state(shape, optax.sgd(0.1, momentum=0.9)),
+                                            "identity", "interpolate", layout)
+        elif action == "optax state":
+            opt_state = optax.adam(1e-3).init(nnx.state(_small(shape)[0], nnx.Param))
+            multilevel.grow_optimizer_state(opt_state, "identity", "zero_inserted", layout)
+        else:
+            _grow_or_coarsen(action, _small(shape)[1], layout)
+    message = str(raised.value)
+    assert re.match(
+        rf"cannot {verb} under the layout: no block of the tree has {missing}, which the layout "
+        rf"names as part of the residual output; block 0 \(0-based\) of stage '{stage}' has, "
+        rf"{near}", message), message
+    assert message.endswith(
+        "; pass residual_output= the paths, inside a block, of the leaves the block's residual "
+        "output is linear in (a tree that holds none of them, such as batch statistics alone, "
+        "is grown in one call together with the parameters)"), message
+
+
+def test_the_issues_transformer_layout_is_refused_not_grown_into_another_function():
+    # The issue: identity growth with 'w'/'b' for 'kernel'/'bias' gave no error and
+    # a deeper model whose outputs differed by up to 3.3.
+    model, state = _small("transformer")
+    wrong = multilevel.transformer_layout(
+        ("attention/out/kernel", "attention/out/bias", "mlp/fc2/w", "mlp/fc2/b"))
+    with pytest.raises(ValueError, match=r"no block of the tree has 'mlp/fc2/w' or 'mlp/fc2/b'"):
+        multilevel.interpolate(state, "identity", wrong)
+    # The right names keep the function (test_identity_rule_keeps_the_eval_outputs).
+    inputs = _inputs("transformer")
+    deeper = _deeper("transformer", multilevel.interpolate(state, "identity", TRANSFORMER_LAYOUT))
+    np.testing.assert_allclose(np.asarray(deeper(inputs)), np.asarray(model(inputs)),
+                               rtol=1e-6, atol=1e-5)
+
+
+def test_a_residual_output_leaf_only_some_blocks_have_is_refused():
+    # The transition block of layer1 without its bn2 (removed by hand): its residual
+    # output would not be scaled while the other blocks' are.
+    state = nnx.State(jax.tree_util.tree_map(lambda x: x, _small("resnet")[1]).raw_mapping)
+    del state["layer1"]["blocks"][0]["bn2"]
+    for action in ("identity", "coarsen"):
+        with pytest.raises(ValueError, match=(
+                r"under bonsai_resnet_layout\(\): block 0 \(0-based\) of stage 'layer1/blocks' "
+                r"has no leaf 'bn2/scale', which the layout names as part of the residual output "
+                r"and block 0 of stage 'layer0/blocks' has; it has, named 'scale': \['bn0/scale', "
+                r"'bn1/scale', 'downsample/bn/scale'\]; pass residual_output=")):
+            _grow_or_coarsen(action, state, RESNET_LAYOUT)
+
+
+def test_a_masked_optimizer_state_may_lack_residual_output_leaves():
+    # optax.masked keeps a MaskedNode where it tracks no parameter (here: no bias,
+    # as weight decay often is): its blocks have the biases the layout names, without
+    # arrays (before the MaskedNode counted as a leaf, no block had them: refused).
+    def mask(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: getattr(path[-2], "key", None) != "bias", params)
+    params = nnx.state(_transformer(3), nnx.Param)
+    tx = optax.masked(optax.sgd(0.1, momentum=0.9), mask)
+    opt_state = _labelled(tx.init(params))
+    grown = multilevel.grow_optimizer_state(opt_state, "identity", "interpolate",
+                                            TRANSFORMER_LAYOUT)
+    fresh = tx.init(nnx.state(_transformer(6), nnx.Param))
+    assert jax.tree_util.tree_structure(grown) == jax.tree_util.tree_structure(fresh)
+    trace = grown.inner_state[0].trace
+    assert _momentum_labels(trace, ("blocks",), "mlp/fc1/kernel") == [1, 1, 2, 2, 3, 3]
+    assert _momentum_labels(trace, ("blocks",), "mlp/fc2/kernel") == [1, 0, 2, 0, 3, 0]
+    # The masked biases are there, without arrays: a misspelt name is still refused.
+    with pytest.raises(ValueError, match=r"no block of the tree has 'mlp/fc2/b', .* has, for "
+                                         r"'mlp/fc2/b', under 'mlp/fc2': \['mlp/fc2/bias', "
+                                         r"'mlp/fc2/kernel'\]"):
+        multilevel.grow_optimizer_state(opt_state, "identity", "interpolate",
+                                        multilevel.transformer_layout("mlp/fc2/b"))
+
+
+# What is passed where a state is expected: the object itself, not nnx.state(...).
+def _nnx_objects():
+    model = _transformer(3)
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
+    return {  # (the object or a tree holding it, where, its kind, what to pass)
+        "nnx.Optimizer": (optimizer, "the tree", "an nnx.Optimizer object (Optimizer)",
+                          "nnx.state(optimizer)"),
+        "nnx.Module": (model, "the tree", "an nnx.Module object (Transformer)",
+                       "nnx.state(model)"),
+        "nnx.List of blocks": (model.blocks, "the tree", "an nnx.Module object (List)",
+                               "nnx.state(model)"),
+        "nnx.Optimizer in a dict": ({"model": nnx.state(model), "optimizer": optimizer},
+                                    "the tree at ['optimizer']",
+                                    "an nnx.Optimizer object (Optimizer)",
+                                    "nnx.state(optimizer)"),
+    }
+
+
+@pytest.mark.parametrize("passed", ["nnx.Optimizer", "nnx.Module", "nnx.List of blocks",
+                                    "nnx.Optimizer in a dict"])
+@pytest.mark.parametrize("action", ["identity", "coarsen", *sorted(multilevel.MOMENTUM_POLICIES)])
+def test_an_nnx_object_instead_of_its_state_is_refused(passed, action):
+    # Before: grow_optimizer_state returned the nnx.Optimizer (the next nnx.update
+    # failed with flax's "'Optimizer' object has no attribute 'items'"), and
+    # interpolate said the layout found no stage in "a Transformer".
+    tree, where, kind, state = _nnx_objects()[passed]
+    if action in multilevel.MOMENTUM_POLICIES:
+        verb = "grow the optimizer state"
+        call = functools.partial(multilevel.grow_optimizer_state, tree, "paper", action)
+    else:
+        verb = "coarsen" if action == "coarsen" else "interpolate"
+        call = functools.partial(_grow_or_coarsen, action, tree)
+    with pytest.raises(TypeError) as raised:
+        call(TRANSFORMER_LAYOUT)
+    depth = "shallower" if action == "coarsen" else "deeper"
+    assert str(raised.value) == (
+        f"cannot {verb}: {where} is {kind}, not a state; pass {state} and load the result into "
+        f"the {depth} {state[10:-1]} with nnx.update"), str(raised.value)
 
 
 def test_an_nnx_optimizer_state_without_the_layouts_blocks_is_refused():
