@@ -40,6 +40,8 @@ run: install data
 	$(BIN)/python -m mlres_jax.main --config=configs/fashion_mnist.py --workdir=$(WORKDIR)
 
 test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 test-slow: install data

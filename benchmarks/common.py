@@ -14,7 +14,8 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -47,8 +48,11 @@ class ListOf(flags.ListParser):
 
     def allowed(self) -> str:
         """What the flag takes, in words."""
-        kind = (f"one of {list(self.item.enum_values)}" if hasattr(self.item, "enum_values")
-                else getattr(self.item, "syntactic_help", "") or self.item.flag_type())
+        kind = (
+            f"one of {list(self.item.enum_values)}"
+            if hasattr(self.item, "enum_values")
+            else getattr(self.item, "syntactic_help", "") or self.item.flag_type()
+        )
         return f"comma-separated values, each {kind}{', none twice' if self.unique else ''}"
 
     def parse(self, argument):
@@ -66,11 +70,19 @@ class ListOf(flags.ListParser):
         return self.allowed()
 
 
-def define_list(name: str, default: str, help_text: str, item: flags.ArgumentParser, *,
-                unique: bool = True, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+def define_list(
+    name: str,
+    default: str,
+    help_text: str,
+    item: flags.ArgumentParser,
+    *,
+    unique: bool = True,
+    flag_values: flags.FlagValues = flags.FLAGS,
+) -> None:
     """Defines ``--name`` as a comma-separated list of values ``item`` parses (`ListOf`)."""
-    flags.DEFINE(ListOf(item, unique), name, default, help_text, flag_values,
-                 flags.CsvListSerializer(","))
+    flags.DEFINE(
+        ListOf(item, unique), name, default, help_text, flag_values, flags.CsvListSerializer(",")
+    )
 
 
 def mean_std(values: Sequence[float]) -> dict:
@@ -93,8 +105,9 @@ def mean_std(values: Sequence[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
 
 
-def format_mean_std(stats: dict | None, *, scale: float = 1.0, digits: int = 2,
-                    suffix: str = "") -> str:
+def format_mean_std(
+    stats: dict | None, *, scale: float = 1.0, digits: int = 2, suffix: str = ""
+) -> str:
     """Formats `mean_std` output as ``"12.34 ± 0.56"`` (or ``"12.34"`` for n = 1).
 
     Args:
@@ -128,8 +141,7 @@ def time_saved(seconds: float, reference_seconds: float) -> float:
       ValueError: if ``reference_seconds`` is not > 0.
     """
     if not reference_seconds > 0:
-        raise ValueError(
-            f"reference time must be > 0 seconds, got {reference_seconds!r}")
+        raise ValueError(f"reference time must be > 0 seconds, got {reference_seconds!r}")
     return 1.0 - seconds / reference_seconds
 
 
@@ -145,12 +157,19 @@ def percentiles(values: Sequence[float]) -> dict:
     if not len(values):
         raise ValueError("percentiles needs at least one value")
     p25, median, p75 = (float(q) for q in np.percentile(values, [25, 50, 75]))
-    return {"median": median, "p25": p25, "p75": p75, "min": float(min(values)),
-            "max": float(max(values)), "n": len(values)}
+    return {
+        "median": median,
+        "p25": p25,
+        "p75": p75,
+        "min": float(min(values)),
+        "max": float(max(values)),
+        "n": len(values),
+    }
 
 
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
-                   align: Sequence[str] | None = None) -> str:
+def markdown_table(
+    headers: Sequence[str], rows: Sequence[Sequence[Any]], align: Sequence[str] | None = None
+) -> str:
     """A GitHub-flavoured markdown table.
 
     Args:
@@ -170,16 +189,18 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
         align = ["l"] + ["r"] * (len(headers) - 1)
     for row in rows:
         if len(row) != len(headers):
-            raise ValueError(f"row {list(row)} has {len(row)} cells, expected "
-                             f"{len(headers)} ({list(headers)})")
+            raise ValueError(
+                f"row {list(row)} has {len(row)} cells, expected {len(headers)} ({list(headers)})"
+            )
     rule = ["---:" if a == "r" else "---" for a in align]
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(rule) + " |"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def write_outputs(output_dir: str, name: str, report: dict, markdown: str,
-                  figures: dict | None = None) -> None:
+def write_outputs(
+    output_dir: str, name: str, report: dict, markdown: str, figures: dict | None = None
+) -> None:
     """Writes ``NAME.json``, ``NAME.md`` and each of ``figures`` (file name -> matplotlib
     ``Figure``, as PNG) into ``output_dir``, each atomically (`mlres_jax.files`)."""
     files.write_json(os.path.join(output_dir, f"{name}.json"), report)
@@ -201,14 +222,14 @@ def machine_info() -> dict:
     Returns:
       The commit of the code (``git describe --always --dirty``, or None
       outside a git checkout), JAX and Python versions, JAX's backend
-      platform and devices, the CPU model, the number of CPUs (``os.cpu_count``, and those this process may
-      run on), the 1/5/15-minute load average at the time of the call (other
-      processes on the machine make timings noisy) and a UTC time stamp.
+      platform and devices, the CPU model, the number of CPUs (``os.cpu_count``,
+      and those this process may run on), the 1/5/15-minute load average at the
+      time of the call (other processes on the machine make timings noisy) and a
+      UTC time stamp.
     """
     devices = jax.devices()
     return {
-        "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="seconds"),
+        "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": parallel.source_commit(),
         "platform": jax.default_backend(),
         "devices": [str(d) for d in devices],
@@ -226,12 +247,14 @@ def machine_info() -> dict:
 def machine_line(info: dict) -> str:
     """One line for a table's caption: platform, devices, CPUs, load, commit and date."""
     load = info.get("load_average_1_5_15_min")
-    load_text = (f", load average {load[0]:.2f} at start" if load else "")
+    load_text = f", load average {load[0]:.2f} at start" if load else ""
     commit = f"; commit {info['commit']}" if info.get("commit") else ""
-    return (f"{info['platform']} ({info['device_kind']}, "
-            f"{len(info['devices'])} device(s)); {info['cpu_model']}, "
-            f"{info['cpus_available'] or info['cpu_count']} CPUs{load_text}; "
-            f"jax {info['jax_version']}{commit}; {info['time_utc']}")
+    return (
+        f"{info['platform']} ({info['device_kind']}, "
+        f"{len(info['devices'])} device(s)); {info['cpu_model']}, "
+        f"{info['cpus_available'] or info['cpu_count']} CPUs{load_text}; "
+        f"jax {info['jax_version']}{commit}; {info['time_utc']}"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -248,8 +271,9 @@ def time_calls(call: Callable[[int], Any], count: int) -> list[float]:
     return seconds
 
 
-def synthetic_images(rng: np.random.Generator, count: int, shape: Sequence[int],
-                     num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_images(
+    rng: np.random.Generator, count: int, shape: Sequence[int], num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
     """uint8[count, H, W, C] random images and int32[count] random labels, on the host."""
     images = rng.integers(0, 256, (count, *shape), dtype=np.uint8)
     labels = rng.integers(0, num_classes, (count,), dtype=np.int32)
@@ -260,14 +284,26 @@ def default_optimizer() -> optax.GradientTransformation:
     """The training SGD of ``configs/default.py`` (momentum, weight decay) under one
     cosine cycle of 10,000 steps: the optimizer the step benchmarks time."""
     config = default.get_config()
-    return steps.create_optimizer(config, plan.cosine_cycle_schedule(
-        10_000, config.learning_rate_max, config.learning_rate_min))
+    return steps.create_optimizer(
+        config,
+        plan.cosine_cycle_schedule(10_000, config.learning_rate_max, config.learning_rate_min),
+    )
 
 
-def time_train_step(model, *, image_shape: Sequence[int], num_classes: int,
-                    crop_padding: int, batch_size: int, warmup: int, count: int,
-                    seed: int = 0, mesh=None, last_phase: str = "check",
-                    indices_from_host: bool = False) -> dict:
+def time_train_step(
+    model,
+    *,
+    image_shape: Sequence[int],
+    num_classes: int,
+    crop_padding: int,
+    batch_size: int,
+    warmup: int,
+    count: int,
+    seed: int = 0,
+    mesh=None,
+    last_phase: str = "check",
+    indices_from_host: bool = False,
+) -> dict:
     """Compiles the real train step (`steps.make_train_step`) of ``model`` and times it.
 
     The data is a pool of 8 batches of random images, replicated on the
@@ -295,28 +331,41 @@ def time_train_step(model, *, image_shape: Sequence[int], num_classes: int,
     """
     mesh = mesh or parallel.make_mesh(1)
     rng = np.random.default_rng(seed)
-    images, labels = parallel.put_replicated(synthetic_images(
-        rng, 8 * batch_size, image_shape, num_classes), mesh)
-    host_indices = [rng.permutation(8 * batch_size)[:batch_size].astype(np.int32)
-                    for _ in range(warmup + count)]
-    indices = host_indices if indices_from_host else [
-        parallel.shard_batch(i, mesh) for i in host_indices]
+    images, labels = parallel.put_replicated(
+        synthetic_images(rng, 8 * batch_size, image_shape, num_classes), mesh
+    )
+    host_indices = [
+        rng.permutation(8 * batch_size)[:batch_size].astype(np.int32) for _ in range(warmup + count)
+    ]
+    indices = (
+        host_indices if indices_from_host else [parallel.shard_batch(i, mesh) for i in host_indices]
+    )
     augment_rng = parallel.put_replicated(jax.random.PRNGKey(seed + 1), mesh)
     optimizer = default_optimizer()
-    state = parallel.put_replicated(steps.create_train_state(
-        jax.random.PRNGKey(seed), model, optimizer, tuple(image_shape)), mesh)
+    state = parallel.put_replicated(
+        steps.create_train_state(jax.random.PRNGKey(seed), model, optimizer, tuple(image_shape)),
+        mesh,
+    )
     compiled, compile_seconds = steps.compile_ahead(
         steps.make_train_step(model, optimizer, crop_padding, mesh, last_phase),
-        state, images, labels, parallel.shard_batch(host_indices[0], mesh), augment_rng)
+        state,
+        images,
+        labels,
+        parallel.shard_batch(host_indices[0], mesh),
+        augment_rng,
+    )
     holder = {"state": state}  # the state is donated: keep only the newest
 
     def call(i):
         batch = parallel.shard_batch(indices[i], mesh) if indices_from_host else indices[i]
-        holder["state"], metrics = compiled(holder["state"], images, labels, batch,
-                                            augment_rng)
+        holder["state"], metrics = compiled(holder["state"], images, labels, batch, augment_rng)
         return holder["state"], metrics
 
     time_calls(call, warmup)
     seconds = time_calls(lambda i: call(warmup + i), count)
-    return {"compiled": compiled, "compile_seconds": compile_seconds,
-            "step_seconds": percentiles(seconds), "state": holder["state"]}
+    return {
+        "compiled": compiled,
+        "compile_seconds": compile_seconds,
+        "step_seconds": percentiles(seconds),
+        "state": holder["state"],
+    }

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from absl import app, flags
 
@@ -41,14 +41,36 @@ END = "<!-- results: end -->"
 
 def main_job_table(summary: dict) -> str:
     """Markdown: one row per cycle of a run's ``summary.json`` (blocks, h, errors, times)."""
-    rows = [[c["cycle"], models.format_stage_sizes(c["stage_sizes"]), f"{c['step_size']:g}",
-             f"{c['num_params']:,}", f"{c['epochs']:g}", c["steps"],
-             f"{100 * c['test_error']:.2f} %", f"{c['train_seconds']:.1f}",
-             f"{c['compile_seconds']:.1f}", f"{c['eval_seconds']:.1f}"]
-            for c in summary["cycles"]]
+    rows = [
+        [
+            c["cycle"],
+            models.format_stage_sizes(c["stage_sizes"]),
+            f"{c['step_size']:g}",
+            f"{c['num_params']:,}",
+            f"{c['epochs']:g}",
+            c["steps"],
+            f"{100 * c['test_error']:.2f} %",
+            f"{c['train_seconds']:.1f}",
+            f"{c['compile_seconds']:.1f}",
+            f"{c['eval_seconds']:.1f}",
+        ]
+        for c in summary["cycles"]
+    ]
     return common.markdown_table(
-        ["cycle", "blocks", "h", "params", "epochs", "steps", "test error at its end",
-         "train (s)", "of which compiling (s)", "eval (s)"], rows)
+        [
+            "cycle",
+            "blocks",
+            "h",
+            "params",
+            "epochs",
+            "steps",
+            "test error at its end",
+            "train (s)",
+            "of which compiling (s)",
+            "eval (s)",
+        ],
+        rows,
+    )
 
 
 def environment_line(environment: dict) -> str:
@@ -56,9 +78,11 @@ def environment_line(environment: dict) -> str:
     if not environment:
         return "not recorded"
     parts = [parallel.describe_environment(environment)]
-    parts += [f"{label} {environment[key]}" for key, label in
-              (("cpu_model", "CPU"), ("commit", "commit"), ("time_utc", "written"))
-              if environment.get(key)]
+    parts += [
+        f"{label} {environment[key]}"
+        for key, label in (("cpu_model", "CPU"), ("commit", "commit"), ("time_utc", "written"))
+        if environment.get(key)
+    ]
     return "; ".join(parts)
 
 
@@ -68,18 +92,25 @@ def main_job_markdown(summary: dict) -> str:
     blocks = " → ".join(models.format_stage_sizes(c["stage_sizes"]) for c in summary["cycles"])
     lines = [
         f"# The main job: {summary['dataset']['name']}, width {config['width']}, {blocks}, "
-        f"{config['num_epochs']:g} epochs, seed {config['seed']}", "",
-        main_job_table(summary), "",
+        f"{config['num_epochs']:g} epochs, seed {config['seed']}",
+        "",
+        main_job_table(summary),
+        "",
         f"- Final test error {100 * totals['final_test_error']:.2f} % on "
         f"{totals['test_examples']} test images after {totals['steps']} steps. Train "
         f"{totals['train_seconds']:.1f} s (of which waiting for the compiler "
         f"{totals['compile_seconds']:.1f} s), evaluation {totals['eval_seconds']:.1f} s, "
         f"checkpoints {totals['checkpoint_seconds']:.1f} s; wall time of the last "
         f"invocation {totals['wall_seconds']:.1f} s.",
-        *(f"- Growth at step {g['step']} ({models.format_stage_sizes(g['from_stage_sizes'])} "
-          f"→ {models.format_stage_sizes(g['to_stage_sizes'])}, {g['rule']} rule, momentum "
-          f"{g['momentum']}): {reporting.growth_line(g)}." for g in summary.get("growths", [])),
-        f"- Machine: {environment_line(summary.get('environment', {}))}.", ""]
+        *(
+            f"- Growth at step {g['step']} ({models.format_stage_sizes(g['from_stage_sizes'])} "
+            f"→ {models.format_stage_sizes(g['to_stage_sizes'])}, {g['rule']} rule, momentum "
+            f"{g['momentum']}): {reporting.growth_line(g)}."
+            for g in summary.get("growths", [])
+        ),
+        f"- Machine: {environment_line(summary.get('environment', {}))}.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -103,16 +134,26 @@ class Source:
 
 
 SOURCES = (
-    Source("main_job.json", "`make run` (its `runs/fashion_mnist/summary.json`, copied here)",
-           main_job_markdown, ("main_job_curves.png",)),
-    Source("compare.json", "`python -m benchmarks.compare`", compare_report.report_markdown,
-           ("compare_curves.png",)),
-    Source("growth.json", "`python -m benchmarks.growth`", growth.report_markdown,
-           ("growth.png",)),
+    Source(
+        "main_job.json",
+        "`make run` (its `runs/fashion_mnist/summary.json`, copied here)",
+        main_job_markdown,
+        ("main_job_curves.png",),
+    ),
+    Source(
+        "compare.json",
+        "`python -m benchmarks.compare`",
+        compare_report.report_markdown,
+        ("compare_curves.png",),
+    ),
+    Source("growth.json", "`python -m benchmarks.growth`", growth.report_markdown, ("growth.png",)),
     Source("throughput.json", "`python -m benchmarks.throughput`", throughput.report_markdown),
     Source("step_cost.json", "`python -m benchmarks.step_cost`", step_cost.report_markdown),
-    Source("stop_agreement.json", "`python -m benchmarks.stop_agreement`",
-           stop_agreement.report_markdown),
+    Source(
+        "stop_agreement.json",
+        "`python -m benchmarks.stop_agreement`",
+        stop_agreement.report_markdown,
+    ),
 )
 
 
@@ -131,8 +172,9 @@ def read_reports(results_dir: str) -> dict[str, dict]:
             with open(path, encoding="utf-8") as handle:
                 reports[source.file] = json.load(handle)
         except ValueError as error:
-            raise common.BenchmarkError(f"{path} is not valid JSON ({error}); write it again "
-                                        f"with {source.command}") from None
+            raise common.BenchmarkError(
+                f"{path} is not valid JSON ({error}); write it again with {source.command}"
+            ) from None
     return reports
 
 
@@ -150,12 +192,24 @@ def section(source: Source, report: dict, results_dir: str, page_dir: str) -> st
     title = lines[0].removeprefix("# ") if lines and lines[0].startswith("# ") else source.file
     body = ["#" + line if line.startswith("#") else line for line in lines[1:]]
     link = os.path.relpath(os.path.join(results_dir, source.file), page_dir)
-    figures = [f"![{title}: {name}]({os.path.relpath(os.path.join(results_dir, name), page_dir)})"
-               for name in source.figures if os.path.exists(os.path.join(results_dir, name))]
-    return "\n".join([
-        f"## {title}", "",
-        f"From [`{source.file}`]({link}), written by {source.command}; {provenance(report)}.",
-        *body, *(["", *figures] if figures else [])]).strip() + "\n"
+    figures = [
+        f"![{title}: {name}]({os.path.relpath(os.path.join(results_dir, name), page_dir)})"
+        for name in source.figures
+        if os.path.exists(os.path.join(results_dir, name))
+    ]
+    return (
+        "\n".join(
+            [
+                f"## {title}",
+                "",
+                f"From [`{source.file}`]({link}), written by {source.command}; "
+                f"{provenance(report)}.",
+                *body,
+                *(["", *figures] if figures else []),
+            ]
+        ).strip()
+        + "\n"
+    )
 
 
 def results_page(results_dir: str, page_dir: str) -> str:
@@ -169,16 +223,24 @@ def results_page(results_dir: str, page_dir: str) -> str:
     missing = [s for s in SOURCES if s.file not in reports]
     folder = os.path.relpath(results_dir, page_dir)
     lines = [
-        "# Results", "",
+        "# Results",
+        "",
         f"Written by `{COMMAND}` (`make docs`) from the JSON files in [{folder}/]({folder}/), "
         "as the benchmarks and the main job recorded them: do not edit this page by hand. "
         "Each section names the date and commit of its measurements and the machine they "
-        "ran on. How to run each benchmark: [benchmarks.md](benchmarks.md).", ""]
+        "ran on. How to run each benchmark: [benchmarks.md](benchmarks.md).",
+        "",
+    ]
     if missing:
-        lines += [f"Not measured yet (no JSON file in {folder}/):", "",
-                  *(f"- `{s.file}`, written by {s.command}" for s in missing), ""]
-    lines += [section(s, reports[s.file], results_dir, page_dir)
-              for s in SOURCES if s.file in reports]
+        lines += [
+            f"Not measured yet (no JSON file in {folder}/):",
+            "",
+            *(f"- `{s.file}`, written by {s.command}" for s in missing),
+            "",
+        ]
+    lines += [
+        section(s, reports[s.file], results_dir, page_dir) for s in SOURCES if s.file in reports
+    ]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -192,8 +254,10 @@ def headline(results_dir: str, page: str) -> str:
     reports = read_reports(results_dir)
     if "compare.json" in reports:
         report = reports["compare.json"]
-        what = (f"The paper's Table 3 comparison on {report['settings']['dataset']} "
-                "(`python -m benchmarks.compare`)")
+        what = (
+            f"The paper's Table 3 comparison on {report['settings']['dataset']} "
+            "(`python -m benchmarks.compare`)"
+        )
         machine = common.machine_line(report["machine"])
         table = compare_report.results_table(report["stats"], report["models"])
     elif "main_job.json" in reports:
@@ -202,8 +266,10 @@ def headline(results_dir: str, page: str) -> str:
         machine = environment_line(report.get("environment", {}))
         table = main_job_table(report)
     else:
-        return ("No headline result yet: neither `compare.json` nor `main_job.json` has been "
-                f"written into the results folder. What has: [{page}]({page}).\n")
+        return (
+            "No headline result yet: neither `compare.json` nor `main_job.json` has been "
+            f"written into the results folder. What has: [{page}]({page}).\n"
+        )
     return f"{what}; {provenance(report)} on {machine}. All results: [{page}]({page}).\n\n{table}\n"
 
 
@@ -217,8 +283,9 @@ def replace_block(text: str, block: str, path: str = "README.md") -> str:
     if start < 0 or end < start:
         raise common.BenchmarkError(
             f"{path} has no results block: it needs the line {BEGIN!r} and, after it, the "
-            f"line {END!r}; or pass --readme= to leave it alone")
-    return text[:start + len(BEGIN)] + "\n" + block + text[end:]
+            f"line {END!r}; or pass --readme= to leave it alone"
+        )
+    return text[: start + len(BEGIN)] + "\n" + block + text[end:]
 
 
 def write_pages(results_dir: str, output: str, readme: str = "") -> str:
@@ -235,8 +302,13 @@ def write_pages(results_dir: str, output: str, readme: str = "") -> str:
     readme_text = None
     if readme:
         with open(readme, encoding="utf-8") as handle:
-            readme_text = replace_block(handle.read(), headline(results_dir, os.path.relpath(
-                output, os.path.dirname(os.path.abspath(readme)))), readme)
+            readme_text = replace_block(
+                handle.read(),
+                headline(
+                    results_dir, os.path.relpath(output, os.path.dirname(os.path.abspath(readme)))
+                ),
+                readme,
+            )
     files.write_text(output, page)
     if readme_text is not None:
         files.write_text(readme, readme_text)
@@ -247,16 +319,22 @@ def define_flags() -> None:
     """Defines the command-line flags (called only when run as a program)."""
     flags.DEFINE_string("results_dir", "docs/results", "Folder of the JSON files (and figures).")
     flags.DEFINE_string("output", "docs/results.md", "The results page to write.")
-    flags.DEFINE_string("readme", "README.md", "README whose results block gets the headline "
-                        "table; empty to leave it alone.")
+    flags.DEFINE_string(
+        "readme",
+        "README.md",
+        "README whose results block gets the headline table; empty to leave it alone.",
+    )
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     write_pages(FLAGS.results_dir, FLAGS.output, FLAGS.readme)
-    print(f"Wrote {FLAGS.output}" + (f" and the results block of {FLAGS.readme}"
-                                     if FLAGS.readme else ""), flush=True)
+    print(
+        f"Wrote {FLAGS.output}"
+        + (f" and the results block of {FLAGS.readme}" if FLAGS.readme else ""),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ import dataclasses
 import json
 import multiprocessing
 import os
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -65,9 +66,12 @@ def run_dir(output_dir: str, name: str, seed: int) -> str:
     return os.path.join(output_dir, "runs", name, f"seed{seed}")
 
 
-def plan_runs(config: ml_collections.ConfigDict,
-              overrides: Mapping[str, Mapping[str, Any]], seeds: Sequence[int],
-              output_dir: str) -> list[Run]:
+def plan_runs(
+    config: ml_collections.ConfigDict,
+    overrides: Mapping[str, Mapping[str, Any]],
+    seeds: Sequence[int],
+    output_dir: str,
+) -> list[Run]:
     """Every run: per seed, per name, ``config`` with the name's overrides and the seed.
 
     Args:
@@ -89,8 +93,9 @@ def plan_runs(config: ml_collections.ConfigDict,
         for name, fields in overrides.items():
             derived = ml_collections.ConfigDict(config.to_dict())
             derived.update(dict(fields, seed=seed))
-            runs.append(Run(name, seed, configuration.resolve(derived),
-                            run_dir(output_dir, name, seed)))
+            runs.append(
+                Run(name, seed, configuration.resolve(derived), run_dir(output_dir, name, seed))
+            )
     return runs
 
 
@@ -109,6 +114,7 @@ def config_differences(summary: dict, config: ml_collections.ConfigDict) -> list
     later, counts with the value that gave the run's behaviour
     (`checkpoint.with_added_fields`).
     """
+
     def comparable(fields):
         plain = json.loads(json.dumps(fields))
         plain.pop("progress_bar", None)
@@ -124,8 +130,9 @@ def holds_files(folder: str) -> bool:
     return os.path.isdir(folder) and bool(os.listdir(folder))
 
 
-def check_runs(runs: Sequence[Run], output_dir: str, *, resume: bool,
-               parallel_runs: int = 1) -> None:
+def check_runs(
+    runs: Sequence[Run], output_dir: str, *, resume: bool, parallel_runs: int = 1
+) -> None:
     """Every check that can fail before training.
 
     Raises:
@@ -141,20 +148,23 @@ def check_runs(runs: Sequence[Run], output_dir: str, *, resume: bool,
         raise common.BenchmarkError(
             f"--parallel_runs={parallel_runs} is not allowed here: runs side by side "
             f"take one CPU core each, and this process has {cores} on the "
-            f"{jax.default_backend()} backend (use at most {cores}, on the CPU only)")
+            f"{jax.default_backend()} backend (use at most {cores}, on the CPU only)"
+        )
     for run in runs:
         summary = read_summary(run.workdir)
         differences = summary and config_differences(summary, run.config)
         if resume and differences:
             raise common.BenchmarkError(
                 f"{run.workdir} holds a finished run of another config (differs in "
-                f"{', '.join(differences)}); choose another --output_dir")
+                f"{', '.join(differences)}); choose another --output_dir"
+            )
     used = [run.workdir for run in runs if holds_files(run.workdir)]
     if used and not resume:
         raise common.BenchmarkError(
             f"{used[0]} already holds a run ({len(used)} of the runs' folders do): pass "
             "--resume to reuse finished runs and continue unfinished ones from their "
-            "checkpoints, or choose another --output_dir")
+            "checkpoints, or choose another --output_dir"
+        )
     for run in {run.name: run for run in runs}.values():  # data, steps, devices
         train.check_config(run.config)
     os.makedirs(output_dir, exist_ok=True)
@@ -170,9 +180,14 @@ def _train_on_one_core(config, workdir: str, core: int, verbosity: int) -> dict:
     return train.train_and_evaluate(config, workdir)
 
 
-def train_runs(runs: Sequence[Run], output_dir: str, *, resume: bool = False,
-               parallel_runs: int = 1,
-               on_finished: Callable[[list[Result]], None] | None = None) -> list[Result]:
+def train_runs(
+    runs: Sequence[Run],
+    output_dir: str,
+    *,
+    resume: bool = False,
+    parallel_runs: int = 1,
+    on_finished: Callable[[list[Result]], None] | None = None,
+) -> list[Result]:
     """Trains the runs that have not finished; returns every run's `Result`.
 
     Args:
@@ -219,19 +234,27 @@ def train_runs(runs: Sequence[Run], output_dir: str, *, resume: bool = False,
         return [results[i] for i in range(len(runs))]
     free_cores = common.cpus_available()[:parallel_runs]
     with concurrent.futures.ProcessPoolExecutor(
-            parallel_runs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parallel_runs, mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
         running = {}
         while todo or running:
             while todo and free_cores:
                 (index, status), core = todo.pop(0), free_cores.pop(0)
                 run = runs[index]
-                logging.info("Training %s, seed %d, in %s on CPU core %d", run.name,
-                             run.seed, run.workdir, core)
-                future = pool.submit(_train_on_one_core, run.config, run.workdir, core,
-                                     logging.get_verbosity())
+                logging.info(
+                    "Training %s, seed %d, in %s on CPU core %d",
+                    run.name,
+                    run.seed,
+                    run.workdir,
+                    core,
+                )
+                future = pool.submit(
+                    _train_on_one_core, run.config, run.workdir, core, logging.get_verbosity()
+                )
                 running[future] = (index, status, core)
             done, _ = concurrent.futures.wait(
-                running, return_when=concurrent.futures.FIRST_COMPLETED)
+                running, return_when=concurrent.futures.FIRST_COMPLETED
+            )
             for future in done:
                 index, status, core = running.pop(future)
                 free_cores.append(core)

@@ -31,15 +31,19 @@ HOST_INDICES = "check, indices from the host"
 
 def measure_depth(stage_sizes, settings: dict) -> dict[str, float]:
     """Median step seconds of the step stopped after each phase, and with host indices."""
-    model = models.ResNet(stage_sizes, width=settings["width"],
-                          num_classes=settings["num_classes"])
-    timing = {key: settings[key] for key in ("image_shape", "num_classes", "crop_padding",
-                                             "batch_size", "warmup")}
+    model = models.ResNet(stage_sizes, width=settings["width"], num_classes=settings["num_classes"])
+    timing = {
+        key: settings[key]
+        for key in ("image_shape", "num_classes", "crop_padding", "batch_size", "warmup")
+    }
     result = {}
-    for name, phase, from_host in [*((p, p, False) for p in steps.TRAIN_STEP_PHASES),
-                                   (HOST_INDICES, "check", True)]:
-        timed = common.time_train_step(model, count=settings["steps"], last_phase=phase,
-                                       indices_from_host=from_host, **timing)
+    for name, phase, from_host in [
+        *((p, p, False) for p in steps.TRAIN_STEP_PHASES),
+        (HOST_INDICES, "check", True),
+    ]:
+        timed = common.time_train_step(
+            model, count=settings["steps"], last_phase=phase, indices_from_host=from_host, **timing
+        )
         result[name] = timed["step_seconds"]["median"]
     return result
 
@@ -55,35 +59,61 @@ def report_markdown(report: dict) -> str:
     depths = report["depths"]
     names = list(report["seconds"][0])
     first = report["seconds"][0]["check"]
-    headers = ["step stopped after", *[f"{models.format_stage_sizes(d)} (ms)" for d in depths],
-               "fixed (ms)", "per block (ms)",
-               f"fixed, share of the {models.format_stage_sizes(depths[0])} step"]
+    headers = [
+        "step stopped after",
+        *[f"{models.format_stage_sizes(d)} (ms)" for d in depths],
+        "fixed (ms)",
+        "per block (ms)",
+        f"fixed, share of the {models.format_stage_sizes(depths[0])} step",
+    ]
     body = []
     for name in names:
         f = report["fits"][name]
-        body.append([name, *[f"{1e3 * s[name]:.1f}" for s in report["seconds"]],
-                     f"{1e3 * f['fixed']:.1f}", f"{1e3 * f['per_block']:.2f}",
-                     f"{100 * f['fixed'] / first:.0f} %"])
+        body.append(
+            [
+                name,
+                *[f"{1e3 * s[name]:.1f}" for s in report["seconds"]],
+                f"{1e3 * f['fixed']:.1f}",
+                f"{1e3 * f['per_block']:.2f}",
+                f"{100 * f['fixed'] / first:.0f} %",
+            ]
+        )
     s = report["settings"]
-    return "\n".join([
-        f"# Train-step cost by phase: width {s['width']}, images "
-        f"{'x'.join(map(str, s['image_shape']))}, batch {s['batch_size']}",
-        "", common.markdown_table(headers, body), "",
-        f"- Median of {s['steps']} steps after {s['warmup']}; blocks = all blocks of the "
-        "network; fixed and per block from a least-squares line through the depths. "
-        "'check' is the whole step.",
-        f"- Machine: {common.machine_line(report['machine'])}.", ""])
+    return "\n".join(
+        [
+            f"# Train-step cost by phase: width {s['width']}, images "
+            f"{'x'.join(map(str, s['image_shape']))}, batch {s['batch_size']}",
+            "",
+            common.markdown_table(headers, body),
+            "",
+            f"- Median of {s['steps']} steps after {s['warmup']}; blocks = all blocks of the "
+            "network; fixed and per block from a least-squares line through the depths. "
+            "'check' is the whole step.",
+            f"- Machine: {common.machine_line(report['machine'])}.",
+            "",
+        ]
+    )
 
 
 def define_flags() -> None:
     """Defines the command-line flags (called only when run as a program)."""
     flags.DEFINE_integer("width", 8, "First-stage filters.", lower_bound=1)
-    flags.DEFINE_enum("dataset", "fashion_mnist", sorted(datasets.DATASETS),
-                      "Image shape, classes and crop padding of this data set.")
-    common.define_list("stage_sizes", "2,2,2", "Blocks per stage of the first depth.",
-                       flags.IntegerParser(lower_bound=1), unique=False)
-    flags.DEFINE_integer("levels", 3, "Depths: the first and LEVELS - 1 interpolations.",
-                         lower_bound=2)
+    flags.DEFINE_enum(
+        "dataset",
+        "fashion_mnist",
+        sorted(datasets.DATASETS),
+        "Image shape, classes and crop padding of this data set.",
+    )
+    common.define_list(
+        "stage_sizes",
+        "2,2,2",
+        "Blocks per stage of the first depth.",
+        flags.IntegerParser(lower_bound=1),
+        unique=False,
+    )
+    flags.DEFINE_integer(
+        "levels", 3, "Depths: the first and LEVELS - 1 interpolations.", lower_bound=2
+    )
     flags.DEFINE_integer("batch_size", 100, "Training mini-batch (images).", lower_bound=1)
     flags.DEFINE_integer("steps", 20, "Timed steps per phase and depth.", lower_bound=1)
     flags.DEFINE_integer("warmup", 3, "Untimed steps first.", lower_bound=0)
@@ -94,19 +124,30 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     info = datasets.DATASETS[FLAGS.dataset]
-    settings = {"width": FLAGS.width, "image_shape": tuple(info.image_shape),
-                "num_classes": info.num_classes, "crop_padding": info.padding,
-                "batch_size": FLAGS.batch_size, "steps": FLAGS.steps, "warmup": FLAGS.warmup}
+    settings = {
+        "width": FLAGS.width,
+        "image_shape": tuple(info.image_shape),
+        "num_classes": info.num_classes,
+        "crop_padding": info.padding,
+        "batch_size": FLAGS.batch_size,
+        "steps": FLAGS.steps,
+        "warmup": FLAGS.warmup,
+    }
     depths = [sizes for sizes, _ in plan.cycle_networks(FLAGS.stage_sizes, 1.0, FLAGS.levels)]
     machine = common.machine_info()
     seconds = []
     for depth in depths:
         logging.info("Measuring %s", models.format_stage_sizes(depth))
         seconds.append(measure_depth(depth, settings))
-    fits = {name: fit([sum(d) for d in depths], [s[name] for s in seconds])
-            for name in seconds[0]}
-    report = {"benchmark": "step_cost", "machine": machine, "settings": settings,
-              "depths": depths, "seconds": seconds, "fits": fits}
+    fits = {name: fit([sum(d) for d in depths], [s[name] for s in seconds]) for name in seconds[0]}
+    report = {
+        "benchmark": "step_cost",
+        "machine": machine,
+        "settings": settings,
+        "depths": depths,
+        "seconds": seconds,
+        "fits": fits,
+    }
     common.write_outputs(FLAGS.output_dir, "step_cost", report, report_markdown(report))
     print(report_markdown(report), flush=True)
 

@@ -31,12 +31,14 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    common.define_list("processes", "1,2", "Numbers of processes to measure.",
-                       flags.IntegerParser(lower_bound=1))
+    common.define_list(
+        "processes", "1,2", "Numbers of processes to measure.", flags.IntegerParser(lower_bound=1)
+    )
     flags.DEFINE_integer("exchanges", 1000, "Timed calls per process count.", lower_bound=1)
     flags.DEFINE_integer("warmup", 50, "Untimed calls first.", lower_bound=0)
-    flags.DEFINE_string("output_dir", "runs/bench/stop_agreement",
-                        "Folder for stop_agreement.json and .md.")
+    flags.DEFINE_string(
+        "output_dir", "runs/bench/stop_agreement", "Folder for stop_agreement.json and .md."
+    )
     # Internal: one measuring process.
     flags.DEFINE_string("worker", None, "PORT,PROCESSES,PROCESS_ID (internal).")
 
@@ -72,11 +74,22 @@ def _run(processes: int) -> list[float]:
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    workers = [subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.stop_agreement",
-         f"--worker={port},{processes},{i}", f"--exchanges={FLAGS.exchanges}",
-         f"--warmup={FLAGS.warmup}"], env=env, stdout=subprocess.PIPE, text=True)
-        for i in range(processes)]
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.stop_agreement",
+                f"--worker={port},{processes},{i}",
+                f"--exchanges={FLAGS.exchanges}",
+                f"--warmup={FLAGS.warmup}",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(processes)
+    ]
     outputs = [worker.communicate(timeout=600)[0] for worker in workers]
     if any(worker.returncode for worker in workers):
         raise RuntimeError(f"a worker failed: {[w.returncode for w in workers]}")
@@ -85,18 +98,28 @@ def _run(processes: int) -> list[float]:
 
 def report_markdown(report: dict) -> str:
     """``stop_agreement.md``: the table and how it was measured."""
-    rows = [[r["processes"], *(f"{r['microseconds'][key]:.1f}"
-                               for key in ("median", "p25", "p75", "max"))]
-            for r in report["results"]]
-    table = common.markdown_table(
-        ["processes", "median µs per step", "25 %", "75 %", "max"], rows)
+    rows = [
+        [
+            r["processes"],
+            *(f"{r['microseconds'][key]:.1f}" for key in ("median", "p25", "p75", "max")),
+        ]
+        for r in report["results"]
+    ]
+    table = common.markdown_table(["processes", "median µs per step", "25 %", "75 %", "max"], rows)
     warmup = report.get("warmup")
-    return "\n".join([
-        "# Stop agreement: cost per training step", "", table, "",
-        f"- {report['exchanges']} timed calls of StopAgreement.should_stop per process "
-        f"count{f' after {warmup} untimed' if warmup is not None else ''}, back to back; "
-        "processes joined over localhost.",
-        f"- Machine: {common.machine_line(report['machine'])}.", ""])
+    return "\n".join(
+        [
+            "# Stop agreement: cost per training step",
+            "",
+            table,
+            "",
+            f"- {report['exchanges']} timed calls of StopAgreement.should_stop per process "
+            f"count{f' after {warmup} untimed' if warmup is not None else ''}, back to back; "
+            "processes joined over localhost.",
+            f"- Machine: {common.machine_line(report['machine'])}.",
+            "",
+        ]
+    )
 
 
 def main(argv) -> None:
@@ -108,8 +131,13 @@ def main(argv) -> None:
     for processes in FLAGS.processes:
         stats = common.percentiles([1e6 * s for s in _run(processes)])
         results.append({"processes": processes, "microseconds": stats})
-    report = {"benchmark": "stop_agreement", "machine": machine,
-              "exchanges": FLAGS.exchanges, "warmup": FLAGS.warmup, "results": results}
+    report = {
+        "benchmark": "stop_agreement",
+        "machine": machine,
+        "exchanges": FLAGS.exchanges,
+        "warmup": FLAGS.warmup,
+        "results": results,
+    }
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     common.write_outputs(FLAGS.output_dir, "stop_agreement", report, report_markdown(report))
     print(report_markdown(report), flush=True)

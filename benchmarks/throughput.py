@@ -45,7 +45,7 @@ import os
 import resource
 import subprocess
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -101,32 +101,45 @@ def plan_levels(stage_sizes, epochs, steps_per_epoch: int) -> list[plan.Cycle]:
     """
     try:
         return plan.plan_cycles(
-            stage_sizes=stage_sizes, step_size=1.0, num_epochs=sum(epochs),
+            stage_sizes=stage_sizes,
+            step_size=1.0,
+            num_epochs=sum(epochs),
             cycle_boundaries=list(itertools.accumulate(epochs))[:-1],
-            steps_per_epoch=steps_per_epoch, multilevel=True)
+            steps_per_epoch=steps_per_epoch,
+            multilevel=True,
+        )
     except ValueError as error:
-        raise common.BenchmarkError(f"--cycle_epochs={','.join(map(str, epochs))} is not "
-                                    f"allowed: {error}") from None
+        raise common.BenchmarkError(
+            f"--cycle_epochs={','.join(map(str, epochs))} is not allowed: {error}"
+        ) from None
 
 
 def settings_from_flags() -> dict:
     """The settings of the benchmark from its (checked) flags."""
     info = datasets.DATASETS[FLAGS.dataset]
-    epochs = list(FLAGS.cycle_epochs or (
-        DEFAULT_CYCLE_EPOCHS if FLAGS.levels == 3 else [2.0] * FLAGS.levels))
+    epochs = list(
+        FLAGS.cycle_epochs or (DEFAULT_CYCLE_EPOCHS if FLAGS.levels == 3 else [2.0] * FLAGS.levels)
+    )
     epochs *= FLAGS.levels if len(epochs) == 1 else 1
     cycles = plan_levels(FLAGS.stage_sizes, epochs, max(1, info.num_train // FLAGS.batch_size))
     return {
-        "dataset": FLAGS.dataset, "image_shape": FLAGS.image_shape or list(info.image_shape),
-        "num_classes": info.num_classes, "crop_padding": info.padding,
+        "dataset": FLAGS.dataset,
+        "image_shape": FLAGS.image_shape or list(info.image_shape),
+        "num_classes": info.num_classes,
+        "crop_padding": info.padding,
         "families": [(family_name(width), width) for width in FLAGS.families],
         "levels": [(c.stage_sizes, c.step_size) for c in cycles],
-        "batch_size": FLAGS.batch_size, "eval_batch_size": FLAGS.eval_batch_size,
-        "warmup": FLAGS.warmup, "steps": FLAGS.steps, "eval_steps": FLAGS.eval_steps,
+        "batch_size": FLAGS.batch_size,
+        "eval_batch_size": FLAGS.eval_batch_size,
+        "warmup": FLAGS.warmup,
+        "steps": FLAGS.steps,
+        "eval_steps": FLAGS.eval_steps,
         "cycle_epochs": epochs,
         "cycle_steps": [c.num_steps for c in cycles],
-        "seed": FLAGS.seed, "device_counts": FLAGS.device_counts,
-        "layouts": FLAGS.layouts, "compute_dtype": FLAGS.compute_dtype,
+        "seed": FLAGS.seed,
+        "device_counts": FLAGS.device_counts,
+        "layouts": FLAGS.layouts,
+        "compute_dtype": FLAGS.compute_dtype,
     }
 
 
@@ -142,8 +155,12 @@ def xla_memory_bytes(executable) -> int | None:
         return None
     if stats is None:
         return None
-    return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
-               - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+    return int(
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        - stats.alias_size_in_bytes
+        + stats.temp_size_in_bytes
+    )
 
 
 def xla_flops(executable) -> float | None:
@@ -172,8 +189,7 @@ def peak_memory() -> dict:
     except Exception:  # pylint: disable=broad-except
         stats = None
     if stats and "peak_bytes_in_use" in stats:
-        return {"bytes": int(stats["peak_bytes_in_use"]),
-                "source": "device peak_bytes_in_use"}
+        return {"bytes": int(stats["peak_bytes_in_use"]), "source": "device peak_bytes_in_use"}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes
     return {"bytes": int(rss * scale), "source": "process max RSS"}
@@ -187,9 +203,13 @@ def images_per_second(batch_size: int, seconds: dict) -> dict:
       quartiles (``p25``, ``p75``) and the extremes (``min``, ``max``),
       in images per second.
     """
-    return {"median": batch_size / seconds["median"],
-            "p25": batch_size / seconds["p75"], "p75": batch_size / seconds["p25"],
-            "min": batch_size / seconds["max"], "max": batch_size / seconds["min"]}
+    return {
+        "median": batch_size / seconds["median"],
+        "p25": batch_size / seconds["p75"],
+        "p75": batch_size / seconds["p25"],
+        "min": batch_size / seconds["max"],
+        "max": batch_size / seconds["min"],
+    }
 
 
 def compile_share(compile_seconds: float, steps: int, step_seconds: float) -> float:
@@ -215,11 +235,16 @@ def time_eval_step(model: models.ResNet, variables, settings: dict, mesh):
     """
     rng = np.random.default_rng(settings["seed"] + 2)
     batch = settings["eval_batch_size"]
-    images, labels, mask = parallel.shard_batch((*common.synthetic_images(
-        rng, batch, settings["image_shape"], settings["num_classes"]),
-        np.ones((batch,), bool)), mesh)
+    images, labels, mask = parallel.shard_batch(
+        (
+            *common.synthetic_images(rng, batch, settings["image_shape"], settings["num_classes"]),
+            np.ones((batch,), bool),
+        ),
+        mesh,
+    )
     compiled, compile_seconds = steps.compile_ahead(
-        steps.make_eval_step(model, mesh), variables, images, labels, mask)
+        steps.make_eval_step(model, mesh), variables, images, labels, mask
+    )
 
     def call(_):
         return compiled(variables, images, labels, mask)
@@ -228,8 +253,14 @@ def time_eval_step(model: models.ResNet, variables, settings: dict, mesh):
     return compile_seconds, common.percentiles(common.time_calls(call, settings["eval_steps"]))
 
 
-def measure(width: int, stage_sizes: tuple[int, ...], step_size: float,
-            settings: dict, devices: int = 1, layout: str = "unrolled") -> dict:
+def measure(
+    width: int,
+    stage_sizes: tuple[int, ...],
+    step_size: float,
+    settings: dict,
+    devices: int = 1,
+    layout: str = "unrolled",
+) -> dict:
     """Compiles and times the train and eval step of one network on ``devices`` devices.
 
     Args:
@@ -247,16 +278,27 @@ def measure(width: int, stage_sizes: tuple[int, ...], step_size: float,
       `common.percentiles`; images/s; XLA memory estimate (bytes) and flops
       of the train step; the peak memory so far (`peak_memory`).
     """
-    model = models.ResNet(stage_sizes=stage_sizes, width=width,
-                          num_classes=settings["num_classes"], step_size=step_size,
-                          scan_blocks=layout == "scanned",
-                          dtype=jnp.dtype(settings["compute_dtype"]),
-                          scanned_conv=cpu_backend.scanned_conv())
+    model = models.ResNet(
+        stage_sizes=stage_sizes,
+        width=width,
+        num_classes=settings["num_classes"],
+        step_size=step_size,
+        scan_blocks=layout == "scanned",
+        dtype=jnp.dtype(settings["compute_dtype"]),
+        scanned_conv=cpu_backend.scanned_conv(),
+    )
     mesh = parallel.make_mesh(devices)
     timed = common.time_train_step(
-        model, image_shape=settings["image_shape"], num_classes=settings["num_classes"],
-        crop_padding=settings["crop_padding"], batch_size=settings["batch_size"],
-        warmup=settings["warmup"], count=settings["steps"], seed=settings["seed"], mesh=mesh)
+        model,
+        image_shape=settings["image_shape"],
+        num_classes=settings["num_classes"],
+        crop_padding=settings["crop_padding"],
+        batch_size=settings["batch_size"],
+        warmup=settings["warmup"],
+        count=settings["steps"],
+        seed=settings["seed"],
+        mesh=mesh,
+    )
     train_seconds, state = timed["step_seconds"], timed["state"]
     eval_compile, eval_seconds = time_eval_step(model, state.variables, settings, mesh)
     return {
@@ -266,8 +308,7 @@ def measure(width: int, stage_sizes: tuple[int, ...], step_size: float,
         "train_step_seconds": train_seconds,
         "train_images_per_second": images_per_second(settings["batch_size"], train_seconds),
         "eval_step_seconds": eval_seconds,
-        "eval_images_per_second": images_per_second(settings["eval_batch_size"],
-                                                    eval_seconds),
+        "eval_images_per_second": images_per_second(settings["eval_batch_size"], eval_seconds),
         "train_step_flops": xla_flops(timed["compiled"]),
         "train_step_xla_memory_bytes": xla_memory_bytes(timed["compiled"]),
         "peak_memory": peak_memory(),
@@ -321,33 +362,50 @@ def family_summary(rows: list[dict], cycle_steps_list: Sequence[int]) -> dict:
         "theoretical_ratio": [1 / 2 ** (last - i) for i in range(len(rows))],
         "predicted_time_saved_steps_only": common.time_saved(multi_steps, fixed_steps),
         "predicted_time_saved_with_compile": common.time_saved(
-            multi_steps + sum(compiles), fixed_steps + compiles[-1]),
+            multi_steps + sum(compiles), fixed_steps + compiles[-1]
+        ),
         "theoretical_time_saved": 1 - plan.theoretical_cost_ratio(cycle_steps_list),
     }
 
 
 def results_table(rows: list[dict]) -> str:
     """The markdown table of all measured configurations."""
-    headers = ["model", "blocks", "h", "devices", "layout", "params",
-               "compile train / eval (s)",
-               "train step (s), median [IQR]", "train images/s [min-max]",
-               "eval images/s", "XLA mem (MB)", "peak mem (MB)", "compile share"]
+    headers = [
+        "model",
+        "blocks",
+        "h",
+        "devices",
+        "layout",
+        "params",
+        "compile train / eval (s)",
+        "train step (s), median [IQR]",
+        "train images/s [min-max]",
+        "eval images/s",
+        "XLA mem (MB)",
+        "peak mem (MB)",
+        "compile share",
+    ]
     body = []
     for r in rows:
         t, ips = r["train_step_seconds"], r["train_images_per_second"]
         memory = r["train_step_xla_memory_bytes"]
-        body.append([
-            model_name(r["family"], r["stage_sizes"]),
-            models.format_stage_sizes(r["stage_sizes"]), f"{r['step_size']:g}",
-            str(r["devices"]), r["layout"], f"{r['num_params']:,}",
-            f"{r['compile_train_seconds']:.1f} / {r['compile_eval_seconds']:.1f}",
-            f"{t['median']:.3f} [{t['p25']:.3f}-{t['p75']:.3f}]",
-            f"{ips['median']:.0f} [{ips['min']:.0f}-{ips['max']:.0f}]",
-            f"{r['eval_images_per_second']['median']:.0f}",
-            "—" if memory is None else f"{memory / 1e6:.0f}",
-            f"{r['peak_memory']['bytes'] / 1e6:.0f}",
-            f"{100 * r['compile_share']:.1f} % of {r['cycle_steps']} steps",
-        ])
+        body.append(
+            [
+                model_name(r["family"], r["stage_sizes"]),
+                models.format_stage_sizes(r["stage_sizes"]),
+                f"{r['step_size']:g}",
+                str(r["devices"]),
+                r["layout"],
+                f"{r['num_params']:,}",
+                f"{r['compile_train_seconds']:.1f} / {r['compile_eval_seconds']:.1f}",
+                f"{t['median']:.3f} [{t['p25']:.3f}-{t['p75']:.3f}]",
+                f"{ips['median']:.0f} [{ips['min']:.0f}-{ips['max']:.0f}]",
+                f"{r['eval_images_per_second']['median']:.0f}",
+                "—" if memory is None else f"{memory / 1e6:.0f}",
+                f"{r['peak_memory']['bytes'] / 1e6:.0f}",
+                f"{100 * r['compile_share']:.1f} % of {r['cycle_steps']} steps",
+            ]
+        )
     return common.markdown_table(headers, body)
 
 
@@ -366,14 +424,27 @@ def layout_table(rows: list[dict]) -> str:
     layouts = list(dict.fromkeys(r["layout"] for r in rows))
     networks = list(dict.fromkeys((r["family"], tuple(r["stage_sizes"])) for r in rows))
     by = {(r["family"], tuple(r["stage_sizes"]), r["layout"]): r for r in rows}
-    headers = ["model", "blocks",
-               *[f"compile train, {name} (s)" for name in layouts],
-               *[f"train step, {name} (s)" for name in layouts]]
-    body = [[model_name(family, sizes), models.format_stage_sizes(sizes),
-             *[_cell(by.get((family, sizes, name)), "compile_train_seconds", ".1f")
-               for name in layouts],
-             *[_cell(by.get((family, sizes, name)), "train_step_seconds", ".3f")
-               for name in layouts]] for family, sizes in networks]
+    headers = [
+        "model",
+        "blocks",
+        *[f"compile train, {name} (s)" for name in layouts],
+        *[f"train step, {name} (s)" for name in layouts],
+    ]
+    body = [
+        [
+            model_name(family, sizes),
+            models.format_stage_sizes(sizes),
+            *[
+                _cell(by.get((family, sizes, name)), "compile_train_seconds", ".1f")
+                for name in layouts
+            ],
+            *[
+                _cell(by.get((family, sizes, name)), "train_step_seconds", ".3f")
+                for name in layouts
+            ],
+        ]
+        for family, sizes in networks
+    ]
     return common.markdown_table(headers, body)
 
 
@@ -386,20 +457,29 @@ def scaling_table(rows: list[dict]) -> str:
     """
     rows = [r for r in rows if r["layout"] == rows[0]["layout"]]
     counts = sorted({r["devices"] for r in rows})
-    networks = list(dict.fromkeys((r["family"], tuple(r["stage_sizes"]), r["step_size"])
-                                  for r in rows))
-    by = {(r["family"], tuple(r["stage_sizes"]), r["step_size"], r["devices"]): r
-          for r in rows}
-    headers = ["model", "blocks", *[f"train images/s, {n} device{'s' * (n > 1)}"
-                                    for n in counts],
-               f"{counts[-1]} vs {counts[0]} device{'s' * (counts[0] > 1)}"]
+    networks = list(
+        dict.fromkeys((r["family"], tuple(r["stage_sizes"]), r["step_size"]) for r in rows)
+    )
+    by = {(r["family"], tuple(r["stage_sizes"]), r["step_size"], r["devices"]): r for r in rows}
+    headers = [
+        "model",
+        "blocks",
+        *[f"train images/s, {n} device{'s' * (n > 1)}" for n in counts],
+        f"{counts[-1]} vs {counts[0]} device{'s' * (counts[0] > 1)}",
+    ]
     body = []
     for family, sizes, h in networks:
         cells = [by.get((family, sizes, h, n)) for n in counts]
         first, last = (c and c["train_images_per_second"]["median"] for c in (cells[0], cells[-1]))
         speed_up = f"x{last / first:.2f}" if first and last else "—"
-        body.append([model_name(family, sizes), models.format_stage_sizes(sizes),
-                     *[_cell(c, "train_images_per_second", ".0f") for c in cells], speed_up])
+        body.append(
+            [
+                model_name(family, sizes),
+                models.format_stage_sizes(sizes),
+                *[_cell(c, "train_images_per_second", ".0f") for c in cells],
+                speed_up,
+            ]
+        )
     return common.markdown_table(headers, body)
 
 
@@ -414,7 +494,8 @@ def summary_lines(families_summary: dict) -> list[str]:
             f"{theory}); multi-level saving predicted from these step times "
             f"{100 * s['predicted_time_saved_steps_only']:.1f} % (steps only), "
             f"{100 * s['predicted_time_saved_with_compile']:.1f} % (with "
-            f"compilation); theoretical {100 * s['theoretical_time_saved']:.1f} %.")
+            f"compilation); theoretical {100 * s['theoretical_time_saved']:.1f} %."
+        )
     return lines
 
 
@@ -429,12 +510,29 @@ def report_markdown(report: dict) -> str:
         "",
         results_table(rows),
         "",
-        *([f"Scaling with the number of devices ({report['machine']['device_kind']}; the global batch "
-           "is split over them):", "", scaling_table(rows), ""]
-          if len(s["device_counts"]) > 1 else []),
-        *(["Layouts: the blocks one after another (unrolled) or the blocks after the "
-           "first of each stage as one scan (scanned):", "", layout_table(rows), ""]
-          if len(s["layouts"]) > 1 else []),
+        *(
+            [
+                "Scaling with the number of devices "
+                f"({report['machine']['device_kind']}; the global batch "
+                "is split over them):",
+                "",
+                scaling_table(rows),
+                "",
+            ]
+            if len(s["device_counts"]) > 1
+            else []
+        ),
+        *(
+            [
+                "Layouts: the blocks one after another (unrolled) or the blocks after the "
+                "first of each stage as one scan (scanned):",
+                "",
+                layout_table(rows),
+                "",
+            ]
+            if len(s["layouts"]) > 1
+            else []
+        ),
         *summary_lines(report["families"]),
         f"- Step times: median of {s['steps']} timed train steps after "
         f"{s['warmup']} untimed ({s['eval_steps']} eval batches after 1); each "
@@ -445,8 +543,11 @@ def report_markdown(report: dict) -> str:
         "(configurations ran smallest first). XLA mem: the compiled train "
         "step's arguments + outputs - donated + temporaries.",
         f"- Machine: {common.machine_line(report['machine'])}.",
-        *([] if report.get("complete", True) else
-          ["- **Incomplete**: not every configuration has been measured (yet)."]),
+        *(
+            []
+            if report.get("complete", True)
+            else ["- **Incomplete**: not every configuration has been measured (yet)."]
+        ),
     ]
     return "\n".join(lines) + "\n"
 
@@ -463,8 +564,9 @@ def build_report(settings: dict, measured: dict, machine: dict) -> dict:
       first device count and layout).
     """
     levels = settings["levels"]
-    variants = [(devices, layout) for layout in settings["layouts"]
-                for devices in settings["device_counts"]]
+    variants = [
+        (devices, layout) for layout in settings["layouts"] for devices in settings["device_counts"]
+    ]
     rows, families = [], {}
     for name, width in settings["families"]:
         for devices, layout in variants:
@@ -472,24 +574,38 @@ def build_report(settings: dict, measured: dict, machine: dict) -> dict:
             for level, (sizes, h) in enumerate(levels):
                 if (width, level, devices, layout) not in measured:
                     continue
-                row = {"family": name, "width": width, "stage_sizes": list(sizes),
-                       "step_size": h, "devices": devices, "layout": layout,
-                       "cycle_steps": settings["cycle_steps"][level],
-                       **measured[(width, level, devices, layout)]}
+                row = {
+                    "family": name,
+                    "width": width,
+                    "stage_sizes": list(sizes),
+                    "step_size": h,
+                    "devices": devices,
+                    "layout": layout,
+                    "cycle_steps": settings["cycle_steps"][level],
+                    **measured[(width, level, devices, layout)],
+                }
                 row["compile_share"] = compile_share(
                     row["compile_train_seconds"] + row["compile_eval_seconds"],
-                    row["cycle_steps"], row["train_step_seconds"]["median"])
+                    row["cycle_steps"],
+                    row["train_step_seconds"]["median"],
+                )
                 family_rows.append(row)
             rows += family_rows
             if (devices, layout) == variants[0] and len(family_rows) == len(levels):
                 families[name] = family_summary(family_rows, settings["cycle_steps"])
-    plain_settings = {**settings,
-                      "families": [{"name": n, "width": w} for n, w in settings["families"]],
-                      "levels": [{"stage_sizes": list(s), "step_size": h}
-                                 for s, h in levels]}
-    return {"benchmark": "throughput", "machine": machine, "settings": plain_settings,
-            "complete": len(rows) == len(variants) * len(levels) * len(settings["families"]),
-            "rows": rows, "families": families}
+    plain_settings = {
+        **settings,
+        "families": [{"name": n, "width": w} for n, w in settings["families"]],
+        "levels": [{"stage_sizes": list(s), "step_size": h} for s, h in levels],
+    }
+    return {
+        "benchmark": "throughput",
+        "machine": machine,
+        "settings": plain_settings,
+        "complete": len(rows) == len(variants) * len(levels) * len(settings["families"]),
+        "rows": rows,
+        "families": families,
+    }
 
 
 def run_benchmark(settings: dict, on_measured=None) -> dict:
@@ -510,83 +626,164 @@ def run_benchmark(settings: dict, on_measured=None) -> dict:
         for devices in settings["device_counts"]:
             for name, width, level in run_order(settings["families"], levels):
                 sizes, h = levels[level]
-                logging.info("Measuring %s, width %d, %s blocks, h = %g, %d device(s), %s",
-                             model_name(name, sizes), width,
-                             models.format_stage_sizes(sizes), h, devices, layout)
+                logging.info(
+                    "Measuring %s, width %d, %s blocks, h = %g, %d device(s), %s",
+                    model_name(name, sizes),
+                    width,
+                    models.format_stage_sizes(sizes),
+                    h,
+                    devices,
+                    layout,
+                )
                 result = measure(width, sizes, h, settings, devices, layout)
                 measured[(width, level, devices, layout)] = result
-                logging.info("  compile train %.1f s, eval %.1f s; train step %.3f s "
-                             "(median)", result["compile_train_seconds"],
-                             result["compile_eval_seconds"],
-                             result["train_step_seconds"]["median"])
+                logging.info(
+                    "  compile train %.1f s, eval %.1f s; train step %.3f s (median)",
+                    result["compile_train_seconds"],
+                    result["compile_eval_seconds"],
+                    result["train_step_seconds"]["median"],
+                )
                 if on_measured:
                     on_measured(build_report(settings, measured, machine))
     return build_report(settings, measured, machine)
 
 
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
-    """Defines the command-line flags and their checks (called when run as a program, or by a test)."""
+    """Defines the command-line flags and their checks (when run as a program, or by a test)."""
     integer = flags.IntegerParser
-    flags.DEFINE_enum("dataset", "fashion_mnist", sorted(datasets.DATASETS),
-                      "Image shape, classes, crop padding and epoch length of this data set.",
-                      flag_values=flag_values)
-    common.define_list("image_shape", None, "H,W,C of the synthetic images; default: the "
-                       "data set's.", integer(lower_bound=1), unique=False,
-                       flag_values=flag_values)
-    common.define_list("families", "resnet,wresnet", "'resnet' (width 16), 'wresnet' (width "
-                       "32) or first-stage widths as integers.", FamilyParser(),
-                       flag_values=flag_values)
-    common.define_list("stage_sizes", "2,2,2", "Blocks per stage of the first level.",
-                       integer(lower_bound=1), unique=False, flag_values=flag_values)
-    flags.DEFINE_integer("levels", 3, "Depths measured: the first level and LEVELS - 1 "
-                         "interpolations (blocks x2, h / 2 each; plan.cycle_networks).",
-                         lower_bound=1, flag_values=flag_values)
-    flags.DEFINE_integer("batch_size", 100, "Training mini-batch (images).", lower_bound=1,
-                         flag_values=flag_values)
-    flags.DEFINE_integer("eval_batch_size", 500, "Evaluation batch (images).", lower_bound=1,
-                         flag_values=flag_values)
-    flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.", lower_bound=0,
-                         flag_values=flag_values)
-    flags.DEFINE_integer("steps", 5, "Timed training steps per configuration.",
-                         lower_bound=1, flag_values=flag_values)
-    flags.DEFINE_integer("eval_steps", 3, "Timed evaluation steps per configuration.",
-                         lower_bound=1, flag_values=flag_values)
-    common.define_list("cycle_epochs", None, "Epochs per cycle, one per level (or one for "
-                       "all), for the compile share and the predicted saving. Default: "
-                       "benchmarks/presets/cpu.py's 2.25,1.875,1.875 for 3 levels, else 2 "
-                       "per level; the paper's is 60,50,50.", flags.FloatParser(lower_bound=0),
-                       unique=False, flag_values=flag_values)
-    flags.DEFINE_string("output_dir", "runs/bench/throughput",
-                        "Folder for throughput.json and throughput.md.", flag_values=flag_values)
-    flags.DEFINE_integer("seed", 0, "Seed of the synthetic data and initialisation.",
-                         lower_bound=0, flag_values=flag_values)
-    common.define_list("layouts", "unrolled", "Block layouts to measure: 'unrolled' and/or "
-                       "'scanned' (models.ResNet.scan_blocks).", flags.EnumParser(LAYOUTS),
-                       flag_values=flag_values)
-    flags.DEFINE_enum("compute_dtype", "float32", list(configuration.COMPUTE_DTYPES),
-                      "Computation dtype (parameters stay float32).", flag_values=flag_values)
-    common.define_list("device_counts", "1", "Numbers of devices to measure each network on "
-                       "(data parallel, the batch split over them), e.g. '1,2'. On a CPU with "
-                       "fewer devices, the benchmark reruns itself with that many forced host "
-                       "devices (--xla_force_host_platform_device_count).",
-                       integer(lower_bound=1), flag_values=flag_values)
+    flags.DEFINE_enum(
+        "dataset",
+        "fashion_mnist",
+        sorted(datasets.DATASETS),
+        "Image shape, classes, crop padding and epoch length of this data set.",
+        flag_values=flag_values,
+    )
+    common.define_list(
+        "image_shape",
+        None,
+        "H,W,C of the synthetic images; default: the data set's.",
+        integer(lower_bound=1),
+        unique=False,
+        flag_values=flag_values,
+    )
+    common.define_list(
+        "families",
+        "resnet,wresnet",
+        "'resnet' (width 16), 'wresnet' (width 32) or first-stage widths as integers.",
+        FamilyParser(),
+        flag_values=flag_values,
+    )
+    common.define_list(
+        "stage_sizes",
+        "2,2,2",
+        "Blocks per stage of the first level.",
+        integer(lower_bound=1),
+        unique=False,
+        flag_values=flag_values,
+    )
+    flags.DEFINE_integer(
+        "levels",
+        3,
+        "Depths measured: the first level and LEVELS - 1 "
+        "interpolations (blocks x2, h / 2 each; plan.cycle_networks).",
+        lower_bound=1,
+        flag_values=flag_values,
+    )
+    flags.DEFINE_integer(
+        "batch_size", 100, "Training mini-batch (images).", lower_bound=1, flag_values=flag_values
+    )
+    flags.DEFINE_integer(
+        "eval_batch_size", 500, "Evaluation batch (images).", lower_bound=1, flag_values=flag_values
+    )
+    flags.DEFINE_integer(
+        "warmup", 2, "Untimed steps after compiling.", lower_bound=0, flag_values=flag_values
+    )
+    flags.DEFINE_integer(
+        "steps",
+        5,
+        "Timed training steps per configuration.",
+        lower_bound=1,
+        flag_values=flag_values,
+    )
+    flags.DEFINE_integer(
+        "eval_steps",
+        3,
+        "Timed evaluation steps per configuration.",
+        lower_bound=1,
+        flag_values=flag_values,
+    )
+    common.define_list(
+        "cycle_epochs",
+        None,
+        "Epochs per cycle, one per level (or one for "
+        "all), for the compile share and the predicted saving. Default: "
+        "benchmarks/presets/cpu.py's 2.25,1.875,1.875 for 3 levels, else 2 "
+        "per level; the paper's is 60,50,50.",
+        flags.FloatParser(lower_bound=0),
+        unique=False,
+        flag_values=flag_values,
+    )
+    flags.DEFINE_string(
+        "output_dir",
+        "runs/bench/throughput",
+        "Folder for throughput.json and throughput.md.",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_integer(
+        "seed",
+        0,
+        "Seed of the synthetic data and initialisation.",
+        lower_bound=0,
+        flag_values=flag_values,
+    )
+    common.define_list(
+        "layouts",
+        "unrolled",
+        "Block layouts to measure: 'unrolled' and/or 'scanned' (models.ResNet.scan_blocks).",
+        flags.EnumParser(LAYOUTS),
+        flag_values=flag_values,
+    )
+    flags.DEFINE_enum(
+        "compute_dtype",
+        "float32",
+        list(configuration.COMPUTE_DTYPES),
+        "Computation dtype (parameters stay float32).",
+        flag_values=flag_values,
+    )
+    common.define_list(
+        "device_counts",
+        "1",
+        "Numbers of devices to measure each network on "
+        "(data parallel, the batch split over them), e.g. '1,2'. On a CPU with "
+        "fewer devices, the benchmark reruns itself with that many forced host "
+        "devices (--xla_force_host_platform_device_count).",
+        integer(lower_bound=1),
+        flag_values=flag_values,
+    )
     checks = {
         ("levels", "stage_sizes"): (
             lambda f: f["levels"] == 1 or min(f["stage_sizes"]) >= 2,
             "with --levels > 1 every stage needs >= 2 blocks in --stage_sizes (the "
-            "paper's interpolation rule copies the second block, App. B)"),
+            "paper's interpolation rule copies the second block, App. B)",
+        ),
         ("levels", "cycle_epochs"): (
             lambda f: not f["cycle_epochs"] or len(f["cycle_epochs"]) in (1, f["levels"]),
-            "--cycle_epochs needs one number of epochs per level (--levels) or one for all"),
+            "--cycle_epochs needs one number of epochs per level (--levels) or one for all",
+        ),
         ("image_shape",): (
-            lambda f: not f["image_shape"] or (len(f["image_shape"]) == 3
-                                               and min(f["image_shape"][:2]) >= 4),
-            "--image_shape needs three integers H,W,C with H, W >= 4, e.g. '32,32,3'"),
+            lambda f: (
+                not f["image_shape"]
+                or (len(f["image_shape"]) == 3 and min(f["image_shape"][:2]) >= 4)
+            ),
+            "--image_shape needs three integers H,W,C with H, W >= 4, e.g. '32,32,3'",
+        ),
         ("batch_size", "eval_batch_size", "device_counts"): (
-            lambda f: all(f[b] % n == 0 for b in ("batch_size", "eval_batch_size")
-                          for n in f["device_counts"]),
+            lambda f: all(
+                f[b] % n == 0 for b in ("batch_size", "eval_batch_size") for n in f["device_counts"]
+            ),
             "--batch_size and --eval_batch_size must split evenly over every count of "
-            "--device_counts"),
+            "--device_counts",
+        ),
     }
     for names, (check, message) in checks.items():
         flags.register_multi_flags_validator(list(names), check, message, flag_values)
@@ -601,8 +798,11 @@ def rerun_with_host_devices(count: int) -> None:
     flag = f"--xla_force_host_platform_device_count={count}"
     env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip())
     logging.info("Rerunning with %d host devices (%s)", count, flag)
-    sys.exit(subprocess.run([sys.executable, "-m", "benchmarks.throughput", *sys.argv[1:]],
-                            env=env, check=False).returncode)
+    sys.exit(
+        subprocess.run(
+            [sys.executable, "-m", "benchmarks.throughput", *sys.argv[1:]], env=env, check=False
+        ).returncode
+    )
 
 
 def main(argv):
@@ -611,14 +811,20 @@ def main(argv):
     settings = settings_from_flags()
     needed = max(settings["device_counts"])
     if jax.device_count() < needed:
-        if jax.default_backend() != "cpu" or "force_host_platform_device_count" in \
-                os.environ.get("XLA_FLAGS", ""):
+        if jax.default_backend() != "cpu" or "force_host_platform_device_count" in os.environ.get(
+            "XLA_FLAGS", ""
+        ):
             raise common.BenchmarkError(
                 f"--device_counts={','.join(map(str, FLAGS.device_counts))} is not allowed: "
-                f"this machine has {jax.device_count()} {jax.default_backend()} devices")
+                f"this machine has {jax.device_count()} {jax.default_backend()} devices"
+            )
         rerun_with_host_devices(needed)
-    report = run_benchmark(settings, on_measured=lambda report: common.write_outputs(
-        FLAGS.output_dir, "throughput", report, report_markdown(report)))
+    report = run_benchmark(
+        settings,
+        on_measured=lambda report: common.write_outputs(
+            FLAGS.output_dir, "throughput", report, report_markdown(report)
+        ),
+    )
     print(report_markdown(report), flush=True)
     print(f"Wrote throughput.json and throughput.md to {FLAGS.output_dir}", flush=True)
 

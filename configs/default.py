@@ -19,12 +19,12 @@ def get_config() -> ml_collections.ConfigDict:
     # --- Data (paper App. A) -------------------------------------------------
     # One of 'cifar10', 'cifar100', 'stl10' (tensorflow-datasets, ArrayRecord
     # format) or 'fashion_mnist' (the Debian package's IDX files).
-    config.dataset = 'cifar10'
+    config.dataset = "cifar10"
     # tensorflow-datasets data folder; '' means tfds's default
     # (~/tensorflow_datasets or $TFDS_DATA_DIR).
-    config.data_dir = ''
+    config.data_dir = ""
     # Folder with Fashion-MNIST's four IDX .gz files.
-    config.fashion_mnist_dir = '/usr/share/datasets/fashion-mnist'
+    config.fashion_mnist_dir = "/usr/share/datasets/fashion-mnist"
     # Zero padding (pixels) for the random crop; -1 derives it from the data
     # set (CIFAR 4, STL-10 12, Fashion-MNIST 2); 0 disables the crop.
     config.crop_padding = -1
@@ -44,11 +44,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.multilevel = True
     # Growth rule, a key of mlres_jax.multilevel.GROWTH_RULES: 'paper' (Sec.
     # 4.1), 'identity', 'transition_keeping', 'linear' or 'appended'.
-    config.interpolation_rule = 'paper'
+    config.interpolation_rule = "paper"
     # What happens to the SGD momentum at an interpolation:
     # 'interpolate' (carried through the rule, as the parameters), 'reset'
     # (zeroed) or 'zero_inserted' (zero for the inserted blocks only).
-    config.momentum_at_interpolation = 'interpolate'
+    config.momentum_at_interpolation = "interpolate"
     # Training images (the first N, eval mode) evaluated just before and
     # just after every growth, beside the test split, to measure the jump in
     # loss and error the growth causes; 0 measures the test split only.
@@ -58,14 +58,14 @@ def get_config() -> ml_collections.ConfigDict:
     # parameters and batch-norm statistics, its stage sizes and step size h
     # (which replace stage_sizes and step_size); a fresh optimizer. Its data
     # set and width must be this run's. '' starts from scratch.
-    config.init_from = ''
+    config.init_from = ""
 
     # --- Schedule and optimiser (paper Sec. 5.2, Eq. 9) ----------------------
     # Length of the run in epochs (fractions allowed).
     config.num_epochs = 160.0
     # Epochs at which a new cycle starts (interpolation and/or LR restart).
     config.cycle_boundaries = (60.0, 110.0)
-    config.learning_rate_max = 0.5   # eta_max
+    config.learning_rate_max = 0.5  # eta_max
     config.learning_rate_min = 0.001  # eta_min
     config.momentum = 0.9
     config.weight_decay = 2e-4
@@ -81,7 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.scan_blocks = False
     # Computation dtype: 'float32', or 'bfloat16' (parameters, batch-norm
     # statistics and optimizer state stay float32; for accelerators).
-    config.compute_dtype = 'float32'
+    config.compute_dtype = "float32"
     # Compile the next depth's steps in a background thread while the
     # current cycle trains, so a growth does not wait for the compiler
     # (docs/paper-scale.md). A stop (Ctrl-C) during a cycle waits for a

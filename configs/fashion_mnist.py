@@ -16,7 +16,7 @@ from configs import default
 
 def get_config():
     config = default.get_config()
-    config.dataset = 'fashion_mnist'
+    config.dataset = "fashion_mnist"
     config.width = 8
     config.stage_sizes = (2, 2, 2)
     config.multilevel = True

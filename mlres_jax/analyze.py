@@ -23,13 +23,23 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from absl import flags, logging
 
-from mlres_jax import (checkpoint, cli, datasets, errors, figures, files, input_pipeline,
-                       measurements, models, reporting)
+from mlres_jax import (
+    checkpoint,
+    cli,
+    datasets,
+    errors,
+    figures,
+    files,
+    input_pipeline,
+    measurements,
+    models,
+    reporting,
+)
 
 FLAGS = flags.FLAGS
 
@@ -37,24 +47,31 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     """Defines the analyses' flags (the command is the first argument)."""
     flags.DEFINE_multi_string(
-        "workdir", None,
+        "workdir",
+        None,
         "Run folder(s) holding checkpoints/ (and summary.json for curves). "
-        "gamma and step-size take several; the others one.")
+        "gamma and step-size take several; the others one.",
+    )
     flags.DEFINE_string(
-        "steps", "latest",
+        "steps",
+        "latest",
         "Which checkpoints of each workdir: 'latest', 'all', or comma-separated "
-        "steps, e.g. '1800,3600'.")
-    flags.DEFINE_string("output_dir", None,
-                        "Folder for the PNG, CSV and JSON files; default "
-                        "<first workdir>/analysis.")
-    flags.DEFINE_integer("num_examples", 0,
-                         "Use the first N test images; 0 (default) uses all.")
-    flags.DEFINE_integer("batch_size", 0,
-                         "Images per forward pass; 0 (default): the run's eval_batch_size.")
+        "steps, e.g. '1800,3600'.",
+    )
+    flags.DEFINE_string(
+        "output_dir",
+        None,
+        "Folder for the PNG, CSV and JSON files; default <first workdir>/analysis.",
+    )
+    flags.DEFINE_integer("num_examples", 0, "Use the first N test images; 0 (default) uses all.")
+    flags.DEFINE_integer(
+        "batch_size", 0, "Images per forward pass; 0 (default): the run's eval_batch_size."
+    )
     flags.DEFINE_integer("num_shuffles", 3, "lesion: random shuffles per stage.")
     flags.DEFINE_integer("seed", 0, "lesion: seed of the shuffles.")
-    flags.DEFINE_string("fashion_mnist_dir", None,
-                        "Folder of the Fashion-MNIST files; default: the run's.")
+    flags.DEFINE_string(
+        "fashion_mnist_dir", None, "Folder of the Fashion-MNIST files; default: the run's."
+    )
     flags.DEFINE_string("data_dir", None, "tfds data dir; default: the run's.")
     flags.mark_flag_as_required("workdir")
     flags.register_validator("num_examples", lambda n: n >= 0, "must be >= 0")
@@ -95,8 +112,10 @@ class Loaded:
     @property
     def label(self) -> str:
         sizes = models.format_stage_sizes(self.model.stage_sizes)
-        return (f"{sizes}, h = {self.model.step_size:g} "
-                f"({os.path.basename(os.path.normpath(self.workdir))}, step {self.step})")
+        return (
+            f"{sizes}, h = {self.model.step_size:g} "
+            f"({os.path.basename(os.path.normpath(self.workdir))}, step {self.step})"
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -115,7 +134,8 @@ def checkpoint_steps(workdir: str) -> list[int]:
     if not steps:
         raise AnalysisInputError(
             f"no checkpoint in {checkpoint.checkpoint_dir(workdir)}: train a run with "
-            f"'python -m mlres_jax.main --workdir={workdir} ...' first")
+            f"'python -m mlres_jax.main --workdir={workdir} ...' first"
+        )
     return steps
 
 
@@ -137,13 +157,13 @@ def resolve_checkpoints(workdirs: Sequence[str], steps: str) -> list[tuple[str, 
                 chosen = [int(s) for s in steps.split(",")]
             except ValueError:
                 raise AnalysisInputError(
-                    f"--steps={steps!r}: expected 'latest', 'all' or "
-                    "comma-separated step numbers") from None
+                    f"--steps={steps!r}: expected 'latest', 'all' or comma-separated step numbers"
+                ) from None
             missing = [s for s in chosen if s not in available]
             if missing:
                 raise AnalysisInputError(
-                    f"no checkpoint of step(s) {missing} in {workdir}; "
-                    f"steps: {available}")
+                    f"no checkpoint of step(s) {missing} in {workdir}; steps: {available}"
+                )
         pairs += [(workdir, step) for step in chosen]
     return pairs
 
@@ -155,26 +175,26 @@ class _Loader:
         self._options = options
         self._test_sets = {}
 
-    def _test_set(self, metadata: checkpoint.CheckpointMetadata
-                  ) -> tuple[np.ndarray, np.ndarray]:
+    def _test_set(self, metadata: checkpoint.CheckpointMetadata) -> tuple[np.ndarray, np.ndarray]:
         config = metadata.config
         name = metadata.dataset
         data_dir = self._options.data_dir or config.get("data_dir")
-        fashion_mnist_dir = (self._options.fashion_mnist_dir
-                             or config.get("fashion_mnist_dir")
-                             or datasets.DEFAULT_FASHION_MNIST_DIR)
+        fashion_mnist_dir = (
+            self._options.fashion_mnist_dir
+            or config.get("fashion_mnist_dir")
+            or datasets.DEFAULT_FASHION_MNIST_DIR
+        )
         key = (name, data_dir, fashion_mnist_dir)
         if key not in self._test_sets:
             if name not in datasets.DATASETS:
                 raise AnalysisInputError(
-                    f"the checkpoint's data set {name!r} is not one of "
-                    f"{sorted(datasets.DATASETS)}")
-            data = datasets.load(name, data_dir=data_dir,
-                                 fashion_mnist_dir=fashion_mnist_dir)
+                    f"the checkpoint's data set {name!r} is not one of {sorted(datasets.DATASETS)}"
+                )
+            data = datasets.load(name, data_dir=data_dir, fashion_mnist_dir=fashion_mnist_dir)
             images, labels = data.test_images, data.test_labels
             if self._options.num_examples > 0:
-                images = images[:self._options.num_examples]
-                labels = labels[:self._options.num_examples]
+                images = images[: self._options.num_examples]
+                labels = labels[: self._options.num_examples]
             self._test_sets[key] = (images, labels)
         return self._test_sets[key]
 
@@ -182,18 +202,19 @@ class _Loader:
         model, variables, metadata = checkpoint.load_model(workdir, step)
         images, labels = self._test_set(metadata)
         batch_size = input_pipeline.fitted_eval_batch_size(
-            self._options.batch_size or metadata.config.get("eval_batch_size") or 500,
-            len(images))
+            self._options.batch_size or metadata.config.get("eval_batch_size") or 500, len(images)
+        )
         logging.info("Loaded %s: %d test images", workdir, len(images))
-        return Loaded(workdir, metadata.step, model, variables, metadata,
-                      images, labels, int(batch_size))
+        return Loaded(
+            workdir, metadata.step, model, variables, metadata, images, labels, int(batch_size)
+        )
 
 
 def _only_one(pairs: list[tuple[str, int]], command: str) -> tuple[str, int]:
     if len(pairs) != 1:
         raise AnalysisInputError(
-            f"{command} analyses one checkpoint, but --workdir/--steps select "
-            f"{len(pairs)}: {pairs}")
+            f"{command} analyses one checkpoint, but --workdir/--steps select {len(pairs)}: {pairs}"
+        )
     return pairs[0]
 
 
@@ -213,25 +234,37 @@ def _report(*paths: str) -> None:
 def run_norms(pairs: list[tuple[str, int]], options: Options) -> dict:
     """Fig. 4: per-block ||Y_j|| and ||G(Y_j)|| of one checkpoint."""
     loaded = _Loader(options).load(*_only_one(pairs, "norms"))
-    norms = measurements.block_norms(loaded.model, loaded.variables, loaded.images,
-                                 batch_size=loaded.batch_size)
+    norms = measurements.block_norms(
+        loaded.model, loaded.variables, loaded.images, batch_size=loaded.batch_size
+    )
     ratios = norms.ratio_summary()
-    summary = {"workdir": loaded.workdir, "step": loaded.step,
-               "stage_sizes": list(norms.stage_sizes), "step_size": norms.step_size,
-               "num_examples": norms.num_examples, "gamma": norms.gamma,
-               "G_over_input_first_blocks": ratios["first_blocks"],
-               "G_over_input_other_blocks": ratios["other_blocks"]}
+    summary = {
+        "workdir": loaded.workdir,
+        "step": loaded.step,
+        "stage_sizes": list(norms.stage_sizes),
+        "step_size": norms.step_size,
+        "num_examples": norms.num_examples,
+        "gamma": norms.gamma,
+        "G_over_input_first_blocks": ratios["first_blocks"],
+        "G_over_input_other_blocks": ratios["other_blocks"],
+    }
     paths = [_path(options, n) for n in ("norms.png", "norms.csv", "norms.json")]
-    files.save_figure(figures.norms_figure(
-        norms, f"Norms of the residual modules: {loaded.label}"), paths[0])
+    files.save_figure(
+        figures.norms_figure(norms, f"Norms of the residual modules: {loaded.label}"), paths[0]
+    )
     files.write_csv(paths[1], norms.records())
     files.write_json(paths[2], summary)
     others = ratios["other_blocks"]
-    print(f"{loaded.label}: mean ||G(Y_j)|| / ||Y_j|| is "
-          f"{ratios['first_blocks']:.4f} for the first block of each stage and "
-          + (f"{others:.4f} for the other blocks" if others is not None
-             else "there are no other blocks")
-          + f"; gamma = {norms.gamma:.4f}")
+    print(
+        f"{loaded.label}: mean ||G(Y_j)|| / ||Y_j|| is "
+        f"{ratios['first_blocks']:.4f} for the first block of each stage and "
+        + (
+            f"{others:.4f} for the other blocks"
+            if others is not None
+            else "there are no other blocks"
+        )
+        + f"; gamma = {norms.gamma:.4f}"
+    )
     _report(*paths)
     return summary
 
@@ -242,14 +275,22 @@ def run_gamma(pairs: list[tuple[str, int]], options: Options) -> list[dict]:
     records = []
     for workdir, step in pairs:
         loaded = loader.load(workdir, step)
-        norms = measurements.block_norms(loaded.model, loaded.variables, loaded.images,
-                                     batch_size=loaded.batch_size)
-        records.append({
-            "label": os.path.basename(os.path.normpath(workdir)), "workdir": workdir,
-            "step": loaded.step, "stage_sizes": "-".join(map(str, norms.stage_sizes)),
-            "num_blocks": norms.num_blocks, "step_size": norms.step_size,
-            "gamma": norms.gamma, "mean_F_norm": float(np.mean(norms.F_norm)),
-            "num_examples": norms.num_examples})
+        norms = measurements.block_norms(
+            loaded.model, loaded.variables, loaded.images, batch_size=loaded.batch_size
+        )
+        records.append(
+            {
+                "label": os.path.basename(os.path.normpath(workdir)),
+                "workdir": workdir,
+                "step": loaded.step,
+                "stage_sizes": "-".join(map(str, norms.stage_sizes)),
+                "num_blocks": norms.num_blocks,
+                "step_size": norms.step_size,
+                "gamma": norms.gamma,
+                "mean_F_norm": float(np.mean(norms.F_norm)),
+                "num_examples": norms.num_examples,
+            }
+        )
         print(f"{loaded.label}: d = {norms.num_blocks}, gamma = {norms.gamma:.4f}")
     paths = [_path(options, "gamma.png"), _path(options, "gamma.csv")]
     files.save_figure(figures.gamma_figure(records), paths[0])
@@ -261,8 +302,11 @@ def run_gamma(pairs: list[tuple[str, int]], options: Options) -> list[dict]:
 def _lesion_summary(baseline: float, removals: list[dict], shuffles: list[dict]) -> dict:
     def increases(pick):
         values = [r["test_error"] - baseline for r in removals if pick(r)]
-        return ({"mean": float(np.mean(values)), "max": float(np.max(values)),
-                 "count": len(values)} if values else None)
+        return (
+            {"mean": float(np.mean(values)), "max": float(np.max(values)), "count": len(values)}
+            if values
+            else None
+        )
 
     by_stage = {}
     for r in shuffles:
@@ -273,7 +317,8 @@ def _lesion_summary(baseline: float, removals: list[dict], shuffles: list[dict])
         "error_increase_removing_other_block": increases(lambda r: not r["downsampling"]),
         "error_increase_shuffling_stage": {
             str(stage): {"mean": float(np.mean(v)), "max": float(np.max(v)), "count": len(v)}
-            for stage, v in sorted(by_stage.items())},
+            for stage, v in sorted(by_stage.items())
+        },
     }
 
 
@@ -281,35 +326,56 @@ def run_lesion(pairs: list[tuple[str, int]], options: Options) -> dict:
     """Sec. 3.3: test error with each block removed, and with shuffled stages."""
     loaded = _Loader(options).load(*_only_one(pairs, "lesion"))
     common = dict(batch_size=loaded.batch_size)
-    baseline = measurements.error_rate(loaded.model, loaded.variables, loaded.images,
-                                   loaded.labels, **common)
-    removals = measurements.removal_errors(loaded.model, loaded.variables, loaded.images,
-                                       loaded.labels, **common)
+    baseline = measurements.error_rate(
+        loaded.model, loaded.variables, loaded.images, loaded.labels, **common
+    )
+    removals = measurements.removal_errors(
+        loaded.model, loaded.variables, loaded.images, loaded.labels, **common
+    )
     shuffles = measurements.shuffle_errors(
-        loaded.model, loaded.variables, loaded.images, loaded.labels,
-        num_shuffles=options.num_shuffles, seed=options.seed, **common)
-    summary = dict(_lesion_summary(baseline, removals, shuffles),
-                   workdir=loaded.workdir, step=loaded.step,
-                   stage_sizes=list(loaded.model.stage_sizes),
-                   num_examples=len(loaded.images))
-    paths = [_path(options, n) for n in
-             ("lesion.png", "lesion_removals.csv", "lesion_shuffles.csv", "lesion.json")]
-    files.save_figure(figures.lesion_figure(
-        removals, shuffles, baseline, f"Removing one block: {loaded.label}"), paths[0])
+        loaded.model,
+        loaded.variables,
+        loaded.images,
+        loaded.labels,
+        num_shuffles=options.num_shuffles,
+        seed=options.seed,
+        **common,
+    )
+    summary = dict(
+        _lesion_summary(baseline, removals, shuffles),
+        workdir=loaded.workdir,
+        step=loaded.step,
+        stage_sizes=list(loaded.model.stage_sizes),
+        num_examples=len(loaded.images),
+    )
+    paths = [
+        _path(options, n)
+        for n in ("lesion.png", "lesion_removals.csv", "lesion_shuffles.csv", "lesion.json")
+    ]
+    files.save_figure(
+        figures.lesion_figure(removals, shuffles, baseline, f"Removing one block: {loaded.label}"),
+        paths[0],
+    )
     files.write_csv(paths[1], removals)
     files.write_csv(paths[2], shuffles)
     files.write_json(paths[3], summary)
     down = summary["error_increase_removing_downsampling_block"]
     other = summary["error_increase_removing_other_block"]
-    print(f"{loaded.label}: test error {100 * baseline:.2f} %; removing a block "
-          "raises it by (mean / max, percentage points)")
+    print(
+        f"{loaded.label}: test error {100 * baseline:.2f} %; removing a block "
+        "raises it by (mean / max, percentage points)"
+    )
     for name, value in (("downsampling blocks", down), ("other blocks", other)):
         if value:
-            print(f"  {name:>20}: {100 * value['mean']:+.2f} / {100 * value['max']:+.2f}"
-                  f"  ({value['count']} blocks)")
+            print(
+                f"  {name:>20}: {100 * value['mean']:+.2f} / {100 * value['max']:+.2f}"
+                f"  ({value['count']} blocks)"
+            )
     for stage, value in summary["error_increase_shuffling_stage"].items():
-        print(f"  {'shuffled stage ' + stage:>20}: {100 * value['mean']:+.2f} / "
-              f"{100 * value['max']:+.2f}  ({value['count']} shuffles)")
+        print(
+            f"  {'shuffled stage ' + stage:>20}: {100 * value['mean']:+.2f} / "
+            f"{100 * value['max']:+.2f}  ({value['count']} shuffles)"
+        )
     _report(*paths)
     return summary
 
@@ -320,12 +386,15 @@ def run_step_size(pairs: list[tuple[str, int]], options: Options) -> list[dict]:
     curves, rows = [], []
     for workdir, step in pairs:
         loaded = loader.load(workdir, step)
-        norms = measurements.block_norms(loaded.model, loaded.variables, loaded.images,
-                                     batch_size=loaded.batch_size)
+        norms = measurements.block_norms(
+            loaded.model, loaded.variables, loaded.images, batch_size=loaded.batch_size
+        )
         curves.append((loaded.label, norms))
         rows += [dict(workdir=workdir, step=loaded.step, **row) for row in norms.records()]
-        print(f"{loaded.label}: T = d·h = {norms.num_blocks * norms.step_size:g}, "
-              f"mean ||F(Y_j)|| = {np.mean(norms.F_norm):.4f}")
+        print(
+            f"{loaded.label}: T = d·h = {norms.num_blocks * norms.step_size:g}, "
+            f"mean ||F(Y_j)|| = {np.mean(norms.F_norm):.4f}"
+        )
     paths = [_path(options, "step_size.png"), _path(options, "step_size.csv")]
     files.save_figure(figures.F_against_time_figure(curves), paths[0])
     files.write_csv(paths[1], rows)
@@ -346,14 +415,18 @@ def run_curves(workdirs: Sequence[str], options: Options) -> list[dict]:
     figures.plot_training_curves(history, boundaries, paths[0])
     files.write_csv(paths[1], history)
     last = history[-1]
-    print(f"{len(history)} evaluations; last at epoch {last['epoch']:g}: train error "
-          f"{100 * last['train_error']:.2f} %, test error {100 * last['test_error']:.2f} %")
+    print(
+        f"{len(history)} evaluations; last at epoch {last['epoch']:g}: train error "
+        f"{100 * last['train_error']:.2f} %, test error {100 * last['test_error']:.2f} %"
+    )
     _report(*paths)
     return history
 
 
 COMMANDS: dict[str, Callable] = {
-    "norms": run_norms, "gamma": run_gamma, "lesion": run_lesion,
+    "norms": run_norms,
+    "gamma": run_gamma,
+    "lesion": run_lesion,
     "step-size": run_step_size,
 }
 
@@ -362,13 +435,18 @@ def main(argv):
     if len(argv) != 2 or argv[1] not in (*COMMANDS, "curves"):
         raise AnalysisInputError(
             f"give one command of {', '.join([*COMMANDS, 'curves'])} before the flags, "
-            f"e.g. 'python -m mlres_jax.analyze norms --workdir=RUN'; got {argv[1:]}")
+            f"e.g. 'python -m mlres_jax.analyze norms --workdir=RUN'; got {argv[1:]}"
+        )
     command = argv[1]
     options = Options(
         output_dir=FLAGS.output_dir or os.path.join(FLAGS.workdir[0], "analysis"),
-        num_examples=FLAGS.num_examples, batch_size=FLAGS.batch_size,
-        num_shuffles=FLAGS.num_shuffles, seed=FLAGS.seed,
-        fashion_mnist_dir=FLAGS.fashion_mnist_dir, data_dir=FLAGS.data_dir)
+        num_examples=FLAGS.num_examples,
+        batch_size=FLAGS.batch_size,
+        num_shuffles=FLAGS.num_shuffles,
+        seed=FLAGS.seed,
+        fashion_mnist_dir=FLAGS.fashion_mnist_dir,
+        data_dir=FLAGS.data_dir,
+    )
     start = time.perf_counter()
     if command == "curves":
         run_curves(FLAGS.workdir, options)

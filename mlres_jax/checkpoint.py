@@ -26,7 +26,8 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -50,22 +51,32 @@ MODEL = "model"
 # Config fields a resumed run may change: they do not change the model, the
 # data order, the optimisation or the schedule. The number of devices is one
 # of them: a checkpoint holds global arrays, whatever devices wrote it.
-SAFE_TO_CHANGE = frozenset({
-    "log_every_steps", "progress_bar", "eval_batch_size", "eval_every_epochs",
-    "checkpoint_every_steps", "checkpoints_to_keep", "data_dir",
-    "fashion_mnist_dir", "num_devices", "growth_train_examples", "compile_ahead",
-})
+SAFE_TO_CHANGE = frozenset(
+    {
+        "log_every_steps",
+        "progress_bar",
+        "eval_batch_size",
+        "eval_every_epochs",
+        "checkpoint_every_steps",
+        "checkpoints_to_keep",
+        "data_dir",
+        "fashion_mnist_dir",
+        "num_devices",
+        "growth_train_examples",
+        "compile_ahead",
+    }
+)
 
 # Config fields added after checkpoint metadata format 2 came in, with the
 # value that gives the behaviour of a run written before the field existed.
 # Add a field here when it is added to configs/default.py.
 FIELDS_ADDED = {
-    "num_devices": -1,             # data parallelism: every device
-    "growth_train_examples": 2000, # the jump at a growth, measured
-    "init_from": "",               # start from a checkpoint: no
-    "scan_blocks": False,          # blocks unrolled
+    "num_devices": -1,  # data parallelism: every device
+    "growth_train_examples": 2000,  # the jump at a growth, measured
+    "init_from": "",  # start from a checkpoint: no
+    "scan_blocks": False,  # blocks unrolled
     "compute_dtype": "float32",
-    "compile_ahead": False,         # compiled when a cycle starts
+    "compile_ahead": False,  # compiled when a cycle starts
 }
 
 
@@ -99,8 +110,13 @@ def estimated_bytes(abstract_state: Any, num_records: int) -> int:
     """
     leaves = jax.tree_util.tree_leaves(abstract_state)
     array_bytes = sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in leaves)
-    return (array_bytes + _ORBAX_BYTES_PER_ARRAY * len(leaves) + _ORBAX_BYTES_PER_CHECKPOINT
-            + _METADATA_BYTES + _METADATA_BYTES_PER_RECORD * num_records)
+    return (
+        array_bytes
+        + _ORBAX_BYTES_PER_ARRAY * len(leaves)
+        + _ORBAX_BYTES_PER_CHECKPOINT
+        + _METADATA_BYTES
+        + _METADATA_BYTES_PER_RECORD * num_records
+    )
 
 
 class CheckpointError(errors.UserError):
@@ -173,16 +189,20 @@ class CheckpointMetadata:
 
     def model(self) -> models.ResNet:
         """The network this checkpoint holds the variables of (in their layout)."""
-        return models.ResNet(stage_sizes=tuple(self.stage_sizes), width=self.width,
-                             num_classes=self.num_classes, step_size=self.step_size,
-                             scan_blocks=self.scan_blocks)
+        return models.ResNet(
+            stage_sizes=tuple(self.stage_sizes),
+            width=self.width,
+            num_classes=self.num_classes,
+            step_size=self.step_size,
+            scan_blocks=self.scan_blocks,
+        )
 
     def to_json(self) -> dict:
         """A strictly valid JSON dict (`files.json_compatible`), with the format version."""
         return files.json_compatible(dict(dataclasses.asdict(self), format=METADATA_FORMAT))
 
     @classmethod
-    def from_json(cls, data: dict, where: str = "") -> "CheckpointMetadata":
+    def from_json(cls, data: dict, where: str = "") -> CheckpointMetadata:
         """Reads `to_json`'s output.
 
         Raises:
@@ -195,17 +215,27 @@ class CheckpointMetadata:
             raise CheckpointError(
                 f"the checkpoint {where} has metadata format {version!r}, but "
                 f"this version of mlres_jax reads format {METADATA_FORMAT}; use "
-                "the mlres_jax version that wrote it, or start a new run")
+                "the mlres_jax version that wrote it, or start a new run"
+            )
         fields = dataclasses.fields(cls)
         names = {field.name for field in fields}
-        missing = sorted(field.name for field in fields if field.name not in data
-                         and field.default is dataclasses.MISSING
-                         and field.default_factory is dataclasses.MISSING)
+        missing = sorted(
+            field.name
+            for field in fields
+            if field.name not in data
+            and field.default is dataclasses.MISSING
+            and field.default_factory is dataclasses.MISSING
+        )
         if missing:
             raise CheckpointError(f"the checkpoint metadata {where} lacks {missing}")
         known = {k: v for k, v in data.items() if k in names}
-        return cls(**dict(known, image_shape=tuple(known["image_shape"]),
-                          stage_sizes=tuple(known["stage_sizes"])))
+        return cls(
+            **dict(
+                known,
+                image_shape=tuple(known["image_shape"]),
+                stage_sizes=tuple(known["stage_sizes"]),
+            )
+        )
 
 
 def with_added_fields(saved: dict) -> dict:
@@ -235,6 +265,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     Returns:
       One ``"field: checkpoint X, now Y"`` line per differing field, sorted.
     """
+
     def normal(value):
         return list(value) if isinstance(value, tuple) else value
 
@@ -260,9 +291,13 @@ def tree_shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
     Works alike on arrays, ``jax.ShapeDtypeStruct`` trees and orbax's stored
     tree metadata, so that a stored structure can be compared with a target.
     """
-    return {jax.tree_util.keystr(path, simple=True, separator="/"):
-            (tuple(leaf.shape), str(jax.numpy.dtype(leaf.dtype)))
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="/"): (
+            tuple(leaf.shape),
+            str(jax.numpy.dtype(leaf.dtype)),
+        )
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
 
 
 def describe_tree(shapes: dict) -> str:
@@ -286,8 +321,10 @@ def _differences(stored: dict, expected: dict, limit: int = 4) -> str:
     lines = []
     for path in sorted(set(stored) | set(expected)):
         if stored.get(path) != expected.get(path):
-            lines.append(f"{path}: checkpoint {stored.get(path, 'missing')}, "
-                         f"expected {expected.get(path, 'missing')}")
+            lines.append(
+                f"{path}: checkpoint {stored.get(path, 'missing')}, "
+                f"expected {expected.get(path, 'missing')}"
+            )
     if not lines:
         return ""
     more = f"; and {len(lines) - limit} more" if len(lines) > limit else ""
@@ -296,19 +333,27 @@ def _differences(stored: dict, expected: dict, limit: int = 4) -> str:
 
 def format_network(metadata: CheckpointMetadata) -> str:
     """``"4-4-4 blocks, h = 0.5, width 8"``."""
-    return (f"{models.format_stage_sizes(metadata.stage_sizes)} blocks, "
-            f"h = {metadata.step_size:g}, width {metadata.width}")
+    return (
+        f"{models.format_stage_sizes(metadata.stage_sizes)} blocks, "
+        f"h = {metadata.step_size:g}, width {metadata.width}"
+    )
 
 
 def _model_only_message(directory: str, metadata: CheckpointMetadata) -> str:
     source = metadata.grown_from
-    origin = (f" written by mlres_jax.grow from {source['workdir']} (step "
-              f"{source['step']}, rule {source['rule']!r})" if source else "")
-    return (f"{directory} holds a model-only checkpoint{origin}: step {metadata.step}, "
-            f"{format_network(metadata)}. It has no optimizer state, history or "
-            "cycle, so a run cannot resume from it. Read it with "
-            "checkpoint.load_model or 'python -m mlres_jax.analyze', and train "
-            "in another --workdir.")
+    origin = (
+        f" written by mlres_jax.grow from {source['workdir']} (step "
+        f"{source['step']}, rule {source['rule']!r})"
+        if source
+        else ""
+    )
+    return (
+        f"{directory} holds a model-only checkpoint{origin}: step {metadata.step}, "
+        f"{format_network(metadata)}. It has no optimizer state, history or "
+        "cycle, so a run cannot resume from it. Read it with "
+        "checkpoint.load_model or 'python -m mlres_jax.analyze', and train "
+        "in another --workdir."
+    )
 
 
 class Checkpointer:
@@ -331,15 +376,21 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, create=create, cleanup_tmp_directories=create,
+                max_to_keep=max_to_keep,
+                create=create,
+                cleanup_tmp_directories=create,
                 # Synchronous: the train step donates its state's buffers.
-                enable_async_checkpointing=False),
+                enable_async_checkpointing=False,
+            ),
             # Handlers named up front, so that a stored tree's structure can
             # be read (`item_metadata`) before anything is restored.
-            item_handlers={"state": ocp.StandardCheckpointHandler(),
-                           "meta": ocp.JsonCheckpointHandler()})
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
+        )
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -360,23 +411,29 @@ class Checkpointer:
         """
         step = metadata.step
         try:
-            self._manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                meta=ocp.args.JsonSave(metadata.to_json())), force=True)
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(metadata.to_json())
+                ),
+                force=True,
+            )
             self._manager.wait_until_finished()
         except Exception as error:  # orbax raises many types for I/O errors.
             removed = self._remove_unfinished_saves()
             self._manager.reload()
             kept = [s for s in self.all_steps() if s != step]
             workdir = os.path.dirname(self.directory)
-            newest = (f"the newest complete checkpoint is step {kept[-1]}, from which it "
-                      "resumes (the steps after it are trained again)" if kept else
-                      "no checkpoint is complete yet, so it starts afresh")
+            newest = (
+                f"the newest complete checkpoint is step {kept[-1]}, from which it "
+                "resumes (the steps after it are trained again)"
+                if kept
+                else "no checkpoint is complete yet, so it starts afresh"
+            )
             raise CheckpointError(
                 f"saving the checkpoint of step {step} in {self.directory} failed "
                 f"({one_line(error)}). The run stops here"
-                + (f" ({', '.join(removed)}, the unfinished save, was removed)" if removed
-                   else "")
+                + (f" ({', '.join(removed)}, the unfinished save, was removed)" if removed else "")
                 + f"; {newest}. Make room in (or permission for) {workdir} and run the "
                 "same command again, or copy that folder to another disk and run the same "
                 f"command on the copy. Earlier checkpoints are kept: steps {kept}"
@@ -399,10 +456,10 @@ class Checkpointer:
           CheckpointError: for metadata of another format version.
           Exception: orbax's, if the JSON cannot be read.
         """
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return CheckpointMetadata.from_json(
-            restored["meta"], os.path.join(self.directory, str(step)))
+            restored["meta"], os.path.join(self.directory, str(step))
+        )
 
     def restore_latest(
         self, abstract_state_fn: Callable[[CheckpointMetadata], Any]
@@ -445,7 +502,8 @@ class Checkpointer:
             return state, metadata
         if failures:
             raise CheckpointError(
-                f"no readable checkpoint in {self.directory}: " + "; ".join(failures))
+                f"no readable checkpoint in {self.directory}: " + "; ".join(failures)
+            )
         return None
 
     def _restore_step(self, step: int, abstract_state_fn):
@@ -454,7 +512,8 @@ class Checkpointer:
             raise CheckpointMismatchError(_model_only_message(self.directory, metadata))
         target = abstract_state_fn(metadata)
         stored = self._unless_damaged(
-            step, lambda: tree_shapes(self._manager.item_metadata(step)["state"]))
+            step, lambda: tree_shapes(self._manager.item_metadata(step)["state"])
+        )
         expected = tree_shapes(target)
         if stored != expected:
             raise CheckpointMismatchError(
@@ -462,10 +521,16 @@ class Checkpointer:
                 f"{describe_tree(stored)}, but {describe_tree(expected)} was expected"
                 f"{_differences(stored, expected)}. It is readable and was left "
                 "as it is: restore it into its own structure (its metadata says "
-                f"{format_network(metadata)}), or use another folder.")
-        state = self._unless_damaged(step, lambda: jax.block_until_ready(
-            self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target)))["state"]))
+                f"{format_network(metadata)}), or use another folder."
+            )
+        state = self._unless_damaged(
+            step,
+            lambda: jax.block_until_ready(
+                self._manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+                )["state"]
+            ),
+        )
         return state, metadata
 
     @staticmethod
@@ -477,7 +542,8 @@ class Checkpointer:
             raise
         except Exception as error:  # orbax raises many types for damaged files
             raise _Unreadable(
-                f"checkpoint of step {step} is unreadable ({one_line(error)})") from error
+                f"checkpoint of step {step} is unreadable ({one_line(error)})"
+            ) from error
         if result is None:
             raise _Unreadable(f"checkpoint of step {step} is unreadable (no tree metadata)")
         return result
@@ -518,7 +584,8 @@ class Checkpointer:
         step = steps[-1] if step is None else step
         if step not in steps:
             raise CheckpointError(
-                f"no checkpoint of step {step} in {self.directory}; steps: {steps}")
+                f"no checkpoint of step {step} in {self.directory}; steps: {steps}"
+            )
         try:
             metadata = self.read_metadata(step)
             # A target on this process's first device: the checkpoint may have
@@ -526,15 +593,17 @@ class Checkpointer:
             device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             target = jax.tree_util.tree_map(
                 lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
-                self._manager.item_metadata(step)["state"].tree)
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target)))
+                self._manager.item_metadata(step)["state"].tree,
+            )
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+            )
         except CheckpointError:
             raise
         except Exception as error:
             raise CheckpointError(
-                f"checkpoint of step {step} in {self.directory} is unreadable "
-                f"({one_line(error)})") from error
+                f"checkpoint of step {step} in {self.directory} is unreadable ({one_line(error)})"
+            ) from error
         tree = restored["state"]
         return {"params": tree["params"], "batch_stats": tree["batch_stats"]}, metadata
 
@@ -549,8 +618,7 @@ def one_line(error: BaseException, limit: int = 300) -> str:
     Libraries (orbax, TensorStore) put dumps of many lines into their errors.
     """
     text = " ".join(str(error).split())
-    return (f"{type(error).__name__}: {text[:limit]}"
-            f"{'...' if len(text) > limit else ''}")
+    return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 def unfinished_saves(directory: str) -> list[str]:
@@ -610,10 +678,15 @@ def _restore_from_copy(workdir: str, step: int) -> tuple[dict, CheckpointMetadat
             time.sleep(_DELETION_SECONDS)
             if os.path.isdir(source) and step in list_steps(workdir):
                 if isinstance(error, CheckpointError):
-                    raise CheckpointError(str(error).replace(
-                        os.path.join(copy, CHECKPOINT_FOLDER), checkpoint_dir(workdir))) from None
-                raise CheckpointError(f"checkpoint of step {step} in {checkpoint_dir(workdir)} "
-                                      f"cannot be read ({one_line(error)})") from None
+                    raise CheckpointError(
+                        str(error).replace(
+                            os.path.join(copy, CHECKPOINT_FOLDER), checkpoint_dir(workdir)
+                        )
+                    ) from None
+                raise CheckpointError(
+                    f"checkpoint of step {step} in {checkpoint_dir(workdir)} "
+                    f"cannot be read ({one_line(error)})"
+                ) from None
             return None
 
 
@@ -660,17 +733,24 @@ def load_model(workdir: str, step: int | None = None):
         restored = _restore_from_copy(workdir, chosen)
         if restored is not None:
             break
-        logging.info("The checkpoint of step %d in %s was deleted while it was read (the "
-                     "run writing there saved a newer one)", chosen, directory)
+        logging.info(
+            "The checkpoint of step %d in %s was deleted while it was read (the "
+            "run writing there saved a newer one)",
+            chosen,
+            directory,
+        )
     else:
         raise CheckpointError(
             f"the checkpoints in {directory} were deleted while they were read, "
             f"{_READ_ATTEMPTS} in turn: the run writing there replaces them faster than "
-            "they can be copied. Read them after it stops, or from a copy of a checkpoint.")
+            "they can be copied. Read them after it stops, or from a copy of a checkpoint."
+        )
     variables, metadata = restored
-    variables = multilevel.convert_layout(jax.tree_util.tree_map(jax.numpy.asarray, variables),
-                                          multilevel.layout_of(metadata.scan_blocks),
-                                          multilevel.STAGES)
+    variables = multilevel.convert_layout(
+        jax.tree_util.tree_map(jax.numpy.asarray, variables),
+        multilevel.layout_of(metadata.scan_blocks),
+        multilevel.STAGES,
+    )
     return metadata.model().clone(scan_blocks=False), variables, metadata
 
 
@@ -685,5 +765,6 @@ def save_model(workdir: str, variables: dict, metadata: CheckpointMetadata) -> N
       metadata: its description; saved with ``kind = MODEL``.
     """
     with Checkpointer(workdir, max_to_keep=1) as checkpointer:
-        checkpointer.save(jax.tree_util.tree_map(np.asarray, variables),
-                          dataclasses.replace(metadata, kind=MODEL))
+        checkpointer.save(
+            jax.tree_util.tree_map(np.asarray, variables), dataclasses.replace(metadata, kind=MODEL)
+        )

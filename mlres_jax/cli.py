@@ -28,7 +28,7 @@ import os
 import re
 import signal
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import ml_collections
 from absl import app, flags, logging
@@ -86,8 +86,10 @@ def expand_home(value: str, where: str) -> str:
         return value
     expanded = os.path.expanduser(value)
     if expanded.startswith("~"):
-        fail(f"{where}={value}: {value.split(os.sep)[0]!r} is not a home folder on this "
-             "machine (no such user, or $HOME unset); give the path without '~'")
+        fail(
+            f"{where}={value}: {value.split(os.sep)[0]!r} is not a home folder on this "
+            "machine (no such user, or $HOME unset); give the path without '~'"
+        )
     return expanded
 
 
@@ -111,7 +113,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     """
     argv = [argv[0]] + [
         f"{name}={expand_home(value, name)}" if arg.startswith("--") and sep else arg
-        for arg in argv[1:] for name, sep, value in [arg.partition("=")]]
+        for arg in argv[1:]
+        for name, sep, value in [arg.partition("=")]
+    ]
     try:
         remaining = FLAGS(argv)
         for name in FLAGS:
@@ -126,17 +130,18 @@ def parse_flags(argv: list[str]) -> list[str]:
         text = str(error)
         name = re.search(r"[A-Za-z_]\w*", text)
         suggestion = re.search(r'Did you mean "(\w+)"', text)
-        fail(f"the config has no field '{name.group(0) if name else text}'"
-             + (f"; did you mean '{suggestion.group(1)}'?" if suggestion else ".")
-             + " The fields and what they mean are in configs/default.py")
+        fail(
+            f"the config has no field '{name.group(0) if name else text}'"
+            + (f"; did you mean '{suggestion.group(1)}'?" if suggestion else ".")
+            + " The fields and what they mean are in configs/default.py"
+        )
     except (TypeError, ValueError) as error:
         overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
         fail(f"a --config override is not valid ({overrides}): {error}")
     return []  # not reached
 
 
-def with_one_line_errors(main: Callable[[Sequence[str]], None]
-                         ) -> Callable[[Sequence[str]], None]:
+def with_one_line_errors(main: Callable[[Sequence[str]], None]) -> Callable[[Sequence[str]], None]:
     """``main`` with every user error reported as one line and an exit status.
 
     `errors.UserError`: its message and ``exit_status`` (2, or 128 + the
@@ -144,24 +149,31 @@ def with_one_line_errors(main: Callable[[Sequence[str]], None]
     status 2; ``KeyboardInterrupt`` (Ctrl-C where no run handles it): status
     130. Any other exception is a bug and keeps its traceback.
     """
+
     def wrapped(argv):
         try:
             main(argv)
         except errors.UserError as error:
-            fail(str(error), error.exit_status,
-                 at_once=error.exit_at_once)
+            fail(str(error), error.exit_status, at_once=error.exit_at_once)
         except OSError as error:
             fail(str(error))
         except KeyboardInterrupt:
-            fail("interrupted by Ctrl-C. Every file written so far is complete (result "
-                 "files and checkpoints are written atomically); a training run "
-                 "resumes from its last checkpoint when its command is run again.",
-                 128 + signal.SIGINT)
+            fail(
+                "interrupted by Ctrl-C. Every file written so far is complete (result "
+                "files and checkpoints are written atomically); a training run "
+                "resumes from its last checkpoint when its command is run again.",
+                128 + signal.SIGINT,
+            )
+
     return wrapped
 
 
-def run_command(main: Callable[[Sequence[str]], None], define_flags: Callable[[], None],
-                *, verbosity: int = logging.INFO) -> None:
+def run_command(
+    main: Callable[[Sequence[str]], None],
+    define_flags: Callable[[], None],
+    *,
+    verbosity: int = logging.INFO,
+) -> None:
     """Defines the flags, quiets library logs, runs ``main`` and reports its errors.
 
     Args:

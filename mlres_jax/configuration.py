@@ -29,13 +29,15 @@ def _fail(field: str, value: Any, allowed: str):
 
 def _positive_number(config, field: str):
     value = config[field]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            math.isfinite(value) and value > 0):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (math.isfinite(value) and value > 0)
+    ):
         _fail(field, value, "it must be a finite number > 0")
 
 
-def _positive_integer(config, field: str, allow_derived: bool = False,
-                      allow_zero: bool = False):
+def _positive_integer(config, field: str, allow_derived: bool = False, allow_zero: bool = False):
     value = config[field]
     if allow_derived and value == -1:
         return
@@ -62,8 +64,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """
     config = ml_collections.ConfigDict(config.to_dict())
     if config.dataset not in datasets.DATASETS:
-        _fail("dataset", config.dataset,
-              f"known data sets are {sorted(datasets.DATASETS)}")
+        _fail("dataset", config.dataset, f"known data sets are {sorted(datasets.DATASETS)}")
     info = datasets.DATASETS[config.dataset]
     _check_model(config)
     _check_multilevel(config)
@@ -94,27 +95,38 @@ def check_against_data(config: ml_collections.ConfigDict, num_train: int) -> Non
     """
     steps_per_epoch = num_train // config.batch_size
     if steps_per_epoch == 0:
-        _fail("batch_size", config.batch_size,
-              f"it must not exceed the {num_train} training examples found for "
-              f"{config.dataset}")
+        _fail(
+            "batch_size",
+            config.batch_size,
+            f"it must not exceed the {num_train} training examples found for {config.dataset}",
+        )
     try:
         plan.plan_cycles(
-            stage_sizes=config.stage_sizes, step_size=config.step_size,
-            num_epochs=config.num_epochs, cycle_boundaries=config.cycle_boundaries,
-            steps_per_epoch=steps_per_epoch, multilevel=config.multilevel)
+            stage_sizes=config.stage_sizes,
+            step_size=config.step_size,
+            num_epochs=config.num_epochs,
+            cycle_boundaries=config.cycle_boundaries,
+            steps_per_epoch=steps_per_epoch,
+            multilevel=config.multilevel,
+        )
     except ValueError as error:
         field = "cycle_boundaries" if config.cycle_boundaries else "num_epochs"
-        _fail(field, config[field],
-              f"with {num_train} training examples and batch {config.batch_size} "
-              f"({steps_per_epoch} steps per epoch), {error}")
+        _fail(
+            field,
+            config[field],
+            f"with {num_train} training examples and batch {config.batch_size} "
+            f"({steps_per_epoch} steps per epoch), {error}",
+        )
 
 
 def _check_model(config) -> None:
     sizes = config.stage_sizes
-    if (not isinstance(sizes, (tuple, list)) or not sizes or any(
-            isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes)):
-        _fail("stage_sizes", sizes,
-              "it must be a non-empty tuple of integers >= 1, e.g. (2, 2, 2)")
+    if (
+        not isinstance(sizes, (tuple, list))
+        or not sizes
+        or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes)
+    ):
+        _fail("stage_sizes", sizes, "it must be a non-empty tuple of integers >= 1, e.g. (2, 2, 2)")
     config.stage_sizes = tuple(sizes)
     _positive_integer(config, "width")
     _positive_number(config, "step_size")
@@ -124,11 +136,17 @@ def _check_multilevel(config) -> None:
     if not isinstance(config.multilevel, bool):
         _fail("multilevel", config.multilevel, "it must be True or False")
     if config.interpolation_rule not in multilevel.INTERPOLATION_RULES:
-        _fail("interpolation_rule", config.interpolation_rule,
-              f"known rules are {sorted(multilevel.INTERPOLATION_RULES)}")
+        _fail(
+            "interpolation_rule",
+            config.interpolation_rule,
+            f"known rules are {sorted(multilevel.INTERPOLATION_RULES)}",
+        )
     if config.momentum_at_interpolation not in multilevel.MOMENTUM_POLICIES:
-        _fail("momentum_at_interpolation", config.momentum_at_interpolation,
-              f"it must be one of {sorted(multilevel.MOMENTUM_POLICIES)}")
+        _fail(
+            "momentum_at_interpolation",
+            config.momentum_at_interpolation,
+            f"it must be one of {sorted(multilevel.MOMENTUM_POLICIES)}",
+        )
 
 
 def _check_schedule(config) -> None:
@@ -136,32 +154,43 @@ def _check_schedule(config) -> None:
     _positive_number(config, "num_epochs")
     boundaries = config.cycle_boundaries
     if not isinstance(boundaries, (tuple, list)) or any(
-            isinstance(b, bool) or not isinstance(b, (int, float)) for b in boundaries):
-        _fail("cycle_boundaries", boundaries,
-              "it must be a tuple of epochs, e.g. (60, 110), or () for one cycle")
+        isinstance(b, bool) or not isinstance(b, (int, float)) for b in boundaries
+    ):
+        _fail(
+            "cycle_boundaries",
+            boundaries,
+            "it must be a tuple of epochs, e.g. (60, 110), or () for one cycle",
+        )
     edges = [0, *boundaries, config.num_epochs]
     if any(b <= a for a, b in zip(edges[:-1], edges[1:])):
-        _fail("cycle_boundaries", boundaries,
-              f"epochs must increase strictly inside (0, num_epochs = "
-              f"{config.num_epochs})")
+        _fail(
+            "cycle_boundaries",
+            boundaries,
+            f"epochs must increase strictly inside (0, num_epochs = {config.num_epochs})",
+        )
     config.cycle_boundaries = tuple(float(b) for b in boundaries)
     if config.multilevel and config.cycle_boundaries and min(config.stage_sizes) < 2:
-        _fail("stage_sizes", config.stage_sizes,
-              f"the {config.interpolation_rule!r} growth rule needs at least 2 blocks "
-              "in every stage (the block after the first is made from the second, "
-              "paper App. B)")
+        _fail(
+            "stage_sizes",
+            config.stage_sizes,
+            f"the {config.interpolation_rule!r} growth rule needs at least 2 blocks "
+            "in every stage (the block after the first is made from the second, "
+            "paper App. B)",
+        )
 
 
 def _check_optimizer(config) -> None:
     _positive_number(config, "learning_rate_max")
     _positive_number(config, "learning_rate_min")
     if config.learning_rate_min > config.learning_rate_max:
-        _fail("learning_rate_min", config.learning_rate_min,
-              f"it must not exceed learning_rate_max = {config.learning_rate_max}")
+        _fail(
+            "learning_rate_min",
+            config.learning_rate_min,
+            f"it must not exceed learning_rate_max = {config.learning_rate_max}",
+        )
     for field in ("momentum", "weight_decay"):
         value = config[field]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                0 <= value < 1):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value < 1):
             _fail(field, value, "it must be a number in [0, 1)")
 
 
@@ -170,18 +199,25 @@ def _resolve_batches_and_padding(config, info: datasets.DataSetInfo) -> None:
     if config.batch_size == -1:
         config.batch_size = PAPER_BATCH_SIZES[config.dataset]
     if config.batch_size > info.num_train:
-        _fail("batch_size", config.batch_size,
-              f"it must not exceed the {info.num_train} training examples of "
-              f"{config.dataset}")
+        _fail(
+            "batch_size",
+            config.batch_size,
+            f"it must not exceed the {info.num_train} training examples of {config.dataset}",
+        )
     _positive_integer(config, "eval_batch_size")
     padding = config.crop_padding
     if padding == -1:
         config.crop_padding = info.padding
-    elif isinstance(padding, bool) or not isinstance(padding, int) or not (
-            0 <= padding <= min(info.image_shape[:2])):
-        _fail("crop_padding", padding,
-              f"it must be -1 (derive), or an integer in [0, "
-              f"{min(info.image_shape[:2])}] pixels")
+    elif (
+        isinstance(padding, bool)
+        or not isinstance(padding, int)
+        or not (0 <= padding <= min(info.image_shape[:2]))
+    ):
+        _fail(
+            "crop_padding",
+            padding,
+            f"it must be -1 (derive), or an integer in [0, {min(info.image_shape[:2])}] pixels",
+        )
 
 
 def start_from(config: ml_collections.ConfigDict, metadata) -> ml_collections.ConfigDict:
@@ -201,14 +237,18 @@ def start_from(config: ml_collections.ConfigDict, metadata) -> ml_collections.Co
     Raises:
       ConfigError: naming ``init_from`` and every field that differs.
     """
-    differences = [f"{field} (checkpoint {saved!r}, config {config[field]!r})"
-                   for field, saved in (("dataset", metadata.dataset),
-                                        ("width", metadata.width))
-                   if saved != config[field]]
+    differences = [
+        f"{field} (checkpoint {saved!r}, config {config[field]!r})"
+        for field, saved in (("dataset", metadata.dataset), ("width", metadata.width))
+        if saved != config[field]
+    ]
     if differences:
-        _fail("init_from", config.init_from,
-              "its checkpoint is of another network or data set: it differs in "
-              + " and ".join(differences))
+        _fail(
+            "init_from",
+            config.init_from,
+            "its checkpoint is of another network or data set: it differs in "
+            + " and ".join(differences),
+        )
     config = ml_collections.ConfigDict(config.to_dict())
     config.stage_sizes = tuple(metadata.stage_sizes)
     config.step_size = float(metadata.step_size)
@@ -231,8 +271,11 @@ def _check_bookkeeping(config) -> None:
         _fail("init_from", config.init_from, "it must be a folder (a string), or ''")
     _positive_integer(config, "growth_train_examples", allow_zero=True)
     devices = config.num_devices
-    if isinstance(devices, bool) or not isinstance(devices, int) or not (
-            devices == -1 or devices >= 1):
+    if (
+        isinstance(devices, bool)
+        or not isinstance(devices, int)
+        or not (devices == -1 or devices >= 1)
+    ):
         _fail("num_devices", devices, "it must be -1 (every device) or an integer >= 1")
     if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
         _fail("seed", config.seed, "it must be an integer >= 0")

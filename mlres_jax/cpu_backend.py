@@ -37,9 +37,14 @@ def _same_padding(kernel_size: int) -> tuple[int, int]:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _canonical_conv(inputs: jax.Array, kernel: jax.Array, precision) -> jax.Array:
     padding = [_same_padding(k) for k in kernel.shape[:2]]
-    return jax.lax.conv_general_dilated(inputs, kernel, (1, 1), padding,
-                                        dimension_numbers=CANONICAL_CONV_DIMENSIONS,
-                                        precision=precision)
+    return jax.lax.conv_general_dilated(
+        inputs,
+        kernel,
+        (1, 1),
+        padding,
+        dimension_numbers=CANONICAL_CONV_DIMENSIONS,
+        precision=precision,
+    )
 
 
 def _canonical_conv_forward(inputs, kernel, precision):
@@ -53,25 +58,42 @@ def _canonical_conv_backward(precision, residuals, output_cotangent):
     # by 180 degrees, input and output channels swapped (still HWIO).
     flipped = jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2))
     inputs_cotangent = jax.lax.conv_general_dilated(
-        output_cotangent, flipped, (1, 1), [(bottom, top), (right, left)],
-        dimension_numbers=CANONICAL_CONV_DIMENSIONS, precision=precision)
+        output_cotangent,
+        flipped,
+        (1, 1),
+        [(bottom, top), (right, left)],
+        dimension_numbers=CANONICAL_CONV_DIMENSIONS,
+        precision=precision,
+    )
     # Kernel cotangent: dK[a, b, i, o] = sum_{n, y, x} X_pad[n, y + a, x + b, i] dY[n, y, x, o],
     # a convolution with channels as batch ([C_in, H, W, N]) and the output
     # cotangent as an HWIO kernel ([H, W, N, C_out]); its output is [C_in, kh, kw, C_out].
     kernel_cotangent = jax.lax.conv_general_dilated(
-        jnp.transpose(inputs, (3, 1, 2, 0)), jnp.transpose(output_cotangent, (1, 2, 0, 3)),
-        (1, 1), [(top, bottom), (left, right)],
-        dimension_numbers=CANONICAL_CONV_DIMENSIONS, precision=precision)
+        jnp.transpose(inputs, (3, 1, 2, 0)),
+        jnp.transpose(output_cotangent, (1, 2, 0, 3)),
+        (1, 1),
+        [(top, bottom), (left, right)],
+        dimension_numbers=CANONICAL_CONV_DIMENSIONS,
+        precision=precision,
+    )
     return inputs_cotangent, jnp.transpose(kernel_cotangent, (1, 2, 0, 3)).astype(kernel.dtype)
 
 
 _canonical_conv.defvjp(_canonical_conv_forward, _canonical_conv_backward)
 
 
-def conv_with_canonical_gradients(inputs: jax.Array, kernel: jax.Array, window_strides,
-                                  padding, *, lhs_dilation=None, rhs_dilation=None,
-                                  dimension_numbers=None, feature_group_count: int = 1,
-                                  precision=None) -> jax.Array:
+def conv_with_canonical_gradients(
+    inputs: jax.Array,
+    kernel: jax.Array,
+    window_strides,
+    padding,
+    *,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count: int = 1,
+    precision=None,
+) -> jax.Array:
     """A stride-1 'SAME' convolution whose gradients are NHWC x HWIO convolutions too.
 
     The same function as ``jax.lax.conv_general_dilated`` (its signature, so
@@ -107,35 +129,49 @@ def conv_with_canonical_gradients(inputs: jax.Array, kernel: jax.Array, window_s
       ValueError: for any other stride, padding, dilation, dimension order or
         group count.
     """
-    dimensions = jax.lax.conv_dimension_numbers(inputs.shape, kernel.shape,
-                                                dimension_numbers or CANONICAL_CONV_DIMENSIONS)
-    canonical = jax.lax.conv_dimension_numbers(inputs.shape, kernel.shape,
-                                               CANONICAL_CONV_DIMENSIONS)
+    dimensions = jax.lax.conv_dimension_numbers(
+        inputs.shape, kernel.shape, dimension_numbers or CANONICAL_CONV_DIMENSIONS
+    )
+    canonical = jax.lax.conv_dimension_numbers(
+        inputs.shape, kernel.shape, CANONICAL_CONV_DIMENSIONS
+    )
     unsupported = {
         "window_strides": (tuple(window_strides), "(1, 1)", tuple(window_strides) == (1, 1)),
         "padding": (padding, '"SAME"', isinstance(padding, str) and padding.upper() == "SAME"),
-        "lhs_dilation": (lhs_dilation, "None or ones", not lhs_dilation or set(lhs_dilation) == {1}),
-        "rhs_dilation": (rhs_dilation, "None or ones", not rhs_dilation or set(rhs_dilation) == {1}),
+        "lhs_dilation": (
+            lhs_dilation,
+            "None or ones",
+            not lhs_dilation or set(lhs_dilation) == {1},
+        ),
+        "rhs_dilation": (
+            rhs_dilation,
+            "None or ones",
+            not rhs_dilation or set(rhs_dilation) == {1},
+        ),
         "dimension_numbers": (dimension_numbers, "NHWC x HWIO -> NHWC", dimensions == canonical),
         "feature_group_count": (feature_group_count, "1", feature_group_count == 1),
     }
     for name, (value, allowed, ok) in unsupported.items():
         if not ok:
-            raise ValueError(f"conv_with_canonical_gradients: {name} is {value!r}; "
-                             f"only {allowed} is supported")
+            raise ValueError(
+                f"conv_with_canonical_gradients: {name} is {value!r}; only {allowed} is supported"
+            )
     return _canonical_conv(inputs, kernel, precision)
 
 
 # ``nn.Conv`` with the canonical gradients: one object, so that models built
 # with it compare (and hash) equal.
-CanonicalGradientConv = functools.partial(nn.Conv,
-                                          conv_general_dilated=conv_with_canonical_gradients)
+CanonicalGradientConv = functools.partial(
+    nn.Conv, conv_general_dilated=conv_with_canonical_gradients
+)
 
 # XLA options for a program that runs once: its optimisations would cost more
 # compile time than they save (the variables' initialisation of a 2-2-2
 # network compiles several times faster without them on a CPU).
-_ONE_SHOT_CPU_OPTIONS = {"xla_backend_optimization_level": 0,
-                         "xla_llvm_disable_expensive_passes": True}
+_ONE_SHOT_CPU_OPTIONS = {
+    "xla_backend_optimization_level": 0,
+    "xla_llvm_disable_expensive_passes": True,
+}
 
 
 def _platform(platform: str | None) -> str:

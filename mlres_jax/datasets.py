@@ -31,8 +31,8 @@ import zlib
 from collections.abc import Iterator
 from typing import Any
 
-from absl import logging
 import numpy as np
+from absl import logging
 
 from mlres_jax import errors
 
@@ -66,17 +66,41 @@ class DataSetInfo:
 # Paper App. A (sizes, classes, padding); Fashion-MNIST counts from its README.
 DATASETS: dict[str, DataSetInfo] = {
     "cifar10": DataSetInfo(
-        name="cifar10", image_shape=(32, 32, 3), num_classes=10,
-        num_train=50_000, num_test=10_000, padding=4, test_split="test"),
+        name="cifar10",
+        image_shape=(32, 32, 3),
+        num_classes=10,
+        num_train=50_000,
+        num_test=10_000,
+        padding=4,
+        test_split="test",
+    ),
     "cifar100": DataSetInfo(
-        name="cifar100", image_shape=(32, 32, 3), num_classes=100,
-        num_train=50_000, num_test=10_000, padding=4, test_split="test"),
+        name="cifar100",
+        image_shape=(32, 32, 3),
+        num_classes=100,
+        num_train=50_000,
+        num_test=10_000,
+        padding=4,
+        test_split="test",
+    ),
     "stl10": DataSetInfo(
-        name="stl10", image_shape=(96, 96, 3), num_classes=10,
-        num_train=5_000, num_test=8_000, padding=12, test_split="test"),
+        name="stl10",
+        image_shape=(96, 96, 3),
+        num_classes=10,
+        num_train=5_000,
+        num_test=8_000,
+        padding=12,
+        test_split="test",
+    ),
     "fashion_mnist": DataSetInfo(
-        name="fashion_mnist", image_shape=(28, 28, 1), num_classes=10,
-        num_train=60_000, num_test=10_000, padding=2, test_split="test"),
+        name="fashion_mnist",
+        image_shape=(28, 28, 1),
+        num_classes=10,
+        num_train=60_000,
+        num_test=10_000,
+        padding=2,
+        test_split="test",
+    ),
 }
 
 _TFDS_DATASETS = ("cifar10", "cifar100", "stl10")
@@ -138,20 +162,24 @@ def _info(name: str) -> DataSetInfo:
         return DATASETS[name]
     except KeyError:
         raise ValueError(
-            f"Unknown data set {name!r}; known data sets: "
-            f'{", ".join(sorted(DATASETS))}.') from None
+            f"Unknown data set {name!r}; known data sets: {', '.join(sorted(DATASETS))}."
+        ) from None
 
 
 def _tfds_dir_description(data_dir: str | None) -> str:
     if data_dir is not None:
         return data_dir
     import tensorflow_datasets as tfds  # Lazy: slow to import.
-    return (f"tfds's default data dir {tfds.core.constants.DATA_DIR} "
-            "(~/tensorflow_datasets unless $TFDS_DATA_DIR is set)")
+
+    return (
+        f"tfds's default data dir {tfds.core.constants.DATA_DIR} "
+        "(~/tensorflow_datasets unless $TFDS_DATA_DIR is set)"
+    )
 
 
-def _tfds_unavailable(name: str, split: str, data_dir: str | None,
-                      cause: str) -> DataSetUnavailableError:
+def _tfds_unavailable(
+    name: str, split: str, data_dir: str | None, cause: str
+) -> DataSetUnavailableError:
     where = _tfds_dir_description(data_dir)
     dir_arg = data_dir if data_dir is not None else "DIR"
     return DataSetUnavailableError(
@@ -162,7 +190,8 @@ def _tfds_unavailable(name: str, split: str, data_dir: str | None,
         f"  tfds build {name} --file_format=array_record "
         f"--data_dir={dir_arg}\n"
         f"copy that folder to {dir_arg} on this machine if needed, and pass "
-        f"--config.data_dir={dir_arg}.")
+        f"--config.data_dir={dir_arg}."
+    )
 
 
 @contextlib.contextmanager
@@ -174,9 +203,11 @@ def _without_tfds_warnings() -> Iterator[None]:
     says what is missing and what to do, so the warning is only noise. tfds
     logs through absl, i.e. the Python logger "absl".
     """
+
     def keep(record: python_logging.LogRecord) -> bool:
-        return (record.levelno >= python_logging.ERROR
-                or "tensorflow_datasets" not in record.pathname)
+        return (
+            record.levelno >= python_logging.ERROR or "tensorflow_datasets" not in record.pathname
+        )
 
     logger = python_logging.getLogger("absl")
     logger.addFilter(keep)
@@ -193,10 +224,10 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> Any:
         DataSetUnavailableError: tfds cannot open it or it has no records.
     """
     import tensorflow_datasets as tfds  # Lazy: slow to import.
+
     try:
         with _without_tfds_warnings():
-            source = tfds.data_source(
-                name, split=split, data_dir=data_dir, download=False)
+            source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         length = len(source)
     except Exception as e:
         # A missing folder gives e.g. NotImplementedError('Random access data
@@ -211,13 +242,13 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> Any:
             cause = f"tfds cannot open it ({type(e).__name__}: {e})."
         raise _tfds_unavailable(name, split, data_dir, cause) from e
     if length == 0:
-        raise _tfds_unavailable(
-            name, split, data_dir, "the split has 0 records.")
+        raise _tfds_unavailable(name, split, data_dir, "the split has 0 records.")
     return source
 
 
-def _read_tfds_split(info: DataSetInfo, split: str,
-                     data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+def _read_tfds_split(
+    info: DataSetInfo, split: str, data_dir: str | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Reads a whole tfds split into uint8[N, H, W, C] images, int32[N] labels.
 
     Raises:
@@ -235,7 +266,8 @@ def _read_tfds_split(info: DataSetInfo, split: str,
             raise ValueError(
                 f"Data set {info.name!r} split {split!r} record {i}: "
                 f"image shape {image.shape} != expected "
-                f"{info.image_shape}.")
+                f"{info.image_shape}."
+            )
         images[i] = image
         labels[i] = int(record["label"])
     logging.info("Read %d records of %s/%s.", n, info.name, split)
@@ -251,17 +283,17 @@ def _parse_idx_header(raw: bytes, path: str) -> tuple[tuple[int, ...], int]:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ValueError(
             f"{path}: bad IDX magic number {raw[:4].hex()!r} (expected 0000 "
-            "then type and rank bytes).")
+            "then type and rank bytes)."
+        )
     type_code, ndim = raw[2], raw[3]
     if type_code != 0x08:
         raise ValueError(
-            f"{path}: IDX data type 0x{type_code:02x} is not supported (only "
-            "0x08, unsigned byte).")
+            f"{path}: IDX data type 0x{type_code:02x} is not supported (only 0x08, unsigned byte)."
+        )
     header_len = 4 + 4 * ndim
     if len(raw) < header_len:
         raise ValueError(f"{path}: IDX header truncated ({len(raw)} bytes).")
-    shape = tuple(int(s) for s in
-                  np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     return shape, header_len
 
 
@@ -271,7 +303,7 @@ def _open_idx(path: str) -> Iterator[Any]:
     with open(path, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
     try:
-        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as f:
+        with gzip.open(path, "rb") if gzipped else open(path, "rb") as f:
             yield f
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise ValueError(f"{path}: corrupt gzip data: {e}") from e
@@ -317,14 +349,13 @@ def read_idx(path: str) -> np.ndarray:
     actual = len(raw) - header_len
     if actual != expected:
         raise ValueError(
-            f"{path}: IDX header shape {shape} needs {expected} data bytes, "
-            f"file has {actual}.")
+            f"{path}: IDX header shape {shape} needs {expected} data bytes, file has {actual}."
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(shape)
 
 
 def _fashion_mnist_paths(fashion_mnist_dir: str) -> dict[str, str]:
-    return {k: os.path.join(fashion_mnist_dir, v)
-            for k, v in _FASHION_MNIST_FILES.items()}
+    return {k: os.path.join(fashion_mnist_dir, v) for k, v in _FASHION_MNIST_FILES.items()}
 
 
 def _check_fashion_mnist(fashion_mnist_dir: str) -> dict[str, str]:
@@ -334,8 +365,7 @@ def _check_fashion_mnist(fashion_mnist_dir: str) -> dict[str, str]:
         DataSetUnavailableError: a file is missing.
     """
     paths = _fashion_mnist_paths(fashion_mnist_dir)
-    missing = [os.path.basename(p) for p in paths.values()
-               if not os.path.isfile(p)]
+    missing = [os.path.basename(p) for p in paths.values() if not os.path.isfile(p)]
     if missing:
         raise DataSetUnavailableError(
             f"Data set 'fashion_mnist' is not in {fashion_mnist_dir}: "
@@ -343,9 +373,11 @@ def _check_fashion_mnist(fashion_mnist_dir: str) -> dict[str, str]:
             "To make it available, on Debian/Ubuntu run\n"
             "  sudo apt-get install dataset-fashion-mnist\n"
             f"(installs to {DEFAULT_FASHION_MNIST_DIR}), or download the four "
-            "files " + ", ".join(_FASHION_MNIST_FILES.values()) +
-            " from https://github.com/zalandoresearch/fashion-mnist into a "
-            "folder DIR and pass --config.fashion_mnist_dir=DIR.")
+            "files "
+            + ", ".join(_FASHION_MNIST_FILES.values())
+            + " from https://github.com/zalandoresearch/fashion-mnist into a "
+            "folder DIR and pass --config.fashion_mnist_dir=DIR."
+        )
     return paths
 
 
@@ -367,11 +399,13 @@ def _load_fashion_mnist(fashion_mnist_dir: str) -> DataSet:
                 f"Data set 'fashion_mnist': {paths[split + '_images']} has "
                 f"shape {images.shape} (want [N, 28, 28]) and "
                 f"{paths[split + '_labels']} has shape {labels.shape} "
-                "(want [N]).")
+                "(want [N])."
+            )
         if images.shape[0] != labels.shape[0]:
             raise ValueError(
                 f"Data set 'fashion_mnist' {split}: {images.shape[0]} images "
-                f"but {labels.shape[0]} labels.")
+                f"but {labels.shape[0]} labels."
+            )
         out[f"{split}_images"] = images[..., np.newaxis]
         out[f"{split}_labels"] = labels.astype(np.int32)
     return DataSet(info=DATASETS["fashion_mnist"], **out)
@@ -391,20 +425,23 @@ def _validate(ds: DataSet) -> None:
             raise ValueError(
                 f"Data set {info.name!r} {split}: images are {images.dtype}"
                 f"{list(images.shape)}, expected uint8[N, "
-                f'{", ".join(map(str, info.image_shape))}].')
+                f"{', '.join(map(str, info.image_shape))}]."
+            )
         if labels.shape != (images.shape[0],):
             raise ValueError(
                 f"Data set {info.name!r} {split}: labels shape {labels.shape} "
-                f"does not match {images.shape[0]} images.")
-        if labels.size and (labels.min() < 0
-                            or labels.max() >= info.num_classes):
+                f"does not match {images.shape[0]} images."
+            )
+        if labels.size and (labels.min() < 0 or labels.max() >= info.num_classes):
             raise ValueError(
                 f"Data set {info.name!r} {split}: labels in [{labels.min()}, "
-                f"{labels.max()}], expected [0, {info.num_classes}).")
+                f"{labels.max()}], expected [0, {info.num_classes})."
+            )
 
 
-def check_available(name: str, *, data_dir: str | None = None,
-                    fashion_mnist_dir: str = DEFAULT_FASHION_MNIST_DIR) -> int:
+def check_available(
+    name: str, *, data_dir: str | None = None, fashion_mnist_dir: str = DEFAULT_FASHION_MNIST_DIR
+) -> int:
     """Cheaply checks that `load(name, ...)` will find the data; counts it.
 
     Opens the data sources, or reads the IDX files' headers; reads no
@@ -436,7 +473,8 @@ def check_available(name: str, *, data_dir: str | None = None,
                     raise ValueError(
                         f"{paths[split + '_images']} holds {counts[split + '_images']} "
                         f"images but {paths[split + '_labels']} "
-                        f"{counts[split + '_labels']} labels.")
+                        f"{counts[split + '_labels']} labels."
+                    )
         return counts["train_images"]
     assert name in _TFDS_DATASETS, name
     train = _tfds_source(name, _TRAIN_SPLIT, data_dir)
@@ -446,12 +484,17 @@ def check_available(name: str, *, data_dir: str | None = None,
 
 def _how_to_get_again(name: str, where: str) -> str:
     if name == "fashion_mnist":
-        return ("Install the files again (sudo apt-get install --reinstall "
-                "dataset-fashion-mnist), or download the four files "
-                + ", ".join(_FASHION_MNIST_FILES.values()) + " from "
-                f"https://github.com/zalandoresearch/fashion-mnist into {where}.")
-    return (f"Prepare it again: tfds build {name} --file_format=array_record "
-            f"--data_dir={where} (on a machine with internet access).")
+        return (
+            "Install the files again (sudo apt-get install --reinstall "
+            "dataset-fashion-mnist), or download the four files "
+            + ", ".join(_FASHION_MNIST_FILES.values())
+            + " from "
+            f"https://github.com/zalandoresearch/fashion-mnist into {where}."
+        )
+    return (
+        f"Prepare it again: tfds build {name} --file_format=array_record "
+        f"--data_dir={where} (on a machine with internet access)."
+    )
 
 
 @contextlib.contextmanager
@@ -470,11 +513,13 @@ def _reported_as_damaged(name: str, where: str) -> Iterator[None]:
     except (ValueError, OSError, EOFError) as error:
         raise DataSetDamagedError(
             f"Data set {name!r} in {where} cannot be read: {error} "
-            + _how_to_get_again(name, where)) from error
+            + _how_to_get_again(name, where)
+        ) from error
 
 
-def load(name: str, *, data_dir: str | None = None,
-         fashion_mnist_dir: str = DEFAULT_FASHION_MNIST_DIR) -> DataSet:
+def load(
+    name: str, *, data_dir: str | None = None, fashion_mnist_dir: str = DEFAULT_FASHION_MNIST_DIR
+) -> DataSet:
     """Loads the whole train and test split of a data set into memory.
 
     Args:
@@ -497,12 +542,14 @@ def load(name: str, *, data_dir: str | None = None,
         if name == "fashion_mnist":
             ds = _load_fashion_mnist(fashion_mnist_dir)
         else:
-            train_images, train_labels = _read_tfds_split(
-                info, _TRAIN_SPLIT, data_dir)
-            test_images, test_labels = _read_tfds_split(
-                info, info.test_split, data_dir)
-            ds = DataSet(info=info, train_images=train_images,
-                         train_labels=train_labels, test_images=test_images,
-                         test_labels=test_labels)
+            train_images, train_labels = _read_tfds_split(info, _TRAIN_SPLIT, data_dir)
+            test_images, test_labels = _read_tfds_split(info, info.test_split, data_dir)
+            ds = DataSet(
+                info=info,
+                train_images=train_images,
+                train_labels=train_labels,
+                test_images=test_images,
+                test_labels=test_labels,
+            )
         _validate(ds)
     return ds

@@ -28,8 +28,11 @@ def open_writer(workdir: str, resume_step: int | None) -> SummaryWriter:
     """
     # tensorboardX names a file by the second it was opened and the host; the
     # suffix keeps a run resumed within the same second from overwriting it.
-    return SummaryWriter(logdir=workdir, filename_suffix=f".{os.getpid()}.{time.time_ns()}",
-                         purge_step=None if resume_step is None else resume_step + 1)
+    return SummaryWriter(
+        logdir=workdir,
+        filename_suffix=f".{os.getpid()}.{time.time_ns()}",
+        purge_step=None if resume_step is None else resume_step + 1,
+    )
 
 
 class NoEvents:
@@ -47,7 +50,7 @@ class NoEvents:
     def close(self) -> None:
         """Nothing to close."""
 
-    def __enter__(self) -> "NoEvents":
+    def __enter__(self) -> NoEvents:
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -13,8 +13,8 @@ history provide; `mlres_jax.files.save_figure` writes it atomically.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -23,8 +23,9 @@ from matplotlib.figure import Figure
 from mlres_jax import files
 from mlres_jax.measurements import BlockNorms
 
-_FIRST_BLOCK_STYLE = dict(marker="o", s=90, facecolors="none", edgecolors="black",
-                          linewidths=1.5, zorder=3)
+_FIRST_BLOCK_STYLE = dict(
+    marker="o", s=90, facecolors="none", edgecolors="black", linewidths=1.5, zorder=3
+)
 
 
 def _new_figure(width: float = 7.0, height: float = 4.5) -> Figure:
@@ -36,16 +37,23 @@ def _new_figure(width: float = 7.0, height: float = 4.5) -> Figure:
 def _legend_below(figure: Figure, axes, columns: int = 3) -> None:
     """One legend under the plot, clear of the curves and the stage labels."""
     handles, labels = axes.get_legend_handles_labels()
-    figure.legend(handles, labels, loc="outside lower center",
-                  ncol=min(columns, len(labels)), fontsize=8)
+    figure.legend(
+        handles, labels, loc="outside lower center", ncol=min(columns, len(labels)), fontsize=8
+    )
 
 
 def _mark_stage_starts(axes, block_numbers, first_in_stage) -> None:
     for k, x in enumerate(np.asarray(block_numbers)[np.asarray(first_in_stage)]):
         axes.axvline(x, color="grey", linestyle=":", linewidth=1)
-        axes.annotate(f"stage {k + 1}", (x, 1.0), xycoords=("data", "axes fraction"),
-                      xytext=(3, -12), textcoords="offset points", fontsize=8,
-                      color="grey")
+        axes.annotate(
+            f"stage {k + 1}",
+            (x, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -12),
+            textcoords="offset points",
+            fontsize=8,
+            color="grey",
+        )
 
 
 def norms_figure(norms: BlockNorms, title: str = "") -> Figure:
@@ -56,13 +64,16 @@ def norms_figure(norms: BlockNorms, title: str = "") -> Figure:
     figure = _new_figure()
     axes = figure.add_subplot()
     blocks = np.arange(1, norms.num_blocks + 1)
-    axes.plot(blocks, norms.input_norm, "-s", markersize=4,
-              label=r"input $\|Y_j\|$")
-    axes.plot(blocks, norms.G_norm, "-^", markersize=4,
-              label=r"residual module $\|G(Y_j)\| = h\,\|F(Y_j)\|$")
+    axes.plot(blocks, norms.input_norm, "-s", markersize=4, label=r"input $\|Y_j\|$")
+    axes.plot(
+        blocks,
+        norms.G_norm,
+        "-^",
+        markersize=4,
+        label=r"residual module $\|G(Y_j)\| = h\,\|F(Y_j)\|$",
+    )
     first = norms.first_in_stage
-    for values, label in ((norms.input_norm, "first block of a stage"),
-                          (norms.G_norm, None)):
+    for values, label in ((norms.input_norm, "first block of a stage"), (norms.G_norm, None)):
         axes.scatter(blocks[first], values[first], label=label, **_FIRST_BLOCK_STYLE)
     _mark_stage_starts(axes, blocks, first)
     axes.set_xlabel("residual block j (numbered through all stages)")
@@ -91,8 +102,7 @@ def gamma_figure(records: Sequence[Mapping[str, Any]]) -> Figure:
     if len(records):
         c = float(np.sum(gamma / d) / np.sum(1 / d**2))
         grid = np.linspace(d.min() * 0.8, d.max() * 1.2, 200)
-        axes.plot(grid, c / grid, "--", color="grey",
-                  label=f"least-squares fit c/d, c = {c:.3g}")
+        axes.plot(grid, c / grid, "--", color="grey", label=f"least-squares fit c/d, c = {c:.3g}")
     axes.set_xlabel("number of residual blocks d")
     axes.set_ylabel(r"$\gamma$ = mean$_j$ $\|G(Y_j)\|$ over blocks and test images")
     axes.set_title("Average norm of the residual modules against depth")
@@ -100,9 +110,12 @@ def gamma_figure(records: Sequence[Mapping[str, Any]]) -> Figure:
     return figure
 
 
-def lesion_figure(removals: Sequence[Mapping[str, Any]],
-                  shuffles: Sequence[Mapping[str, Any]],
-                  baseline_error: float, title: str = "") -> Figure:
+def lesion_figure(
+    removals: Sequence[Mapping[str, Any]],
+    shuffles: Sequence[Mapping[str, Any]],
+    baseline_error: float,
+    title: str = "",
+) -> Figure:
     """Paper Sec. 3.3: test error after removing one block, and after shuffles.
 
     Left: error per removed block, downsampling blocks in another colour;
@@ -110,17 +123,25 @@ def lesion_figure(removals: Sequence[Mapping[str, Any]],
     network's error as a horizontal line. Errors in percent.
     """
     figure = _new_figure(11.0, 4.5)
-    left, right = figure.subplots(1, 2, sharey=True,
-                                  gridspec_kw={"width_ratios": [3, 1]})
+    left, right = figure.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [3, 1]})
     blocks = np.array([r["block"] for r in removals])
     errors = 100 * np.array([r["test_error"] for r in removals], float)
     down = np.array([bool(r["downsampling"]) for r in removals])
-    left.plot(blocks[~down], errors[~down], "o", color="tab:blue",
-              label="block removed")
-    left.plot(blocks[down], errors[down], "D", color="tab:red", markersize=7,
-              label="downsampling block removed (shortcut S kept)")
-    left.axhline(100 * baseline_error, color="black", linestyle="--",
-                 label=f"no lesion ({100 * baseline_error:.2f} %)")
+    left.plot(blocks[~down], errors[~down], "o", color="tab:blue", label="block removed")
+    left.plot(
+        blocks[down],
+        errors[down],
+        "D",
+        color="tab:red",
+        markersize=7,
+        label="downsampling block removed (shortcut S kept)",
+    )
+    left.axhline(
+        100 * baseline_error,
+        color="black",
+        linestyle="--",
+        label=f"no lesion ({100 * baseline_error:.2f} %)",
+    )
     first = np.array([r["block_in_stage"] == 1 for r in removals])
     _mark_stage_starts(left, blocks - 0.5, first)
     left.set_xlabel("removed residual block j (numbered through all stages)")
@@ -128,11 +149,24 @@ def lesion_figure(removals: Sequence[Mapping[str, Any]],
     left.set_title(title or "Removing one residual block")
     if shuffles:
         stages = np.array([r["stage"] for r in shuffles])
-        right.plot(stages, 100 * np.array([r["test_error"] for r in shuffles]),
-                   "o", color="tab:green", alpha=0.7, label="one random shuffle")
+        right.plot(
+            stages,
+            100 * np.array([r["test_error"] for r in shuffles]),
+            "o",
+            color="tab:green",
+            alpha=0.7,
+            label="one random shuffle",
+        )
     else:
-        right.text(0.5, 0.5, "no stage has 3 or more blocks", ha="center",
-                   va="center", transform=right.transAxes, fontsize=8)
+        right.text(
+            0.5,
+            0.5,
+            "no stage has 3 or more blocks",
+            ha="center",
+            va="center",
+            transform=right.transAxes,
+            fontsize=8,
+        )
     right.axhline(100 * baseline_error, color="black", linestyle="--")
     right.set_xlabel("shuffled stage (blocks 2.. reordered)")
     num_stages = max((r["stage"] for r in removals), default=1)
@@ -141,8 +175,13 @@ def lesion_figure(removals: Sequence[Mapping[str, Any]],
     right.set_title("Shuffles within a stage")
     handles, labels = left.get_legend_handles_labels()
     extra_handles, extra_labels = right.get_legend_handles_labels()
-    figure.legend(handles + extra_handles, labels + extra_labels,
-                  loc="outside lower center", ncol=4, fontsize=8)
+    figure.legend(
+        handles + extra_handles,
+        labels + extra_labels,
+        loc="outside lower center",
+        ncol=4,
+        fontsize=8,
+    )
     return figure
 
 
@@ -156,11 +195,14 @@ def F_against_time_figure(curves: Sequence[tuple[str, BlockNorms]]) -> Figure:
     figure = _new_figure()
     axes = figure.add_subplot()
     for i, (label, norms) in enumerate(curves):
-        line, = axes.plot(norms.time, norms.F_norm, "-", marker=".", label=label)
+        (line,) = axes.plot(norms.time, norms.F_norm, "-", marker=".", label=label)
         first = norms.first_in_stage
-        axes.scatter(norms.time[first], norms.F_norm[first],
-                     label="first block of a stage" if i == 0 else None,
-                     **_FIRST_BLOCK_STYLE)
+        axes.scatter(
+            norms.time[first],
+            norms.F_norm[first],
+            label="first block of a stage" if i == 0 else None,
+            **_FIRST_BLOCK_STYLE,
+        )
     axes.set_xlabel(r"conceptual time $t_j = j\,h$ (block index j from 0)")
     axes.set_ylabel(r"$\|F(Y_j)\|$ per example, mean over test images")
     axes.set_ylim(bottom=0)
@@ -169,8 +211,9 @@ def F_against_time_figure(curves: Sequence[tuple[str, BlockNorms]]) -> Figure:
     return figure
 
 
-def training_curves_figure(history: Sequence[Mapping[str, Any]],
-                           cycle_boundaries: Sequence[float]) -> Figure:
+def training_curves_figure(
+    history: Sequence[Mapping[str, Any]], cycle_boundaries: Sequence[float]
+) -> Figure:
     """Paper Fig. 6: train and test error per epoch, cycle boundaries marked.
 
     Args:
@@ -187,17 +230,30 @@ def training_curves_figure(history: Sequence[Mapping[str, Any]],
     figure = _new_figure()
     axes = figure.add_subplot()
     epochs = [r["epoch"] for r in history]
-    axes.plot(epochs, [100 * r["train_error"] for r in history], "-o",
-              markersize=3, label="train error")
-    axes.plot(epochs, [100 * r["test_error"] for r in history], "-s",
-              markersize=3, label="test error")
+    axes.plot(
+        epochs, [100 * r["train_error"] for r in history], "-o", markersize=3, label="train error"
+    )
+    axes.plot(
+        epochs, [100 * r["test_error"] for r in history], "-s", markersize=3, label="test error"
+    )
     for k, epoch in enumerate(cycle_boundaries):
-        axes.axvline(epoch, color="grey", linestyle="--", linewidth=1,
-                     label="cycle boundary" if k == 0 else None)
+        axes.axvline(
+            epoch,
+            color="grey",
+            linestyle="--",
+            linewidth=1,
+            label="cycle boundary" if k == 0 else None,
+        )
     for k, epoch in enumerate([0.0, *cycle_boundaries]):
-        axes.annotate(f"cycle {k + 1}", (epoch, 1.0), xycoords=("data", "axes fraction"),
-                      xytext=(3, -12), textcoords="offset points", fontsize=8,
-                      color="grey")
+        axes.annotate(
+            f"cycle {k + 1}",
+            (epoch, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -12),
+            textcoords="offset points",
+            fontsize=8,
+            color="grey",
+        )
     axes.set_xlim(left=0)
     axes.set_xlabel("epoch")
     axes.set_ylabel("error (%)")
@@ -206,8 +262,9 @@ def training_curves_figure(history: Sequence[Mapping[str, Any]],
     return figure
 
 
-def plot_training_curves(history: Sequence[Mapping[str, Any]],
-                         cycle_boundaries: Sequence[float], path: str) -> None:
+def plot_training_curves(
+    history: Sequence[Mapping[str, Any]], cycle_boundaries: Sequence[float], path: str
+) -> None:
     """Writes the training curves (paper Fig. 6) of a run as a PNG.
 
     Args:

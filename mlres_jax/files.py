@@ -12,7 +12,8 @@ import json
 import math
 import os
 import tempfile
-from typing import Any, Callable, IO, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import IO, Any
 
 import numpy as np
 
@@ -35,8 +36,7 @@ def write_atomically(path: str, write: Callable[[IO], None], mode: str = "w") ->
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(mode, dir=folder, delete=False,
-                                         suffix=".tmp")
+    handle = tempfile.NamedTemporaryFile(mode, dir=folder, delete=False, suffix=".tmp")
     try:
         with handle:
             write(handle)
@@ -93,15 +93,16 @@ def write_json(path: str, payload: Any) -> None:
 
 def write_csv(path: str, records: Sequence[Mapping[str, Any]]) -> None:
     """Writes records (dicts with the same keys) as CSV with a header, atomically."""
+
     def write(handle):
         fields = list(records[0]) if records else []
         writer = csv.DictWriter(handle, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
         writer.writerows(records)
+
     write_atomically(path, write)
 
 
 def save_figure(figure, path: str, dpi: int = 150) -> None:
     """Writes a matplotlib ``Figure`` as a PNG to ``path`` atomically."""
-    write_atomically(path, lambda handle: figure.savefig(handle, format="png", dpi=dpi),
-                     mode="wb")
+    write_atomically(path, lambda handle: figure.savefig(handle, format="png", dpi=dpi), mode="wb")

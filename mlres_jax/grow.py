@@ -12,7 +12,8 @@ import dataclasses
 
 from absl import app, flags, logging
 
-from mlres_jax import checkpoint, cli, errors, models, multilevel, workdir as workdirs
+from mlres_jax import checkpoint, cli, errors, models, multilevel
+from mlres_jax import workdir as workdirs
 
 FLAGS = flags.FLAGS
 
@@ -22,13 +23,15 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Run folder holding checkpoints/ to read.")
     flags.DEFINE_string("output", None, "Folder to write the interpolated checkpoint to.")
     flags.DEFINE_integer("step", None, "Checkpoint step to read; the latest if unset.")
-    flags.DEFINE_string("rule", "paper", "Interpolation rule: "
-                        f"{sorted(multilevel.INTERPOLATION_RULES)}.")
+    flags.DEFINE_string(
+        "rule", "paper", f"Interpolation rule: {sorted(multilevel.INTERPOLATION_RULES)}."
+    )
     flags.mark_flags_as_required(["workdir", "output"])
 
 
-def grow(workdir: str, output: str, step: int | None = None,
-         rule: str = "paper") -> checkpoint.CheckpointMetadata:
+def grow(
+    workdir: str, output: str, step: int | None = None, rule: str = "paper"
+) -> checkpoint.CheckpointMetadata:
     """Interpolates a checkpoint of ``workdir`` into a new one in ``output``.
 
     Returns:
@@ -47,22 +50,34 @@ def grow(workdir: str, output: str, step: int | None = None,
         existing = checkpoint.list_steps(output)
         if existing:
             raise checkpoint.CheckpointError(
-                f"{output} already holds checkpoints {existing}; choose an empty folder")
+                f"{output} already holds checkpoints {existing}; choose an empty folder"
+            )
         model, variables, metadata = checkpoint.load_model(workdir, step)
         try:
             deeper_model, deeper_variables = multilevel.deepen(model, variables, rule)
         except ValueError as error:
-            raise errors.UserError(f"cannot grow the checkpoint of step {metadata.step} in "
-                                   f"{workdir}: {error}") from None
+            raise errors.UserError(
+                f"cannot grow the checkpoint of step {metadata.step} in {workdir}: {error}"
+            ) from None
         grown = dataclasses.replace(
-            metadata, stage_sizes=tuple(deeper_model.stage_sizes),
-            step_size=deeper_model.step_size, history=[], cycle_records=[], growths=[],
-            stopwatch={}, kind=checkpoint.MODEL, scan_blocks=False,
-            grown_from={"workdir": workdir, "step": metadata.step, "rule": rule})
+            metadata,
+            stage_sizes=tuple(deeper_model.stage_sizes),
+            step_size=deeper_model.step_size,
+            history=[],
+            cycle_records=[],
+            growths=[],
+            stopwatch={},
+            kind=checkpoint.MODEL,
+            scan_blocks=False,
+            grown_from={"workdir": workdir, "step": metadata.step, "rule": rule},
+        )
         checkpoint.save_model(output, deeper_variables, grown)
-    print(f"Interpolated {models.format_stage_sizes(model.stage_sizes)} blocks (h = "
-          f"{model.step_size:g}) into {models.format_stage_sizes(deeper_model.stage_sizes)} "
-          f"(h = {deeper_model.step_size:g}): {output}", flush=True)
+    print(
+        f"Interpolated {models.format_stage_sizes(model.stage_sizes)} blocks (h = "
+        f"{model.step_size:g}) into {models.format_stage_sizes(deeper_model.stage_sizes)} "
+        f"(h = {deeper_model.step_size:g}): {output}",
+        flush=True,
+    )
     return grown
 
 

@@ -16,14 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
 # ---------------------------------------------------------------------------
 # Batching (host side, numpy).
 # ---------------------------------------------------------------------------
 
 
-def train_batch_indices(num_examples: int, batch_size: int, seed: int,
-                        epoch: int) -> np.ndarray:
+def train_batch_indices(num_examples: int, batch_size: int, seed: int, epoch: int) -> np.ndarray:
     """Shuffled example indices for one training epoch.
 
     A fresh permutation per epoch from
@@ -52,7 +50,7 @@ def train_batch_indices(num_examples: int, batch_size: int, seed: int,
         raise ValueError(f"seed and epoch must be >= 0, got {seed}, {epoch}.")
     perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
     steps = num_examples // batch_size
-    return perm[:steps * batch_size].reshape(steps, batch_size)
+    return perm[: steps * batch_size].reshape(steps, batch_size)
 
 
 def fitted_eval_batch_size(batch_size: int, num_examples: int, multiple: int = 1) -> int:
@@ -75,8 +73,9 @@ def fitted_eval_batch_size(batch_size: int, num_examples: int, multiple: int = 1
     return min(batch_size, -(-num_examples // multiple) * multiple)
 
 
-def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int
-                 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def eval_batches(
+    images: np.ndarray, labels: np.ndarray, batch_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Batches a whole evaluation set in order, padding the last batch.
 
     Every example appears exactly once with mask True; the last batch is
@@ -97,8 +96,7 @@ def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
     if len(images) != len(labels):
-        raise ValueError(
-            f"{len(images)} images but {len(labels)} labels.")
+        raise ValueError(f"{len(images)} images but {len(labels)} labels.")
     n = len(images)
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
@@ -140,18 +138,16 @@ def augment(rng: jax.Array, images: jax.Array, padding: int) -> jax.Array:
     if padding < 0:
         raise ValueError(f"padding must be >= 0, got {padding}.")
     if images.ndim != 4:
-        raise ValueError(
-            f"images must be [B, H, W, C], got shape {images.shape}.")
+        raise ValueError(f"images must be [B, H, W, C], got shape {images.shape}.")
     images = jnp.asarray(images).astype(jnp.float32)
     b, h, w, c = images.shape
     crop_rng, flip_rng = jax.random.split(rng)
     if padding > 0:
-        padded = jnp.pad(
-            images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+        padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
         offsets = jax.random.randint(crop_rng, (b, 2), 0, 2 * padding + 1)
         images = jax.vmap(
-            lambda image, off: jax.lax.dynamic_slice(
-                image, (off[0], off[1], 0), (h, w, c)))(padded, offsets)
+            lambda image, off: jax.lax.dynamic_slice(image, (off[0], off[1], 0), (h, w, c))
+        )(padded, offsets)
     flip = jax.random.bernoulli(flip_rng, 0.5, (b,))
     return jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
 
@@ -178,8 +174,7 @@ def standardize(images: jax.Array) -> jax.Array:
     return (x - mean) / jnp.maximum(std, 1.0 / np.sqrt(num_values))
 
 
-def preprocess_for_train(rng: jax.Array, images: jax.Array,
-                         padding: int) -> jax.Array:
+def preprocess_for_train(rng: jax.Array, images: jax.Array, padding: int) -> jax.Array:
     """Pad, crop, flip, then standardise (paper App. A order).
 
     Args:

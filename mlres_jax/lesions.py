@@ -16,8 +16,7 @@ names they address are 1-based like ``stage2/block3`` and the paper's figures.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -29,7 +28,8 @@ def _check_block(tree_stage: Mapping, stage_key: str, block_index: int) -> list:
     if not 0 <= block_index < len(blocks):
         raise ValueError(
             f"{stage_key} has {len(blocks)} blocks; block index {block_index} "
-            f"(0-based) is out of range")
+            f"(0-based) is out of range"
+        )
     return blocks
 
 
@@ -43,8 +43,10 @@ def _edit_stage(tree, stage_index: int, edit: Callable[[str, Mapping], dict | No
 
     def edit_network(network: Mapping) -> dict:
         if stage_key not in network:
-            raise ValueError(f"the tree has no {stage_key}; stages: "
-                             f"{sorted(k for k in network if multilevel.is_stage_key(k))}")
+            raise ValueError(
+                f"the tree has no {stage_key}; stages: "
+                f"{sorted(k for k in network if multilevel.is_stage_key(k))}"
+            )
         result = {}
         for key, node in network.items():
             if key == stage_key:
@@ -82,9 +84,10 @@ def remove_block(tree, stage_index: int, block_index: int):
     Raises:
       ValueError: for a stage or block that does not exist.
     """
+
     def edit(stage_key, stage):
         blocks = _check_block(stage, stage_key, block_index)
-        kept = blocks[:block_index] + blocks[block_index + 1:]
+        kept = blocks[:block_index] + blocks[block_index + 1 :]
         if not kept:
             return None
         return {models.block_name(i): block for i, block in enumerate(kept)}
@@ -92,19 +95,20 @@ def remove_block(tree, stage_index: int, block_index: int):
     return _edit_stage(tree, stage_index, edit)
 
 
-def is_downsampling_block(model: models.ResNet, stage_index: int,
-                          block_index: int) -> bool:
+def is_downsampling_block(model: models.ResNet, stage_index: int, block_index: int) -> bool:
     """Whether the block halves the spatial size and doubles the channels.
 
     True for the first block of every stage but the first (paper Sec. 5.1),
     unless a lesion already removed that stage's downsampling block.
     """
-    return (block_index == 0 and stage_index > 0
-            and stage_index not in tuple(model.shortcut_only_stages))
+    return (
+        block_index == 0
+        and stage_index > 0
+        and stage_index not in tuple(model.shortcut_only_stages)
+    )
 
 
-def lesioned_model(model: models.ResNet, stage_index: int,
-                   block_index: int) -> models.ResNet:
+def lesioned_model(model: models.ResNet, stage_index: int, block_index: int) -> models.ResNet:
     """The network that runs ``remove_block(variables, stage_index, block_index)``.
 
     The stage is one block shorter. If the removed block downsampled, the
@@ -116,12 +120,15 @@ def lesioned_model(model: models.ResNet, stage_index: int,
     """
     sizes = list(model.stage_sizes)
     if not 0 <= stage_index < len(sizes):
-        raise ValueError(f"the model has {len(sizes)} stages; stage index "
-                         f"{stage_index} (0-based) is out of range")
+        raise ValueError(
+            f"the model has {len(sizes)} stages; stage index "
+            f"{stage_index} (0-based) is out of range"
+        )
     if not 0 <= block_index < sizes[stage_index]:
         raise ValueError(
             f"stage {stage_index + 1} has {sizes[stage_index]} blocks; block "
-            f"index {block_index} (0-based) is out of range")
+            f"index {block_index} (0-based) is out of range"
+        )
     shortcut_only = tuple(model.shortcut_only_stages)
     if is_downsampling_block(model, stage_index, block_index):
         shortcut_only = tuple(sorted((*shortcut_only, stage_index)))
@@ -137,8 +144,10 @@ def lesion(model: models.ResNet, variables, stage_index: int, block_index: int):
       full model's with block ``block_index``'s residual module output
       G(Y_j) set to zero (Y_{j+1} = S(Y_j)).
     """
-    return (lesioned_model(model, stage_index, block_index),
-            remove_block(variables, stage_index, block_index))
+    return (
+        lesioned_model(model, stage_index, block_index),
+        remove_block(variables, stage_index, block_index),
+    )
 
 
 def permute_blocks(tree, stage_index: int, permutation: Sequence[int]):
@@ -169,15 +178,14 @@ def permute_blocks(tree, stage_index: int, permutation: Sequence[int]):
         if sorted(permutation) != list(range(len(blocks))) or permutation[0] != 0:
             raise ValueError(
                 f"{permutation} is not a permutation of the {len(blocks)} blocks "
-                f"of {stage_key} that keeps the first block first")
-        return {models.block_name(i): blocks[source]
-                for i, source in enumerate(permutation)}
+                f"of {stage_key} that keeps the first block first"
+            )
+        return {models.block_name(i): blocks[source] for i, source in enumerate(permutation)}
 
     return _edit_stage(tree, stage_index, edit)
 
 
-def random_block_permutation(rng: np.random.Generator,
-                             num_blocks: int) -> tuple[int, ...]:
+def random_block_permutation(rng: np.random.Generator, num_blocks: int) -> tuple[int, ...]:
     """A random order of a stage's blocks for `permute_blocks`.
 
     Block 0 stays first; blocks 1.. are permuted uniformly at random among
@@ -197,7 +205,8 @@ def random_block_permutation(rng: np.random.Generator,
     if num_blocks < 3:
         raise ValueError(
             f"a stage of {num_blocks} blocks has no shuffle that keeps the "
-            "first (downsampling) block first; need at least 3 blocks")
+            "first (downsampling) block first; need at least 3 blocks"
+        )
     while True:
         rest = tuple(int(i) for i in 1 + rng.permutation(num_blocks - 1))
         if rest != tuple(range(1, num_blocks)):

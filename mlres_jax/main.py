@@ -29,35 +29,52 @@ CURVES_FILE = "training_curves.png"
 
 def define_flags() -> None:
     """Defines ``--workdir`` and ``--config`` (with ``--config.FIELD`` overrides)."""
-    flags.DEFINE_string("workdir", None, "Folder for checkpoints, TensorBoard events, "
-                        "summary.json and the training curves.")
+    flags.DEFINE_string(
+        "workdir",
+        None,
+        "Folder for checkpoints, TensorBoard events, summary.json and the training curves.",
+    )
     config_flags.DEFINE_config_file(
-        "config", None, "Training configuration file (configs/*.py).",
-        lock_config=True)
-    flags.DEFINE_string("coordinator_address", None,
-                        "Several processes: host:port of process 0's coordinator. "
-                        "Unset: from $JAX_COORDINATOR_ADDRESS or the cluster manager "
-                        "(Slurm, Open MPI), or a single process.")
+        "config", None, "Training configuration file (configs/*.py).", lock_config=True
+    )
+    flags.DEFINE_string(
+        "coordinator_address",
+        None,
+        "Several processes: host:port of process 0's coordinator. "
+        "Unset: from $JAX_COORDINATOR_ADDRESS or the cluster manager "
+        "(Slurm, Open MPI), or a single process.",
+    )
     flags.DEFINE_integer("num_processes", None, "Several processes: how many.")
     flags.DEFINE_integer("process_id", None, "Several processes: this one's index, 0..N-1.")
-    flags.DEFINE_integer("heartbeat_timeout_seconds", parallel.DEFAULT_HEARTBEAT_TIMEOUT_SECONDS,
-                         "Several processes: when one has sent no heartbeat for this long "
-                         "(it died, or its host is lost), the others stop. A process waits "
-                         "for its peers to agree on a stop for half of it.", lower_bound=2)
+    flags.DEFINE_integer(
+        "heartbeat_timeout_seconds",
+        parallel.DEFAULT_HEARTBEAT_TIMEOUT_SECONDS,
+        "Several processes: when one has sent no heartbeat for this long "
+        "(it died, or its host is lost), the others stop. A process waits "
+        "for its peers to agree on a stop for half of it.",
+        lower_bound=2,
+    )
     flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                        FLAGS.heartbeat_timeout_seconds)
+    parallel.initialize(
+        FLAGS.coordinator_address,
+        FLAGS.num_processes,
+        FLAGS.process_id,
+        FLAGS.heartbeat_timeout_seconds,
+    )
     if not parallel.is_main_process():
         logging.set_verbosity(logging.WARNING)  # process 0 reports for all
     summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     if parallel.is_main_process():
-        figures.plot_training_curves(summary["history"], summary["config"]["cycle_boundaries"],
-                                     os.path.join(FLAGS.workdir, CURVES_FILE))
+        figures.plot_training_curves(
+            summary["history"],
+            summary["config"]["cycle_boundaries"],
+            os.path.join(FLAGS.workdir, CURVES_FILE),
+        )
         print(reporting.summary_table(summary), flush=True)
 
 

@@ -39,21 +39,28 @@ def l2_norm_per_example(x: jax.Array) -> jax.Array:
 
 
 def _block_keys(model: models.ResNet) -> list[tuple[str, str]]:
-    return [(models.stage_name(s), models.block_name(j))
-            for s, n in enumerate(model.stage_sizes) for j in range(n)]
+    return [
+        (models.stage_name(s), models.block_name(j))
+        for s, n in enumerate(model.stage_sizes)
+        for j in range(n)
+    ]
 
 
 @functools.partial(jax.jit, static_argnames="model")
 def _norm_sums(variables, images, mask, *, model):
     """Sums over the real examples of ||Y_j|| and ||F(Y_j)||, float32[d] each."""
-    _, state = model.apply(variables, input_pipeline.preprocess_for_eval(images),
-                           train=False, mutable=[models.INTERMEDIATES])
+    _, state = model.apply(
+        variables,
+        input_pipeline.preprocess_for_eval(images),
+        train=False,
+        mutable=[models.INTERMEDIATES],
+    )
     sown = state[models.INTERMEDIATES]
     weight = mask.astype(jnp.float32)
-    input_norms = jnp.stack([l2_norm_per_example(sown[s][b]["block_input"][0])
-                             for s, b in _block_keys(model)])
-    F_norms = jnp.stack([l2_norm_per_example(sown[s][b]["F"][0])
-                         for s, b in _block_keys(model)])
+    input_norms = jnp.stack(
+        [l2_norm_per_example(sown[s][b]["block_input"][0]) for s, b in _block_keys(model)]
+    )
+    F_norms = jnp.stack([l2_norm_per_example(sown[s][b]["F"][0]) for s, b in _block_keys(model)])
     return input_norms @ weight, F_norms @ weight
 
 
@@ -122,29 +129,46 @@ class BlockNorms:
         """
         ratio = self.G_norm / self.input_norm
         first = self.first_in_stage
-        return {"first_blocks": float(np.mean(ratio[first])),
-                "other_blocks": (float(np.mean(ratio[~first])) if np.any(~first)
-                                 else None)}
+        return {
+            "first_blocks": float(np.mean(ratio[first])),
+            "other_blocks": (float(np.mean(ratio[~first])) if np.any(~first) else None),
+        }
 
     def records(self) -> list[dict]:
         """One row per block for a CSV: 1-based stage and block numbers."""
-        return [{
-            "block": j + 1, "stage": int(s) + 1, "block_in_stage": int(b) + 1,
-            "first_in_stage": bool(b == 0), "t": float(t),
-            "input_norm": float(y), "F_norm": float(f), "G_norm": float(g),
-            "G_over_input": float(g / y),
-        } for j, (s, b, t, y, f, g) in enumerate(zip(
-            self.stage_index, self.block_index, self.time, self.input_norm,
-            self.F_norm, self.G_norm))]
+        return [
+            {
+                "block": j + 1,
+                "stage": int(s) + 1,
+                "block_in_stage": int(b) + 1,
+                "first_in_stage": bool(b == 0),
+                "t": float(t),
+                "input_norm": float(y),
+                "F_norm": float(f),
+                "G_norm": float(g),
+                "G_over_input": float(g / y),
+            }
+            for j, (s, b, t, y, f, g) in enumerate(
+                zip(
+                    self.stage_index,
+                    self.block_index,
+                    self.time,
+                    self.input_norm,
+                    self.F_norm,
+                    self.G_norm,
+                )
+            )
+        ]
 
 
-def block_norms(model: models.ResNet, variables, images: np.ndarray, *,
-                batch_size: int) -> BlockNorms:
+def block_norms(
+    model: models.ResNet, variables, images: np.ndarray, *, batch_size: int
+) -> BlockNorms:
     """Per-block mean norms ||Y_j|| and ||F(Y_j)|| over a data set at test time.
 
     Each example's norm is over its whole feature map (H·W·C), then averaged
-    over the examples (the norms of paper Fig. 3, Fig. 4). Images are standardised as in evaluation; the
-    batch norms use their running averages.
+    over the examples (the norms of paper Fig. 3, Fig. 4). Images are
+    standardised as in evaluation; the batch norms use their running averages.
 
     Args:
       model: the network.
@@ -163,18 +187,22 @@ def block_norms(model: models.ResNet, variables, images: np.ndarray, *,
         input_sum = input_sum + sums[0].astype(np.float64)
         F_sum = F_sum + sums[1].astype(np.float64)
     count = len(images)
-    return BlockNorms(stage_sizes=tuple(model.stage_sizes),
-                      step_size=float(model.step_size),
-                      input_norm=np.asarray(input_sum) / count,
-                      F_norm=np.asarray(F_sum) / count, num_examples=count)
+    return BlockNorms(
+        stage_sizes=tuple(model.stage_sizes),
+        step_size=float(model.step_size),
+        input_norm=np.asarray(input_sum) / count,
+        F_norm=np.asarray(F_sum) / count,
+        num_examples=count,
+    )
 
 
 # ---------------------------------------------------------------------------
 # Test errors of lesioned networks (paper Sec. 3.3).
 
 
-def error_rate(model: models.ResNet, variables, images: np.ndarray,
-               labels: np.ndarray, *, batch_size: int) -> float:
+def error_rate(
+    model: models.ResNet, variables, images: np.ndarray, labels: np.ndarray, *, batch_size: int
+) -> float:
     """Fraction of ``images`` misclassified (batch norms at running averages).
 
     Evaluates with `steps.evaluate` and `steps.make_eval_step`, which
@@ -189,12 +217,14 @@ def error_rate(model: models.ResNet, variables, images: np.ndarray,
     Returns:
       Test error in [0, 1].
     """
-    return steps.evaluate(steps.make_eval_step(model), variables, images, labels,
-                          batch_size)["error"]
+    return steps.evaluate(steps.make_eval_step(model), variables, images, labels, batch_size)[
+        "error"
+    ]
 
 
-def removal_errors(model: models.ResNet, variables, images: np.ndarray,
-                   labels: np.ndarray, *, batch_size: int) -> list[dict]:
+def removal_errors(
+    model: models.ResNet, variables, images: np.ndarray, labels: np.ndarray, *, batch_size: int
+) -> list[dict]:
     """Test error with each single block removed (`lesions.lesion`), for every block.
 
     Returns:
@@ -208,18 +238,30 @@ def removal_errors(model: models.ResNet, variables, images: np.ndarray,
         for j in range(n):
             number += 1
             lesioned, lesioned_variables = lesions.lesion(model, variables, s, j)
-            records.append({
-                "block": number, "stage": s + 1, "block_in_stage": j + 1,
-                "downsampling": lesions.is_downsampling_block(model, s, j),
-                "test_error": error_rate(lesioned, lesioned_variables, images,
-                                         labels, batch_size=batch_size),
-            })
+            records.append(
+                {
+                    "block": number,
+                    "stage": s + 1,
+                    "block_in_stage": j + 1,
+                    "downsampling": lesions.is_downsampling_block(model, s, j),
+                    "test_error": error_rate(
+                        lesioned, lesioned_variables, images, labels, batch_size=batch_size
+                    ),
+                }
+            )
     return records
 
 
-def shuffle_errors(model: models.ResNet, variables, images: np.ndarray,
-                   labels: np.ndarray, *, batch_size: int, num_shuffles: int,
-                   seed: int) -> list[dict]:
+def shuffle_errors(
+    model: models.ResNet,
+    variables,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    batch_size: int,
+    num_shuffles: int,
+    seed: int,
+) -> list[dict]:
     """Test error after random shuffles of the blocks within each stage.
 
     For every stage of at least 3 blocks, ``num_shuffles`` random orders
@@ -240,11 +282,15 @@ def shuffle_errors(model: models.ResNet, variables, images: np.ndarray,
         for k in range(num_shuffles):
             order = lesions.random_block_permutation(rng, n)
             shuffled = lesions.permute_blocks(variables, s, order)
-            records.append({
-                "stage": s + 1, "shuffle": k + 1,
-                "order": " ".join(str(i + 1) for i in order),
-                "blocks_moved": sum(i != source for i, source in enumerate(order)),
-                "test_error": error_rate(model, shuffled, images, labels,
-                                         batch_size=batch_size),
-            })
+            records.append(
+                {
+                    "stage": s + 1,
+                    "shuffle": k + 1,
+                    "order": " ".join(str(i + 1) for i in order),
+                    "blocks_moved": sum(i != source for i, source in enumerate(order)),
+                    "test_error": error_rate(
+                        model, shuffled, images, labels, batch_size=batch_size
+                    ),
+                }
+            )
     return records

@@ -44,7 +44,8 @@ no-op unless the caller makes that collection mutable.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -79,6 +80,7 @@ INTERMEDIATES = "intermediates"
 # Names in the scanned layout: stage/blocks/residual holds blocks 2..n stacked.
 SCANNED_BLOCKS = "blocks"
 SCANNED_MODULE = "residual"
+
 
 def block_name(block_index: int) -> str:
     """Name of the block at 0-based position ``block_index`` within a stage."""
@@ -136,8 +138,12 @@ class ResidualModule(nn.Module):
             dtype=self.dtype,
         )
         conv = functools.partial(
-            self.conv, self.features, (3, 3), use_bias=False,
-            kernel_init=conv_kernel_init, dtype=self.dtype,
+            self.conv,
+            self.features,
+            (3, 3),
+            use_bias=False,
+            kernel_init=conv_kernel_init,
+            dtype=self.dtype,
         )
         y = nn.relu(norm(name="norm1")(x))
         y = conv(strides=(self.strides, self.strides), name="conv1")(y)
@@ -159,8 +165,9 @@ class _ScannedBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, _) -> tuple[jax.Array, None]:
-        residual = ResidualModule(self.features, 1, self.dtype, self.conv,
-                                  name=SCANNED_MODULE)(x, self.train)
+        residual = ResidualModule(self.features, 1, self.dtype, self.conv, name=SCANNED_MODULE)(
+            x, self.train
+        )
         return x + self.step_size * residual, None
 
 
@@ -194,18 +201,28 @@ class Stage(nn.Module):
             first = j == 0
             strides = 2 if (first and self.downsample) else 1
             residual = self.step_size * ResidualModule(
-                self.features, strides, self.dtype, name=block_name(j))(x, train)
+                self.features, strides, self.dtype, name=block_name(j)
+            )(x, train)
             if strides == 2 or x.shape[-1] != self.features:
                 shortcut = downsampling_shortcut(x, self.features)
             else:
                 shortcut = x
             x = shortcut + residual
         if unrolled < self.num_blocks:
-            scan = nn.scan(_ScannedBlock, variable_axes={"params": 0, "batch_stats": 0,
-                                                         INTERMEDIATES: 0},
-                           split_rngs={"params": True}, length=self.num_blocks - 1)
-            x, _ = scan(self.features, self.step_size, train, self.dtype, self.scanned_conv,
-                        name=SCANNED_BLOCKS)(x, None)
+            scan = nn.scan(
+                _ScannedBlock,
+                variable_axes={"params": 0, "batch_stats": 0, INTERMEDIATES: 0},
+                split_rngs={"params": True},
+                length=self.num_blocks - 1,
+            )
+            x, _ = scan(
+                self.features,
+                self.step_size,
+                train,
+                self.dtype,
+                self.scanned_conv,
+                name=SCANNED_BLOCKS,
+            )(x, None)
         return x
 
 
@@ -256,9 +273,16 @@ class ResNet(nn.Module):
             if not 1 <= i < len(self.stage_sizes):
                 raise ValueError(
                     f"shortcut_only_stages holds {i}, but only stages 1.."
-                    f"{len(self.stage_sizes) - 1} (0-based) downsample")
-        x = nn.Conv(self.width, (3, 3), use_bias=False, kernel_init=conv_kernel_init,
-                    dtype=self.dtype, name="stem")(images)
+                    f"{len(self.stage_sizes) - 1} (0-based) downsample"
+                )
+        x = nn.Conv(
+            self.width,
+            (3, 3),
+            use_bias=False,
+            kernel_init=conv_kernel_init,
+            dtype=self.dtype,
+            name="stem",
+        )(images)
         for i, num_blocks in enumerate(self.stage_sizes):
             shortcut_only = i in self.shortcut_only_stages
             x = Stage(
@@ -273,9 +297,13 @@ class ResNet(nn.Module):
                 name=stage_name(i),
             )(x, train)
         x = nn.BatchNorm(
-            use_running_average=not train, momentum=BATCH_NORM_MOMENTUM,
-            epsilon=BATCH_NORM_EPSILON, use_fast_variance=BATCH_NORM_FAST_VARIANCE,
-            dtype=self.dtype, name="final_norm")(x)
+            use_running_average=not train,
+            momentum=BATCH_NORM_MOMENTUM,
+            epsilon=BATCH_NORM_EPSILON,
+            use_fast_variance=BATCH_NORM_FAST_VARIANCE,
+            dtype=self.dtype,
+            name="final_norm",
+        )(x)
         x = nn.relu(x)
         x = jnp.mean(x, axis=(1, 2))
         logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
@@ -311,7 +339,8 @@ def init_variables(model: ResNet, rng: jax.Array, image_shape: Sequence[int]):
     if isinstance(dummy, jax.core.Tracer):  # inside jax.eval_shape or jit
         return dict(init(rng, dummy))
     executable = init.lower(rng, dummy).compile(
-        compiler_options=cpu_backend.one_shot_compiler_options())
+        compiler_options=cpu_backend.one_shot_compiler_options()
+    )
     return dict(executable(rng, dummy))
 
 

@@ -50,8 +50,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
-from typing import Any, Callable, ClassVar, Protocol, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -100,7 +100,8 @@ def _check_stage(num_blocks: int, rule: str, layout: str = "the layout") -> None
             "first_block_is_transition=True, so the block inserted after the first is made "
             "from the second, whose entries and shapes the later blocks share (paper App. B); "
             "a network whose blocks are all alike takes a layout with "
-            "first_block_is_transition=False")
+            "first_block_is_transition=False"
+        )
 
 
 def _copy(index: int, scale: float = 1.0, inserted: bool = False) -> NewBlock:
@@ -130,8 +131,9 @@ def _after(index: int, first_is_transition: bool) -> int:
     return 1 if index == 0 and first_is_transition else index
 
 
-def paper_rule(num_blocks: int, *, first_is_transition: bool = True,
-               step_size_halved: bool = True) -> list[NewBlock]:
+def paper_rule(
+    num_blocks: int, *, first_is_transition: bool = True, step_size_halved: bool = True
+) -> list[NewBlock]:
     """The paper's interpolation (Chang et al. 2018, Sec. 4.1, Fig. 5, App. B).
 
     A copy is inserted after every block; after the first (downsampling)
@@ -150,12 +152,15 @@ def paper_rule(num_blocks: int, *, first_is_transition: bool = True,
         contributes a full step: b1 once, b2 three times, b3 twice).
     """
     del step_size_halved  # a copy is a copy
-    return [_copy(source, inserted=bool(position % 2))
-            for position, source in enumerate(_paper_sources(num_blocks, first_is_transition))]
+    return [
+        _copy(source, inserted=bool(position % 2))
+        for position, source in enumerate(_paper_sources(num_blocks, first_is_transition))
+    ]
 
 
-def identity_rule(num_blocks: int, *, first_is_transition: bool = True,
-                  step_size_halved: bool = True) -> list[NewBlock]:
+def identity_rule(
+    num_blocks: int, *, first_is_transition: bool = True, step_size_halved: bool = True
+) -> list[NewBlock]:
     """Zero-residual inserted blocks, old residuals kept: exactly function-preserving.
 
     Every old block keeps its place and its contribution h G: with h halved
@@ -169,12 +174,15 @@ def identity_rule(num_blocks: int, *, first_is_transition: bool = True,
     LLaMA-Pro's zero-initialised inserted blocks (Wu et al., 2024).
     """
     kept = 2.0 if step_size_halved else 1.0
-    return [NewBlock(block.sources, 0.0 if block.inserted else kept, block.inserted)
-            for block in paper_rule(num_blocks, first_is_transition=first_is_transition)]
+    return [
+        NewBlock(block.sources, 0.0 if block.inserted else kept, block.inserted)
+        for block in paper_rule(num_blocks, first_is_transition=first_is_transition)
+    ]
 
 
-def transition_keeping_rule(num_blocks: int, *, first_is_transition: bool = True,
-                            step_size_halved: bool = True) -> list[NewBlock]:
+def transition_keeping_rule(
+    num_blocks: int, *, first_is_transition: bool = True, step_size_halved: bool = True
+) -> list[NewBlock]:
     """The paper's copies, each old block's total contribution kept (to first order).
 
     Old block i appears c_i times in the grown stage (the paper's pattern:
@@ -188,12 +196,12 @@ def transition_keeping_rule(num_blocks: int, *, first_is_transition: bool = True
     blocks = paper_rule(num_blocks, first_is_transition=first_is_transition)
     counts = np.bincount([b.sources[0][0] for b in blocks], minlength=num_blocks)
     kept = 2.0 if step_size_halved else 1.0
-    return [NewBlock(b.sources, kept / int(counts[b.sources[0][0]]), b.inserted)
-            for b in blocks]
+    return [NewBlock(b.sources, kept / int(counts[b.sources[0][0]]), b.inserted) for b in blocks]
 
 
-def linear_rule(num_blocks: int, *, first_is_transition: bool = True,
-                step_size_halved: bool = True) -> list[NewBlock]:
+def linear_rule(
+    num_blocks: int, *, first_is_transition: bool = True, step_size_halved: bool = True
+) -> list[NewBlock]:
     """Linear prolongation: an inserted block is the average of its two neighbours.
 
     ``[b1, b2, b3] -> [b1, b2, b2, (b2+b3)/2, b3, b3]``: the block between
@@ -218,8 +226,9 @@ def linear_rule(num_blocks: int, *, first_is_transition: bool = True,
     return new
 
 
-def appended_rule(num_blocks: int, *, first_is_transition: bool = True,
-                  step_size_halved: bool = True) -> list[NewBlock]:
+def appended_rule(
+    num_blocks: int, *, first_is_transition: bool = True, step_size_halved: bool = True
+) -> list[NewBlock]:
     """Progressive stacking: the stage's copies go after its old blocks.
 
     ``[b1, b2, b3] -> [b1, b2, b3, b2, b2, b3]``: the stage followed by a copy
@@ -229,8 +238,9 @@ def appended_rule(num_blocks: int, *, first_is_transition: bool = True,
     Source: progressive stacking of BERT (Gong et al., ICML 2019).
     """
     del step_size_halved  # a copy is a copy
-    return ([_copy(i) for i in range(num_blocks)]
-            + [_copy(_after(i, first_is_transition), inserted=True) for i in range(num_blocks)])
+    return [_copy(i) for i in range(num_blocks)] + [
+        _copy(_after(i, first_is_transition), inserted=True) for i in range(num_blocks)
+    ]
 
 
 # Growth rules by name. Add a rule here to make it available everywhere
@@ -256,8 +266,9 @@ MOMENTUM_POLICIES = {
 
 def _rule(name: str) -> Callable[[int], list[NewBlock]]:
     if name not in GROWTH_RULES:
-        raise ValueError(f"unknown interpolation rule {name!r}; known rules: "
-                         f"{sorted(GROWTH_RULES)}")
+        raise ValueError(
+            f"unknown interpolation rule {name!r}; known rules: {sorted(GROWTH_RULES)}"
+        )
     return GROWTH_RULES[name]
 
 
@@ -278,25 +289,31 @@ def _residual_output_names(value) -> tuple[str, ...]:
       TypeError: for a value that is neither a string nor a sequence of strings.
       ValueError: for no name, or an empty one.
     """
-    allowed = ("a leaf path inside a block ('conv2/kernel') or a sequence of them "
-               "(('mlp/fc2/kernel', 'mlp/fc2/bias'))")
+    allowed = (
+        "a leaf path inside a block ('conv2/kernel') or a sequence of them "
+        "(('mlp/fc2/kernel', 'mlp/fc2/bias'))"
+    )
     if isinstance(value, str):
         names = (value,)
     elif isinstance(value, Sequence):
         names = tuple(value)
     else:
-        raise TypeError(f"residual_output must be {allowed}: got {value!r}, of type "
-                        f"{type(value).__name__}")
+        raise TypeError(
+            f"residual_output must be {allowed}: got {value!r}, of type {type(value).__name__}"
+        )
     wrong = next((name for name in names if not isinstance(name, str)), None)
     if wrong is not None:
-        raise TypeError(f"residual_output must be {allowed}: got {value!r}, whose entry "
-                        f"{wrong!r} is not a string but of type {type(wrong).__name__}")
+        raise TypeError(
+            f"residual_output must be {allowed}: got {value!r}, whose entry "
+            f"{wrong!r} is not a string but of type {type(wrong).__name__}"
+        )
     if not names:
-        raise ValueError(f"residual_output names no leaf: got {value!r}; it must be {allowed}: "
-                         "without one, no rule can scale the residual output")
+        raise ValueError(
+            f"residual_output names no leaf: got {value!r}; it must be {allowed}: "
+            "without one, no rule can scale the residual output"
+        )
     if "" in names:
-        raise ValueError(f"residual_output has an empty name: got {value!r}; it must be "
-                         f"{allowed}")
+        raise ValueError(f"residual_output has an empty name: got {value!r}; it must be {allowed}")
     return names
 
 
@@ -351,12 +368,14 @@ def ordered_blocks(stage_name: str, stage: Mapping) -> list:
         if match is None:
             raise ValueError(
                 f"{stage_name} has an entry {key!r} that is not a block; "
-                "expected only keys 'block1', 'block2', ...")
+                "expected only keys 'block1', 'block2', ..."
+            )
         numbers.append(int(match.group(1)))
     if sorted(numbers) != list(range(1, len(numbers) + 1)):
         raise ValueError(
             f"{stage_name} has blocks {sorted(numbers)}; expected block1.."
-            f"block{len(numbers)} without gaps")
+            f"block{len(numbers)} without gaps"
+        )
     return [stage[models.block_name(i)] for i in range(len(numbers))]
 
 
@@ -367,8 +386,9 @@ def is_stage_key(key: Any) -> bool:
 
 def _stage_keys(node: Mapping) -> list[str]:
     """The ``stageN`` keys of ``node`` in stage order (stage10 after stage9)."""
-    return sorted((k for k in node if is_stage_key(k)),
-                  key=lambda k: int(_STAGE_KEY.match(k).group(1)))
+    return sorted(
+        (k for k in node if is_stage_key(k)), key=lambda k: int(_STAGE_KEY.match(k).group(1))
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,8 +412,9 @@ class StageLayout:
 
     residual_output: tuple[str, ...] = ("conv2/kernel",)
     label: str = dataclasses.field(default="multilevel.STAGES", compare=False)
-    looks_for: ClassVar[str] = ("keys 'stage1', 'stage2', ... holding blocks 'block1', "
-                                "'block2', ... (models.ResNet)")
+    looks_for: ClassVar[str] = (
+        "keys 'stage1', 'stage2', ... holding blocks 'block1', 'block2', ... (models.ResNet)"
+    )
     first_block_is_transition: ClassVar[bool] = True
     explicit_step_size: ClassVar[bool] = True
 
@@ -408,13 +429,21 @@ class StageLayout:
 
     def read(self, node):
         keys = _stage_keys(node)
-        return ([ordered_blocks(k, node[k]) for k in keys],
-                {k: v for k, v in node.items() if not is_stage_key(k)})
+        return (
+            [ordered_blocks(k, node[k]) for k in keys],
+            {k: v for k, v in node.items() if not is_stage_key(k)},
+        )
 
     def write(self, stages, others):
-        return {**others, **{models.stage_name(s): {models.block_name(b): block
-                                                    for b, block in enumerate(blocks)}
-                             for s, blocks in enumerate(stages)}}
+        return {
+            **others,
+            **{
+                models.stage_name(s): {
+                    models.block_name(b): block for b, block in enumerate(blocks)
+                }
+                for s, blocks in enumerate(stages)
+            },
+        }
 
 
 STAGES = StageLayout()
@@ -431,9 +460,11 @@ class ScannedStageLayout(StageLayout):
     """
 
     label: str = dataclasses.field(default="multilevel.SCANNED", compare=False)
-    looks_for: ClassVar[str] = (f"keys 'stage1', 'stage2', ... holding 'block1' and "
-                                f"'{models.SCANNED_BLOCKS}/{models.SCANNED_MODULE}' "
-                                "(models.ResNet(scan_blocks=True))")
+    looks_for: ClassVar[str] = (
+        f"keys 'stage1', 'stage2', ... holding 'block1' and "
+        f"'{models.SCANNED_BLOCKS}/{models.SCANNED_MODULE}' "
+        "(models.ResNet(scan_blocks=True))"
+    )
 
     def read(self, node):
         stages = []
@@ -442,13 +473,15 @@ class ScannedStageLayout(StageLayout):
             if set(stage) - {"block1", models.SCANNED_BLOCKS} or "block1" not in stage:
                 raise ValueError(
                     f"{key} has entries {sorted(stage)}; the scanned layout keeps "
-                    f"'block1' and '{models.SCANNED_BLOCKS}' (blocks 2.. stacked)")
+                    f"'block1' and '{models.SCANNED_BLOCKS}' (blocks 2.. stacked)"
+                )
             blocks = [stage["block1"]]
             if models.SCANNED_BLOCKS in stage:
                 stacked = stage[models.SCANNED_BLOCKS][models.SCANNED_MODULE]
                 count = jax.tree_util.tree_leaves(stacked)[0].shape[0]
-                blocks += [jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
-                           for i in range(count)]
+                blocks += [
+                    jax.tree_util.tree_map(lambda x, i=i: x[i], stacked) for i in range(count)
+                ]
             stages.append(blocks)
         return stages, {k: v for k, v in node.items() if not is_stage_key(k)}
 
@@ -457,8 +490,11 @@ class ScannedStageLayout(StageLayout):
         for s, blocks in enumerate(stages):
             stage = {"block1": blocks[0]}
             if len(blocks) > 1:
-                stage[models.SCANNED_BLOCKS] = {models.SCANNED_MODULE: jax.tree_util.tree_map(
-                    lambda *xs: jnp.stack(xs), *blocks[1:])}
+                stage[models.SCANNED_BLOCKS] = {
+                    models.SCANNED_MODULE: jax.tree_util.tree_map(
+                        lambda *xs: jnp.stack(xs), *blocks[1:]
+                    )
+                }
             result[models.stage_name(s)] = stage
         return result
 
@@ -515,15 +551,17 @@ class KeyLayout:
     first_block_is_transition: bool
     explicit_step_size: bool = False
     label: str = dataclasses.field(default="KeyLayout", compare=False)
-    looks_for: str = dataclasses.field(default="keys that its locate function places in a stage",
-                                       compare=False)
+    looks_for: str = dataclasses.field(
+        default="keys that its locate function places in a stage", compare=False
+    )
 
     def __post_init__(self):
         object.__setattr__(self, "residual_output", _residual_output_names(self.residual_output))
 
     def is_network(self, node) -> bool:
         return isinstance(node, Mapping) and any(
-            isinstance(key, str) and self.locate(key) is not None for key in node)
+            isinstance(key, str) and self.locate(key) is not None for key in node
+        )
 
     def read(self, node):
         found = {key: self.locate(key) for key in node if isinstance(key, str)}
@@ -532,24 +570,34 @@ class KeyLayout:
         stages = [[] for _ in range(num_stages)]
         for key, (stage, block) in sorted(found.items(), key=lambda item: item[1]):
             if block != len(stages[stage]):
-                raise ValueError(f"block {key!r} is block {block} of stage {stage}, "
-                                 f"but the stage has {len(stages[stage])} blocks before it")
+                raise ValueError(
+                    f"block {key!r} is block {block} of stage {stage}, "
+                    f"but the stage has {len(stages[stage])} blocks before it"
+                )
             stages[stage].append(node[key])
         return stages, {k: v for k, v in node.items() if k not in found}
 
     def write(self, stages, others):
         sizes = [len(blocks) for blocks in stages]
-        return {**others, **{self.name(s, b, sizes): block for s, blocks in enumerate(stages)
-                             for b, block in enumerate(blocks)}}
+        return {
+            **others,
+            **{
+                self.name(s, b, sizes): block
+                for s, blocks in enumerate(stages)
+                for b, block in enumerate(blocks)
+            },
+        }
 
     def stage_names(self, node):
         return [models.stage_name(s) for s in range(len(self.read(node)[0]))]
 
 
-def flax_examples_layout(stage_sizes: Sequence[int], prefix: str = "ResNetBlock_",
-                         residual_output: str | Sequence[str] = ("BatchNorm_1/scale",
-                                                                 "BatchNorm_1/bias"),
-                         explicit_step_size: bool = False) -> KeyLayout:
+def flax_examples_layout(
+    stage_sizes: Sequence[int],
+    prefix: str = "ResNetBlock_",
+    residual_output: str | Sequence[str] = ("BatchNorm_1/scale", "BatchNorm_1/bias"),
+    explicit_step_size: bool = False,
+) -> KeyLayout:
     """The layout of flax's example ResNets: blocks ``ResNetBlock_0..`` numbered through all stages.
 
     Their block is ``conv -> norm -> act -> conv -> norm`` plus the input
@@ -574,12 +622,13 @@ def flax_examples_layout(stage_sizes: Sequence[int], prefix: str = "ResNetBlock_
     starts = np.cumsum([0, *stage_sizes])
 
     def locate(key):
-        if not key.startswith(prefix) or not key[len(prefix):].isdigit():
+        if not key.startswith(prefix) or not key[len(prefix) :].isdigit():
             return None
-        index = int(key[len(prefix):])
+        index = int(key[len(prefix) :])
         if index >= starts[-1]:
-            raise ValueError(f"{key!r} is beyond the {starts[-1]} blocks of stage sizes "
-                             f"{tuple(stage_sizes)}")
+            raise ValueError(
+                f"{key!r} is beyond the {starts[-1]} blocks of stage sizes {tuple(stage_sizes)}"
+            )
         stage = int(np.searchsorted(starts, index, side="right") - 1)
         return stage, index - int(starts[stage])
 
@@ -587,10 +636,15 @@ def flax_examples_layout(stage_sizes: Sequence[int], prefix: str = "ResNetBlock_
         return f"{prefix}{sum(sizes[:stage]) + block}"
 
     last = f"{prefix}{int(starts[-1]) - 1}"
-    return KeyLayout(locate, name, residual_output, first_block_is_transition=True,
-                     explicit_step_size=explicit_step_size,
-                     label=f"flax_examples_layout({tuple(stage_sizes)})",
-                     looks_for=f"keys {prefix}0 .. {last} (stage sizes {tuple(stage_sizes)})")
+    return KeyLayout(
+        locate,
+        name,
+        residual_output,
+        first_block_is_transition=True,
+        explicit_step_size=explicit_step_size,
+        label=f"flax_examples_layout({tuple(stage_sizes)})",
+        looks_for=f"keys {prefix}0 .. {last} (stage sizes {tuple(stage_sizes)})",
+    )
 
 
 def stage_sizes_from_widths(params: Mapping, prefix: str = "ResNetBlock_") -> tuple[int, ...]:
@@ -607,15 +661,18 @@ def stage_sizes_from_widths(params: Mapping, prefix: str = "ResNetBlock_") -> tu
     Raises:
       ValueError: if no block is found, or a block has no 4-D kernel.
     """
-    numbers = sorted(int(k[len(prefix):]) for k in params
-                     if k.startswith(prefix) and k[len(prefix):].isdigit())
+    numbers = sorted(
+        int(k[len(prefix) :]) for k in params if k.startswith(prefix) and k[len(prefix) :].isdigit()
+    )
     if not numbers:
         raise ValueError(f"no block named {prefix}0, {prefix}1, ... in {sorted(params)}")
     sizes = []
     for number in numbers:
-        leaves = sorted((jax.tree_util.keystr(path), leaf.shape) for path, leaf in
-                        jax.tree_util.tree_flatten_with_path(params[f"{prefix}{number}"])[0]
-                        if len(leaf.shape) == 4)
+        leaves = sorted(
+            (jax.tree_util.keystr(path), leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(params[f"{prefix}{number}"])[0]
+            if len(leaf.shape) == 4
+        )
         if not leaves:
             raise ValueError(f"{prefix}{number} has no convolution kernel")
         changes_width = leaves[0][1][2] != leaves[-1][1][3]
@@ -690,8 +747,10 @@ class ListLayout:
 
     @property
     def looks_for(self) -> str:
-        return (f"lists of blocks (keys 0, 1, ... as nnx.List keeps them) at paths matching "
-                f"{self.stages!r}")
+        return (
+            f"lists of blocks (keys 0, 1, ... as nnx.List keeps them) at paths matching "
+            f"{self.stages!r}"
+        )
 
     def _stage_paths(self, node, prefix=()) -> list[tuple]:
         """Key paths (through mappings only) from ``node`` to its stages' lists."""
@@ -725,7 +784,8 @@ class ListLayout:
             if None in positions or sorted(positions) != list(range(len(stage))):
                 raise ValueError(
                     f"{'/'.join(map(str, path))!r} is not a list of blocks: its keys are "
-                    f"{sorted(stage, key=str)}, not 0, 1, ... as an nnx.List's")
+                    f"{sorted(stage, key=str)}, not 0, 1, ... as an nnx.List's"
+                )
             stages.append([stage[key] for key in sorted(stage, key=_list_position)])
             key_types.append(type(next(iter(stage))) if stage else int)
         return stages, (node, self._sorted_paths(node), key_types)
@@ -743,9 +803,12 @@ def _replace_at(node: Mapping, path: tuple, value) -> dict:
     return {**node, head: _replace_at(node[head], tuple(rest), value) if rest else value}
 
 
-def bonsai_resnet_layout(residual_output: str | Sequence[str] = ("bn2/scale", "bn2/bias"),
-                         stages: str = r"layer\d+/blocks", *,
-                         explicit_step_size: bool = False) -> ListLayout:
+def bonsai_resnet_layout(
+    residual_output: str | Sequence[str] = ("bn2/scale", "bn2/bias"),
+    stages: str = r"layer\d+/blocks",
+    *,
+    explicit_step_size: bool = False,
+) -> ListLayout:
     """The layout of a ResNet written as jax-ml/bonsai writes one in Flax NNX.
 
     ``bonsai/models/resnet/modeling.py``: every stage ``self.layer{i}`` keeps
@@ -767,12 +830,21 @@ def bonsai_resnet_layout(residual_output: str | Sequence[str] = ("bn2/scale", "b
       TypeError, ValueError: for a ``residual_output`` that is not one leaf
         path or a sequence of them (`_residual_output_names`).
     """
-    return ListLayout(stages, residual_output, first_block_is_transition=True,
-                      explicit_step_size=explicit_step_size, label="bonsai_resnet_layout()")
+    return ListLayout(
+        stages,
+        residual_output,
+        first_block_is_transition=True,
+        explicit_step_size=explicit_step_size,
+        label="bonsai_resnet_layout()",
+    )
 
 
-def transformer_layout(residual_output: str | Sequence[str], blocks: str = "blocks", *,
-                       explicit_step_size: bool = False) -> ListLayout:
+def transformer_layout(
+    residual_output: str | Sequence[str],
+    blocks: str = "blocks",
+    *,
+    explicit_step_size: bool = False,
+) -> ListLayout:
     """The layout of a transformer whose blocks sit in one ``nnx.List`` (one stage).
 
     Every block has the same entries and shapes: no block is a transition,
@@ -795,8 +867,13 @@ def transformer_layout(residual_output: str | Sequence[str], blocks: str = "bloc
       TypeError, ValueError: for a ``residual_output`` that is not one leaf
         path or a sequence of them (`_residual_output_names`).
     """
-    return ListLayout(blocks, residual_output, first_block_is_transition=False,
-                      explicit_step_size=explicit_step_size, label="transformer_layout()")
+    return ListLayout(
+        blocks,
+        residual_output,
+        first_block_is_transition=False,
+        explicit_step_size=explicit_step_size,
+        label="transformer_layout()",
+    )
 
 
 def map_network_trees(fn: Callable[[Mapping], Any], tree, layout: Layout = STAGES):
@@ -807,8 +884,8 @@ def map_network_trees(fn: Callable[[Mapping], Any], tree, layout: Layout = STAGE
     opt_state)`` zeroes an optimizer's momentum but keeps its step count.
     """
     return jax.tree_util.tree_map(
-        lambda node: fn(node) if layout.is_network(node) else node,
-        tree, is_leaf=layout.is_network)
+        lambda node: fn(node) if layout.is_network(node) else node, tree, is_leaf=layout.is_network
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -831,8 +908,11 @@ def _leaf_name(path) -> str:
     Attribute keys are left out: an ``nnx.Variable`` keeps its array in
     ``.value``, so ``bn2/scale`` names the array of the ``nnx.Param`` there.
     """
-    return "/".join(str(getattr(key, "key", getattr(key, "idx", ""))) for key in path
-                    if not isinstance(key, jax.tree_util.GetAttrKey))
+    return "/".join(
+        str(getattr(key, "key", getattr(key, "idx", "")))
+        for key in path
+        if not isinstance(key, jax.tree_util.GetAttrKey)
+    )
 
 
 def _is_residual_output(name: str, residual_output: tuple[str, ...]) -> bool:
@@ -859,28 +939,38 @@ def _make_block(old_blocks, new_block: NewBlock, used: set, layout: Layout, zero
         used.add(first)
     else:
         parts = [old_blocks[i] for i, _ in new_block.sources]
-        if len({jax.tree_util.tree_structure(p) for p in parts}) > 1 or len(
-                {tuple(x.shape for x in jax.tree_util.tree_leaves(p)) for p in parts}) > 1:
-            raise ValueError(f"cannot average blocks {[i for i, _ in new_block.sources]}: "
-                             "their shapes differ")
+        if (
+            len({jax.tree_util.tree_structure(p) for p in parts}) > 1
+            or len({tuple(x.shape for x in jax.tree_util.tree_leaves(p)) for p in parts}) > 1
+        ):
+            raise ValueError(
+                f"cannot average blocks {[i for i, _ in new_block.sources]}: their shapes differ"
+            )
         weights = [w for _, w in new_block.sources]
         block = jax.tree_util.tree_map(
-            lambda *xs: sum(w * x for w, x in zip(weights, xs)).astype(xs[0].dtype), *parts)
+            lambda *xs: sum(w * x for w, x in zip(weights, xs)).astype(xs[0].dtype), *parts
+        )
     block = _scale_residual(block, new_block.residual_scale, layout.residual_output)
     if zero and new_block.inserted:
         block = jax.tree_util.tree_map(jnp.zeros_like, block)
     return block
 
 
-def _new_blocks(make: Callable[..., list[NewBlock]], num_blocks: int,
-                layout: Layout) -> list[NewBlock]:
-    return make(num_blocks, first_is_transition=layout.first_block_is_transition,
-                step_size_halved=layout.explicit_step_size)
+def _new_blocks(
+    make: Callable[..., list[NewBlock]], num_blocks: int, layout: Layout
+) -> list[NewBlock]:
+    return make(
+        num_blocks,
+        first_is_transition=layout.first_block_is_transition,
+        step_size_halved=layout.explicit_step_size,
+    )
 
 
 def _shapes(block) -> dict[str, tuple]:
-    return {_leaf_name(path): tuple(np.shape(leaf))
-            for path, leaf in jax.tree_util.tree_flatten_with_path(block)[0]}
+    return {
+        _leaf_name(path): tuple(np.shape(leaf))
+        for path, leaf in jax.tree_util.tree_flatten_with_path(block)[0]
+    }
 
 
 def _first_few(names, count: int = 4) -> str:
@@ -898,23 +988,30 @@ def _check_blocks(layout: Layout, stage: str, blocks: list) -> None:
       ValueError: naming the stage, the block and what differs.
     """
     start = 1 if layout.first_block_is_transition else 0
-    expected = ("every block after the first (the stage's transition block, paper App. B) "
-                "to have the same entries and shapes" if start else
-                "every block to have the same entries and shapes (no block is a transition)")
+    expected = (
+        "every block after the first (the stage's transition block, paper App. B) "
+        "to have the same entries and shapes"
+        if start
+        else "every block to have the same entries and shapes (no block is a transition)"
+    )
     reference = _shapes(blocks[start]) if len(blocks) > start else {}
     for index in range(start + 1, len(blocks)):
         shapes = _shapes(blocks[index])
         if shapes == reference:
             continue
         if set(shapes) != set(reference):
-            detail = (f"has entries {_first_few(set(shapes) - set(reference))} that block "
-                      f"{start} has not" if set(shapes) - set(reference) else
-                      f"lacks entries {_first_few(set(reference) - set(shapes))} of block {start}")
+            detail = (
+                f"has entries {_first_few(set(shapes) - set(reference))} that block {start} has not"
+                if set(shapes) - set(reference)
+                else f"lacks entries {_first_few(set(reference) - set(shapes))} of block {start}"
+            )
         else:
             name = next(n for n in sorted(shapes) if shapes[n] != reference[n])
             detail = f"has {name!r} of shape {shapes[name]}, block {start} {reference[name]}"
-        raise ValueError(f"stage {stage!r} does not match the layout: its block "
-                         f"{index} (0-based) {detail}; the layout expects {expected}")
+        raise ValueError(
+            f"stage {stage!r} does not match the layout: its block "
+            f"{index} (0-based) {detail}; the layout expects {expected}"
+        )
 
 
 def _leaf_names(block) -> list[str]:
@@ -925,7 +1022,8 @@ def _leaf_names(block) -> list[str]:
     leaf is there, without an array.
     """
     flat, _ = jax.tree_util.tree_flatten_with_path(
-        block, is_leaf=lambda node: isinstance(node, optax.MaskedNode))
+        block, is_leaf=lambda node: isinstance(node, optax.MaskedNode)
+    )
     return [_leaf_name(path) for path, _ in flat]
 
 
@@ -949,8 +1047,10 @@ def _leaves_near(names: list[str], entry: str) -> str:
     return f"the leaves {_first_few(names, 8)}"
 
 
-_RESIDUAL_OUTPUT_HINT = ("pass residual_output= the paths, inside a block, of the leaves the "
-                         "block's residual output is linear in")
+_RESIDUAL_OUTPUT_HINT = (
+    "pass residual_output= the paths, inside a block, of the leaves the "
+    "block's residual output is linear in"
+)
 
 
 def _residual_output_found(layout: Layout, stages: list[tuple[str, list]]) -> set[str]:
@@ -968,8 +1068,11 @@ def _residual_output_found(layout: Layout, stages: list[tuple[str, list]]) -> se
       ValueError: for a name that some block has and another lacks, naming
         both blocks and what the lacking one has instead.
     """
-    blocks = [(stage, index, _leaf_names(block))
-              for stage, stage_blocks in stages for index, block in enumerate(stage_blocks)]
+    blocks = [
+        (stage, index, _leaf_names(block))
+        for stage, stage_blocks in stages
+        for index, block in enumerate(stage_blocks)
+    ]
     found = set()
     for entry in layout.residual_output:
         has = [any(_is_residual_output(n, (entry,)) for n in names) for _, _, names in blocks]
@@ -982,30 +1085,34 @@ def _residual_output_found(layout: Layout, stages: list[tuple[str, list]]) -> se
                 f"block {index} (0-based) of stage {stage!r} has no leaf {entry!r}, which the "
                 f"layout names as part of the residual output and block {other_index} of stage "
                 f"{other_stage!r} has; it has, {_leaves_near(names, entry)}; "
-                f"{_RESIDUAL_OUTPUT_HINT}")
+                f"{_RESIDUAL_OUTPUT_HINT}"
+            )
         found.add(entry)
     return found
 
 
 def _top_level_keys(tree) -> str:
     """The keys at the top of ``tree`` (and one level below), for error messages."""
+
     def keys(node):
         names = sorted((repr(k) for k in node), key=_natural_order)
         return "[" + ", ".join(names[:12]) + (", ..." if len(names) > 12 else "") + "]"
 
     if isinstance(tree, Mapping):
-        below = "; ".join(f"under {k!r}: {keys(v)}" for k, v in tree.items()
-                          if isinstance(v, Mapping))
+        below = "; ".join(
+            f"under {k!r}: {keys(v)}" for k, v in tree.items() if isinstance(v, Mapping)
+        )
         return keys(tree) + (f" ({below})" if below else "")
     if isinstance(tree, (tuple, list)):
-        return (f"none: it is a {type(tree).__name__} of "
-                f"{[type(entry).__name__ for entry in tree]}")
+        return f"none: it is a {type(tree).__name__} of {[type(entry).__name__ for entry in tree]}"
     return f"none: it is a {type(tree).__name__}"
 
 
 def _finds_network(tree, layout: Layout) -> bool:
-    return any(layout.is_network(node)
-               for node in jax.tree_util.tree_leaves(tree, is_leaf=layout.is_network))
+    return any(
+        layout.is_network(node)
+        for node in jax.tree_util.tree_leaves(tree, is_leaf=layout.is_network)
+    )
 
 
 def _refuse_nnx_objects(tree, action: str) -> None:
@@ -1018,20 +1125,25 @@ def _refuse_nnx_objects(tree, action: str) -> None:
       TypeError: naming where the object is, its kind, and what to pass.
     """
     flat, _ = jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=lambda node: isinstance(node, nnx.Pytree))
+        tree, is_leaf=lambda node: isinstance(node, nnx.Pytree)
+    )
     for path, node in flat:
         if not isinstance(node, nnx.Pytree):
             continue
-        kind, name = ((f"nnx.Optimizer object ({type(node).__name__})", "optimizer")
-                      if isinstance(node, nnx.Optimizer) else
-                      (f"nnx.Module object ({type(node).__name__})", "model")
-                      if isinstance(node, nnx.Module) else
-                      (f"nnx.Pytree object ({type(node).__name__})", "object"))
+        kind, name = (
+            (f"nnx.Optimizer object ({type(node).__name__})", "optimizer")
+            if isinstance(node, nnx.Optimizer)
+            else (f"nnx.Module object ({type(node).__name__})", "model")
+            if isinstance(node, nnx.Module)
+            else (f"nnx.Pytree object ({type(node).__name__})", "object")
+        )
         where = f"the tree at {jax.tree_util.keystr(path)}" if path else "the tree"
         depth = "shallower" if action == "coarsen" else "deeper"
-        raise TypeError(f"cannot {action}: {where} is an {kind}, not a state; pass "
-                        f"nnx.state({name}) and load the result into the {depth} {name} with "
-                        "nnx.update")
+        raise TypeError(
+            f"cannot {action}: {where} is an {kind}, not a state; pass "
+            f"nnx.state({name}) and load the result into the {depth} {name} with "
+            "nnx.update"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1079,20 +1191,29 @@ def _rewrite_stages(tree, layout: Layout, rewrite: Callable[[str, list], list], 
     """
     _refuse_nnx_objects(tree, action)
     leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=layout.is_network)
-    networks = {position: _read_network(node, layout, action)
-                for position, node in enumerate(leaves) if layout.is_network(node)}
+    networks = {
+        position: _read_network(node, layout, action)
+        for position, node in enumerate(leaves)
+        if layout.is_network(node)
+    }
     if not networks:
         raise ValueError(
             f"cannot {action}: {layout.label} finds no stage of blocks in the tree; it looks "
-            f"for {layout.looks_for}; the tree's top-level keys are {_top_level_keys(tree)}")
+            f"for {layout.looks_for}; the tree's top-level keys are {_top_level_keys(tree)}"
+        )
     found = set().union(*(network.residual_output_found for network in networks.values()))
     missing = [entry for entry in layout.residual_output if entry not in found]
     if missing:
         # Show the block with the most leaves (the parameters' rather than the statistics').
         stage, index, names = max(
-            ((stage, index, _leaf_names(block)) for network in networks.values()
-             for stage, blocks in zip(network.stage_names, network.stages)
-             for index, block in enumerate(blocks)), key=lambda shown: len(shown[2]))
+            (
+                (stage, index, _leaf_names(block))
+                for network in networks.values()
+                for stage, blocks in zip(network.stage_names, network.stages)
+                for index, block in enumerate(blocks)
+            ),
+            key=lambda shown: len(shown[2]),
+        )
         near = {}  # what the block has instead: the names it stands for
         for entry in missing:
             near.setdefault(_leaves_near(names, entry), []).append(repr(entry))
@@ -1102,16 +1223,23 @@ def _rewrite_stages(tree, layout: Layout, rewrite: Callable[[str, list], list], 
             f"output; block {index} (0-based) of stage {stage!r} has, "
             + "; ".join(f"for {' and '.join(entries)}, {what}" for what, entries in near.items())
             + f"; {_RESIDUAL_OUTPUT_HINT} (a tree that holds none of them, such as batch "
-            "statistics alone, is grown in one call together with the parameters)")
+            "statistics alone, is grown in one call together with the parameters)"
+        )
     for position, network in networks.items():
-        leaves[position] = _like(network.node, layout.write(
-            [rewrite(name, blocks) for name, blocks in zip(network.stage_names, network.stages)],
-            network.others))
+        leaves[position] = _like(
+            network.node,
+            layout.write(
+                [
+                    rewrite(name, blocks)
+                    for name, blocks in zip(network.stage_names, network.stages)
+                ],
+                network.others,
+            ),
+        )
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def interpolate(tree, rule: str = "paper", layout: Layout = STAGES, *,
-                zero_inserted: bool = False):
+def interpolate(tree, rule: str = "paper", layout: Layout = STAGES, *, zero_inserted: bool = False):
     """Interpolates (prolongs) a network to twice the blocks in every stage.
 
     Every stage of n blocks becomes a stage of 2n blocks made by ``rule``
@@ -1200,7 +1328,8 @@ def coarsen(tree, rule: str = "paper", layout: Layout = STAGES):
         if len(blocks) % 2:
             raise ValueError(
                 f"cannot coarsen {stage}: it has {len(blocks)} blocks, and every growth "
-                f"rule doubles a stage, so only an even number can be halved ({layout.label})")
+                f"rule doubles a stage, so only an even number can be halved ({layout.label})"
+            )
         old = {}
         for position, block in enumerate(_new_blocks(make, len(blocks) // 2, layout)):
             if block.inserted:
@@ -1210,9 +1339,11 @@ def coarsen(tree, rule: str = "paper", layout: Layout = STAGES):
                 raise ValueError(
                     f"cannot coarsen under the {rule!r} rule: it does not keep old "
                     f"block {source + 1} as a scaled copy of itself, so that block "
-                    "cannot be recovered")
-            old[source] = _scale_residual(blocks[position], 1.0 / block.residual_scale,
-                                          layout.residual_output)
+                    "cannot be recovered"
+                )
+            old[source] = _scale_residual(
+                blocks[position], 1.0 / block.residual_scale, layout.residual_output
+            )
         return [old[i] for i in range(len(blocks) // 2)]
 
     return _rewrite_stages(tree, layout, shrink, "coarsen")
@@ -1240,23 +1371,25 @@ def grow_optimizer_state(opt_state, rule: str, policy: str, layout: Layout = STA
         ``nnx.state(optimizer)``.
     """
     if policy not in MOMENTUM_POLICIES:
-        raise ValueError(f"unknown momentum policy {policy!r}; known: "
-                         f"{sorted(MOMENTUM_POLICIES)}")
+        raise ValueError(f"unknown momentum policy {policy!r}; known: {sorted(MOMENTUM_POLICIES)}")
     _refuse_nnx_objects(opt_state, "grow the optimizer state")
     if not _finds_network(opt_state, layout) and all(
-            np.ndim(leaf) == 0 for leaf in jax.tree_util.tree_leaves(opt_state)):
+        np.ndim(leaf) == 0 for leaf in jax.tree_util.tree_leaves(opt_state)
+    ):
         return opt_state
     grown = interpolate(opt_state, rule, layout, zero_inserted=policy == "zero_inserted")
     if policy == "reset":
-        grown = map_network_trees(lambda t: jax.tree_util.tree_map(jnp.zeros_like, t),
-                                  grown, layout)
+        grown = map_network_trees(
+            lambda t: jax.tree_util.tree_map(jnp.zeros_like, t), grown, layout
+        )
     return grown
 
 
 def interpolated_model(model: models.ResNet) -> models.ResNet:
     """The model after one interpolation: stage sizes doubled, h halved (Sec. 4.1)."""
-    return model.clone(stage_sizes=tuple(2 * n for n in model.stage_sizes),
-                       step_size=model.step_size / 2)
+    return model.clone(
+        stage_sizes=tuple(2 * n for n in model.stage_sizes), step_size=model.step_size / 2
+    )
 
 
 def deepen(model: models.ResNet, variables, rule: str = "paper"):
@@ -1278,10 +1411,13 @@ def coarsened_model(model: models.ResNet) -> models.ResNet:
       ValueError: for an odd stage size.
     """
     if any(n % 2 for n in model.stage_sizes):
-        raise ValueError(f"cannot coarsen stage sizes {tuple(model.stage_sizes)}: every "
-                         "stage needs an even number of blocks")
-    return model.clone(stage_sizes=tuple(n // 2 for n in model.stage_sizes),
-                       step_size=model.step_size * 2)
+        raise ValueError(
+            f"cannot coarsen stage sizes {tuple(model.stage_sizes)}: every "
+            "stage needs an even number of blocks"
+        )
+    return model.clone(
+        stage_sizes=tuple(n // 2 for n in model.stage_sizes), step_size=model.step_size * 2
+    )
 
 
 def restrict(model: models.ResNet, variables, rule: str = "paper"):
@@ -1297,11 +1433,37 @@ def restrict(model: models.ResNet, variables, rule: str = "paper"):
 
 
 __all__ = [
-    "GROWTH_RULES", "INTERPOLATION_RULES", "KeyLayout", "Layout", "ListLayout",
-    "MOMENTUM_POLICIES", "NewBlock", "bonsai_resnet_layout", "transformer_layout",
-    "SCANNED", "STAGES", "ScannedStageLayout", "StageLayout", "convert_layout", "layout_of", "appended_rule", "coarsen", "coarsened_model", "deepen",
-    "flax_examples_layout", "grow_optimizer_state", "identity_rule", "interpolate",
-    "interpolated_model", "is_stage_key", "linear_rule", "map_network_trees",
-    "ordered_blocks", "paper_prolongation_sources", "paper_rule", "restrict",
-    "stage_sizes_from_widths", "transition_keeping_rule",
+    "GROWTH_RULES",
+    "INTERPOLATION_RULES",
+    "KeyLayout",
+    "Layout",
+    "ListLayout",
+    "MOMENTUM_POLICIES",
+    "NewBlock",
+    "bonsai_resnet_layout",
+    "transformer_layout",
+    "SCANNED",
+    "STAGES",
+    "ScannedStageLayout",
+    "StageLayout",
+    "convert_layout",
+    "layout_of",
+    "appended_rule",
+    "coarsen",
+    "coarsened_model",
+    "deepen",
+    "flax_examples_layout",
+    "grow_optimizer_state",
+    "identity_rule",
+    "interpolate",
+    "interpolated_model",
+    "is_stage_key",
+    "linear_rule",
+    "map_network_trees",
+    "ordered_blocks",
+    "paper_prolongation_sources",
+    "paper_rule",
+    "restrict",
+    "stage_sizes_from_widths",
+    "transition_keeping_rule",
 ]

@@ -23,7 +23,8 @@ import os
 import platform
 import socket
 import subprocess
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -42,17 +43,25 @@ _heartbeat_timeout_seconds = DEFAULT_HEARTBEAT_TIMEOUT_SECONDS
 # Environment variables by which cluster managers or users start several
 # processes; ``jax.distributed.initialize()`` without arguments reads them
 # (and detects Slurm, Open MPI and cloud TPU environments itself).
-_CLUSTER_ENVIRONMENT = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
-                        "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
+_CLUSTER_ENVIRONMENT = (
+    "JAX_COORDINATOR_ADDRESS",
+    "JAX_NUM_PROCESSES",
+    "JAX_PROCESS_ID",
+    "SLURM_JOB_ID",
+    "OMPI_COMM_WORLD_SIZE",
+)
 
 
 class MeshError(errors.UserError):
     """The devices asked for cannot split the batches."""
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None,
-               heartbeat_timeout_seconds: int = DEFAULT_HEARTBEAT_TIMEOUT_SECONDS) -> bool:
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    heartbeat_timeout_seconds: int = DEFAULT_HEARTBEAT_TIMEOUT_SECONDS,
+) -> bool:
     """Joins the processes of a multi-process run, if there are several.
 
     With a coordinator address (flags), or in an environment that a cluster
@@ -76,15 +85,25 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     """
     global _heartbeat_timeout_seconds
     _heartbeat_timeout_seconds = heartbeat_timeout_seconds
-    if coordinator_address is None and num_processes is None and not any(
-            name in os.environ for name in _CLUSTER_ENVIRONMENT):
+    if (
+        coordinator_address is None
+        and num_processes is None
+        and not any(name in os.environ for name in _CLUSTER_ENVIRONMENT)
+    ):
         return False
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id,
-                               heartbeat_timeout_seconds=heartbeat_timeout_seconds)
-    logging.info("Process %d of %d; %d local and %d global devices",
-                 jax.process_index(), jax.process_count(), jax.local_device_count(),
-                 jax.device_count())
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+    )
+    logging.info(
+        "Process %d of %d; %d local and %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return True
 
 
@@ -117,10 +136,17 @@ def source_commit() -> str | None:
       it; None outside a git checkout or without git.
     """
     try:
-        return subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=12"], check=True, text=True,
-            capture_output=True, cwd=os.path.dirname(os.path.abspath(__file__)),
-            timeout=10).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+                check=True,
+                text=True,
+                capture_output=True,
+                cwd=os.path.dirname(os.path.abspath(__file__)),
+                timeout=10,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -150,25 +176,34 @@ def environment() -> dict:
     """
     device = jax.devices()[0]
     return {
-        "platform": device.platform, "device_kind": device.device_kind,
-        "devices": jax.device_count(), "local_devices": jax.local_device_count(),
-        "processes": jax.process_count(), "host": socket.gethostname(),
-        "cpu_model": cpu_model(), "commit": source_commit(),
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "devices": jax.device_count(),
+        "local_devices": jax.local_device_count(),
+        "processes": jax.process_count(),
+        "host": socket.gethostname(),
+        "cpu_model": cpu_model(),
+        "commit": source_commit(),
         "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
-        "versions": {name: importlib.metadata.version(name) for name in (
-            "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")},
+        "versions": {
+            name: importlib.metadata.version(name)
+            for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+        },
     }
 
 
 def describe_environment(environment_record: dict) -> str:
     """One line from `environment`: ``"2 cpu devices (cpu) in 2 processes; jax 0.10.2, ..."``."""
-    versions = ", ".join(f"{name} {version}"
-                         for name, version in environment_record["versions"].items())
-    return (f"{environment_record['devices']} {environment_record['platform']} device(s) "
-            f"({environment_record['device_kind']}) in {environment_record['processes']} "
-            f"process(es) on {environment_record['host']}; Python "
-            f"{environment_record['python']}, {versions}")
+    versions = ", ".join(
+        f"{name} {version}" for name, version in environment_record["versions"].items()
+    )
+    return (
+        f"{environment_record['devices']} {environment_record['platform']} device(s) "
+        f"({environment_record['device_kind']}) in {environment_record['processes']} "
+        f"process(es) on {environment_record['host']}; Python "
+        f"{environment_record['python']}, {versions}"
+    )
 
 
 def is_main_process() -> bool:
@@ -190,13 +225,17 @@ def make_mesh(num_devices: int = -1) -> Mesh:
     if num_devices == -1:
         num_devices = len(devices)
     if not 1 <= num_devices <= len(devices):
-        raise MeshError(f"config.num_devices = {num_devices} is not allowed: this run "
-                        f"has {len(devices)} device(s) ({devices[0].platform}); use -1 "
-                        "for all of them, or a number from 1 to that")
+        raise MeshError(
+            f"config.num_devices = {num_devices} is not allowed: this run "
+            f"has {len(devices)} device(s) ({devices[0].platform}); use -1 "
+            "for all of them, or a number from 1 to that"
+        )
     if jax.process_count() > 1 and num_devices != len(devices):
-        raise MeshError(f"config.num_devices = {num_devices} is not allowed with "
-                        f"{jax.process_count()} processes: a multi-process run uses all "
-                        f"{len(devices)} devices (-1)")
+        raise MeshError(
+            f"config.num_devices = {num_devices} is not allowed with "
+            f"{jax.process_count()} processes: a multi-process run uses all "
+            f"{len(devices)} devices (-1)"
+        )
     return Mesh(np.asarray(devices[:num_devices]), (DATA_AXIS,))
 
 
@@ -218,7 +257,8 @@ def check_batch_divides(name: str, batch_size: int, mesh: Mesh) -> None:
             f"config.{name} = {batch_size} is not allowed: the global batch is split "
             f"evenly over the {devices} devices of the mesh, so it must be a multiple "
             f"of {devices} (e.g. {devices * max(1, round(batch_size / devices))}); or "
-            "set config.num_devices")
+            "set config.num_devices"
+        )
 
 
 def put_replicated(tree: Any, mesh: Mesh) -> Any:

@@ -16,10 +16,9 @@ How the network grows from one cycle to the next is `mlres_jax.multilevel`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import optax
-
 
 # ---------------------------------------------------------------------------
 # Cycles and the learning-rate schedule.
@@ -54,8 +53,9 @@ def cycle_start_steps(cycle_boundaries: Sequence[float], steps_per_epoch: int) -
     return [round(epoch * steps_per_epoch) for epoch in cycle_boundaries]
 
 
-def cycle_networks(stage_sizes: Sequence[int], step_size: float, num_cycles: int,
-                   multilevel: bool = True) -> list[tuple[tuple[int, ...], float]]:
+def cycle_networks(
+    stage_sizes: Sequence[int], step_size: float, num_cycles: int, multilevel: bool = True
+) -> list[tuple[tuple[int, ...], float]]:
     """Blocks per stage and step size h of each cycle's network (paper Table 1).
 
     Args:
@@ -121,7 +121,8 @@ def plan_cycles(
                 f"cycle {index + 1} would have {max(0, end - start)} steps: epochs "
                 f"{edges[index]:g} to {edges[index + 1]:g} round to steps {start}.."
                 f"{end} at {steps_per_epoch} steps per epoch, and every cycle needs "
-                f"at least one step")
+                f"at least one step"
+            )
         cycles.append(Cycle(index, sizes, h, start, end - start))
     return cycles
 
@@ -155,8 +156,7 @@ def learning_rate_schedule(
       An optax schedule of the global step (0-based).
     """
     return optax.join_schedules(
-        [cosine_cycle_schedule(c.num_steps, learning_rate_max, learning_rate_min)
-         for c in cycles],
+        [cosine_cycle_schedule(c.num_steps, learning_rate_max, learning_rate_min) for c in cycles],
         boundaries=[c.first_step for c in cycles[1:]],
     )
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from mlres_jax import errors, models, parallel, plan, stopwatch
 
@@ -23,8 +23,15 @@ class SummaryError(errors.UserError):
     """A ``summary.json`` that cannot be read or is not a run's summary."""
 
 
-def evaluation_record(*, step: int, steps_per_epoch: int, cycle: plan.Cycle,
-                      train: dict, test: dict, learning_rate: float) -> dict:
+def evaluation_record(
+    *,
+    step: int,
+    steps_per_epoch: int,
+    cycle: plan.Cycle,
+    train: dict,
+    test: dict,
+    learning_rate: float,
+) -> dict:
     """One record of the history (``summary.json``'s ``history``).
 
     Args:
@@ -42,24 +49,36 @@ def evaluation_record(*, step: int, steps_per_epoch: int, cycle: plan.Cycle,
       ``learning_rate``.
     """
     return {
-        "epoch": step / steps_per_epoch, "step": step, "cycle": cycle.index + 1,
-        "train_loss": train["loss"], "train_error": train["error"],
-        "test_loss": test["loss"], "test_error": test["error"],
+        "epoch": step / steps_per_epoch,
+        "step": step,
+        "cycle": cycle.index + 1,
+        "train_loss": train["loss"],
+        "train_error": train["error"],
+        "test_loss": test["loss"],
+        "test_error": test["error"],
         "learning_rate": float(learning_rate),
     }
 
 
 def evaluation_line(record: dict, stage_sizes: Sequence[int]) -> str:
     """The progress line of one evaluation, e.g. ``epoch 2.00 (cycle 1, 2-2-2): ...``."""
-    return (f"epoch {record['epoch']:.2f} (cycle {record['cycle']}, "
-            f"{models.format_stage_sizes(stage_sizes)}): train loss "
-            f"{record['train_loss']:.4f} error {100 * record['train_error']:.2f}%"
-            f" | test loss {record['test_loss']:.4f} error "
-            f"{100 * record['test_error']:.2f}%")
+    return (
+        f"epoch {record['epoch']:.2f} (cycle {record['cycle']}, "
+        f"{models.format_stage_sizes(stage_sizes)}): train loss "
+        f"{record['train_loss']:.4f} error {100 * record['train_error']:.2f}%"
+        f" | test loss {record['test_loss']:.4f} error "
+        f"{100 * record['test_error']:.2f}%"
+    )
 
 
-def cycle_record(cycle: plan.Cycle, *, num_params: int, steps_per_epoch: int,
-                 seconds: dict, last_evaluation: dict) -> dict:
+def cycle_record(
+    cycle: plan.Cycle,
+    *,
+    num_params: int,
+    steps_per_epoch: int,
+    seconds: dict,
+    last_evaluation: dict,
+) -> dict:
     """The record of a finished cycle (``summary.json``'s ``cycles``).
 
     Args:
@@ -88,8 +107,16 @@ def cycle_record(cycle: plan.Cycle, *, num_params: int, steps_per_epoch: int,
 GROWTH_METRICS = ("test_loss", "test_error", "train_loss", "train_error")
 
 
-def growth_record(*, cycle: plan.Cycle, step: int, from_stage_sizes: Sequence[int],
-                  rule: str, momentum: str, before: dict, after: dict) -> dict:
+def growth_record(
+    *,
+    cycle: plan.Cycle,
+    step: int,
+    from_stage_sizes: Sequence[int],
+    rule: str,
+    momentum: str,
+    before: dict,
+    after: dict,
+) -> dict:
     """The record of one growth (``summary.json``'s ``growths``).
 
     Args:
@@ -107,31 +134,51 @@ def growth_record(*, cycle: plan.Cycle, step: int, from_stage_sizes: Sequence[in
       ``before``, ``after`` and ``jump`` (after - before, per metric).
     """
     return {
-        "cycle": cycle.index + 1, "step": step,
-        "from_stage_sizes": list(from_stage_sizes), "to_stage_sizes": list(cycle.stage_sizes),
-        "step_size": cycle.step_size, "rule": rule, "momentum": momentum,
-        "before": dict(before), "after": dict(after),
-        "jump": {name: (None if before[name] is None or after[name] is None
-                        else after[name] - before[name]) for name in GROWTH_METRICS},
+        "cycle": cycle.index + 1,
+        "step": step,
+        "from_stage_sizes": list(from_stage_sizes),
+        "to_stage_sizes": list(cycle.stage_sizes),
+        "step_size": cycle.step_size,
+        "rule": rule,
+        "momentum": momentum,
+        "before": dict(before),
+        "after": dict(after),
+        "jump": {
+            name: (
+                None if before[name] is None or after[name] is None else after[name] - before[name]
+            )
+            for name in GROWTH_METRICS
+        },
     }
 
 
 def growth_line(record: dict) -> str:
     """``test loss 0.2552 -> 0.3110 (+0.0558), test error 9.36% -> 11.02% (+1.66 points)``."""
     b, a, j = record["before"], record["after"], record["jump"]
-    text = (f"test loss {b['test_loss']:.4f} -> {a['test_loss']:.4f} ({j['test_loss']:+.4f}), "
-            f"test error {100 * b['test_error']:.2f}% -> {100 * a['test_error']:.2f}% "
-            f"({100 * j['test_error']:+.2f} points)")
+    text = (
+        f"test loss {b['test_loss']:.4f} -> {a['test_loss']:.4f} ({j['test_loss']:+.4f}), "
+        f"test error {100 * b['test_error']:.2f}% -> {100 * a['test_error']:.2f}% "
+        f"({100 * j['test_error']:+.2f} points)"
+    )
     if j["train_loss"] is not None:
-        text += (f"; train-subset loss {b['train_loss']:.4f} -> {a['train_loss']:.4f} "
-                 f"({j['train_loss']:+.4f})")
+        text += (
+            f"; train-subset loss {b['train_loss']:.4f} -> {a['train_loss']:.4f} "
+            f"({j['train_loss']:+.4f})"
+        )
     return text
 
 
-def run_summary(*, config: dict, dataset: dict, cycles: Sequence[plan.Cycle],
-                cycle_records: list[dict], history: list[dict],
-                wall_seconds: float, growths: Sequence[dict] = (),
-                environment: dict | None = None) -> dict:
+def run_summary(
+    *,
+    config: dict,
+    dataset: dict,
+    cycles: Sequence[plan.Cycle],
+    cycle_records: list[dict],
+    history: list[dict],
+    wall_seconds: float,
+    growths: Sequence[dict] = (),
+    environment: dict | None = None,
+) -> dict:
     """The content of ``summary.json``.
 
     Args:
@@ -169,8 +216,9 @@ def run_summary(*, config: dict, dataset: dict, cycles: Sequence[plan.Cycle],
             "test_examples": dataset["test_examples"],
             "num_params_first_cycle": cycle_records[0]["num_params"],
             "num_params_last_cycle": last["num_params"],
-            "theoretical_cost_ratio": (plan.theoretical_cost_ratio(lengths)
-                                       if config["multilevel"] else 1.0),
+            "theoretical_cost_ratio": (
+                plan.theoretical_cost_ratio(lengths) if config["multilevel"] else 1.0
+            ),
         },
         "growths": list(growths),
         "history": history,
@@ -181,11 +229,29 @@ def run_summary(*, config: dict, dataset: dict, cycles: Sequence[plan.Cycle],
 # boundaries and the evaluations (the curves); `summary_table` also the
 # cycles and totals.
 _EVALUATION_FIELDS = ("epoch", "train_error", "test_error")
-_CYCLE_FIELDS = ("cycle", "stage_sizes", "step_size", "num_params", "epochs", "steps",
-                 "compile_seconds", "train_seconds", "eval_seconds", "final_train_loss",
-                 "test_error")
-_TOTALS_FIELDS = ("steps", "train_seconds", "compile_seconds", "eval_seconds",
-                  "checkpoint_seconds", "wall_seconds", "final_test_error", "test_examples")
+_CYCLE_FIELDS = (
+    "cycle",
+    "stage_sizes",
+    "step_size",
+    "num_params",
+    "epochs",
+    "steps",
+    "compile_seconds",
+    "train_seconds",
+    "eval_seconds",
+    "final_train_loss",
+    "test_error",
+)
+_TOTALS_FIELDS = (
+    "steps",
+    "train_seconds",
+    "compile_seconds",
+    "eval_seconds",
+    "checkpoint_seconds",
+    "wall_seconds",
+    "final_test_error",
+    "test_examples",
+)
 
 
 def _summary_problem(summary, whole: bool) -> str | None:
@@ -234,11 +300,14 @@ def read_summary(path: str, whole: bool = True) -> dict:
         with open(path, "rb") as handle:
             summary = json.loads(handle.read().decode("utf-8"))
     except FileNotFoundError:
-        raise SummaryError(f"no {os.path.basename(path)} in {os.path.dirname(path)!r}: a run "
-                           "writes it when it ends") from None
+        raise SummaryError(
+            f"no {os.path.basename(path)} in {os.path.dirname(path)!r}: a run "
+            "writes it when it ends"
+        ) from None
     except (OSError, ValueError) as error:  # JSONDecodeError, UnicodeDecodeError
-        raise SummaryError(f"{path} cannot be read ({type(error).__name__}: "
-                           f"{' '.join(str(error).split())[:200]})") from None
+        raise SummaryError(
+            f"{path} cannot be read ({type(error).__name__}: {' '.join(str(error).split())[:200]})"
+        ) from None
     problem = _summary_problem(summary, whole)
     if problem:
         raise SummaryError(f"{path} is not a run's summary: {problem}")
@@ -247,9 +316,11 @@ def read_summary(path: str, whole: bool = True) -> dict:
 
 def summary_table(summary: dict) -> str:
     """A plain-text table of a run's cycles and totals, for stdout."""
-    header = (f"{'cycle':>5} {'blocks':>10} {'h':>7} {'params':>10} {'epochs':>7} "
-              f"{'steps':>7} {'compile s':>9} {'train s':>8} {'eval s':>7} "
-              f"{'train loss':>10} {'test error':>10}")
+    header = (
+        f"{'cycle':>5} {'blocks':>10} {'h':>7} {'params':>10} {'epochs':>7} "
+        f"{'steps':>7} {'compile s':>9} {'train s':>8} {'eval s':>7} "
+        f"{'train loss':>10} {'test error':>10}"
+    )
     lines = [header, "-" * len(header)]
     for c in summary["cycles"]:
         lines.append(
@@ -257,7 +328,8 @@ def summary_table(summary: dict) -> str:
             f"{c['step_size']:>7.4g} {c['num_params']:>10,} {c['epochs']:>7.4g} "
             f"{c['steps']:>7} {c['compile_seconds']:>9.1f} "
             f"{c['train_seconds']:>8.1f} {c['eval_seconds']:>7.1f} "
-            f"{c['final_train_loss']:>10.4f} {100 * c['test_error']:>9.2f}%")
+            f"{c['final_train_loss']:>10.4f} {100 * c['test_error']:>9.2f}%"
+        )
     t = summary["totals"]
     lines.append("-" * len(header))
     lines.append(
@@ -266,12 +338,14 @@ def summary_table(summary: dict) -> str:
         f"checkpoints {t['checkpoint_seconds']:.1f} s, wall of the invocation that finished it "
         f"{t['wall_seconds']:.1f} s; "
         f"final test error {100 * t['final_test_error']:.2f}% "
-        f"({t['test_examples']} examples)")
+        f"({t['test_examples']} examples)"
+    )
     if summary.get("environment"):
         lines.append(f"run on {parallel.describe_environment(summary['environment'])}")
     for g in summary.get("growths", []):
         lines.append(
             f"growth at step {g['step']} ({models.format_stage_sizes(g['from_stage_sizes'])}"
             f" -> {models.format_stage_sizes(g['to_stage_sizes'])}, {g['rule']} rule, "
-            f"momentum {g['momentum']}): {growth_line(g)}")
+            f"momentum {g['momentum']}): {growth_line(g)}"
+        )
     return "\n".join(lines)

@@ -18,7 +18,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
@@ -84,13 +85,18 @@ def create_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransfor
 
 def zero_metric_sums() -> dict:
     """Zero sums for every window: ``{window: {name: float32[]}}``."""
-    return {window: {name: jnp.zeros((), jnp.float32) for name in METRIC_NAMES}
-            for window in METRIC_WINDOWS}
+    return {
+        window: {name: jnp.zeros((), jnp.float32) for name in METRIC_NAMES}
+        for window in METRIC_WINDOWS
+    }
 
 
-def create_train_state(rng: jax.Array, model: models.ResNet,
-                       optimizer: optax.GradientTransformation,
-                       image_shape: tuple[int, ...]) -> TrainState:
+def create_train_state(
+    rng: jax.Array,
+    model: models.ResNet,
+    optimizer: optax.GradientTransformation,
+    image_shape: tuple[int, ...],
+) -> TrainState:
     """A fresh train state at step 0 for ``model`` and images of ``image_shape`` (H, W, C).
 
     A scanned model (``scan_blocks``) gets the unrolled model's initial
@@ -109,8 +115,12 @@ def create_train_state(rng: jax.Array, model: models.ResNet,
     )
 
 
-def interpolate_train_state(state: TrainState, rule: str, momentum_at_interpolation: str,
-                            layout: multilevel.Layout = multilevel.STAGES) -> TrainState:
+def interpolate_train_state(
+    state: TrainState,
+    rule: str,
+    momentum_at_interpolation: str,
+    layout: multilevel.Layout = multilevel.STAGES,
+) -> TrainState:
     """Grows a train state to the next depth (paper Sec. 4.1) under ``rule``.
 
     Parameters and batch-norm statistics go through `multilevel.interpolate`
@@ -129,12 +139,14 @@ def interpolate_train_state(state: TrainState, rule: str, momentum_at_interpolat
         interpolate (`multilevel.interpolate`).
     """
     variables = multilevel.interpolate(
-        {"params": state.params, "batch_stats": state.batch_stats}, rule, layout)
+        {"params": state.params, "batch_stats": state.batch_stats}, rule, layout
+    )
     return state.replace(
         params=variables["params"],
         batch_stats=variables["batch_stats"],
-        opt_state=multilevel.grow_optimizer_state(state.opt_state, rule,
-                                                  momentum_at_interpolation, layout),
+        opt_state=multilevel.grow_optimizer_state(
+            state.opt_state, rule, momentum_at_interpolation, layout
+        ),
     )
 
 
@@ -156,11 +168,18 @@ def _cut_short(state: TrainState, *values):
     return state.replace(step=state.step + 1), {"loss": total}
 
 
-def train_step(state: TrainState, train_images: jax.Array,
-               train_labels: jax.Array, batch_indices: jax.Array,
-               base_rng: jax.Array, *, model: models.ResNet,
-               optimizer: optax.GradientTransformation, crop_padding: int,
-               last_phase: str = "check"):
+def train_step(
+    state: TrainState,
+    train_images: jax.Array,
+    train_labels: jax.Array,
+    batch_indices: jax.Array,
+    base_rng: jax.Array,
+    *,
+    model: models.ResNet,
+    optimizer: optax.GradientTransformation,
+    crop_padding: int,
+    last_phase: str = "check",
+):
     """One SGD step on the mini-batch ``batch_indices`` of the training set.
 
     Its phases (`TRAIN_STEP_PHASES`): gather the mini-batch from the training
@@ -198,19 +217,20 @@ def train_step(state: TrainState, train_images: jax.Array,
 
     def loss_fn(params):
         logits, updates = model.apply(
-            {"params": params, "batch_stats": state.batch_stats}, images,
-            train=True, mutable=["batch_stats"])
+            {"params": params, "batch_stats": state.batch_stats},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+        )
         return cross_entropy_loss(logits, labels).mean(), (logits, updates)
 
     if last_phase == "forward":
         return _cut_short(state, loss_fn(state.params))
-    (loss, (logits, updates)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     if last_phase == "backward":
         return _cut_short(state, loss, grads, updates)
     param_updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    metrics = {"loss": loss,
-               "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
     updated = state.replace(
         step=state.step + 1,
         params=optax.apply_updates(state.params, param_updates),
@@ -221,14 +241,20 @@ def train_step(state: TrainState, train_images: jax.Array,
         return updated, metrics
     step_sums = dict(metrics, count=1.0)
     new_state = updated.replace(
-        metric_sums={window: jax.tree_util.tree_map(jnp.add, sums, step_sums)
-                     for window, sums in state.metric_sums.items()})
+        metric_sums={
+            window: jax.tree_util.tree_map(jnp.add, sums, step_sums)
+            for window, sums in state.metric_sums.items()
+        }
+    )
     finite = jax.tree_util.tree_reduce(
         jnp.logical_and,
-        jax.tree_util.tree_map(lambda x: jnp.all(jnp.isfinite(x)),
-                               (loss, grads, param_updates, updates["batch_stats"])))
-    failed = state.replace(nonfinite_step=jnp.where(
-        state.nonfinite_step < 0, state.step, state.nonfinite_step))
+        jax.tree_util.tree_map(
+            lambda x: jnp.all(jnp.isfinite(x)), (loss, grads, param_updates, updates["batch_stats"])
+        ),
+    )
+    failed = state.replace(
+        nonfinite_step=jnp.where(state.nonfinite_step < 0, state.step, state.nonfinite_step)
+    )
     # A cond, not a tree-wide jnp.where: the select over every buffer makes
     # XLA's CPU compile several times slower (13 s against 3 s at 4-4-4).
     new_state = jax.lax.cond(finite, lambda: new_state, lambda: failed)
@@ -249,16 +275,19 @@ def take_metric_means(state: TrainState, window: str) -> tuple[TrainState, dict]
     """
     sums = jax.device_get(state.metric_sums[window])
     count = float(sums["count"])
-    means = ({"loss": float(sums["loss"] / count),
-              "error": float(1 - sums["accuracy"] / count)} if count
-             else {"loss": float("nan"), "error": float("nan")})
+    means = (
+        {"loss": float(sums["loss"] / count), "error": float(1 - sums["accuracy"] / count)}
+        if count
+        else {"loss": float("nan"), "error": float("nan")}
+    )
     # zeros_like keeps each sum's placement (replicated over the mesh).
     zeros = jax.tree_util.tree_map(jnp.zeros_like, state.metric_sums[window])
     return state.replace(metric_sums=dict(state.metric_sums, **{window: zeros})), means
 
 
-def eval_step(variables, images: jax.Array, labels: jax.Array,
-              mask: jax.Array, *, model: models.ResNet) -> dict:
+def eval_step(
+    variables, images: jax.Array, labels: jax.Array, mask: jax.Array, *, model: models.ResNet
+) -> dict:
     """Sums of loss and errors over the real (``mask``) examples of a batch.
 
     Args:
@@ -269,8 +298,7 @@ def eval_step(variables, images: jax.Array, labels: jax.Array,
     Returns:
       float32 scalars ``loss_sum``, ``error_count``, ``count``.
     """
-    logits = model.apply(variables, input_pipeline.preprocess_for_eval(images),
-                         train=False)
+    logits = model.apply(variables, input_pipeline.preprocess_for_eval(images), train=False)
     wrong = (jnp.argmax(logits, -1) != labels) & mask
     return {
         "loss_sum": jnp.sum(jnp.where(mask, cross_entropy_loss(logits, labels), 0.0)),
@@ -279,9 +307,14 @@ def eval_step(variables, images: jax.Array, labels: jax.Array,
     }
 
 
-def evaluate(eval_fn: Callable, variables, images: np.ndarray,
-             labels: np.ndarray, batch_size: int, mesh: Mesh | None = None
-             ) -> dict[str, float]:
+def evaluate(
+    eval_fn: Callable,
+    variables,
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    mesh: Mesh | None = None,
+) -> dict[str, float]:
     """Loss and error over every example of ``images`` (batch norms at running averages).
 
     The one evaluation loop of the project: training, the lesion analyses
@@ -308,18 +341,24 @@ def evaluate(eval_fn: Callable, variables, images: np.ndarray,
         totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = float(totals["count"])
-    return {"loss": float(totals["loss_sum"]) / count,
-            "error": float(totals["error_count"]) / count,
-            "count": int(count)}
+    return {
+        "loss": float(totals["loss_sum"]) / count,
+        "error": float(totals["error_count"]) / count,
+        "count": int(count),
+    }
 
 
 # ---------------------------------------------------------------------------
 # Builders: the jitted steps of one depth, and their ahead-of-time compilation.
 
 
-def make_train_step(model: models.ResNet, optimizer: optax.GradientTransformation,
-                    crop_padding: int, mesh: Mesh | None = None,
-                    last_phase: str = "check") -> Callable:
+def make_train_step(
+    model: models.ResNet,
+    optimizer: optax.GradientTransformation,
+    crop_padding: int,
+    mesh: Mesh | None = None,
+    last_phase: str = "check",
+) -> Callable:
     """`train_step` for ``model``, jitted, donating the train state (argument 0).
 
     ``last_phase`` (`TRAIN_STEP_PHASES`) stops the step early (see `train_step`);
@@ -333,13 +372,22 @@ def make_train_step(model: models.ResNet, optimizer: optax.GradientTransformatio
     """
     if last_phase not in TRAIN_STEP_PHASES:
         raise ValueError(f"last_phase {last_phase!r} is not one of {TRAIN_STEP_PHASES}")
-    step = functools.partial(train_step, model=model, optimizer=optimizer,
-                             crop_padding=crop_padding, last_phase=last_phase)
+    step = functools.partial(
+        train_step,
+        model=model,
+        optimizer=optimizer,
+        crop_padding=crop_padding,
+        last_phase=last_phase,
+    )
     if mesh is None:
         return jax.jit(step, donate_argnums=0)
     whole, split = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-    return jax.jit(step, donate_argnums=0, in_shardings=(whole, whole, whole, split, whole),
-                   out_shardings=(whole, whole))
+    return jax.jit(
+        step,
+        donate_argnums=0,
+        in_shardings=(whole, whole, whole, split, whole),
+        out_shardings=(whole, whole),
+    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -387,10 +435,19 @@ class CompiledSteps:
     compile_seconds: float
 
 
-def compile_steps(model: models.ResNet, optimizer: optax.GradientTransformation, *,
-                  state, train_images, train_labels, rng, batch_size: int,
-                  eval_batch_size: int, crop_padding: int,
-                  mesh: Mesh | None = None) -> CompiledSteps:
+def compile_steps(
+    model: models.ResNet,
+    optimizer: optax.GradientTransformation,
+    *,
+    state,
+    train_images,
+    train_labels,
+    rng,
+    batch_size: int,
+    eval_batch_size: int,
+    crop_padding: int,
+    mesh: Mesh | None = None,
+) -> CompiledSteps:
     """Compiles the train and eval steps of ``model``'s depth (for ``mesh``, if given).
 
     Only shapes matter: ``state``, ``train_images``, ``train_labels`` and
@@ -409,12 +466,19 @@ def compile_steps(model: models.ResNet, optimizer: optax.GradientTransformation,
     indices = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
     train, train_seconds = compile_ahead(
         make_train_step(model, optimizer, crop_padding, mesh),
-        state, train_images, train_labels, indices, rng)
+        state,
+        train_images,
+        train_labels,
+        indices,
+        rng,
+    )
     image_shape = tuple(train_images.shape[1:])
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     evaluate_compiled, eval_seconds = compile_ahead(
-        make_eval_step(model, mesh), variables,
+        make_eval_step(model, mesh),
+        variables,
         jax.ShapeDtypeStruct((eval_batch_size, *image_shape), jnp.uint8),
         jax.ShapeDtypeStruct((eval_batch_size,), jnp.int32),
-        jax.ShapeDtypeStruct((eval_batch_size,), jnp.bool_))
+        jax.ShapeDtypeStruct((eval_batch_size,), jnp.bool_),
+    )
     return CompiledSteps(train, evaluate_compiled, train_seconds + eval_seconds)

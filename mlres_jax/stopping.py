@@ -114,7 +114,7 @@ class StopRequest:
             return "no checkpoint was written yet"
         return f"the last complete checkpoint is step {max(steps)} in {folder}"
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             for number in self.SIGNALS:
                 self._previous[number] = signal.signal(number, self._handle)
@@ -128,16 +128,22 @@ class StopRequest:
         name = signal.Signals(number).name
         if self.signal_number is not None:
             sys.stdout.flush()
-            sys.stderr.write(f"error: stopped at once by a second {name}, without a new "
-                             f"checkpoint; {self.last_checkpoint()}. To resume, run the "
-                             "same command again.\n")
+            sys.stderr.write(
+                f"error: stopped at once by a second {name}, without a new "
+                f"checkpoint; {self.last_checkpoint()}. To resume, run the "
+                "same command again.\n"
+            )
             sys.stderr.flush()
             os._exit(128 + number)  # no cleanup: nothing left waits for a thread
         self.signal_number = number
         self.steps_done_at_signal = self.steps_done
-        logging.warning("%s received after step %d: the run stops at the next step and "
-                        "saves a checkpoint (a second Ctrl-C or SIGTERM ends it at once, "
-                        "without one)", name, self.steps_done)
+        logging.warning(
+            "%s received after step %d: the run stops at the next step and "
+            "saves a checkpoint (a second Ctrl-C or SIGTERM ends it at once, "
+            "without one)",
+            name,
+            self.steps_done,
+        )
 
 
 class StopAgreement:
@@ -162,8 +168,11 @@ class StopAgreement:
 
     def __init__(self, request: StopRequest, agreement_timeout_seconds: float | None = None):
         self.request = request
-        self._timeout = (parallel.agreement_timeout_seconds()
-                         if agreement_timeout_seconds is None else agreement_timeout_seconds)
+        self._timeout = (
+            parallel.agreement_timeout_seconds()
+            if agreement_timeout_seconds is None
+            else agreement_timeout_seconds
+        )
         self._processes = jax.process_count()
         self._client = parallel.coordination_client() if self._processes > 1 else None
         self._exchanges = 0
@@ -215,8 +224,10 @@ class StopAgreement:
             names.setdefault(signal.Signals(number).name, []).append(str(process))
         if self._client is None:
             return " and ".join(names)
-        return " and ".join(f"{name} (received by process {', '.join(processes)})"
-                            for name, processes in names.items())
+        return " and ".join(
+            f"{name} (received by process {', '.join(processes)})"
+            for name, processes in names.items()
+        )
 
     def wait_for_step(self, outputs, steps_done: int) -> None:
         """Waits for a step's ``outputs``; then ``steps_done`` steps are finished.
@@ -243,7 +254,8 @@ class StopAgreement:
                     f"step {self.request.steps_done + 1} to finish, which needs every "
                     f"process of {self._processes}: one of them hangs, died or lost its host. "
                     f"This process stops too; {self.request.last_checkpoint()}. To resume, "
-                    "run the same command on every host again.\n")
+                    "run the same command on every host again.\n"
+                )
                 sys.stderr.flush()
                 os._exit(PeerLostError.exit_status)
 
@@ -255,16 +267,19 @@ class StopAgreement:
                 if not str(error).startswith("DEADLINE_EXCEEDED"):
                     raise PeerLostError(self._lost_message(peer, str(error))) from error
             if time.monotonic() > deadline:
-                raise PeerLostError(self._lost_message(
-                    peer, f"no answer within {self._timeout:g} s"))
+                raise PeerLostError(
+                    self._lost_message(peer, f"no answer within {self._timeout:g} s")
+                )
 
     def _lost_message(self, peer: int, reason: str) -> str:
-        return (f"process {jax.process_index()} waited for process {peer} of "
-                f"{self._processes} to agree whether to stop after step "
-                f"{self.request.steps_done} ({reason.splitlines()[0][:200]}): that process "
-                f"died, hangs, or lost its host. This process stops too; "
-                f"{self.request.last_checkpoint()}. To resume, run the same command on "
-                "every host again.")
+        return (
+            f"process {jax.process_index()} waited for process {peer} of "
+            f"{self._processes} to agree whether to stop after step "
+            f"{self.request.steps_done} ({reason.splitlines()[0][:200]}): that process "
+            f"died, hangs, or lost its host. This process stops too; "
+            f"{self.request.last_checkpoint()}. To resume, run the same command on "
+            "every host again."
+        )
 
 
 # What JAX's collectives say when a peer process is gone (gloo on CPUs, NCCL on GPUs).
@@ -280,7 +295,8 @@ def is_collective_failure(error: BaseException) -> bool:
     """
     while error is not None:
         if isinstance(error, jax.errors.JaxRuntimeError) or any(
-                word in str(error) for word in _COLLECTIVE_FAILURES):
+            word in str(error) for word in _COLLECTIVE_FAILURES
+        ):
             return True
         error = error.__cause__ or error.__context__
     return False
@@ -301,4 +317,5 @@ def peer_lost(error: Exception, request: StopRequest) -> PeerLostError:
         f"a step with the other processes failed after step {request.steps_done} "
         f"({type(error).__name__}: {first_line}): another process of the run died or "
         f"lost its host. This process stops too; {request.last_checkpoint()}. To resume, "
-        "run the same command on every host again.")
+        "run the same command on every host again."
+    )

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 # The activities a stopwatch books time to; all in seconds.
-TRAIN = "train_seconds"        # steps, initialisation, interpolation, compiling
-COMPILE = "compile_seconds"    # compiling the steps (also counted in TRAIN)
-EVAL = "eval_seconds"          # evaluation on the test split
+TRAIN = "train_seconds"  # steps, initialisation, interpolation, compiling
+COMPILE = "compile_seconds"  # compiling the steps (also counted in TRAIN)
+EVAL = "eval_seconds"  # evaluation on the test split
 CHECKPOINT = "checkpoint_seconds"  # writing checkpoints
 ACTIVITIES = (TRAIN, COMPILE, EVAL, CHECKPOINT)
 
@@ -34,11 +34,9 @@ class Stopwatch:
       clock: a function returning seconds (for tests); ``time.perf_counter``.
     """
 
-    def __init__(self, seconds: Mapping[str, float] | None = None,
-                 clock=time.perf_counter):
+    def __init__(self, seconds: Mapping[str, float] | None = None, clock=time.perf_counter):
         self._clock = clock
-        self._totals = {name: float((seconds or {}).get(name, 0.0))
-                        for name in ACTIVITIES}
+        self._totals = {name: float((seconds or {}).get(name, 0.0)) for name in ACTIVITIES}
         self._running_since = clock()
 
     @contextlib.contextmanager
@@ -49,8 +47,7 @@ class Stopwatch:
           ValueError: for an activity other than EVAL or CHECKPOINT.
         """
         if activity not in (EVAL, CHECKPOINT):
-            raise ValueError(f"a stopwatch pauses for {EVAL!r} or {CHECKPOINT!r}, "
-                             f"not {activity!r}")
+            raise ValueError(f"a stopwatch pauses for {EVAL!r} or {CHECKPOINT!r}, not {activity!r}")
         self._totals[TRAIN] += self._clock() - self._running_since
         start = self._clock()
         try:

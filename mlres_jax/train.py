@@ -36,11 +36,27 @@ import optax
 import tqdm
 from absl import logging
 
-from mlres_jax import (checkpoint, configuration, cpu_backend, datasets, errors, events,
-                       files, input_pipeline,
-                       models, multilevel, parallel, plan, reporting, steps, stopping,
-                       stopwatch,
-                       workdir as workdirs)
+from mlres_jax import (
+    checkpoint,
+    configuration,
+    cpu_backend,
+    datasets,
+    errors,
+    events,
+    files,
+    input_pipeline,
+    models,
+    multilevel,
+    parallel,
+    plan,
+    reporting,
+    steps,
+    stopping,
+    stopwatch,
+)
+from mlres_jax import (
+    workdir as workdirs,
+)
 
 SUMMARY_FILE = "summary.json"
 
@@ -95,11 +111,15 @@ class Run:
         The one place where a run's backend chooses the model's convolution
         (`cpu_backend.scanned_conv`).
         """
-        return models.ResNet(stage_sizes=tuple(stage_sizes), width=self.config.width,
-                             num_classes=self.data.info.num_classes, step_size=step_size,
-                             scan_blocks=self.config.scan_blocks,
-                             dtype=jnp.dtype(self.config.compute_dtype),
-                             scanned_conv=cpu_backend.scanned_conv())
+        return models.ResNet(
+            stage_sizes=tuple(stage_sizes),
+            width=self.config.width,
+            num_classes=self.data.info.num_classes,
+            step_size=step_size,
+            scan_blocks=self.config.scan_blocks,
+            dtype=jnp.dtype(self.config.compute_dtype),
+            scanned_conv=cpu_backend.scanned_conv(),
+        )
 
     @property
     def layout(self) -> multilevel.StageLayout:
@@ -188,12 +208,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if summary is not None:
                     return summary  # else it is rebuilt from the checkpoint below
             progress.writer = _open_event_writer(run, progress)
-            with (progress.writer, stopping.StopRequest(checkpointer.directory) as request,
-                  _peer_loss_reported(request)):
+            with (
+                progress.writer,
+                stopping.StopRequest(checkpointer.directory) as request,
+                _peer_loss_reported(request),
+            ):
                 stop = stopping.StopAgreement(request)
                 request.steps_done = progress.step
                 train_data = parallel.put_replicated(
-                    (run.data.train_images, run.data.train_labels), run.mesh)
+                    (run.data.train_images, run.data.train_labels), run.mesh
+                )
                 holding.recorded = True  # from here on the workdir is kept
                 with StepCompiler(run, train_data) as compiler:
                     for cycle in run.cycles:
@@ -202,8 +226,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         stop_if_requested(run, cycle, progress, checkpointer, stop)
                         enter_cycle(run, cycle, progress, compiler)
                         cycle_steps = compiler.steps_for(cycle, progress)
-                        train_cycle(run, cycle, cycle_steps, progress, train_data,
-                                    checkpointer, stop)
+                        train_cycle(
+                            run, cycle, cycle_steps, progress, train_data, checkpointer, stop
+                        )
                         finish_cycle(run, cycle, progress, checkpointer)
         return write_summary(run, progress, time.perf_counter() - start)
 
@@ -229,8 +254,9 @@ def _peer_loss_reported(request: stopping.StopRequest):
 # Setting up, restoring, starting.
 
 
-def check_config(config: ml_collections.ConfigDict
-                 ) -> tuple[ml_collections.ConfigDict, parallel.Mesh, dict | None]:
+def check_config(
+    config: ml_collections.ConfigDict,
+) -> tuple[ml_collections.ConfigDict, parallel.Mesh, dict | None]:
     """Everything a user can get wrong, checked in seconds before any work.
 
     The config's fields (`configuration.resolve`), the ``init_from``
@@ -256,7 +282,8 @@ def check_config(config: ml_collections.ConfigDict
         metadata, initial_variables = _read_init_from(config.init_from)
         config = configuration.start_from(config, metadata)
     num_train = datasets.check_available(
-        config.dataset, data_dir=config.data_dir, fashion_mnist_dir=config.fashion_mnist_dir)
+        config.dataset, data_dir=config.data_dir, fashion_mnist_dir=config.fashion_mnist_dir
+    )
     configuration.check_against_data(config, num_train)
     mesh = parallel.make_mesh(config.num_devices)
     for field in ("batch_size", "eval_batch_size"):
@@ -274,15 +301,24 @@ def _read_init_from(folder: str) -> tuple[checkpoint.CheckpointMetadata, dict]:
         raise configuration.ConfigError(
             f"config.init_from = {folder!r} is not allowed: there is no checkpoint in "
             f"{checkpoint.checkpoint_dir(folder)} (give a run's folder, or the output of "
-            "python -m mlres_jax.grow)")
+            "python -m mlres_jax.grow)"
+        )
     _, variables, metadata = checkpoint.load_model(folder)
-    logging.info("config.init_from: the checkpoint of step %d in %s (%s)", metadata.step,
-                 folder, checkpoint.format_network(metadata))
+    logging.info(
+        "config.init_from: the checkpoint of step %d in %s (%s)",
+        metadata.step,
+        folder,
+        checkpoint.format_network(metadata),
+    )
     return metadata, variables
 
 
-def prepare_run(config: ml_collections.ConfigDict, workdir: str,
-                mesh: parallel.Mesh, initial_variables: dict | None = None) -> Run:
+def prepare_run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    mesh: parallel.Mesh,
+    initial_variables: dict | None = None,
+) -> Run:
     """Loads the data and plans the cycles of a checked config (`check_config`).
 
     The evaluation batch is fitted to the test split found
@@ -296,51 +332,86 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str,
       datasets.DataSetError: if a file turns out to be damaged.
     """
     logging.info("Loading %s ...", config.dataset)
-    data = datasets.load(config.dataset, data_dir=config.data_dir,
-                         fashion_mnist_dir=config.fashion_mnist_dir)
+    data = datasets.load(
+        config.dataset, data_dir=config.data_dir, fashion_mnist_dir=config.fashion_mnist_dir
+    )
     config = _with_fitted_eval_batch(config, len(data.test_labels), mesh)
     num_train = len(data.train_labels)
     steps_per_epoch = num_train // config.batch_size
-    cycles = tuple(plan.plan_cycles(
-        stage_sizes=config.stage_sizes, step_size=config.step_size,
-        num_epochs=config.num_epochs, cycle_boundaries=config.cycle_boundaries,
-        steps_per_epoch=steps_per_epoch, multilevel=config.multilevel))
+    cycles = tuple(
+        plan.plan_cycles(
+            stage_sizes=config.stage_sizes,
+            step_size=config.step_size,
+            num_epochs=config.num_epochs,
+            cycle_boundaries=config.cycle_boundaries,
+            steps_per_epoch=steps_per_epoch,
+            multilevel=config.multilevel,
+        )
+    )
     schedule = plan.learning_rate_schedule(
-        cycles, config.learning_rate_max, config.learning_rate_min)
+        cycles, config.learning_rate_max, config.learning_rate_min
+    )
     init_rng, augment_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     augment_rng = parallel.put_replicated(augment_rng, mesh)
-    run = Run(config=config, workdir=workdir, data=data, cycles=cycles, mesh=mesh,
-              steps_per_epoch=steps_per_epoch,
-              eval_every_steps=max(1, round(config.eval_every_epochs * steps_per_epoch)),
-              schedule=schedule, optimizer=steps.create_optimizer(config, schedule),
-              init_rng=init_rng, augment_rng=augment_rng, initial_variables=initial_variables)
+    run = Run(
+        config=config,
+        workdir=workdir,
+        data=data,
+        cycles=cycles,
+        mesh=mesh,
+        steps_per_epoch=steps_per_epoch,
+        eval_every_steps=max(1, round(config.eval_every_epochs * steps_per_epoch)),
+        schedule=schedule,
+        optimizer=steps.create_optimizer(config, schedule),
+        init_rng=init_rng,
+        augment_rng=augment_rng,
+        initial_variables=initial_variables,
+    )
     logging.info("Running on %s", parallel.describe_environment(parallel.environment()))
-    logging.info("Data parallel over %d %s device(s) of %d process(es): %d examples per "
-                 "device per step", mesh.devices.size, jax.devices()[0].platform,
-                 jax.process_count(), config.batch_size // mesh.devices.size)
+    logging.info(
+        "Data parallel over %d %s device(s) of %d process(es): %d examples per device per step",
+        mesh.devices.size,
+        jax.devices()[0].platform,
+        jax.process_count(),
+        config.batch_size // mesh.devices.size,
+    )
     logging.info(
         "%s: %d train / %d test examples, batch %d, %d steps per epoch; %d cycle(s): %s",
-        config.dataset, num_train, len(data.test_labels), config.batch_size,
-        steps_per_epoch, len(cycles),
-        ", ".join(f"{models.format_stage_sizes(c.stage_sizes)} h={c.step_size:g} for "
-                  f"{c.num_steps} steps" for c in cycles))
+        config.dataset,
+        num_train,
+        len(data.test_labels),
+        config.batch_size,
+        steps_per_epoch,
+        len(cycles),
+        ", ".join(
+            f"{models.format_stage_sizes(c.stage_sizes)} h={c.step_size:g} for {c.num_steps} steps"
+            for c in cycles
+        ),
+    )
     return run
 
 
-def _with_fitted_eval_batch(config: ml_collections.ConfigDict, num_test: int,
-                            mesh: parallel.Mesh) -> ml_collections.ConfigDict:
+def _with_fitted_eval_batch(
+    config: ml_collections.ConfigDict, num_test: int, mesh: parallel.Mesh
+) -> ml_collections.ConfigDict:
     """The config with ``eval_batch_size`` no larger than the test split needs.
 
     The one place where the run's evaluation batch is set: every evaluation
     of the run (the compiled eval step, the growths' train subset) uses it.
     See `input_pipeline.fitted_eval_batch_size`.
     """
-    fitted = input_pipeline.fitted_eval_batch_size(config.eval_batch_size, num_test,
-                                                   mesh.devices.size)
+    fitted = input_pipeline.fitted_eval_batch_size(
+        config.eval_batch_size, num_test, mesh.devices.size
+    )
     if fitted == config.eval_batch_size:
         return config
-    logging.info("config.eval_batch_size = %d is more than the %d test images need: "
-                 "evaluating in batches of %d", config.eval_batch_size, num_test, fitted)
+    logging.info(
+        "config.eval_batch_size = %d is more than the %d test images need: "
+        "evaluating in batches of %d",
+        config.eval_batch_size,
+        num_test,
+        fitted,
+    )
     config = ml_collections.ConfigDict(config.to_dict())
     config.eval_batch_size = fitted
     return config
@@ -354,36 +425,50 @@ def restore_or_start(run: Run, checkpointer: checkpoint.Checkpointer) -> Progres
         field that matters (`checkpoint.config_differences`).
       checkpoint.CheckpointError: if checkpoints exist but none is readable.
     """
+
     def abstract_state(metadata: checkpoint.CheckpointMetadata):
         differences = checkpoint.config_differences(metadata.config, run.config.to_dict())
         if differences:
             raise checkpoint.ConfigMismatchError(
                 f"cannot resume from the checkpoint of step {metadata.step} in "
-                f"{run.workdir}: the config differs in " + "; ".join(differences)
-                + ". Use another --workdir, or the checkpoint's values.")
-        shapes = jax.eval_shape(lambda: steps.create_train_state(
-            run.init_rng, metadata.model(), run.optimizer, run.data.info.image_shape))
+                f"{run.workdir}: the config differs in "
+                + "; ".join(differences)
+                + ". Use another --workdir, or the checkpoint's values."
+            )
+        shapes = jax.eval_shape(
+            lambda: steps.create_train_state(
+                run.init_rng, metadata.model(), run.optimizer, run.data.info.image_shape
+            )
+        )
         # Restored replicated on this run's mesh, whatever the devices that wrote it.
         whole = parallel.replicated(run.mesh)
         return jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), shapes)
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), shapes
+        )
 
     restored = checkpointer.restore_latest(abstract_state)
     if restored is None:
         return Progress()
     state, metadata = restored
-    logging.info("Resumed from the checkpoint of step %d: cycle %d (%s blocks), epoch %.2f",
-                 metadata.step, metadata.cycle,
-                 models.format_stage_sizes(metadata.stage_sizes), run.epoch(metadata.step))
-    return Progress(state=state, stage_sizes=tuple(metadata.stage_sizes),
-                    step=metadata.step, history=list(metadata.history),
-                    cycle_records=list(metadata.cycle_records),
-                    growths=list(metadata.growths),
-                    stopwatch=stopwatch.Stopwatch(metadata.stopwatch))
+    logging.info(
+        "Resumed from the checkpoint of step %d: cycle %d (%s blocks), epoch %.2f",
+        metadata.step,
+        metadata.cycle,
+        models.format_stage_sizes(metadata.stage_sizes),
+        run.epoch(metadata.step),
+    )
+    return Progress(
+        state=state,
+        stage_sizes=tuple(metadata.stage_sizes),
+        step=metadata.step,
+        history=list(metadata.history),
+        cycle_records=list(metadata.cycle_records),
+        growths=list(metadata.growths),
+        stopwatch=stopwatch.Stopwatch(metadata.stopwatch),
+    )
 
 
-def enter_cycle(run: Run, cycle: plan.Cycle, progress: Progress,
-                compiler: "StepCompiler") -> None:
+def enter_cycle(run: Run, cycle: plan.Cycle, progress: Progress, compiler: StepCompiler) -> None:
     """Makes ``progress.state`` the cycle's: fresh, interpolated, or as restored.
 
     A cycle that starts (rather than resumes) gets a new stopwatch, so that
@@ -401,8 +486,7 @@ def enter_cycle(run: Run, cycle: plan.Cycle, progress: Progress,
 def _initial_state(run: Run, cycle: plan.Cycle) -> steps.TrainState:
     """A fresh train state; with ``config.init_from``, that checkpoint's variables in it."""
     model = run.model(cycle.stage_sizes, cycle.step_size)
-    state = steps.create_train_state(run.init_rng, model, run.optimizer,
-                                     run.data.info.image_shape)
+    state = steps.create_train_state(run.init_rng, model, run.optimizer, run.data.info.image_shape)
     if run.initial_variables is None:
         return state
     logging.info("Starting from the checkpoint read from %s", run.config.init_from)
@@ -410,7 +494,7 @@ def _initial_state(run: Run, cycle: plan.Cycle) -> steps.TrainState:
     return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
 
 
-def grow(run: Run, cycle: plan.Cycle, progress: Progress, compiler: "StepCompiler") -> None:
+def grow(run: Run, cycle: plan.Cycle, progress: Progress, compiler: StepCompiler) -> None:
     """Interpolates the train state into the cycle's deeper network, measuring the jump.
 
     The train state goes through `steps.interpolate_train_state` under
@@ -425,43 +509,79 @@ def grow(run: Run, cycle: plan.Cycle, progress: Progress, compiler: "StepCompile
     """
     previous = run.cycles[cycle.index - 1]
     with progress.stopwatch.pause(stopwatch.EVAL):
-        before = _growth_evaluation(run, compiler.eval_step_for(previous),
-                                    progress.state.variables, test=progress.history[-1])
+        before = _growth_evaluation(
+            run,
+            compiler.eval_step_for(previous),
+            progress.state.variables,
+            test=progress.history[-1],
+        )
     # Replicated in, replicated out: every leaf is an old leaf, a copy of one,
     # or made on the devices from old leaves, so `put_replicated` moves nothing.
-    progress.state = parallel.put_replicated(steps.interpolate_train_state(
-        progress.state, run.config.interpolation_rule,
-        run.config.momentum_at_interpolation, run.layout), run.mesh)
+    progress.state = parallel.put_replicated(
+        steps.interpolate_train_state(
+            progress.state,
+            run.config.interpolation_rule,
+            run.config.momentum_at_interpolation,
+            run.layout,
+        ),
+        run.mesh,
+    )
     evaluate = compiler.steps_for(cycle, progress).evaluate
     with progress.stopwatch.pause(stopwatch.EVAL):
         after = _growth_evaluation(run, evaluate, progress.state.variables)
     record = reporting.growth_record(
-        cycle=cycle, step=progress.step, from_stage_sizes=previous.stage_sizes,
-        rule=run.config.interpolation_rule, momentum=run.config.momentum_at_interpolation,
-        before=before, after=after)
+        cycle=cycle,
+        step=progress.step,
+        from_stage_sizes=previous.stage_sizes,
+        rule=run.config.interpolation_rule,
+        momentum=run.config.momentum_at_interpolation,
+        before=before,
+        after=after,
+    )
     progress.growths.append(record)
     for name, value in record["jump"].items():
         if value is not None:
             progress.writer.add_scalar(f"growth/{name}_jump", value, progress.step)
-    logging.info("Interpolated %s -> %s blocks, h = %g (%s rule): %s",
-                 models.format_stage_sizes(previous.stage_sizes),
-                 models.format_stage_sizes(cycle.stage_sizes), cycle.step_size,
-                 run.config.interpolation_rule, reporting.growth_line(record))
+    logging.info(
+        "Interpolated %s -> %s blocks, h = %g (%s rule): %s",
+        models.format_stage_sizes(previous.stage_sizes),
+        models.format_stage_sizes(cycle.stage_sizes),
+        cycle.step_size,
+        run.config.interpolation_rule,
+        reporting.growth_line(record),
+    )
 
 
 def _growth_evaluation(run: Run, evaluate, variables, test: dict | None = None) -> dict:
-    """Test and train-subset loss and error under ``evaluate`` (the test ones from ``test`` if given)."""
+    """Test and train-subset loss and error under ``evaluate`` (test ones from ``test``)."""
     batch = run.config.eval_batch_size
     if test is None:
-        test = {f"test_{k}": v for k, v in steps.evaluate(
-            evaluate, variables, run.data.test_images, run.data.test_labels, batch,
-            run.mesh).items() if k != "count"}
+        test = {
+            f"test_{k}": v
+            for k, v in steps.evaluate(
+                evaluate, variables, run.data.test_images, run.data.test_labels, batch, run.mesh
+            ).items()
+            if k != "count"
+        }
     count = min(run.config.growth_train_examples, len(run.data.train_labels))
-    train = (steps.evaluate(evaluate, variables, run.data.train_images[:count],
-                            run.data.train_labels[:count], batch, run.mesh)
-             if count else {"loss": None, "error": None})
-    return {"test_loss": test["test_loss"], "test_error": test["test_error"],
-            "train_loss": train["loss"], "train_error": train["error"]}
+    train = (
+        steps.evaluate(
+            evaluate,
+            variables,
+            run.data.train_images[:count],
+            run.data.train_labels[:count],
+            batch,
+            run.mesh,
+        )
+        if count
+        else {"loss": None, "error": None}
+    )
+    return {
+        "test_loss": test["test_loss"],
+        "test_error": test["test_error"],
+        "train_loss": train["loss"],
+        "train_error": train["error"],
+    }
 
 
 class StepCompiler:
@@ -477,10 +597,13 @@ class StepCompiler:
     def __init__(self, run: Run, train_data):
         self._run, self._train_data = run, train_data
         self._compiled, self._pending = {}, {}
-        self._executor = (concurrent.futures.ThreadPoolExecutor(1, "compile_ahead")
-                          if run.config.compile_ahead else None)
+        self._executor = (
+            concurrent.futures.ThreadPoolExecutor(1, "compile_ahead")
+            if run.config.compile_ahead
+            else None
+        )
 
-    def __enter__(self) -> "StepCompiler":
+    def __enter__(self) -> StepCompiler:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -489,18 +612,26 @@ class StepCompiler:
         running = [key for key, future in self._pending.items() if future.running()]
         if running:
             # XLA cannot abandon a compilation: say why the exit waits.
-            logging.info("Waiting for the ahead compilation of %s to finish",
-                         models.format_stage_sizes(running[0][0]))
+            logging.info(
+                "Waiting for the ahead compilation of %s to finish",
+                models.format_stage_sizes(running[0][0]),
+            )
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     def _compile(self, cycle: plan.Cycle, state) -> steps.CompiledSteps:
         run = self._run
         return steps.compile_steps(
-            run.model(cycle.stage_sizes, cycle.step_size), run.optimizer, state=state,
-            train_images=self._train_data[0], train_labels=self._train_data[1],
-            rng=run.augment_rng, batch_size=run.config.batch_size,
+            run.model(cycle.stage_sizes, cycle.step_size),
+            run.optimizer,
+            state=state,
+            train_images=self._train_data[0],
+            train_labels=self._train_data[1],
+            rng=run.augment_rng,
+            batch_size=run.config.batch_size,
             eval_batch_size=run.config.eval_batch_size,
-            crop_padding=run.config.crop_padding, mesh=run.mesh)
+            crop_padding=run.config.crop_padding,
+            mesh=run.mesh,
+        )
 
     def steps_for(self, cycle: plan.Cycle, progress: Progress) -> steps.CompiledSteps:
         """The cycle's steps; the compile time the cycle waited is booked on its stopwatch."""
@@ -509,12 +640,17 @@ class StepCompiler:
             start = time.perf_counter()
             if key in self._pending:
                 if not self._pending[key].done():
-                    logging.info("Waiting for the ahead compilation of %s",
-                                 models.format_stage_sizes(cycle.stage_sizes))
+                    logging.info(
+                        "Waiting for the ahead compilation of %s",
+                        models.format_stage_sizes(cycle.stage_sizes),
+                    )
                 self._compiled[key] = self._pending.pop(key).result()
-                logging.info("Compiled %s ahead in %.1f s; waited %.1f s",
-                             models.format_stage_sizes(cycle.stage_sizes),
-                             self._compiled[key].compile_seconds, time.perf_counter() - start)
+                logging.info(
+                    "Compiled %s ahead in %.1f s; waited %.1f s",
+                    models.format_stage_sizes(cycle.stage_sizes),
+                    self._compiled[key].compile_seconds,
+                    time.perf_counter() - start,
+                )
             else:
                 self._compiled[key] = self._compile(cycle, progress.state)
             progress.stopwatch.add_compile_seconds(time.perf_counter() - start)
@@ -530,11 +666,12 @@ class StepCompiler:
         compiled = self._compiled.get((cycle.stage_sizes, cycle.step_size))
         if compiled is not None:
             return compiled.evaluate
-        return steps.make_eval_step(self._run.model(cycle.stage_sizes, cycle.step_size),
-                                    self._run.mesh)
+        return steps.make_eval_step(
+            self._run.model(cycle.stage_sizes, cycle.step_size), self._run.mesh
+        )
 
     def _compile_next_ahead(self, cycle: plan.Cycle, state) -> None:
-        following = self._run.cycles[cycle.index + 1:cycle.index + 2]
+        following = self._run.cycles[cycle.index + 1 : cycle.index + 2]
         if self._executor is None or not following:
             return
         after = following[0]
@@ -542,9 +679,16 @@ class StepCompiler:
         if key in self._compiled or key in self._pending:
             return
         config = self._run.config
-        shapes = jax.eval_shape(lambda s: steps.interpolate_train_state(
-            s, config.interpolation_rule, config.momentum_at_interpolation,
-            self._run.layout) if after.stage_sizes != cycle.stage_sizes else s, state)
+        shapes = jax.eval_shape(
+            lambda s: (
+                steps.interpolate_train_state(
+                    s, config.interpolation_rule, config.momentum_at_interpolation, self._run.layout
+                )
+                if after.stage_sizes != cycle.stage_sizes
+                else s
+            ),
+            state,
+        )
         self._pending[key] = self._executor.submit(self._compile, after, shapes)
 
 
@@ -552,9 +696,15 @@ class StepCompiler:
 # One cycle.
 
 
-def train_cycle(run: Run, cycle: plan.Cycle, compiled: steps.CompiledSteps,
-                progress: Progress, train_data, checkpointer: checkpoint.Checkpointer,
-                stop: stopping.StopAgreement) -> None:
+def train_cycle(
+    run: Run,
+    cycle: plan.Cycle,
+    compiled: steps.CompiledSteps,
+    progress: Progress,
+    train_data,
+    checkpointer: checkpoint.Checkpointer,
+    stop: stopping.StopAgreement,
+) -> None:
     """Trains the cycle's remaining steps, logging, evaluating and saving on schedule.
 
     The data order and the augmentation depend only on the seed and the
@@ -575,12 +725,18 @@ def train_cycle(run: Run, cycle: plan.Cycle, compiled: steps.CompiledSteps,
             stop_if_requested(run, cycle, progress, checkpointer, stop)
             epoch, position = divmod(step, run.steps_per_epoch)
             if order_epoch != epoch:
-                order_epoch, order = epoch, input_pipeline.train_batch_indices(
-                    len(run.data.train_labels), config.batch_size, config.seed,
-                    epoch).astype(np.int32)
+                order_epoch, order = (
+                    epoch,
+                    input_pipeline.train_batch_indices(
+                        len(run.data.train_labels), config.batch_size, config.seed, epoch
+                    ).astype(np.int32),
+                )
             progress.state, metrics = compiled.train(
-                progress.state, *train_data, parallel.shard_batch(order[position], run.mesh),
-                run.augment_rng)
+                progress.state,
+                *train_data,
+                parallel.shard_batch(order[position], run.mesh),
+                run.augment_rng,
+            )
             if previous_metrics is not None:
                 stop.wait_for_step(previous_metrics, steps_done=step)
             previous_metrics = metrics
@@ -596,8 +752,9 @@ def train_cycle(run: Run, cycle: plan.Cycle, compiled: steps.CompiledSteps,
     stop.request.steps_done = progress.step
 
 
-def log_train_metrics(run: Run, cycle: plan.Cycle, progress: Progress,
-                      checkpointer: checkpoint.Checkpointer, bar) -> None:
+def log_train_metrics(
+    run: Run, cycle: plan.Cycle, progress: Progress, checkpointer: checkpoint.Checkpointer, bar
+) -> None:
     """Writes the mean train loss and error since the last log, and the learning rate."""
     check_finite(run, cycle, progress.state, checkpointer)
     progress.state, means = steps.take_metric_means(progress.state, "log")
@@ -608,19 +765,34 @@ def log_train_metrics(run: Run, cycle: plan.Cycle, progress: Progress,
     bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{1 - means['error']:.3f}")
 
 
-def evaluate_and_record(run: Run, cycle: plan.Cycle, compiled: steps.CompiledSteps,
-                        progress: Progress, checkpointer: checkpoint.Checkpointer,
-                        bar) -> None:
+def evaluate_and_record(
+    run: Run,
+    cycle: plan.Cycle,
+    compiled: steps.CompiledSteps,
+    progress: Progress,
+    checkpointer: checkpoint.Checkpointer,
+    bar,
+) -> None:
     """Evaluates on the whole test split and appends the record to the history."""
     check_finite(run, cycle, progress.state, checkpointer)
     with progress.stopwatch.pause(stopwatch.EVAL):
-        test = steps.evaluate(compiled.evaluate, progress.state.variables,
-                              run.data.test_images, run.data.test_labels,
-                              run.config.eval_batch_size, run.mesh)
+        test = steps.evaluate(
+            compiled.evaluate,
+            progress.state.variables,
+            run.data.test_images,
+            run.data.test_labels,
+            run.config.eval_batch_size,
+            run.mesh,
+        )
     progress.state, train = steps.take_metric_means(progress.state, "eval")
     record = reporting.evaluation_record(
-        step=progress.step, steps_per_epoch=run.steps_per_epoch, cycle=cycle,
-        train=train, test=test, learning_rate=run.schedule(progress.step - 1))
+        step=progress.step,
+        steps_per_epoch=run.steps_per_epoch,
+        cycle=cycle,
+        train=train,
+        test=test,
+        learning_rate=run.schedule(progress.step - 1),
+    )
     progress.history.append(record)
     for name in ("test_error", "test_loss", "train_error"):
         progress.writer.add_scalar(name.replace("_", "/", 1), record[name], progress.step)
@@ -628,45 +800,67 @@ def evaluate_and_record(run: Run, cycle: plan.Cycle, compiled: steps.CompiledSte
         bar.write(reporting.evaluation_line(record, cycle.stage_sizes))
 
 
-def finish_cycle(run: Run, cycle: plan.Cycle, progress: Progress,
-                 checkpointer: checkpoint.Checkpointer) -> None:
+def finish_cycle(
+    run: Run, cycle: plan.Cycle, progress: Progress, checkpointer: checkpoint.Checkpointer
+) -> None:
     """Records the finished cycle and saves its last checkpoint.
 
     The record goes into that checkpoint, so it is made before the save; its
     times are then brought up to date, the last save's included (a run that
     resumes from this checkpoint has the record without that save's time).
     """
-    progress.cycle_records.append(reporting.cycle_record(
-        cycle, num_params=models.count_parameters(progress.state.params),
-        steps_per_epoch=run.steps_per_epoch, seconds=progress.stopwatch.to_dict(),
-        last_evaluation=progress.history[-1]))
+    progress.cycle_records.append(
+        reporting.cycle_record(
+            cycle,
+            num_params=models.count_parameters(progress.state.params),
+            steps_per_epoch=run.steps_per_epoch,
+            seconds=progress.stopwatch.to_dict(),
+            last_evaluation=progress.history[-1],
+        )
+    )
     save_checkpoint(run, cycle, progress, checkpointer)
     progress.cycle_records[-1].update(
-        {name: progress.stopwatch.to_dict()[name] for name in stopwatch.ACTIVITIES})
+        {name: progress.stopwatch.to_dict()[name] for name in stopwatch.ACTIVITIES}
+    )
     progress.writer.flush()
 
 
-def save_checkpoint(run: Run, cycle: plan.Cycle, progress: Progress,
-                    checkpointer: checkpoint.Checkpointer) -> None:
+def save_checkpoint(
+    run: Run, cycle: plan.Cycle, progress: Progress, checkpointer: checkpoint.Checkpointer
+) -> None:
     """Saves the train state and the progress as the checkpoint of ``progress.step``."""
     check_finite(run, cycle, progress.state, checkpointer)
     info = run.data.info
     metadata = checkpoint.CheckpointMetadata(
-        step=progress.step, dataset=run.config.dataset, width=run.config.width,
-        num_classes=info.num_classes, image_shape=info.image_shape,
-        stage_sizes=cycle.stage_sizes, step_size=cycle.step_size,
-        scan_blocks=run.config.scan_blocks, cycle=cycle.index + 1, epoch=run.epoch(progress.step),
-        config=run.config.to_dict(), history=progress.history,
-        cycle_records=progress.cycle_records, growths=progress.growths,
-        stopwatch=progress.stopwatch.to_dict())
+        step=progress.step,
+        dataset=run.config.dataset,
+        width=run.config.width,
+        num_classes=info.num_classes,
+        image_shape=info.image_shape,
+        stage_sizes=cycle.stage_sizes,
+        step_size=cycle.step_size,
+        scan_blocks=run.config.scan_blocks,
+        cycle=cycle.index + 1,
+        epoch=run.epoch(progress.step),
+        config=run.config.to_dict(),
+        history=progress.history,
+        cycle_records=progress.cycle_records,
+        growths=progress.growths,
+        stopwatch=progress.stopwatch.to_dict(),
+    )
     with progress.stopwatch.pause(stopwatch.CHECKPOINT):
         progress.writer.flush()  # the events up to a checkpoint are on disk with it
         checkpointer.save(progress.state, metadata)
 
 
-def stop_with_checkpoint(run: Run, cycle: plan.Cycle, progress: Progress,
-                         checkpointer: checkpoint.Checkpointer, signal_number: int,
-                         name: str) -> None:
+def stop_with_checkpoint(
+    run: Run,
+    cycle: plan.Cycle,
+    progress: Progress,
+    checkpointer: checkpoint.Checkpointer,
+    signal_number: int,
+    name: str,
+) -> None:
     """Saves the step reached (unless it is saved already) and stops the run.
 
     Called between two steps, where the train state is complete, by every
@@ -681,8 +875,11 @@ def stop_with_checkpoint(run: Run, cycle: plan.Cycle, progress: Progress,
         resume; the same message on every process.
     """
     if progress.state is None:
-        raise stopping.Interrupted(f"stopped by {name} before the first step; nothing was trained, "
-                          "and the next run starts afresh", signal_number)
+        raise stopping.Interrupted(
+            f"stopped by {name} before the first step; nothing was trained, "
+            "and the next run starts afresh",
+            signal_number,
+        )
     if progress.step not in checkpointer.all_steps():
         save_checkpoint(run, cycle, progress, checkpointer)
     progress.writer.flush()
@@ -692,21 +889,28 @@ def stop_with_checkpoint(run: Run, cycle: plan.Cycle, progress: Progress,
         f"(epoch {run.epoch(progress.step):.2f}); the checkpoint of step {progress.step} "
         f"(cycle {saved.cycle}, {models.format_stage_sizes(saved.stage_sizes)} blocks) is "
         f"in {checkpointer.directory}. To resume, run the same command again.",
-        signal_number)
+        signal_number,
+    )
 
 
-def stop_if_requested(run: Run, cycle: plan.Cycle, progress: Progress,
-                      checkpointer: checkpoint.Checkpointer,
-                      stop: stopping.StopAgreement) -> None:
+def stop_if_requested(
+    run: Run,
+    cycle: plan.Cycle,
+    progress: Progress,
+    checkpointer: checkpoint.Checkpointer,
+    stop: stopping.StopAgreement,
+) -> None:
     """`stop_with_checkpoint` if any process asked to stop; called between cycles and steps."""
     signal_number = stop.should_stop()
     if signal_number is not None:
-        stop_with_checkpoint(run, cycle, progress, checkpointer, signal_number,
-                             stop.describe_signals())
+        stop_with_checkpoint(
+            run, cycle, progress, checkpointer, signal_number, stop.describe_signals()
+        )
 
 
-def check_finite(run: Run, cycle: plan.Cycle, state: steps.TrainState,
-                 checkpointer: checkpoint.Checkpointer) -> None:
+def check_finite(
+    run: Run, cycle: plan.Cycle, state: steps.TrainState, checkpointer: checkpoint.Checkpointer
+) -> None:
     """Stops the run if a step so far had a non-finite loss, gradient or update.
 
     Raises:
@@ -720,8 +924,12 @@ def check_finite(run: Run, cycle: plan.Cycle, state: steps.TrainState,
     raise NonFiniteLossError(
         f"non-finite loss or gradient at step {bad} (cycle {cycle.index + 1}, "
         f"epoch {run.epoch(bad):.2f}); training stopped. "
-        + (f"The last good checkpoint, step {kept[-1]}, is kept in "
-           f"{checkpointer.directory}." if kept else "No checkpoint was written yet."))
+        + (
+            f"The last good checkpoint, step {kept[-1]}, is kept in {checkpointer.directory}."
+            if kept
+            else "No checkpoint was written yet."
+        )
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -732,12 +940,19 @@ def write_summary(run: Run, progress: Progress, wall_seconds: float) -> dict:
     """Writes ``summary.json`` (atomically) and returns it."""
     summary = reporting.run_summary(
         config=run.config.to_dict(),
-        dataset={"name": run.config.dataset, "train_examples": len(run.data.train_labels),
-                 "test_examples": len(run.data.test_labels),
-                 "steps_per_epoch": run.steps_per_epoch},
-        cycles=run.cycles, cycle_records=progress.cycle_records, growths=progress.growths,
-        history=progress.history, wall_seconds=wall_seconds,
-        environment=parallel.environment())
+        dataset={
+            "name": run.config.dataset,
+            "train_examples": len(run.data.train_labels),
+            "test_examples": len(run.data.test_labels),
+            "steps_per_epoch": run.steps_per_epoch,
+        },
+        cycles=run.cycles,
+        cycle_records=progress.cycle_records,
+        growths=progress.growths,
+        history=progress.history,
+        wall_seconds=wall_seconds,
+        environment=parallel.environment(),
+    )
     if run.is_main:
         files.write_json(_summary_path(run), summary)
     return summary
@@ -751,9 +966,12 @@ def _hold_workdir(workdir: str, config: ml_collections.ConfigDict):
     """
     if not parallel.is_main_process():
         return contextlib.nullcontext(workdirs.Holding())
-    return workdirs.hold(workdir, files=(SUMMARY_FILE,),
-                         checkpoint_bytes=_checkpoint_bytes(config),
-                         checkpoints_to_keep=config.checkpoints_to_keep)
+    return workdirs.hold(
+        workdir,
+        files=(SUMMARY_FILE,),
+        checkpoint_bytes=_checkpoint_bytes(config),
+        checkpoints_to_keep=config.checkpoints_to_keep,
+    )
 
 
 def _summary_path(run: Run) -> str:
@@ -773,8 +991,11 @@ def _finished_summary(run: Run) -> dict | None:
         if os.path.lexists(_summary_path(run)):
             logging.warning("%s; rewriting it from the last checkpoint", error)
         return None
-    logging.info("The run in %s is already complete; nothing to do. Its summary: %s",
-                 run.workdir, _summary_path(run))
+    logging.info(
+        "The run in %s is already complete; nothing to do. Its summary: %s",
+        run.workdir,
+        _summary_path(run),
+    )
     return summary
 
 
@@ -795,11 +1016,13 @@ def _open_event_writer(run: Run, progress: Progress):
 def _progress_bar(run: Run, cycle: plan.Cycle, step: int):
     """A tqdm bar over the cycle's steps; off when stderr is not a terminal."""
     return tqdm.tqdm(
-        total=cycle.num_steps, initial=max(0, step - cycle.first_step),
+        total=cycle.num_steps,
+        initial=max(0, step - cycle.first_step),
         disable=not (run.config.progress_bar and run.is_main and sys.stderr.isatty()),
         unit="step",
         desc=f"cycle {cycle.index + 1}/{len(run.cycles)} "
-             f"{models.format_stage_sizes(cycle.stage_sizes)} h={cycle.step_size:g}")
+        f"{models.format_stage_sizes(cycle.stage_sizes)} h={cycle.step_size:g}",
+    )
 
 
 def _checkpoint_bytes(config: ml_collections.ConfigDict) -> int:
@@ -812,12 +1035,22 @@ def _checkpoint_bytes(config: ml_collections.ConfigDict) -> int:
     """
     info = datasets.DATASETS[config.dataset]
     cycles = len(config.cycle_boundaries) + 1
-    deepest, _ = plan.cycle_networks(config.stage_sizes, config.step_size, cycles,
-                                     config.multilevel)[-1]
-    model = models.ResNet(stage_sizes=deepest, width=config.width,
-                          num_classes=info.num_classes, scan_blocks=config.scan_blocks)
-    shapes = jax.eval_shape(lambda: steps.create_train_state(
-        jax.random.PRNGKey(0), model, steps.create_optimizer(config, lambda step: 0.0),
-        info.image_shape))
+    deepest, _ = plan.cycle_networks(
+        config.stage_sizes, config.step_size, cycles, config.multilevel
+    )[-1]
+    model = models.ResNet(
+        stage_sizes=deepest,
+        width=config.width,
+        num_classes=info.num_classes,
+        scan_blocks=config.scan_blocks,
+    )
+    shapes = jax.eval_shape(
+        lambda: steps.create_train_state(
+            jax.random.PRNGKey(0),
+            model,
+            steps.create_optimizer(config, lambda step: 0.0),
+            info.image_shape,
+        )
+    )
     records = math.ceil(config.num_epochs / config.eval_every_epochs) + 3 * cycles
     return checkpoint.estimated_bytes(shapes, records)

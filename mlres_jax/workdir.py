@@ -28,7 +28,7 @@ import shutil
 import socket
 import sys
 import tempfile
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from absl import logging
 
@@ -48,8 +48,10 @@ def _holder_description(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as handle:
             holder = json.load(handle)
-        return (f"process {holder['pid']} on {holder['host']} (started "
-                f"{holder['started']}: {holder['command']})")
+        return (
+            f"process {holder['pid']} on {holder['host']} (started "
+            f"{holder['started']}: {holder['command']})"
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return "another process (its details are not readable)"
 
@@ -60,7 +62,6 @@ class WorkdirNotWritableError(errors.UserError, OSError):
 
 class WorkdirFullError(errors.UserError, OSError):
     """The workdir's file system has no room for the run's checkpoints."""
-
 
 
 class Holding:
@@ -77,8 +78,9 @@ class Holding:
 
 
 @contextlib.contextmanager
-def hold(workdir: str, files: Sequence[str] = (), checkpoint_bytes: int = 0,
-         checkpoints_to_keep: int = 1) -> Iterator[Holding]:
+def hold(
+    workdir: str, files: Sequence[str] = (), checkpoint_bytes: int = 0, checkpoints_to_keep: int = 1
+) -> Iterator[Holding]:
     """Holds ``workdir`` for this process: creates it, locks it, releases it at the end.
 
     Once it holds the folder it checks, before the caller does any work,
@@ -111,8 +113,9 @@ def hold(workdir: str, files: Sequence[str] = (), checkpoint_bytes: int = 0,
     except OSError as error:
         if created and os.path.isdir(workdir):
             os.rmdir(workdir)
-        raise _not_writable(workdir, error.filename or workdir,
-                            error.strerror or str(error)) from None
+        raise _not_writable(
+            workdir, error.filename or workdir, error.strerror or str(error)
+        ) from None
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -120,10 +123,14 @@ def hold(workdir: str, files: Sequence[str] = (), checkpoint_bytes: int = 0,
             raise WorkdirBusyError(
                 f"workdir {workdir!r} is in use by {_holder_description(path)}. "
                 "Wait for that run to end (or stop it), or choose another "
-                "--workdir.") from None
-        holder = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "started": datetime.datetime.now().isoformat(timespec="seconds"),
-                  "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])}
+                "--workdir."
+            ) from None
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
+        }
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, json.dumps(holder).encode(), 0)
         holding = Holding()
@@ -147,7 +154,8 @@ def _not_writable(workdir: str, path: str, reason: str) -> WorkdirNotWritableErr
         f"{path!r} is not writable by this process ({user}): {reason}. The run writes "
         f"there, so it stops before any work: make it writable (e.g. chown or chmod "
         f"{os.path.abspath(workdir)!r} and what it holds), or copy that folder elsewhere "
-        "and run the same command on the copy.")
+        "and run the same command on the copy."
+    )
 
 
 def _probe(folder: str) -> None:
@@ -176,6 +184,7 @@ def check_writable(workdir: str, files: Sequence[str] = ()) -> None:
       WorkdirNotWritableError: naming the first path that cannot be written,
         the reason, and what to do.
     """
+
     def refuse(path: str, reason: str):
         raise _not_writable(workdir, path, reason)
 
@@ -185,8 +194,9 @@ def check_writable(workdir: str, files: Sequence[str] = ()) -> None:
         top = os.path.join(workdir, name)
         if os.path.lexists(top):
             probed.append(top)
-            nested += sorted(os.path.join(root, sub) for root, subs, _ in os.walk(top)
-                             for sub in subs)
+            nested += sorted(
+                os.path.join(root, sub) for root, subs, _ in os.walk(top) for sub in subs
+            )
     for folder in probed:
         try:
             _probe(folder)
@@ -203,8 +213,9 @@ def check_writable(workdir: str, files: Sequence[str] = ()) -> None:
 
 def _bytes_on_disk(path: str) -> int:
     """Bytes allocated to a folder's files (what removing it frees), or to a file."""
-    paths = [path] + [os.path.join(root, name) for root, subs, names in os.walk(path)
-                      for name in subs + names]
+    paths = [path] + [
+        os.path.join(root, name) for root, subs, names in os.walk(path) for name in subs + names
+    ]
     return sum(os.lstat(p).st_blocks * 512 for p in paths if os.path.lexists(p))
 
 
@@ -238,8 +249,10 @@ def check_free_space(workdir: str, checkpoint_bytes: int, checkpoints_to_keep: i
         any unfinished saves, and what to do.
     """
     directory = checkpoint.checkpoint_dir(workdir)
-    existing = sum(_bytes_on_disk(os.path.join(directory, str(step)))
-                   for step in checkpoint.list_steps(workdir))
+    existing = sum(
+        _bytes_on_disk(os.path.join(directory, str(step)))
+        for step in checkpoint.list_steps(workdir)
+    )
     unfinished = checkpoint.unfinished_saves(directory)
     reclaimable = sum(_bytes_on_disk(path) for path in unfinished)
     fullest = max(existing + checkpoint_bytes, (checkpoints_to_keep + 1) * checkpoint_bytes)
@@ -247,8 +260,12 @@ def check_free_space(workdir: str, checkpoint_bytes: int, checkpoints_to_keep: i
     free = shutil.disk_usage(workdir).free + reclaimable
     if free >= needed:
         return
-    leftovers = (f", counting {_mib(reclaimable)} in the unfinished save(s) "
-                 f"{', '.join(unfinished)}, which the run removes" if unfinished else "")
+    leftovers = (
+        f", counting {_mib(reclaimable)} in the unfinished save(s) "
+        f"{', '.join(unfinished)}, which the run removes"
+        if unfinished
+        else ""
+    )
     raise WorkdirFullError(
         f"workdir {workdir!r} has {_mib(free)} free{leftovers}, but the run needs about "
         f"{_mib(needed)} more: up to {checkpoints_to_keep} kept checkpoints "
@@ -256,4 +273,5 @@ def check_free_space(workdir: str, checkpoint_bytes: int, checkpoints_to_keep: i
         f"{_mib(checkpoint_bytes)} each (orbax's metadata included), and "
         f"{_mib(OTHER_FILES_BYTES)} for events and results. Free some space, lower "
         "--config.checkpoints_to_keep, or copy the workdir to a larger disk and run the "
-        "same command with --workdir=COPY.")
+        "same command with --workdir=COPY."
+    )

@@ -8,7 +8,8 @@ import numpy as np
 
 def _write_idx(path, array):
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(n).to_bytes(4, "big") for n in array.shape)
+        int(n).to_bytes(4, "big") for n in array.shape
+    )
     with gzip.open(path, "wb") as handle:
         handle.write(header + array.astype(np.uint8).tobytes())
 
@@ -26,7 +27,7 @@ def write_fashion_mnist(folder, num_train=64, num_test=20, seed=0):
         labels = rng.integers(0, 10, size=count)
         images = rng.integers(0, 60, size=(count, 28, 28))
         for i, label in enumerate(labels):
-            images[i, 2 * label + 4: 2 * label + 7, :] = 250
+            images[i, 2 * label + 4 : 2 * label + 7, :] = 250
         _write_idx(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"), images)
         _write_idx(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz"), labels)
     return folder

@@ -7,7 +7,8 @@ at zero scale. Used to test growing other people's networks.
 """
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -44,15 +45,21 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = True):
         conv = functools.partial(nn.Conv, use_bias=False, dtype=jnp.float32)
-        norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                                 momentum=0.9, epsilon=1e-5, dtype=jnp.float32)
+        norm = functools.partial(
+            nn.BatchNorm,
+            use_running_average=not train,
+            momentum=0.9,
+            epsilon=1e-5,
+            dtype=jnp.float32,
+        )
         x = conv(self.num_filters, (3, 3), name="conv_init")(x)
         x = norm(name="bn_init")(x)
         x = nn.relu(x)
         for i, block_size in enumerate(self.stage_sizes):
             for j in range(block_size):
                 strides = (2, 2) if i > 0 and j == 0 else (1, 1)
-                x = ResNetBlock(self.num_filters * 2**i, strides=strides, conv=conv,
-                                norm=norm, act=nn.relu)(x)
+                x = ResNetBlock(
+                    self.num_filters * 2**i, strides=strides, conv=conv, norm=norm, act=nn.relu
+                )(x)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes)(x)

@@ -20,7 +20,7 @@ def fresh_shapes(model):
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE))))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def random_variables(model, seed=0):
     """Fresh variables with random batch-norm statistics and offsets.
 
@@ -54,4 +54,5 @@ def zero_all_residuals(variables):
     def zero(path, x):
         names = [getattr(p, "key", None) for p in path]
         return jnp.zeros_like(x) if "conv2" in names else x
+
     return dict(variables, params=jax.tree_util.tree_map_with_path(zero, variables["params"]))

@@ -18,8 +18,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 RESNET_RESIDUAL_OUTPUT = ("bn2/scale", "bn2/bias")
-TRANSFORMER_RESIDUAL_OUTPUT = ("attention/out/kernel", "attention/out/bias",
-                               "mlp/fc2/kernel", "mlp/fc2/bias")
+TRANSFORMER_RESIDUAL_OUTPUT = (
+    "attention/out/kernel",
+    "attention/out/bias",
+    "mlp/fc2/kernel",
+    "mlp/fc2/bias",
+)
 IMAGE_SHAPE = (8, 8, 3)
 VOCAB_SIZE = 11
 SEQUENCE_LENGTH = 6
@@ -33,16 +37,44 @@ class ModelCfg:
 
 
 class Bottleneck(nnx.Module):
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, downsample=None,
-                 *, rngs: nnx.Rngs):
-        self.conv0 = nnx.Conv(in_channels, out_channels, kernel_size=(1, 1), strides=1,
-                              padding=0, use_bias=False, rngs=rngs)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        downsample=None,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        self.conv0 = nnx.Conv(
+            in_channels,
+            out_channels,
+            kernel_size=(1, 1),
+            strides=1,
+            padding=0,
+            use_bias=False,
+            rngs=rngs,
+        )
         self.bn0 = nnx.BatchNorm(out_channels, use_running_average=True, rngs=rngs)
-        self.conv1 = nnx.Conv(out_channels, out_channels, kernel_size=(3, 3), strides=stride,
-                              padding=1, use_bias=False, rngs=rngs)
+        self.conv1 = nnx.Conv(
+            out_channels,
+            out_channels,
+            kernel_size=(3, 3),
+            strides=stride,
+            padding=1,
+            use_bias=False,
+            rngs=rngs,
+        )
         self.bn1 = nnx.BatchNorm(out_channels, use_running_average=True, rngs=rngs)
-        self.conv2 = nnx.Conv(out_channels, out_channels * 4, kernel_size=(1, 1), strides=1,
-                              padding=0, use_bias=False, rngs=rngs)
+        self.conv2 = nnx.Conv(
+            out_channels,
+            out_channels * 4,
+            kernel_size=(1, 1),
+            strides=1,
+            padding=0,
+            use_bias=False,
+            rngs=rngs,
+        )
         self.bn2 = nnx.BatchNorm(out_channels * 4, use_running_average=True, rngs=rngs)
         self.downsample = downsample
 
@@ -58,8 +90,15 @@ class Bottleneck(nnx.Module):
 
 class Downsample(nnx.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int, *, rngs: nnx.Rngs):
-        self.conv = nnx.Conv(in_channels, out_channels, kernel_size=(1, 1), strides=stride,
-                             padding=0, use_bias=False, rngs=rngs)
+        self.conv = nnx.Conv(
+            in_channels,
+            out_channels,
+            kernel_size=(1, 1),
+            strides=stride,
+            padding=0,
+            use_bias=False,
+            rngs=rngs,
+        )
         self.bn = nnx.BatchNorm(out_channels, use_running_average=True, rngs=rngs)
 
     def __call__(self, x):
@@ -67,16 +106,18 @@ class Downsample(nnx.Module):
 
 
 class BlockGroup(nnx.Module):
-    def __init__(self, in_channels: int, out_channels: int, blocks: int, stride: int, *,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, in_channels: int, out_channels: int, blocks: int, stride: int, *, rngs: nnx.Rngs
+    ):
         self.blocks = nnx.List()
         downsample = None
         if stride != 1 or in_channels != out_channels * 4:
             downsample = Downsample(in_channels, out_channels * 4, stride, rngs=rngs)
         self.blocks.append(Bottleneck(in_channels, out_channels, stride, downsample, rngs=rngs))
         for _ in range(1, blocks):
-            self.blocks.append(Bottleneck(out_channels * 4, out_channels, stride=1,
-                                          downsample=None, rngs=rngs))
+            self.blocks.append(
+                Bottleneck(out_channels * 4, out_channels, stride=1, downsample=None, rngs=rngs)
+            )
 
     def __call__(self, x):
         for block in self.blocks:
@@ -86,8 +127,9 @@ class BlockGroup(nnx.Module):
 
 class Stem(nnx.Module):
     def __init__(self, out_channels: int, *, rngs: nnx.Rngs):  # bonsai: 7x7/2 conv, max pool
-        self.conv = nnx.Conv(3, out_channels, kernel_size=(3, 3), strides=1, padding=1,
-                             use_bias=False, rngs=rngs)
+        self.conv = nnx.Conv(
+            3, out_channels, kernel_size=(3, 3), strides=1, padding=1, use_bias=False, rngs=rngs
+        )
         self.bn = nnx.BatchNorm(out_channels, use_running_average=True, rngs=rngs)
 
     def __call__(self, x):
@@ -123,11 +165,11 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, dim: int, num_heads: int, residual_scale: float = 1.0, *,
-                 rngs: nnx.Rngs):
+    def __init__(self, dim: int, num_heads: int, residual_scale: float = 1.0, *, rngs: nnx.Rngs):
         self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
-        self.attention = nnx.MultiHeadAttention(num_heads=num_heads, in_features=dim,
-                                                decode=False, rngs=rngs)
+        self.attention = nnx.MultiHeadAttention(
+            num_heads=num_heads, in_features=dim, decode=False, rngs=rngs
+        )
         self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
         self.mlp = MLP(dim, 4 * dim, rngs=rngs)
         self.residual_scale = residual_scale
@@ -138,12 +180,20 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    def __init__(self, num_blocks: int, dim: int = 8, num_heads: int = 2,
-                 residual_scale: float = 1.0, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        num_blocks: int,
+        dim: int = 8,
+        num_heads: int = 2,
+        residual_scale: float = 1.0,
+        *,
+        rngs: nnx.Rngs,
+    ):
         self.embed = nnx.Embed(VOCAB_SIZE, dim, rngs=rngs)
         self.position = nnx.Embed(SEQUENCE_LENGTH, dim, rngs=rngs)
-        self.blocks = nnx.List([Block(dim, num_heads, residual_scale, rngs=rngs)
-                                for _ in range(num_blocks)])
+        self.blocks = nnx.List(
+            [Block(dim, num_heads, residual_scale, rngs=rngs) for _ in range(num_blocks)]
+        )
         self.final_norm = nnx.LayerNorm(dim, rngs=rngs)
         self.head = nnx.Linear(dim, VOCAB_SIZE, rngs=rngs)
 

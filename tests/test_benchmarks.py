@@ -17,10 +17,9 @@ import pytest
 import tensorflow_datasets as tfds
 from absl import flags
 
-from benchmarks import (common, compare, compare_report, growth, results, runs, step_cost,
-                        throughput)
-from mlres_jax import configuration, files, plan, steps, train
+from benchmarks import common, compare, compare_report, growth, results, runs, step_cost, throughput
 from configs import default, fashion_mnist, resnet50, resnet50i
+from mlres_jax import configuration, files, plan, steps, train
 from tests import fake_data
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,10 +40,13 @@ def test_mean_std_uses_sample_std_and_none_for_one_value():
 
 
 def test_format_mean_std():
-    assert common.format_mean_std({"mean": 0.1234, "std": 0.0056, "n": 3},
-                                  scale=100) == "12.34 ± 0.56"
-    assert common.format_mean_std({"mean": 41.25, "std": None, "n": 1},
-                                  digits=1, suffix=" %") == "41.2 %"
+    assert (
+        common.format_mean_std({"mean": 0.1234, "std": 0.0056, "n": 3}, scale=100) == "12.34 ± 0.56"
+    )
+    assert (
+        common.format_mean_std({"mean": 41.25, "std": None, "n": 1}, digits=1, suffix=" %")
+        == "41.2 %"
+    )
     assert common.format_mean_std(None) == "—"
 
 
@@ -60,15 +62,13 @@ def test_time_saved_against_hand_computed_example():
 
 def test_percentiles_of_five_values():
     stats = common.percentiles([5.0, 1.0, 4.0, 2.0, 3.0])
-    assert stats == {"median": 3.0, "p25": 2.0, "p75": 4.0, "min": 1.0,
-                     "max": 5.0, "n": 5}
+    assert stats == {"median": 3.0, "p25": 2.0, "p75": 4.0, "min": 1.0, "max": 5.0, "n": 5}
     assert common.percentiles([2.0, 4.0])["median"] == 3.0
 
 
 def test_markdown_table_and_row_length_check():
     text = common.markdown_table(["model", "error"], [["a", "1.5"], ["b", 2]])
-    assert text.splitlines() == ["| model | error |", "| --- | ---: |",
-                                 "| a | 1.5 |", "| b | 2 |"]
+    assert text.splitlines() == ["| model | error |", "| --- | ---: |", "| a | 1.5 |", "| b | 2 |"]
     with pytest.raises(ValueError, match="2 cells"):
         common.markdown_table(["model"], [["a", "b"]])
 
@@ -83,15 +83,15 @@ def _parse(module, *args):
 
 @pytest.mark.parametrize("text", ["", "a,b", "0,-1", "1,1"])
 def test_a_bad_seed_list_names_the_flag(text):
-    with pytest.raises(flags.IllegalFlagValueError,
-                       match=r"--seeds=.*each a non-negative integer, none twice"):
+    with pytest.raises(
+        flags.IllegalFlagValueError, match=r"--seeds=.*each a non-negative integer, none twice"
+    ):
         _parse(compare, f"--seeds={text}")
 
 
 @pytest.mark.parametrize("text", ["", " , ", "unrolled,unrolled", "unrolled,rolled"])
 def test_a_bad_name_list_names_the_flag_and_the_allowed_names(text):
-    with pytest.raises(flags.IllegalFlagValueError,
-                       match=r"--layouts=.*\['unrolled', 'scanned'\]"):
+    with pytest.raises(flags.IllegalFlagValueError, match=r"--layouts=.*\['unrolled', 'scanned'\]"):
         _parse(throughput, f"--layouts={text}")
 
 
@@ -139,7 +139,10 @@ def test_model_overrides_derive_the_paper_baselines(tmp_path):
     assert (multi.stage_sizes, multi.step_size, multi.multilevel) == ((2, 2, 2), 1.0, True)
     for run in planned:  # same data, steps and restarts
         assert (run.config.seed, run.config.num_epochs, run.config.cycle_boundaries) == (
-            3, 160, (60.0, 110.0))
+            3,
+            160,
+            (60.0, 110.0),
+        )
     # The derived last-cycle model is the paper's ResNet-50 config.
     reference = resnet50.get_config()
     assert (last.width, last.stage_sizes) == (reference.width, tuple(reference.stage_sizes))
@@ -160,6 +163,7 @@ def test_theoretical_saving_of_paper_split_and_cpu_preset():
     assert paper["cost_ratio"] == pytest.approx(0.5625)
     assert paper["time_saved"] == pytest.approx(0.4375)
     from benchmarks.presets import cpu as cpu_preset  # pylint: disable=import-outside-toplevel
+
     cpu = cpu_preset.get_config()
     # The CPU preset keeps the paper's proportions: 2.25 / 1.875 / 1.875 epochs.
     assert compare.theoretical_saving(cpu)["time_saved"] == pytest.approx(0.4375)
@@ -177,9 +181,16 @@ def test_paper_reference_only_for_the_papers_setting():
 
 
 def _record(seed, error, train_seconds, wall_seconds):
-    return {"seed": seed, "workdir": "x", "test_error": error,
-            "train_seconds": train_seconds, "wall_seconds": wall_seconds,
-            "compile_seconds": 1.0, "eval_seconds": 2.0, "steps": 10}
+    return {
+        "seed": seed,
+        "workdir": "x",
+        "test_error": error,
+        "train_seconds": train_seconds,
+        "wall_seconds": wall_seconds,
+        "compile_seconds": 1.0,
+        "eval_seconds": 2.0,
+        "steps": 10,
+    }
 
 
 def test_aggregate_pairs_savings_by_seed_and_table_shows_them():
@@ -198,24 +209,36 @@ def test_aggregate_pairs_savings_by_seed_and_table_shows_them():
     # Paired by seed, not by position: runs side by side finish in any order.
     swapped = compare_report.aggregate({**records, "multilevel": records["multilevel"][::-1]})
     assert swapped["multilevel"]["time_saved_train"]["per_seed"] == pytest.approx([0.5, 0.4])
-    partial = compare_report.aggregate({"multilevel": records["multilevel"][1:],
-                                        "last_cycle": records["last_cycle"][:1]})
+    partial = compare_report.aggregate(
+        {"multilevel": records["multilevel"][1:], "last_cycle": records["last_cycle"][:1]}
+    )
     assert "time_saved_train" not in partial["multilevel"]  # seed 1 has no last-cycle run
 
     descriptions = {
-        "first_cycle": {"stage_sizes": [[2, 2, 2]] * 3, "step_sizes": [1.0] * 3,
-                        "num_params": 43490, "depth": 14},
-        "last_cycle": {"stage_sizes": [[8, 8, 8]] * 3, "step_sizes": [1.0] * 3,
-                       "num_params": 189986, "depth": 50},
-        "multilevel": {"stage_sizes": [[2, 2, 2], [4, 4, 4], [8, 8, 8]],
-                       "step_sizes": [1.0, 0.5, 0.25], "num_params": 189986,
-                       "depth": 50},
+        "first_cycle": {
+            "stage_sizes": [[2, 2, 2]] * 3,
+            "step_sizes": [1.0] * 3,
+            "num_params": 43490,
+            "depth": 14,
+        },
+        "last_cycle": {
+            "stage_sizes": [[8, 8, 8]] * 3,
+            "step_sizes": [1.0] * 3,
+            "num_params": 189986,
+            "depth": 50,
+        },
+        "multilevel": {
+            "stage_sizes": [[2, 2, 2], [4, 4, 4], [8, 8, 8]],
+            "step_sizes": [1.0, 0.5, 0.25],
+            "num_params": 189986,
+            "depth": 50,
+        },
     }
     table = compare_report.results_table(stats, descriptions)
     multi_row = next(line for line in table.splitlines() if "multi-level" in line)
     assert "2-2-2 → 4-4-4 → 8-8-8" in multi_row and "1 → 0.5 → 0.25" in multi_row
     assert "12.00 ± 1.41" in multi_row  # test error %, mean ± std
-    assert "600.0 ± 0.0" in multi_row   # train seconds
+    assert "600.0 ± 0.0" in multi_row  # train seconds
     assert "45.0 ± 7.1 %" in multi_row  # train time saved
     last_row = next(line for line in table.splitlines() if "last-cycle" in line)
     assert "1100.0 ± 141.4" in last_row and "| 8-8-8 |" in last_row
@@ -223,8 +246,10 @@ def test_aggregate_pairs_savings_by_seed_and_table_shows_them():
 
 
 def _cycles(stage_sizes, steps, train_seconds, compile_seconds):
-    return [{"stage_sizes": list(n), "steps": k, "train_seconds": t, "compile_seconds": c}
-            for n, k, t, c in zip(stage_sizes, steps, train_seconds, compile_seconds)]
+    return [
+        {"stage_sizes": list(n), "steps": k, "train_seconds": t, "compile_seconds": c}
+        for n, k, t, c in zip(stage_sizes, steps, train_seconds, compile_seconds)
+    ]
 
 
 def test_time_gap_splits_the_shortfall_into_cycles_and_compiling():
@@ -235,22 +260,34 @@ def test_time_gap_splits_the_shortfall_into_cycles_and_compiling():
     # Measured: 32 - 4, 30 - 3, 55 - 2 = 28, 27, 53 s and 9 s compiling, so
     # excesses +3, +2, +3, +4 = 12 s = 5.714 points of 210 s; measured saving
     # 1 - 117 / 210 = 44.29 % against 50 %: 5.714 points short, the same sum.
-    last = {"seed": 0, "train_seconds": 210.0, "cycles": _cycles(
-        [(4, 4)] * 3, [100, 50, 50], [110.0, 50.0, 50.0], [10.0, 0.0, 0.0])}
-    multi = {"seed": 0, "train_seconds": 117.0, "cycles": _cycles(
-        [(1, 1), (2, 2), (4, 4)], [100, 50, 50], [32.0, 30.0, 55.0], [4.0, 3.0, 2.0])}
+    last = {
+        "seed": 0,
+        "train_seconds": 210.0,
+        "cycles": _cycles([(4, 4)] * 3, [100, 50, 50], [110.0, 50.0, 50.0], [10.0, 0.0, 0.0]),
+    }
+    multi = {
+        "seed": 0,
+        "train_seconds": 117.0,
+        "cycles": _cycles(
+            [(1, 1), (2, 2), (4, 4)], [100, 50, 50], [32.0, 30.0, 55.0], [4.0, 3.0, 2.0]
+        ),
+    }
     gap = compare_report.time_gap(multi, last)
     excess = {name: part["excess_seconds"] for name, part in gap["parts"].items()}
-    assert excess == pytest.approx({"cycle 1 (1-1)": 3.0, "cycle 2 (2-2)": 2.0,
-                                    "cycle 3 (4-4)": 3.0, "compiling": 4.0})
+    assert excess == pytest.approx(
+        {"cycle 1 (1-1)": 3.0, "cycle 2 (2-2)": 2.0, "cycle 3 (4-4)": 3.0, "compiling": 4.0}
+    )
     assert gap["parts"]["compiling"]["model_seconds"] == pytest.approx(5.0)
     assert gap["theoretical_saving"] == pytest.approx(0.5)
     assert gap["measured_saving"] == pytest.approx(1 - 117 / 210)
     assert gap["shortfall_points"] == pytest.approx(100 * 12 / 210)
     assert sum(p["points"] for p in gap["parts"].values()) == pytest.approx(100 * 12 / 210)
     over_seeds = compare_report.time_gap_over_seeds(
-        {"multilevel": [multi, {**multi, "seed": 1, "cycles": multi["cycles"][:2]}],
-         "last_cycle": [last]})
+        {
+            "multilevel": [multi, {**multi, "seed": 1, "cycles": multi["cycles"][:2]}],
+            "last_cycle": [last],
+        }
+    )
     assert over_seeds["seeds"] == [0]  # paired by seed: seed 1 has no last-cycle run
     table = compare_report.time_gap_table(over_seeds)
     assert "| compiling | 9.0 | 5.0 | +4.0 | +1.90 |" in table
@@ -264,8 +301,9 @@ def test_a_finished_run_from_before_a_config_field_existed_is_reused_only_at_its
     config.compile_ahead = False
     # summary.json of a run finished before compile_ahead and scan_blocks
     # existed: it compiled each depth when its cycle started, unrolled.
-    old_config = {k: v for k, v in config.to_dict().items()
-                  if k not in ("compile_ahead", "scan_blocks")}
+    old_config = {
+        k: v for k, v in config.to_dict().items() if k not in ("compile_ahead", "scan_blocks")
+    }
     summary = {"config": old_config}
     assert runs.config_differences(summary, config) == []
     config.scan_blocks, config.compile_ahead = True, True
@@ -274,8 +312,10 @@ def test_a_finished_run_from_before_a_config_field_existed_is_reused_only_at_its
 
 def test_mean_curves_average_seeds_per_epoch():
     histories = [
-        [{"epoch": 1.0, "train_error": 0.5, "test_error": 0.4},
-         {"epoch": 2.0, "train_error": 0.3, "test_error": 0.2}],
+        [
+            {"epoch": 1.0, "train_error": 0.5, "test_error": 0.4},
+            {"epoch": 2.0, "train_error": 0.3, "test_error": 0.2},
+        ],
         [{"epoch": 1.0, "train_error": 0.7, "test_error": 0.6}],
     ]
     curves = compare_report.mean_curves(histories)
@@ -292,14 +332,19 @@ def test_throughput_flags():
     parsed = _parse(throughput, "--families=resnet,wresnet,8")
     assert parsed.families == [16, 32, 8]
     assert [throughput.family_name(w) for w in parsed.families] == [
-        "ResNet", "WResNet", "ResNet w8"]
-    for args, words in [(["--families=resnet,vgg"], "--families=resnet,vgg"),
-                        (["--families=resnet,16"], "none twice"),
-                        (["--image_shape=32,32"], "three integers H,W,C"),
-                        (["--dataset=imagenet"], "--dataset=imagenet"),
-                        (["--levels=3", "--stage_sizes=1,2,2"], ">= 2 blocks"),
-                        (["--levels=3", "--cycle_epochs=1,2"], "one number of epochs per level"),
-                        (["--batch_size=3", "--device_counts=1,2"], "split evenly")]:
+        "ResNet",
+        "WResNet",
+        "ResNet w8",
+    ]
+    for args, words in [
+        (["--families=resnet,vgg"], "--families=resnet,vgg"),
+        (["--families=resnet,16"], "none twice"),
+        (["--image_shape=32,32"], "three integers H,W,C"),
+        (["--dataset=imagenet"], "--dataset=imagenet"),
+        (["--levels=3", "--stage_sizes=1,2,2"], ">= 2 blocks"),
+        (["--levels=3", "--cycle_epochs=1,2"], "one number of epochs per level"),
+        (["--batch_size=3", "--device_counts=1,2"], "split evenly"),
+    ]:
         with pytest.raises(flags.IllegalFlagValueError, match=words):
             _parse(throughput, *args)
     assert _parse(throughput, "--image_shape=16,16,3").image_shape == [16, 16, 3]
@@ -309,22 +354,34 @@ def test_throughput_levels_come_from_the_plan():
     # Fashion-MNIST at batch 100: 600 steps per epoch.
     cycles = throughput.plan_levels((2, 2, 2), [2.25, 1.875, 1.875], 600)
     assert [(c.stage_sizes, c.step_size) for c in cycles] == [
-        ((2, 2, 2), 1.0), ((4, 4, 4), 0.5), ((8, 8, 8), 0.25)]
+        ((2, 2, 2), 1.0),
+        ((4, 4, 4), 0.5),
+        ((8, 8, 8), 0.25),
+    ]
     assert [c.num_steps for c in cycles] == [1350, 1125, 1125]
     assert [c.num_steps for c in throughput.plan_levels((5,), [60, 50, 50], 500)] == [
-        30_000, 25_000, 25_000]
+        30_000,
+        25_000,
+        25_000,
+    ]
     with pytest.raises(common.BenchmarkError, match="--cycle_epochs=1,0"):
         throughput.plan_levels((2,), [1, 0], 600)
 
 
 def test_throughput_arithmetic():
     assert throughput.compile_share(10.0, 90, 1.0) == pytest.approx(0.1)
-    ips = throughput.images_per_second(100, {"median": 0.5, "p25": 0.4, "p75": 1.0,
-                                      "min": 0.25, "max": 2.0})
-    assert ips == {"median": 200.0, "p25": 100.0, "p75": 250.0, "min": 50.0,
-                   "max": 400.0}
-    rows = [{"train_step_seconds": {"median": t}, "compile_train_seconds": 1.0,
-             "compile_eval_seconds": 0.0} for t in (0.25, 0.5, 1.0)]
+    ips = throughput.images_per_second(
+        100, {"median": 0.5, "p25": 0.4, "p75": 1.0, "min": 0.25, "max": 2.0}
+    )
+    assert ips == {"median": 200.0, "p25": 100.0, "p75": 250.0, "min": 50.0, "max": 400.0}
+    rows = [
+        {
+            "train_step_seconds": {"median": t},
+            "compile_train_seconds": 1.0,
+            "compile_eval_seconds": 0.0,
+        }
+        for t in (0.25, 0.5, 1.0)
+    ]
     summary = throughput.family_summary(rows, [60, 50, 50])
     assert summary["step_time_ratio_to_deepest"] == [0.25, 0.5, 1.0]
     # Step times exactly proportional to depth: the paper's 43.75 %.
@@ -352,7 +409,7 @@ def _tiny_config() -> ml_collections.ConfigDict:
     # checks the benchmark's plumbing, the models have their own tests.
     config.stage_sizes = (2,)
     config.multilevel = True
-    config.batch_size = 8            # 5 steps per epoch
+    config.batch_size = 8  # 5 steps per epoch
     config.num_epochs = 2.0
     config.cycle_boundaries = (1.0,)  # 2 -> 4 blocks
     config.eval_batch_size = 16
@@ -370,8 +427,9 @@ def tiny_comparison(tmp_path_factory):
 
 
 def _must_not_train(monkeypatch):
-    monkeypatch.setattr(train, "train_and_evaluate",
-                        lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(
+        train, "train_and_evaluate", lambda *a, **k: pytest.fail("training started")
+    )
 
 
 def test_compare_json_has_three_models_and_savings(tiny_comparison):
@@ -393,7 +451,8 @@ def test_compare_json_has_three_models_and_savings(tiny_comparison):
         run = on_disk["runs"][model][0]
         last = on_disk["runs"]["last_cycle"][0]
         assert saved["per_seed"] == pytest.approx(
-            [1 - run["train_seconds"] / last["train_seconds"]])
+            [1 - run["train_seconds"] / last["train_seconds"]]
+        )
         assert "time_saved_wall" in on_disk["stats"][model]
     assert on_disk["machine"]["devices"] and on_disk["machine"]["cpu_count"] >= 1
     assert report["stats"] == on_disk["stats"]
@@ -423,8 +482,7 @@ def test_results_page_and_readme_headline_from_a_real_compare_json(tiny_comparis
         shutil.copy(os.path.join(output_dir, name), results_dir / name)
     readme = tmp_path / "README.md"
     readme.write_text(f"{results.BEGIN}\n{results.END}\n")
-    page = results.write_pages(str(results_dir), str(tmp_path / "docs" / "results.md"),
-                               str(readme))
+    page = results.write_pages(str(results_dir), str(tmp_path / "docs" / "results.md"), str(readme))
     with open(os.path.join(output_dir, "compare.md")) as handle:
         table = compare_report.results_table(report["stats"], report["models"])
         assert table in handle.read()  # the benchmark's own table, as it printed it
@@ -443,7 +501,8 @@ def test_compare_resume_reuses_finished_runs(tiny_comparison, monkeypatch):
     assert [r["status"] for r in again["runs"]["multilevel"]] == ["reused"]
     for name in compare.MODELS:
         assert [{**r, "status": None} for r in again["runs"][name]] == [
-            {**r, "status": None} for r in report["runs"][name]]
+            {**r, "status": None} for r in report["runs"][name]
+        ]
 
 
 def test_compare_refuses_earlier_runs_without_resume(tiny_comparison, monkeypatch):
@@ -453,8 +512,7 @@ def test_compare_refuses_earlier_runs_without_resume(tiny_comparison, monkeypatc
         compare.run_comparison(_tiny_config(), [0], output_dir)
 
 
-def test_compare_resume_refuses_a_finished_run_of_another_config(tiny_comparison,
-                                                                  monkeypatch):
+def test_compare_resume_refuses_a_finished_run_of_another_config(tiny_comparison, monkeypatch):
     output_dir, _ = tiny_comparison
     _must_not_train(monkeypatch)
     config = _tiny_config()
@@ -474,30 +532,55 @@ def test_compare_bad_config_fails_before_training(tmp_path, monkeypatch):
 
 def test_scaling_table_puts_device_counts_side_by_side():
     def row(sizes, devices, images_per_second):
-        return {"family": "ResNet", "stage_sizes": sizes, "step_size": 1.0,
-                "devices": devices, "layout": "unrolled",
-                "train_images_per_second": {"median": images_per_second}}
-    table = throughput.scaling_table([row([2], 1, 100.0), row([4], 1, 50.0),
-                                      row([2], 2, 180.0), row([4], 2, 95.0)])
+        return {
+            "family": "ResNet",
+            "stage_sizes": sizes,
+            "step_size": 1.0,
+            "devices": devices,
+            "layout": "unrolled",
+            "train_images_per_second": {"median": images_per_second},
+        }
+
+    table = throughput.scaling_table(
+        [row([2], 1, 100.0), row([4], 1, 50.0), row([2], 2, 180.0), row([4], 2, 95.0)]
+    )
     lines = table.splitlines()
-    assert lines[0] == ("| model | blocks | train images/s, 1 device | train images/s, "
-                        "2 devices | 2 vs 1 device |")
+    assert lines[0] == (
+        "| model | blocks | train images/s, 1 device | train images/s, 2 devices | 2 vs 1 device |"
+    )
     assert lines[2] == "| ResNet-6 | 2 | 100 | 180 | x1.80 |"
     assert lines[3] == "| ResNet-10 | 4 | 50 | 95 | x1.90 |"
     # A run cut short: the cells not measured are marked, not guessed.
-    partial = throughput.scaling_table([row([2], 1, 100.0), row([4], 1, 50.0),
-                                        row([2], 2, 180.0)]).splitlines()
+    partial = throughput.scaling_table(
+        [row([2], 1, 100.0), row([4], 1, 50.0), row([2], 2, 180.0)]
+    ).splitlines()
     assert partial[3] == "| ResNet-10 | 4 | 50 | — | — |"
 
 
 def test_throughput_reruns_itself_with_forced_host_devices(tmp_path):
     output = tmp_path / "throughput"
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.throughput", "--families=2", "--levels=1",
-         "--stage_sizes=1", "--steps=1", "--warmup=0", "--eval_steps=1",
-         "--device_counts=1,2", "--batch_size=4", "--eval_batch_size=4",
-         f"--output_dir={output}"], cwd=REPO_ROOT, capture_output=True, text=True,
-        timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.throughput",
+            "--families=2",
+            "--levels=1",
+            "--stage_sizes=1",
+            "--steps=1",
+            "--warmup=0",
+            "--eval_steps=1",
+            "--device_counts=1,2",
+            "--batch_size=4",
+            "--eval_batch_size=4",
+            f"--output_dir={output}",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     assert result.returncode == 0, result.stderr
     with open(output / "throughput.json") as handle:
         report = json.load(handle)
@@ -514,27 +597,39 @@ def test_throughput_reruns_itself_with_forced_host_devices(tmp_path):
 def _tiny_fashion_mnist(tmp_path) -> ml_collections.ConfigDict:
     data = fake_data.write_fashion_mnist(str(tmp_path / "data"), num_train=32, num_test=8)
     config = fashion_mnist.get_config()
-    config.update(fashion_mnist_dir=data, width=2, stage_sizes=(2,), batch_size=8,
-                  eval_batch_size=8, num_epochs=2.0, cycle_boundaries=(1.0,),
-                  growth_train_examples=16, progress_bar=False)
+    config.update(
+        fashion_mnist_dir=data,
+        width=2,
+        stage_sizes=(2,),
+        batch_size=8,
+        eval_batch_size=8,
+        num_epochs=2.0,
+        cycle_boundaries=(1.0,),
+        growth_train_examples=16,
+        progress_bar=False,
+    )
     return config
 
 
 def test_growth_benchmark_runs_each_rule_and_resumes(tmp_path):
     config = _tiny_fashion_mnist(tmp_path)
     output = str(tmp_path / "growth")
-    report = growth.run_benchmark(config, [("paper", "interpolate"), ("identity", "interpolate")],
-                                  output)
+    report = growth.run_benchmark(
+        config, [("paper", "interpolate"), ("identity", "interpolate")], output
+    )
     assert [(r["rule"], r["policy"], r["seed"], r["status"]) for r in report["runs"]] == [
-        ("paper", "interpolate", 0, "trained"), ("identity", "interpolate", 0, "trained")]
+        ("paper", "interpolate", 0, "trained"),
+        ("identity", "interpolate", 0, "trained"),
+    ]
     jumps = {r["rule"]: r["growths"][0]["jump"]["test_loss"] for r in report["runs"]}
     assert abs(jumps["identity"]) < 1e-4 < abs(jumps["paper"])  # identity preserves
     table = (tmp_path / "growth" / "growth.md").read_text()
     assert "| identity | interpolate | 0 |" in table and "jump test loss, growth 1" in table
     # The time column adds what each summary's totals saved with the checkpoints
     # (all invocations of a run), not the last invocation's wall time.
-    with open(os.path.join(runs.run_dir(output, "identity/interpolate", 0),
-                           "summary.json")) as handle:
+    with open(
+        os.path.join(runs.run_dir(output, "identity/interpolate", 0), "summary.json")
+    ) as handle:
         totals = json.load(handle)["totals"]
     timed = totals["train_seconds"] + totals["eval_seconds"] + totals["checkpoint_seconds"]
     assert f"| {totals['train_seconds']:.0f} | {timed:.0f} |" in table
@@ -558,25 +653,31 @@ def test_runs_side_by_side_match_runs_one_after_another(tmp_path, monkeypatch):
     overrides = {"first_cycle": {"multilevel": False}, "multilevel": {}}
     planned = runs.plan_runs(config, overrides, [0], str(tmp_path / "side_by_side"))
     finished = []
-    side_by_side = runs.train_runs(planned, str(tmp_path / "side_by_side"), parallel_runs=2,
-                                   on_finished=lambda results: finished.append(len(results)))
+    side_by_side = runs.train_runs(
+        planned,
+        str(tmp_path / "side_by_side"),
+        parallel_runs=2,
+        on_finished=lambda results: finished.append(len(results)),
+    )
     assert [(r.run.name, r.status) for r in side_by_side] == [
-        ("first_cycle", "trained"), ("multilevel", "trained")]
+        ("first_cycle", "trained"),
+        ("multilevel", "trained"),
+    ]
     assert finished == [1, 2]  # the report is rewritten as each run finishes
     # The same runs one after another: the same errors (one core or two
     # compute the same numbers), the same order of results.
-    alone = runs.train_runs(runs.plan_runs(config, overrides, [0], str(tmp_path / "alone")),
-                            str(tmp_path / "alone"))
+    alone = runs.train_runs(
+        runs.plan_runs(config, overrides, [0], str(tmp_path / "alone")), str(tmp_path / "alone")
+    )
     for a, b in zip(side_by_side, alone):
         assert [h["test_loss"] for h in a.summary["history"]] == pytest.approx(
-            [h["test_loss"] for h in b.summary["history"]], rel=1e-5)
+            [h["test_loss"] for h in b.summary["history"]], rel=1e-5
+        )
     _must_not_train(monkeypatch)  # finished runs are reused, not trained again
-    again = runs.train_runs(planned, str(tmp_path / "side_by_side"), resume=True,
-                            parallel_runs=2)
+    again = runs.train_runs(planned, str(tmp_path / "side_by_side"), resume=True, parallel_runs=2)
     assert [r.status for r in again] == ["reused", "reused"]
     with pytest.raises(common.BenchmarkError, match="--parallel_runs=999"):
-        runs.train_runs(planned, str(tmp_path / "side_by_side"), resume=True,
-                        parallel_runs=999)
+        runs.train_runs(planned, str(tmp_path / "side_by_side"), resume=True, parallel_runs=999)
 
 
 # ---------------------------------------------------------------------------
@@ -586,10 +687,20 @@ def test_runs_side_by_side_match_runs_one_after_another(tmp_path, monkeypatch):
 def test_step_cost_fit_and_every_phase_timed():
     # seconds = 0.002 + 0.0005 * blocks, exactly: the fit recovers both.
     assert step_cost.fit([6, 12, 24], [0.005, 0.008, 0.014]) == pytest.approx(
-        {"fixed": 0.002, "per_block": 0.0005})
-    seconds = step_cost.measure_depth((1,), {
-        "width": 2, "image_shape": (8, 8, 1), "num_classes": 10, "crop_padding": 1,
-        "batch_size": 4, "warmup": 0, "steps": 1})
+        {"fixed": 0.002, "per_block": 0.0005}
+    )
+    seconds = step_cost.measure_depth(
+        (1,),
+        {
+            "width": 2,
+            "image_shape": (8, 8, 1),
+            "num_classes": 10,
+            "crop_padding": 1,
+            "batch_size": 4,
+            "warmup": 0,
+            "steps": 1,
+        },
+    )
     assert list(seconds) == [*steps.TRAIN_STEP_PHASES, step_cost.HOST_INDICES]
     assert all(value > 0 for value in seconds.values())
 
@@ -598,28 +709,42 @@ def test_gpu_check_script_runs_end_to_end_on_the_cpu_at_tiny_sizes(tmp_path):
     # Every command of the prepared GPU script, at tiny sizes: its first run
     # on a GPU is not lost to a typo.
     data = fake_data.write_fashion_mnist(str(tmp_path / "data"), num_train=32, num_test=8)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable, BUDGET_SECONDS="600",
-               THROUGHPUT_FLAGS=(
-                   "--dataset=fashion_mnist --image_shape=8,8,1 --families=2 --stage_sizes=1 "
-                   "--levels=1 --cycle_epochs=1 --steps=1 --warmup=0 --eval_steps=1 "
-                   "--batch_size=4 --eval_batch_size=4 --layouts=unrolled"),
-               COMPARE_FLAGS=("--config.width=2 --config.stage_sizes=(2,) --config.batch_size=8 "
-                              "--config.eval_batch_size=8 --config.progress_bar=False"))
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHON=sys.executable,
+        BUDGET_SECONDS="600",
+        THROUGHPUT_FLAGS=(
+            "--dataset=fashion_mnist --image_shape=8,8,1 --families=2 --stage_sizes=1 "
+            "--levels=1 --cycle_epochs=1 --steps=1 --warmup=0 --eval_steps=1 "
+            "--batch_size=4 --eval_batch_size=4 --layouts=unrolled"
+        ),
+        COMPARE_FLAGS=(
+            "--config.width=2 --config.stage_sizes=(2,) --config.batch_size=8 "
+            "--config.eval_batch_size=8 --config.progress_bar=False"
+        ),
+    )
     output = tmp_path / "out"
     script = os.path.join(REPO_ROOT, "benchmarks", "gpu_check.sh")
-    result = subprocess.run(["bash", script, str(output), data], capture_output=True,
-                            text=True, timeout=600, env=env)
+    result = subprocess.run(
+        ["bash", script, str(output), data], capture_output=True, text=True, timeout=600, env=env
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     for part in ("resnet", "wresnet", "resnet_bf16", "wresnet_bf16"):
         with open(output / part / "throughput.json") as handle:
             report = json.load(handle)
         assert report["settings"]["compute_dtype"] == (
-            "bfloat16" if part.endswith("bf16") else "float32")
+            "bfloat16" if part.endswith("bf16") else "float32"
+        )
     with open(output / "compare" / "compare.json") as handle:
         compare_json = json.load(handle)
     assert compare_json["complete"] and compare_json["settings"]["num_epochs"] == 3.0
     # The budget: with none left every part is skipped and the script ends.
-    result = subprocess.run(["bash", script, str(tmp_path / "none"), data],
-                            capture_output=True, text=True, timeout=120,
-                            env=dict(env, BUDGET_SECONDS="0"))
+    result = subprocess.run(
+        ["bash", script, str(tmp_path / "none"), data],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(env, BUDGET_SECONDS="0"),
+    )
     assert result.returncode == 0 and result.stderr.count("skipped") == 5, result.stderr

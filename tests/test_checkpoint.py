@@ -11,8 +11,8 @@ import sys
 import time
 
 import chex
-import numpy as np
 import jax
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
@@ -29,10 +29,17 @@ TIMING_FIELDS = {*stopwatch.ACTIVITIES, "wall_seconds"}
 # One stage of 2 -> 4 -> 8 blocks: three depths at a third of the compile time
 # of three stages.
 OVERRIDES = {
-    "dataset": "fashion_mnist", "width": 2, "stage_sizes": (2,),
-    "multilevel": True, "batch_size": 8, "num_epochs": 3.0,
-    "cycle_boundaries": (1.0, 2.0), "eval_batch_size": 16,
-    "log_every_steps": 2, "progress_bar": False, "checkpoint_every_steps": 3,
+    "dataset": "fashion_mnist",
+    "width": 2,
+    "stage_sizes": (2,),
+    "multilevel": True,
+    "batch_size": 8,
+    "num_epochs": 3.0,
+    "cycle_boundaries": (1.0, 2.0),
+    "eval_batch_size": 16,
+    "log_every_steps": 2,
+    "progress_bar": False,
+    "checkpoint_every_steps": 3,
     "checkpoints_to_keep": 20,
 }
 
@@ -99,14 +106,24 @@ def test_checkpoints_hold_depth_metadata(cycle_end_run):
     assert [m.cycle for m in metadata] == [1, 2, 3]
     model, variables, _ = checkpoint.load_model(workdir, step=16)
     assert model.stage_sizes == (4,) and model.step_size == 0.5
-    chex.assert_trees_all_equal_shapes(variables, models.init_variables(
-        model, jax.random.PRNGKey(0), (28, 28, 1)))
+    chex.assert_trees_all_equal_shapes(
+        variables, models.init_variables(model, jax.random.PRNGKey(0), (28, 28, 1))
+    )
 
 
 def test_metadata_round_trip_and_other_formats_refused():
     metadata = checkpoint.CheckpointMetadata(
-        step=5, dataset="cifar10", width=16, num_classes=10, image_shape=(32, 32, 3),
-        stage_sizes=(2, 2, 2), step_size=1.0, cycle=1, epoch=0.1, config={"seed": 0})
+        step=5,
+        dataset="cifar10",
+        width=16,
+        num_classes=10,
+        image_shape=(32, 32, 3),
+        stage_sizes=(2, 2, 2),
+        step_size=1.0,
+        cycle=1,
+        epoch=0.1,
+        config={"seed": 0},
+    )
     data = json.loads(json.dumps(metadata.to_json()))  # as orbax stores it
     assert data["format"] == checkpoint.METADATA_FORMAT
     assert checkpoint.CheckpointMetadata.from_json(data) == metadata
@@ -122,10 +139,21 @@ def _launch(data_dir, workdir):
     args = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
     env = dict(os.environ, JAX_DISABLE_MOST_OPTIMIZATIONS="1", PYTHONUNBUFFERED="1")
     return subprocess.Popen(
-        [sys.executable, "-m", "mlres_jax.main", "--config=configs/default.py",
-         f"--workdir={workdir}", f"--config.fashion_mnist_dir={data_dir}", *args],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True)
+        [
+            sys.executable,
+            "-m",
+            "mlres_jax.main",
+            "--config=configs/default.py",
+            f"--workdir={workdir}",
+            f"--config.fashion_mnist_dir={data_dir}",
+            *args,
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _wait_for_checkpoint(process, workdir, step, timeout=240):
@@ -156,8 +184,7 @@ def _resumed_at(output):
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
-def test_sigkill_in_cycle1_at_boundary_and_in_last_cycle_then_resume(
-        data_dir, reference, tmp_path):
+def test_sigkill_in_cycle1_at_boundary_and_in_last_cycle_then_resume(data_dir, reference, tmp_path):
     workdir = str(tmp_path)
     # Checkpoints every 3 steps and at the cycle ends 8 and 16: 3, 6, 8, 9, 12,
     # 15, 16, 18, 21, 24. Kill in cycle 1 (after step 3), at the 2 -> 4 blocks
@@ -186,21 +213,25 @@ def _assert_events_once(workdir):
     """Every scalar of the run appears once per step after the kills and resumes."""
     steps = scalar_steps(workdir)
     assert steps["train/loss"] == list(range(2, 25, 2))  # logged every 2 steps of 24
-    assert steps["test/error"] == [8, 16, 24]            # one evaluation per cycle
+    assert steps["test/error"] == [8, 16, 24]  # one evaluation per cycle
 
 
 def _stopped_at(output, signal_name):
     """The step of the one-line stop message, which must be the last line."""
     last = output.strip().splitlines()[-1]
-    match = re.fullmatch(rf"error: stopped by {signal_name} at step (\d+) \(epoch [\d.]+\); "
-                         r"the checkpoint of step \d+ \(cycle \d, \d blocks\) is "
-                         r"in .*\. To resume, run the same command again\.", last)
+    match = re.fullmatch(
+        rf"error: stopped by {signal_name} at step (\d+) \(epoch [\d.]+\); "
+        r"the checkpoint of step \d+ \(cycle \d, \d blocks\) is "
+        r"in .*\. To resume, run the same command again\.",
+        last,
+    )
     assert match, output
     return int(match.group(1))
 
 
 def test_sigint_and_sigterm_stop_with_a_checkpoint_and_a_second_writer_is_refused(
-        data_dir, reference, tmp_path):
+    data_dir, reference, tmp_path
+):
     workdir = str(tmp_path)
     first = _launch(data_dir, workdir)
     _wait_for_checkpoint(first, workdir, 3)
@@ -232,12 +263,16 @@ def test_sigint_and_sigterm_stop_with_a_checkpoint_and_a_second_writer_is_refuse
     _assert_events_once(workdir)
 
 
-@pytest.mark.parametrize("save_step,saved", [
-    (6, [3, 6]),        # in the middle of cycle 1
-    (8, [3, 6, 8]),     # the cycle end: the run stops before it grows
-])
+@pytest.mark.parametrize(
+    "save_step,saved",
+    [
+        (6, [3, 6]),  # in the middle of cycle 1
+        (8, [3, 6, 8]),  # the cycle end: the run stops before it grows
+    ],
+)
 def test_sigint_during_a_save_finishes_the_save_then_stops(
-        data_dir, reference, tmp_path, monkeypatch, caplog, save_step, saved):
+    data_dir, reference, tmp_path, monkeypatch, caplog, save_step, saved
+):
     original_save = ocp.CheckpointManager.save
 
     def save_interrupted(self, step, *args, **kwargs):
@@ -250,9 +285,14 @@ def test_sigint_during_a_save_finishes_the_save_then_stops(
     # What the run restores: Python's handler, or SIG_IGN where the tests run
     # as a background job of a non-interactive shell (as CI may run them).
     sigint_before = signal.getsignal(signal.SIGINT)
-    with caplog.at_level("INFO"), pytest.raises(
-            stopping.Interrupted, match=rf"stopped by SIGINT at step {save_step} .*the checkpoint "
-                                     rf"of step {save_step} \(cycle 1, 2 blocks\)") as error:
+    with (
+        caplog.at_level("INFO"),
+        pytest.raises(
+            stopping.Interrupted,
+            match=rf"stopped by SIGINT at step {save_step} .*the checkpoint "
+            rf"of step {save_step} \(cycle 1, 2 blocks\)",
+        ) as error,
+    ):
         train.train_and_evaluate(_config(data_dir), workdir)
     assert error.value.exit_status == 130
     assert checkpoint.list_steps(workdir) == saved
@@ -284,16 +324,14 @@ def test_resume_exactly_at_interpolation_boundary(data_dir, reference, tmp_path)
 
 
 def _truncate_largest_file(folder):
-    files = [os.path.join(root, name) for root, _, names in os.walk(folder)
-             for name in names]
+    files = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names]
     largest = max(files, key=os.path.getsize)
     with open(largest, "r+b") as handle:
         handle.truncate(os.path.getsize(largest) // 2)
     return largest
 
 
-def test_truncated_latest_checkpoint_falls_back_to_previous(
-        data_dir, reference, tmp_path, caplog):
+def test_truncated_latest_checkpoint_falls_back_to_previous(data_dir, reference, tmp_path, caplog):
     workdir = str(tmp_path)
     config = _config(data_dir)
     train.train_and_evaluate(config, workdir)
@@ -313,22 +351,34 @@ def test_truncated_latest_checkpoint_falls_back_to_previous(
 def _abstract_state(stage_sizes, width=2):
     model = models.ResNet(stage_sizes, width=width, num_classes=10)
     optimizer = steps.create_optimizer(default.get_config(), lambda step: 0.1)
-    return jax.eval_shape(lambda: steps.create_train_state(
-        jax.random.PRNGKey(0), model, optimizer, (28, 28, 1)))
+    return jax.eval_shape(
+        lambda: steps.create_train_state(jax.random.PRNGKey(0), model, optimizer, (28, 28, 1))
+    )
 
 
 def _files_under(folder):
-    return sorted(os.path.relpath(os.path.join(root, name), folder)
-                  for root, _, names in os.walk(folder) for name in names)
+    return sorted(
+        os.path.relpath(os.path.join(root, name), folder)
+        for root, _, names in os.walk(folder)
+        for name in names
+    )
 
 
-@pytest.mark.parametrize("stage_sizes,width,words", [
-    ((4,), 2, r"holds a network of 8 blocks of width 2 .*, but a network of "
-              r"4 blocks of width 2 .* was expected"),
-    ((8,), 4, r"8 blocks of width 2 .*, but a network of 8 blocks of width 4"),
-])
+@pytest.mark.parametrize(
+    "stage_sizes,width,words",
+    [
+        (
+            (4,),
+            2,
+            r"holds a network of 8 blocks of width 2 .*, but a network of "
+            r"4 blocks of width 2 .* was expected",
+        ),
+        ((8,), 4, r"8 blocks of width 2 .*, but a network of 8 blocks of width 4"),
+    ],
+)
 def test_a_readable_checkpoint_of_another_structure_is_refused_not_moved(
-        cycle_end_run, stage_sizes, width, words):
+    cycle_end_run, stage_sizes, width, words
+):
     before = _files_under(cycle_end_run)
     with checkpoint.Checkpointer(cycle_end_run, create=False) as checkpointer:
         with pytest.raises(checkpoint.CheckpointMismatchError, match=words) as error:
@@ -343,8 +393,11 @@ def test_metadata_of_another_format_is_refused_not_moved(cycle_end_run, tmp_path
     workdir = str(tmp_path / "copy")
     shutil.copytree(cycle_end_run, workdir)
     meta_dir = os.path.join(workdir, "checkpoints", "24", "meta")
-    (meta_file,) = [os.path.join(meta_dir, n) for n in os.listdir(meta_dir)
-                    if n.endswith(".json") or n == "metadata"]
+    (meta_file,) = [
+        os.path.join(meta_dir, n)
+        for n in os.listdir(meta_dir)
+        if n.endswith(".json") or n == "metadata"
+    ]
     with open(meta_file) as handle:
         meta = json.load(handle)
     with open(meta_file, "w") as handle:
@@ -357,22 +410,27 @@ def test_metadata_of_another_format_is_refused_not_moved(cycle_end_run, tmp_path
 
 def test_resume_with_different_model_is_refused(data_dir, reference, tmp_path):
     workdir = str(tmp_path)
-    train.train_and_evaluate(_config(data_dir, num_epochs=1.0, cycle_boundaries=()),
-                             workdir)
+    train.train_and_evaluate(_config(data_dir, num_epochs=1.0, cycle_boundaries=()), workdir)
     steps_before = checkpoint.Checkpointer(workdir, create=False).all_steps()
-    with pytest.raises(checkpoint.ConfigMismatchError,
-                       match=r"learning_rate_max: checkpoint 0.5, now 0.3; "
-                             r"width: checkpoint 2, now 4"):
+    with pytest.raises(
+        checkpoint.ConfigMismatchError,
+        match=r"learning_rate_max: checkpoint 0.5, now 0.3; "
+        r"width: checkpoint 2, now 4",
+    ):
         train.train_and_evaluate(
-            _config(data_dir, num_epochs=1.0, cycle_boundaries=(), width=4,
-                    learning_rate_max=0.3), workdir)
+            _config(data_dir, num_epochs=1.0, cycle_boundaries=(), width=4, learning_rate_max=0.3),
+            workdir,
+        )
     # Safe fields (logging, evaluation batch) may change. The run is complete:
     # nothing is trained again and summary.json, wall time included, is kept.
     with open(os.path.join(workdir, "summary.json")) as handle:
         summary_before = json.load(handle)
     summary = train.train_and_evaluate(
-        _config(data_dir, num_epochs=1.0, cycle_boundaries=(), log_every_steps=1,
-                eval_batch_size=7), workdir)
+        _config(
+            data_dir, num_epochs=1.0, cycle_boundaries=(), log_every_steps=1, eval_batch_size=7
+        ),
+        workdir,
+    )
     assert summary == summary_before
     assert checkpoint.Checkpointer(workdir, create=False).all_steps() == steps_before
 
@@ -383,15 +441,16 @@ def test_a_field_added_since_the_checkpoint_counts_with_its_old_behaviour():
     saved = {k: v for k, v in current.items() if k not in ("scan_blocks", "compute_dtype")}
     assert checkpoint.config_differences(saved, current) == []
     assert checkpoint.config_differences(saved, dict(current, scan_blocks=True)) == [
-        "scan_blocks: checkpoint False, now True"]
+        "scan_blocks: checkpoint False, now True"
+    ]
     assert checkpoint.config_differences(saved, dict(current, compute_dtype="bfloat16")) == [
-        "compute_dtype: checkpoint 'float32', now 'bfloat16'"]
+        "compute_dtype: checkpoint 'float32', now 'bfloat16'"
+    ]
     # Every added field is a field of the config (no typo hides one).
     assert set(checkpoint.FIELDS_ADDED) <= set(current)
 
 
-def test_nonfinite_update_stops_and_keeps_last_good_checkpoint(
-        data_dir, tmp_path, monkeypatch):
+def test_nonfinite_update_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
     poison_at = 7  # 0-based step whose update becomes NaN
     create_optimizer = steps.create_optimizer
 
@@ -399,15 +458,19 @@ def test_nonfinite_update_stops_and_keeps_last_good_checkpoint(
         def update(updates, state, params=None):
             factor = jax.numpy.where(state >= poison_at, jax.numpy.nan, 1.0)
             return jax.tree_util.tree_map(lambda u: u * factor, updates), state + 1
+
         poison = optax.GradientTransformation(
-            lambda params: jax.numpy.zeros((), jax.numpy.int32), update)
+            lambda params: jax.numpy.zeros((), jax.numpy.int32), update
+        )
         return optax.chain(create_optimizer(config, schedule), poison)
 
     monkeypatch.setattr(steps, "create_optimizer", poisoned)
     workdir = str(tmp_path)
-    with pytest.raises(train.NonFiniteLossError,
-                       match=r"non-finite loss or gradient at step 7 \(cycle 1, "
-                             r"epoch 0.88\).*last good checkpoint, step 6"):
+    with pytest.raises(
+        train.NonFiniteLossError,
+        match=r"non-finite loss or gradient at step 7 \(cycle 1, "
+        r"epoch 0.88\).*last good checkpoint, step 6",
+    ):
         train.train_and_evaluate(_config(data_dir), workdir)
     assert checkpoint.Checkpointer(workdir, create=False).all_steps() == [3, 6]
     _, variables, metadata = checkpoint.load_model(workdir)
@@ -420,9 +483,20 @@ def test_unwritable_workdir_fails_before_training(data_dir, tmp_path):
     blocker.write_text("not a folder")
     args = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
     result = subprocess.run(
-        [sys.executable, "-m", "mlres_jax.main", "--config=configs/default.py",
-         f"--workdir={blocker / 'run'}", f"--config.fashion_mnist_dir={data_dir}",
-         *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "mlres_jax.main",
+            "--config=configs/default.py",
+            f"--workdir={blocker / 'run'}",
+            f"--config.fashion_mnist_dir={data_dir}",
+            *args,
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0
     assert "is not writable" in result.stderr
     assert "Traceback" not in result.stderr and "Loading" not in result.stderr
@@ -438,8 +512,10 @@ def test_failing_save_keeps_earlier_checkpoints(data_dir, tmp_path, monkeypatch)
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", disk_full_from_step_9)
     workdir = str(tmp_path)
-    with pytest.raises(checkpoint.CheckpointError,
-                       match=r"step 9.*No space left on device.*kept: steps \[3, 6, 8\]"):
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"step 9.*No space left on device.*kept: steps \[3, 6, 8\]",
+    ):
         train.train_and_evaluate(_config(data_dir), workdir)
     model, variables, metadata = checkpoint.load_model(workdir)
     assert metadata.step == 8 and model.stage_sizes == (2,)
@@ -448,9 +524,9 @@ def test_failing_save_keeps_earlier_checkpoints(data_dir, tmp_path, monkeypatch)
 
 def test_grow_interpolates_a_saved_checkpoint(data_dir, reference, tmp_path):
     from mlres_jax import grow  # pylint: disable=import-outside-toplevel
+
     workdir, output = str(tmp_path / "run"), str(tmp_path / "grown")
-    train.train_and_evaluate(_config(data_dir, num_epochs=1.0, cycle_boundaries=()),
-                             workdir)
+    train.train_and_evaluate(_config(data_dir, num_epochs=1.0, cycle_boundaries=()), workdir)
     model, variables, _ = checkpoint.load_model(workdir)
     written = grow.grow(workdir, output)
     grown_model, grown_variables, grown = checkpoint.load_model(output)
@@ -463,12 +539,13 @@ def test_grow_interpolates_a_saved_checkpoint(data_dir, reference, tmp_path):
         grow.grow(workdir, output)
     # Training in the grown folder is refused with what the folder is; nothing moves.
     before = _files_under(output)
-    with pytest.raises(checkpoint.CheckpointMismatchError,
-                       match=r"holds a model-only checkpoint written by mlres_jax.grow "
-                             r"from .* \(step 8, rule 'paper'\): step 8, 4 blocks, "
-                             r"h = 0.5, width 2") as error:
-        train.train_and_evaluate(_config(data_dir, num_epochs=1.0, cycle_boundaries=()),
-                                 output)
+    with pytest.raises(
+        checkpoint.CheckpointMismatchError,
+        match=r"holds a model-only checkpoint written by mlres_jax.grow "
+        r"from .* \(step 8, rule 'paper'\): step 8, 4 blocks, "
+        r"h = 0.5, width 2",
+    ) as error:
+        train.train_and_evaluate(_config(data_dir, num_epochs=1.0, cycle_boundaries=()), output)
     assert len(str(error.value)) < 600
     assert _files_under(output) == [name for name in before]
 
@@ -487,7 +564,8 @@ def test_compile_ahead_gives_the_same_run(data_dir, reference, tmp_path, caplog,
 
 
 def test_scanned_layout_trains_grows_and_resumes_like_the_unrolled_run(
-        data_dir, reference, tmp_path):
+    data_dir, reference, tmp_path
+):
     workdir = str(tmp_path)
     config = _config(data_dir, scan_blocks=True)
     train.train_and_evaluate(config, workdir)
@@ -502,5 +580,8 @@ def test_scanned_layout_trains_grows_and_resumes_like_the_unrolled_run(
     ref_variables, _, ref_summary = reference
     assert metadata.step == 24
     chex.assert_trees_all_close(variables, ref_variables, atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose([r["test_loss"] for r in summary["history"]],
-                               [r["test_loss"] for r in ref_summary["history"]], rtol=1e-5)
+    np.testing.assert_allclose(
+        [r["test_loss"] for r in summary["history"]],
+        [r["test_loss"] for r in ref_summary["history"]],
+        rtol=1e-5,
+    )

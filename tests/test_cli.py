@@ -8,27 +8,30 @@ import sys
 
 import pytest
 
-from mlres_jax import (checkpoint, cli, configuration, datasets, errors, stopping, train,
-                       workdir)
+from mlres_jax import checkpoint, cli, configuration, datasets, errors, stopping, train, workdir
 
 
 def _raising(error):
     def main(argv):  # pylint: disable=unused-argument
         raise error
+
     return main
 
 
-@pytest.mark.parametrize("error,status", [
-    (configuration.ConfigError("config.width = 0 is not allowed"), 2),
-    (datasets.DataSetDamagedError("Data set 'x' cannot be read"), 2),
-    (checkpoint.CheckpointMismatchError("holds a network of 8-8-8 blocks"), 2),
-    (workdir.WorkdirBusyError("in use by process 7"), 2),
-    (train.NonFiniteLossError("non-finite loss at step 3"), 2),
-    (stopping.Interrupted("stopped by SIGINT at step 5", signal.SIGINT), 130),
-    (stopping.Interrupted("stopped by SIGTERM at step 5", signal.SIGTERM), 143),
-    (OSError(errno.ENOSPC, "No space left on device"), 2),
-    (KeyboardInterrupt(), 130),
-])
+@pytest.mark.parametrize(
+    "error,status",
+    [
+        (configuration.ConfigError("config.width = 0 is not allowed"), 2),
+        (datasets.DataSetDamagedError("Data set 'x' cannot be read"), 2),
+        (checkpoint.CheckpointMismatchError("holds a network of 8-8-8 blocks"), 2),
+        (workdir.WorkdirBusyError("in use by process 7"), 2),
+        (train.NonFiniteLossError("non-finite loss at step 3"), 2),
+        (stopping.Interrupted("stopped by SIGINT at step 5", signal.SIGINT), 130),
+        (stopping.Interrupted("stopped by SIGTERM at step 5", signal.SIGTERM), 143),
+        (OSError(errno.ENOSPC, "No space left on device"), 2),
+        (KeyboardInterrupt(), 130),
+    ],
+)
 def test_user_errors_are_one_line_with_their_exit_status(error, status, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.with_one_line_errors(_raising(error))(["command"])
@@ -40,10 +43,16 @@ def test_user_errors_are_one_line_with_their_exit_status(error, status, capsys):
 
 
 def test_every_user_error_class_derives_from_the_one_base():
-    for cls in (configuration.ConfigError, datasets.DataSetError,
-                datasets.DataSetUnavailableError, checkpoint.CheckpointError,
-                checkpoint.ConfigMismatchError, workdir.WorkdirBusyError,
-                train.NonFiniteLossError, stopping.Interrupted):
+    for cls in (
+        configuration.ConfigError,
+        datasets.DataSetError,
+        datasets.DataSetUnavailableError,
+        checkpoint.CheckpointError,
+        checkpoint.ConfigMismatchError,
+        workdir.WorkdirBusyError,
+        train.NonFiniteLossError,
+        stopping.Interrupted,
+    ):
         assert issubclass(cls, errors.UserError), cls
 
 
@@ -53,8 +62,9 @@ def test_a_bug_keeps_its_traceback():
 
 
 def _record(pathname, level, exc_info=None):
-    return python_logging.LogRecord("absl", level, pathname, 1, "thread raised: %s",
-                                    ("disk full",), exc_info)
+    return python_logging.LogRecord(
+        "absl", level, pathname, 1, "thread raised: %s", ("disk full",), exc_info
+    )
 
 
 def test_library_errors_are_one_line_and_their_info_is_dropped():

@@ -16,16 +16,14 @@ def _variables(stage_sizes, width=2, step_size=1.0):
 def _distinct_blocks(variables):
     """Gives every leaf a different value, so a wrong block choice shows."""
     leaves, treedef = jax.tree_util.tree_flatten(variables)
-    return jax.tree_util.tree_unflatten(
-        treedef, [leaf + i for i, leaf in enumerate(leaves)])
+    return jax.tree_util.tree_unflatten(treedef, [leaf + i for i, leaf in enumerate(leaves)])
 
 
 @pytest.mark.parametrize("stage_sizes", [(2, 2, 2), (3, 2, 4)])
 def test_coarsen_inverts_interpolate_exactly(stage_sizes):
     model, variables = _variables(stage_sizes)
     variables = _distinct_blocks(variables)
-    chex.assert_trees_all_equal(
-        multilevel.coarsen(multilevel.interpolate(variables)), variables)
+    chex.assert_trees_all_equal(multilevel.coarsen(multilevel.interpolate(variables)), variables)
     back_model, back = multilevel.restrict(*multilevel.deepen(model, variables))
     assert back_model == model
     chex.assert_trees_all_equal(back, variables)
@@ -39,10 +37,12 @@ def test_coarsen_keeps_blocks_one_three_five():
         stage = variables[collection]["stage2"]
         assert set(coarse[collection]["stage2"]) == {"block1", "block2", "block3"}
         for new, old in ((1, 1), (2, 3), (3, 5)):
-            chex.assert_trees_all_equal(coarse[collection]["stage2"][f"block{new}"],
-                                        stage[f"block{old}"])
-        chex.assert_trees_all_equal(coarse[collection]["stage1"]["block1"],
-                                    variables[collection]["stage1"]["block1"])
+            chex.assert_trees_all_equal(
+                coarse[collection]["stage2"][f"block{new}"], stage[f"block{old}"]
+            )
+        chex.assert_trees_all_equal(
+            coarse[collection]["stage1"]["block1"], variables[collection]["stage1"]["block1"]
+        )
     chex.assert_trees_all_equal(coarse["params"]["head"], variables["params"]["head"])
 
 
@@ -51,8 +51,9 @@ def test_coarsened_tree_runs_in_coarsened_model():
     coarse_model, coarse = multilevel.restrict(model, variables)
     assert coarse_model.stage_sizes == (1, 1, 2)
     assert coarse_model.step_size == 1.0
-    fresh = jax.eval_shape(lambda: coarse_model.init(
-        jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3))))
+    fresh = jax.eval_shape(
+        lambda: coarse_model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+    )
     assert jax.tree_util.tree_structure(coarse) == jax.tree_util.tree_structure(fresh)
     chex.assert_trees_all_equal_shapes_and_dtypes(coarse, fresh)
     chex.assert_shape(coarse_model.apply(coarse, jnp.ones((2, 8, 8, 3))), (2, 3))

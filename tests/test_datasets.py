@@ -4,17 +4,16 @@ import gzip
 import io
 import os
 
-from array_record.python import array_record_module
 import chex
 import numpy as np
-from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
+from array_record.python import array_record_module
+from PIL import Image
 from tensorflow_datasets.core import splits as splits_lib
 from tensorflow_datasets.proto import tf_example_pb2
 
 from mlres_jax import datasets
-
 
 # ---------------------------------------------------------------------------
 # Helpers that write data in the real on-disk formats.
@@ -39,11 +38,13 @@ def _fake_fashion_mnist(folder, num_train=12, num_test=5, bad_label=None):
 
     Labels are (i * 3) % 10 for train and (i * 7) % 10 for test.
     """
+
     def images(n, offset):
         i = np.arange(n)[:, None, None] + offset
         r = np.arange(28)[None, :, None]
         c = np.arange(28)[None, None, :]
         return ((i + r + c) % 256).astype(np.uint8)
+
     train_images = images(num_train, 0)
     test_images = images(num_test, 100)
     train_labels = (np.arange(num_train) * 3 % 10).astype(np.uint8)
@@ -120,8 +121,7 @@ def test_load_fashion_mnist_from_fake_idx(tmp_path):
     # pixel (0, 0) = 100 + 1 = 101; labels 3i % 10 and 7i % 10.
     assert ds.train_images[5, 2, 3, 0] == 10
     assert ds.test_images[1, 0, 0, 0] == 101
-    np.testing.assert_array_equal(ds.train_labels,
-                                  [0, 3, 6, 9, 2, 5, 8, 1, 4, 7, 0, 3])
+    np.testing.assert_array_equal(ds.train_labels, [0, 3, 6, 9, 2, 5, 8, 1, 4, 7, 0, 3])
     np.testing.assert_array_equal(ds.test_labels, [0, 7, 4, 1, 8])
 
 
@@ -140,8 +140,7 @@ def test_fashion_mnist_one_file_missing(tmp_path):
     folder = str(tmp_path / "fm")
     _fake_fashion_mnist(folder)
     os.remove(os.path.join(folder, "t10k-labels-idx1-ubyte.gz"))
-    with pytest.raises(datasets.DataSetUnavailableError,
-                       match="missing t10k-labels-idx1-ubyte.gz"):
+    with pytest.raises(datasets.DataSetUnavailableError, match="missing t10k-labels-idx1-ubyte.gz"):
         datasets.check_available("fashion_mnist", fashion_mnist_dir=folder)
 
 
@@ -160,7 +159,7 @@ def _truncated_gzip(path):
     with open(path, "rb") as f:
         data = f.read()
     with open(path, "wb") as f:
-        f.write(data[:len(data) // 2])
+        f.write(data[: len(data) // 2])
 
 
 def _not_idx(path):
@@ -197,8 +196,7 @@ DAMAGED_FILES = [
 
 
 @pytest.mark.parametrize("damage,name,in_header,words", DAMAGED_FILES)
-def test_damaged_fashion_mnist_files_are_data_set_errors(tmp_path, damage, name,
-                                                         in_header, words):
+def test_damaged_fashion_mnist_files_are_data_set_errors(tmp_path, damage, name, in_header, words):
     folder = str(tmp_path / "fm")
     _fake_fashion_mnist(folder)
     damage(os.path.join(folder, name))
@@ -236,9 +234,15 @@ def test_infos_match_spec_table():
     }
     for name, (shape, classes, train, test, pad) in expected.items():
         info = datasets.DATASETS[name]
-        assert (info.name, info.image_shape, info.num_classes, info.num_train,
-                info.num_test, info.padding, info.test_split) == (
-                    name, shape, classes, train, test, pad, "test")
+        assert (
+            info.name,
+            info.image_shape,
+            info.num_classes,
+            info.num_train,
+            info.num_test,
+            info.padding,
+            info.test_split,
+        ) == (name, shape, classes, train, test, pad, "test")
 
 
 @pytest.mark.parametrize("name", ["cifar10", "stl10"])
@@ -257,22 +261,25 @@ def test_tfds_not_prepared(tmp_path, name):
     # A folder that exists but holds no prepared data: still unavailable, with
     # tfds's own reason quoted.
     os.makedirs(os.path.join(data_dir, name))
-    with pytest.raises(datasets.DataSetUnavailableError,
-                       match=f"(?s)tfds cannot open it.*tfds build {name}"):
+    with pytest.raises(
+        datasets.DataSetUnavailableError, match=f"(?s)tfds cannot open it.*tfds build {name}"
+    ):
         datasets.check_available(name, data_dir=data_dir)
 
 
-@pytest.mark.parametrize("name,shape,num_classes", [
-    ("cifar10", (32, 32, 3), 10),
-    ("cifar100", (32, 32, 3), 100),
-    ("stl10", (96, 96, 3), 10),
-])
+@pytest.mark.parametrize(
+    "name,shape,num_classes",
+    [
+        ("cifar10", (32, 32, 3), 10),
+        ("cifar100", (32, 32, 3), 100),
+        ("stl10", (96, 96, 3), 10),
+    ],
+)
 def test_tfds_mock_data(name, shape, num_classes):
     with tfds.testing.mock_data(num_examples=6):
         datasets.check_available(name)
         ds = datasets.load(name)
-    for images, labels in ((ds.train_images, ds.train_labels),
-                           (ds.test_images, ds.test_labels)):
+    for images, labels in ((ds.train_images, ds.train_labels), (ds.test_images, ds.test_labels)):
         chex.assert_shape(images, (6, *shape))
         assert images.dtype == np.uint8
         assert labels.dtype == np.int32
@@ -288,18 +295,17 @@ def _write_array_record_cifar10(data_dir, counts):
     Train/test image i is constant (i * 10 + k) with k = 0 / 5, label i % 10.
     Uses tfds's own proto and metadata writers; no TensorFlow needed.
     """
-    builder = tfds.builder("cifar10", data_dir=data_dir,
-                           file_format="array_record")
+    builder = tfds.builder("cifar10", data_dir=data_dir, file_format="array_record")
     builder.data_path.mkdir(parents=True, exist_ok=True)
     split_infos = []
     for split, (n, k) in counts.items():
         name = f"cifar10-{split}.array_record-00000-of-00001"
         writer = array_record_module.ArrayRecordWriter(
-            str(builder.data_path / name), "group_size:1")
+            str(builder.data_path / name), "group_size:1"
+        )
         for i in range(n):
             png = io.BytesIO()
-            Image.fromarray(np.full((32, 32, 3), i * 10 + k, np.uint8)).save(
-                png, format="PNG")
+            Image.fromarray(np.full((32, 32, 3), i * 10 + k, np.uint8)).save(png, format="PNG")
             example = tf_example_pb2.Example()
             feature = example.features.feature
             feature["image"].bytes_list.value.append(png.getvalue())
@@ -307,11 +313,19 @@ def _write_array_record_cifar10(data_dir, counts):
             feature["id"].bytes_list.value.append(f"{split}_{i}".encode())
             writer.write(example.SerializeToString())
         writer.close()
-        split_infos.append(splits_lib.SplitInfo(
-            name=split, shard_lengths=[n], num_bytes=0,
-            filename_template=tfds.core.naming.ShardedFileTemplate(
-                data_dir=builder.data_path, dataset_name="cifar10", split=split,
-                filetype_suffix="array_record")))
+        split_infos.append(
+            splits_lib.SplitInfo(
+                name=split,
+                shard_lengths=[n],
+                num_bytes=0,
+                filename_template=tfds.core.naming.ShardedFileTemplate(
+                    data_dir=builder.data_path,
+                    dataset_name="cifar10",
+                    split=split,
+                    filetype_suffix="array_record",
+                ),
+            )
+        )
     builder.info.set_splits(splits_lib.SplitDict(split_infos))
     builder.info.write_to_directory(builder.data_path)
 
@@ -324,10 +338,8 @@ def test_tfds_real_array_record_files(tmp_path):
     ds = datasets.load("cifar10", data_dir=data_dir)
     chex.assert_shape(ds.train_images, (12, 32, 32, 3))
     chex.assert_shape(ds.test_images, (3, 32, 32, 3))
-    np.testing.assert_array_equal(ds.train_images[:, 7, 9, 2],
-                                  np.arange(12) * 10)
+    np.testing.assert_array_equal(ds.train_images[:, 7, 9, 2], np.arange(12) * 10)
     np.testing.assert_array_equal(ds.test_images[:, 0, 0, 0], [5, 15, 25])
-    np.testing.assert_array_equal(ds.train_labels,
-                                  [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1])
+    np.testing.assert_array_equal(ds.train_labels, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1])
     np.testing.assert_array_equal(ds.test_labels, [0, 1, 2])
     assert ds.train_labels.dtype == np.int32

@@ -28,7 +28,8 @@ def test_nnx_doc_examples_run(capsys):
         "cannot interpolate: bonsai_resnet_layout() finds no stage of blocks in the tree; it looks "
         "for lists of blocks (keys 0, 1, ... as nnx.List keeps them) at paths matching "
         "'layer\\\\d+/blocks'; the tree's top-level keys are ['blocks', 'embed', 'final_norm', "
-        "'head'] (under 'blocks': [0, 1, 2]; "), printed
+        "'head'] (under 'blocks': [0, 1, 2]; "
+    ), printed
 
 
 @pytest.mark.parametrize("name", ["README.md", "docs/growth-rules.md"])

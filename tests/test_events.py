@@ -18,10 +18,13 @@ EVENT_FILES = "events.out.tfevents.*"
 def scalar_steps(folder):
     """{tag: [step, ...]} of every scalar TensorBoard shows for the folder, in step order."""
     accumulator = event_accumulator.EventAccumulator(
-        str(folder), size_guidance={event_accumulator.SCALARS: 0})
+        str(folder), size_guidance={event_accumulator.SCALARS: 0}
+    )
     accumulator.Reload()
-    return {tag: [event.step for event in accumulator.Scalars(tag)]
-            for tag in accumulator.Tags()["scalars"]}
+    return {
+        tag: [event.step for event in accumulator.Scalars(tag)]
+        for tag in accumulator.Tags()["scalars"]
+    }
 
 
 def _write(folder, steps):

@@ -7,7 +7,6 @@ import pytest
 
 from mlres_jax import figures, files, measurements
 
-
 # --- Figures and files ---------------------------------------------------------
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -20,9 +19,19 @@ def assert_png(path):
 
 
 def test_plot_training_curves_writes_png_atomically(tmp_path):
-    history = [{"epoch": e, "step": 10 * e, "cycle": 1 + (e > 2) + (e > 4),
-                "train_loss": 1.0 / e, "train_error": 0.5 / e, "test_loss": 1.1 / e,
-                "test_error": 0.6 / e, "learning_rate": 0.1} for e in range(1, 7)]
+    history = [
+        {
+            "epoch": e,
+            "step": 10 * e,
+            "cycle": 1 + (e > 2) + (e > 4),
+            "train_loss": 1.0 / e,
+            "train_error": 0.5 / e,
+            "test_loss": 1.1 / e,
+            "test_error": 0.6 / e,
+            "learning_rate": 0.1,
+        }
+        for e in range(1, 7)
+    ]
     path = tmp_path / "training_curves.png"
     figures.plot_training_curves(history, [3.0, 5.0], str(path))
     assert_png(path)
@@ -33,18 +42,32 @@ def test_plot_training_curves_writes_png_atomically(tmp_path):
 
 
 def test_figures_and_tables_are_written(tmp_path):
-    norms = measurements.BlockNorms(stage_sizes=(2, 3), step_size=0.5,
-                                    input_norm=np.arange(1.0, 6.0), F_norm=np.ones(5),
-                                    num_examples=4)
-    removals = [{"block": j, "stage": 1 + (j > 2), "block_in_stage": j if j <= 2 else j - 2,
-                 "downsampling": j == 3, "test_error": 0.1 + 0.01 * j} for j in range(1, 6)]
-    shuffles = [{"stage": 2, "shuffle": 1, "order": "1 3 2", "blocks_moved": 2,
-                 "test_error": 0.12}]
+    norms = measurements.BlockNorms(
+        stage_sizes=(2, 3),
+        step_size=0.5,
+        input_norm=np.arange(1.0, 6.0),
+        F_norm=np.ones(5),
+        num_examples=4,
+    )
+    removals = [
+        {
+            "block": j,
+            "stage": 1 + (j > 2),
+            "block_in_stage": j if j <= 2 else j - 2,
+            "downsampling": j == 3,
+            "test_error": 0.1 + 0.01 * j,
+        }
+        for j in range(1, 6)
+    ]
+    shuffles = [{"stage": 2, "shuffle": 1, "order": "1 3 2", "blocks_moved": 2, "test_error": 0.12}]
     built = {
         "norms.png": figures.norms_figure(norms),
-        "gamma.png": figures.gamma_figure([
-            {"num_blocks": 5, "gamma": 1.0, "label": "a"},
-            {"num_blocks": 10, "gamma": 0.5, "label": "b"}]),
+        "gamma.png": figures.gamma_figure(
+            [
+                {"num_blocks": 5, "gamma": 1.0, "label": "a"},
+                {"num_blocks": 10, "gamma": 0.5, "label": "b"},
+            ]
+        ),
         "lesion.png": figures.lesion_figure(removals, shuffles, 0.1),
         "lesion_no_shuffles.png": figures.lesion_figure(removals, [], 0.1),
         "step_size.png": figures.F_against_time_figure([("h = 0.5", norms)]),

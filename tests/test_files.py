@@ -50,20 +50,27 @@ def test_csv_has_header_and_rows(tmp_path):
 
 def _strict_loads(text):
     """json.loads that rejects NaN and Infinity, as strict parsers do."""
+
     def reject(constant):
         raise ValueError(f"not JSON: {constant}")
+
     return json.loads(text, parse_constant=reject)
 
 
 def test_json_files_are_strict_json_with_null_for_missing_values(tmp_path):
     path = str(tmp_path / "x.json")
-    files.write_json(path, {"nan": float("nan"), "values": (float("inf"), np.float32(1.5),
-                                                          -float("inf"), 2),
-                            "array": np.array([0.25, np.nan]), "ok": None})
+    files.write_json(
+        path,
+        {
+            "nan": float("nan"),
+            "values": (float("inf"), np.float32(1.5), -float("inf"), 2),
+            "array": np.array([0.25, np.nan]),
+            "ok": None,
+        },
+    )
     with open(path) as handle:
         data = _strict_loads(handle.read())
-    assert data == {"nan": None, "values": [None, 1.5, None, 2], "array": [0.25, None],
-                    "ok": None}
+    assert data == {"nan": None, "values": [None, 1.5, None, 2], "array": [0.25, None], "ok": None}
     with pytest.raises(TypeError, match="cannot be written as JSON"):
         files.write_json(path, {"bad": object()})
     assert _strict_loads(open(path).read()) == data  # the earlier file is kept

@@ -24,11 +24,10 @@ def _model(stage_sizes, step_size=1.0):
 
 
 def _fresh(model):
-    return jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0),
-                                                        IMAGE_SHAPE))
+    return jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0), IMAGE_SHAPE))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trained(stage_sizes=UNEVEN):
     """Variables after 30 SGD steps on images whose label is their brightest third."""
     model = _model(stage_sizes)
@@ -41,9 +40,13 @@ def _trained(stage_sizes=UNEVEN):
         images[i, :, :, label] += 180
     step = steps.make_train_step(model, optimizer, crop_padding=0)
     for k in range(30):
-        state, _ = step(state, jnp.asarray(images), jnp.asarray(labels),
-                        jnp.arange(8 * (k % 6), 8 * (k % 6) + 8, dtype=jnp.int32),
-                        jax.random.PRNGKey(1))
+        state, _ = step(
+            state,
+            jnp.asarray(images),
+            jnp.asarray(labels),
+            jnp.arange(8 * (k % 6), 8 * (k % 6) + 8, dtype=jnp.int32),
+            jax.random.PRNGKey(1),
+        )
     return model, jax.device_get(state.variables), jax.device_get(state.opt_state)
 
 
@@ -87,8 +90,9 @@ def test_transition_keeping_stays_closer_to_the_network_than_the_papers_rule():
     distance = {}
     for rule in ("paper", "transition_keeping"):
         deeper_model, deeper = multilevel.deepen(model, variables, rule)
-        distance[rule] = float(np.sqrt(np.mean(
-            (_outputs(deeper_model, deeper, images) - before) ** 2)))
+        distance[rule] = float(
+            np.sqrt(np.mean((_outputs(deeper_model, deeper, images) - before) ** 2))
+        )
     assert distance["transition_keeping"] < distance["paper"], distance
 
 
@@ -105,13 +109,19 @@ def test_coarsening_inverts_every_rule(rule):
 
 def test_coarsening_says_why_it_cannot():
     _, variables, _ = _trained()
-    with pytest.raises(ValueError, match=r"cannot coarsen stage2: it has 3 blocks.*"
-                                         r"only an even number"):
+    with pytest.raises(
+        ValueError,
+        match=r"cannot coarsen stage2: it has 3 blocks.*"
+        r"only an even number",
+    ):
         multilevel.coarsen(variables)
 
     def averaging_rule(num_blocks, **_):  # old blocks replaced by averages: not invertible
-        return [multilevel.NewBlock(((i, 0.5), (max(i, 1), 0.5)), 1.0, inserted=bool(p))
-                for i in range(num_blocks) for p in (0, 1)]
+        return [
+            multilevel.NewBlock(((i, 0.5), (max(i, 1), 0.5)), 1.0, inserted=bool(p))
+            for i in range(num_blocks)
+            for p in (0, 1)
+        ]
 
     grown = multilevel.interpolate(random_variables(_model((2, 2))), "paper")
     multilevel.GROWTH_RULES["averaging"] = averaging_rule
@@ -124,24 +134,31 @@ def test_coarsening_says_why_it_cannot():
 
 def _labelled(variables):
     """Every leaf of block b of stage s filled with 100 s + b (1-based)."""
+
     def label(path, leaf):
         names = [getattr(k, "key", "") for k in path]
         stage = next((int(n[5:]) for n in names if multilevel.is_stage_key(n)), 0)
         block = next((int(n[5:]) for n in names if str(n).startswith("block")), 0)
         return jnp.full(leaf.shape, 100.0 * stage + block)
+
     return jax.tree_util.tree_map_with_path(label, variables)
 
 
 def _pattern(tree, stage):
-    return [int(tree["params"][f"stage{stage}"][f"block{b}"]["conv1"]["kernel"].ravel()[0]) % 100
-            for b in range(1, len(tree["params"][f"stage{stage}"]) + 1)]
+    return [
+        int(tree["params"][f"stage{stage}"][f"block{b}"]["conv1"]["kernel"].ravel()[0]) % 100
+        for b in range(1, len(tree["params"][f"stage{stage}"]) + 1)
+    ]
 
 
-@pytest.mark.parametrize("rule,pattern", [
-    ("paper", [1, 2, 2, 2, 3, 3, 4, 4]),
-    ("appended", [1, 2, 3, 4, 2, 2, 3, 4]),
-    ("linear", [1, 2, 2, 2, 3, 3, 4, 4]),  # conv1 of (b2+b3)/2 = 2.5 -> 2, (b3+b4)/2 -> 3
-])
+@pytest.mark.parametrize(
+    "rule,pattern",
+    [
+        ("paper", [1, 2, 2, 2, 3, 3, 4, 4]),
+        ("appended", [1, 2, 3, 4, 2, 2, 3, 4]),
+        ("linear", [1, 2, 2, 2, 3, 3, 4, 4]),  # conv1 of (b2+b3)/2 = 2.5 -> 2, (b3+b4)/2 -> 3
+    ],
+)
 def test_copy_patterns(rule, pattern):
     grown = multilevel.interpolate(_labelled(random_variables(_model((2, 3, 4)))), rule)
     assert _pattern(grown, 3) == pattern
@@ -153,9 +170,11 @@ def test_linear_rule_averages_and_transition_keeping_scales():
     assert float(linear["block4"]["conv1"]["kernel"].ravel()[0]) == 302.5  # (b2 + b3) / 2
     kept = multilevel.interpolate(variables, "transition_keeping")["params"]["stage2"]
     # [b1, b2, b2, b2, b3, b3]: b1 once (x2), b2 three times (x2/3), b3 twice (x1).
-    scales = [float(kept[f"block{b}"]["conv2"]["kernel"].ravel()[0]) /
-              float(variables["params"]["stage2"][f"block{s}"]["conv2"]["kernel"].ravel()[0])
-              for b, s in zip(range(1, 7), (1, 2, 2, 2, 3, 3))]
+    scales = [
+        float(kept[f"block{b}"]["conv2"]["kernel"].ravel()[0])
+        / float(variables["params"]["stage2"][f"block{s}"]["conv2"]["kernel"].ravel()[0])
+        for b, s in zip(range(1, 7), (1, 2, 2, 2, 3, 3))
+    ]
     np.testing.assert_allclose(scales, [2, 2 / 3, 2 / 3, 2 / 3, 1, 1], rtol=1e-6)
     # Only the residual output is scaled; the batch-norm statistics are copies.
     stats = multilevel.interpolate(variables, "transition_keeping")["batch_stats"]["stage2"]
@@ -172,8 +191,11 @@ def test_momentum_policies(policy):
     grown = multilevel.grow_optimizer_state(opt_state, "identity", policy)[0].trace["stage1"]
     # identity: [2 b1, 0 b2', 2 b2, 0 b2'] in the parameters' residual output.
     first = [float(grown[f"block{b}"]["conv1"]["kernel"].ravel()[0]) for b in range(1, 5)]
-    expected = {"interpolate": [101, 102, 102, 102], "reset": [0, 0, 0, 0],
-                "zero_inserted": [101, 0, 102, 0]}[policy]
+    expected = {
+        "interpolate": [101, 102, 102, 102],
+        "reset": [0, 0, 0, 0],
+        "zero_inserted": [101, 0, 102, 0],
+    }[policy]
     assert first == expected
 
 
@@ -186,17 +208,29 @@ def test_growing_a_flax_examples_resnet_matches_this_projects_pattern():
     assert multilevel.stage_sizes_from_widths(variables["params"]) == (2, 3)
     layout = multilevel.flax_examples_layout((2, 3))
     # Label block k (0-based, through all stages) with k + 1 in every leaf.
-    labelled = {collection: {name: (jax.tree_util.tree_map(
-        lambda x, n=name: jnp.full(x.shape, 1.0 + int(n.split("_")[1])), tree)
-        if name.startswith("ResNetBlock_") else tree) for name, tree in trees.items()}
-        for collection, trees in variables.items()}
+    labelled = {
+        collection: {
+            name: (
+                jax.tree_util.tree_map(
+                    lambda x, n=name: jnp.full(x.shape, 1.0 + int(n.split("_")[1])), tree
+                )
+                if name.startswith("ResNetBlock_")
+                else tree
+            )
+            for name, tree in trees.items()
+        }
+        for collection, trees in variables.items()
+    }
     grown = multilevel.interpolate(labelled, "paper", layout)
     big = flax_example_resnet.ResNet(stage_sizes=(4, 6))
-    fresh = jax.eval_shape(lambda: big.init(jax.random.PRNGKey(0),
-                                            jnp.zeros((1, *IMAGE_SHAPE)), train=False))
+    fresh = jax.eval_shape(
+        lambda: big.init(jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE)), train=False)
+    )
     chex.assert_trees_all_equal_shapes_and_dtypes(grown, fresh)
-    copied = [int(jax.tree_util.tree_leaves(grown["params"][f"ResNetBlock_{k}"])[0].ravel()[0])
-              for k in range(10)]
+    copied = [
+        int(jax.tree_util.tree_leaves(grown["params"][f"ResNetBlock_{k}"])[0].ravel()[0])
+        for k in range(10)
+    ]
     # This project's naming gives, per stage, the old blocks (1-based) in this order:
     ours = multilevel.interpolate(_labelled(random_variables(_model((2, 3)))), "paper")
     expected = _pattern(ours, 1) + [2 + b for b in _pattern(ours, 2)]
@@ -204,20 +238,27 @@ def test_growing_a_flax_examples_resnet_matches_this_projects_pattern():
     # The grown network runs, and coarsening gives the original back.
     big.apply(grown, jnp.zeros((2, *IMAGE_SHAPE)), train=False)
     chex.assert_trees_all_equal(
-        multilevel.coarsen(grown, "paper", multilevel.flax_examples_layout((4, 6))), labelled)
+        multilevel.coarsen(grown, "paper", multilevel.flax_examples_layout((4, 6))), labelled
+    )
 
 
 def test_identity_rule_keeps_a_flax_examples_resnets_outputs():
     # flax's example ResNets have no step size h to halve: the identity rule must
     # leave the old blocks' residual outputs as they are (doubling them, right for
     # this project's ResNet with h halved, changes this network's outputs).
-    small, big = flax_example_resnet.ResNet(stage_sizes=(2, 2)), flax_example_resnet.ResNet(
-        stage_sizes=(4, 4))
+    small, big = (
+        flax_example_resnet.ResNet(stage_sizes=(2, 2)),
+        flax_example_resnet.ResNet(stage_sizes=(4, 4)),
+    )
     variables = small.init(jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE)), train=False)
     leaves, treedef = jax.tree_util.tree_flatten(variables)
     keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    variables = jax.tree_util.tree_unflatten(treedef, [  # nonzero last-norm scales
-        x + 0.1 * jnp.abs(jax.random.normal(k, x.shape)) for x, k in zip(leaves, keys)])
+    variables = jax.tree_util.tree_unflatten(
+        treedef,
+        [  # nonzero last-norm scales
+            x + 0.1 * jnp.abs(jax.random.normal(k, x.shape)) for x, k in zip(leaves, keys)
+        ],
+    )
     images = jnp.asarray(random_images(4), jnp.float32) / 255.0
     before = small.apply(variables, images, train=False)
     for rule in ("identity", "paper"):
@@ -234,11 +275,14 @@ def test_identity_rule_keeps_a_flax_examples_resnets_outputs():
 _NO_STAGES = {"params": {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}}
 
 
-@pytest.mark.parametrize("layout,looks_for", [
-    (multilevel.STAGES, "keys 'stage1', 'stage2', ... holding blocks 'block1'"),
-    (multilevel.SCANNED, "keys 'stage1', 'stage2', ... holding 'block1' and 'blocks/residual'"),
-    (multilevel.flax_examples_layout((2, 2)), "keys ResNetBlock_0 .. ResNetBlock_3"),
-])
+@pytest.mark.parametrize(
+    "layout,looks_for",
+    [
+        (multilevel.STAGES, "keys 'stage1', 'stage2', ... holding blocks 'block1'"),
+        (multilevel.SCANNED, "keys 'stage1', 'stage2', ... holding 'block1' and 'blocks/residual'"),
+        (multilevel.flax_examples_layout((2, 2)), "keys ResNetBlock_0 .. ResNetBlock_3"),
+    ],
+)
 @pytest.mark.parametrize("action", [*RULES, "coarsen"])
 def test_a_tree_without_the_layouts_stages_is_refused(layout, looks_for, action):
     # Before: interpolate returned such a tree unchanged, and the mistake showed later.
@@ -260,68 +304,106 @@ def test_a_stage_whose_blocks_differ_is_refused():
     stage["block3"] = {**stage["block3"], "conv1": {"kernel": jnp.zeros((3, 3, 8, 4))}}
     broken = {**variables, "params": {**variables["params"], "stage2": stage}}
     for action in (lambda t: multilevel.interpolate(t, "identity"), multilevel.coarsen):
-        with pytest.raises(ValueError, match=(
+        with pytest.raises(
+            ValueError,
+            match=(
                 r"cannot (interpolate|coarsen) under multilevel.STAGES: stage 'stage2' does not "
                 r"match the layout: its block 2 \(0-based\) has 'conv1/kernel' of shape "
                 r"\(3, 3, 8, 4\), block 1 \(3, 3, 8, 8\); the layout expects every block after "
-                r"the first \(the stage's transition block")):
+                r"the first \(the stage's transition block"
+            ),
+        ):
             action(broken)
 
 
-@pytest.mark.parametrize("network,names,missing,near", [
-    # What block 0 of the first stage has (for flax's examples: of stage 2, its
-    # projection block, the block with the most leaves).
-    # A name whose last component some leaf has: refused before as well.
-    ("ours", ("conv3/kernel",), "'conv3/kernel'",
-     r"stage 'stage1' has, for 'conv3/kernel', named 'kernel': \['conv1/kernel', "
-     r"'conv2/kernel'\]"),
-    # Last components no leaf has: ignored before (the identity rule no identity).
-    ("ours", ("conv2/w",), "'conv2/w'",
-     r"stage 'stage1' has, for 'conv2/w', under 'conv2': \['conv2/kernel'\]"),
-    ("ours", "conv2/weight", "'conv2/weight'",
-     r"stage 'stage1' has, for 'conv2/weight', under 'conv2': \['conv2/kernel'\]"),
-    ("flax examples", ("BatchNorm_1/gamma", "BatchNorm_1/beta"),
-     "'BatchNorm_1/gamma' or 'BatchNorm_1/beta'",
-     r"stage 'stage2' has, for 'BatchNorm_1/gamma' and 'BatchNorm_1/beta', under 'BatchNorm_1': "
-     r"\['BatchNorm_1/bias', 'BatchNorm_1/scale'\]"),
-])
+@pytest.mark.parametrize(
+    "network,names,missing,near",
+    [
+        # What block 0 of the first stage has (for flax's examples: of stage 2, its
+        # projection block, the block with the most leaves).
+        # A name whose last component some leaf has: refused before as well.
+        (
+            "ours",
+            ("conv3/kernel",),
+            "'conv3/kernel'",
+            r"stage 'stage1' has, for 'conv3/kernel', named 'kernel': \['conv1/kernel', "
+            r"'conv2/kernel'\]",
+        ),
+        # Last components no leaf has: ignored before (the identity rule no identity).
+        (
+            "ours",
+            ("conv2/w",),
+            "'conv2/w'",
+            r"stage 'stage1' has, for 'conv2/w', under 'conv2': \['conv2/kernel'\]",
+        ),
+        (
+            "ours",
+            "conv2/weight",
+            "'conv2/weight'",
+            r"stage 'stage1' has, for 'conv2/weight', under 'conv2': \['conv2/kernel'\]",
+        ),
+        (
+            "flax examples",
+            ("BatchNorm_1/gamma", "BatchNorm_1/beta"),
+            "'BatchNorm_1/gamma' or 'BatchNorm_1/beta'",
+            r"stage 'stage2' has, for 'BatchNorm_1/gamma' and 'BatchNorm_1/beta', "
+            r"under 'BatchNorm_1': "
+            r"\['BatchNorm_1/bias', 'BatchNorm_1/scale'\]",
+        ),
+    ],
+)
 @pytest.mark.parametrize("tree", ["variables", "optimizer state"])
-def test_a_layout_whose_residual_output_is_not_in_the_blocks_is_refused(network, names, missing,
-                                                                      near, tree):
+def test_a_layout_whose_residual_output_is_not_in_the_blocks_is_refused(
+    network, names, missing, near, tree
+):
     if network == "ours":
         variables = random_variables(_model((2, 2)))
         layout = multilevel.StageLayout(residual_output=names, label="the layout")
     else:
         variables = flax_example_resnet.ResNet(stage_sizes=(2, 2)).init(
-            jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE)), train=False)
+            jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE)), train=False
+        )
         layout = dataclasses.replace(
-            multilevel.flax_examples_layout((2, 2), residual_output=names), label="the layout")
+            multilevel.flax_examples_layout((2, 2), residual_output=names), label="the layout"
+        )
     with pytest.raises(ValueError) as raised:
         if tree == "variables":  # parameters and batch statistics: neither has them
             multilevel.interpolate(variables, "identity", layout)
         else:
-            multilevel.grow_optimizer_state(optax.sgd(0.1, momentum=0.9).init(
-                variables["params"]), "identity", "interpolate", layout)
+            multilevel.grow_optimizer_state(
+                optax.sgd(0.1, momentum=0.9).init(variables["params"]),
+                "identity",
+                "interpolate",
+                layout,
+            )
     message = str(raised.value)
-    assert re.match(rf"cannot interpolate under the layout: no block of the tree has {missing}, "
-                    r"which the layout names as part of the residual output; block 0 \(0-based\) "
-                    rf"of {near}; pass residual_output=", message), message
+    assert re.match(
+        rf"cannot interpolate under the layout: no block of the tree has {missing}, "
+        r"which the layout names as part of the residual output; block 0 \(0-based\) "
+        rf"of {near}; pass residual_output=",
+        message,
+    ), message
 
 
 def test_batch_statistics_are_grown_with_the_parameters():
     # They have no residual-output leaf (conv2/kernel): alone, a misspelt name
     # could not be told from a tree that has none, so they are refused alone ...
     variables = random_variables(_model((2, 2)))
-    with pytest.raises(ValueError, match=(
+    with pytest.raises(
+        ValueError,
+        match=(
             r"no block of the tree has 'conv2/kernel', .* block 0 \(0-based\) of stage 'stage1' "
             r"has, for 'conv2/kernel', the leaves \['norm1/mean', 'norm1/var', 'norm2/mean', "
             r"'norm2/var'\]; .* \(a tree that holds none of them, such as batch statistics "
-            r"alone, is grown in one call together with the parameters\)")):
+            r"alone, is grown in one call together with the parameters\)"
+        ),
+    ):
         multilevel.interpolate(variables["batch_stats"], "identity")
     # ... and grown in one call with them, as copies (no factor on a statistic).
     grown = multilevel.interpolate(variables, "identity")["batch_stats"]["stage2"]
-    chex.assert_trees_all_equal(grown["block2"], grown["block3"],
-                                variables["batch_stats"]["stage2"]["block2"])
+    chex.assert_trees_all_equal(
+        grown["block2"], grown["block3"], variables["batch_stats"]["stage2"]["block2"]
+    )
 
 
 # Every constructor that takes residual_output, given the names as one argument.
@@ -329,11 +411,14 @@ _LAYOUT_CONSTRUCTORS = {
     "StageLayout": lambda names: multilevel.StageLayout(residual_output=names),
     "ScannedStageLayout": lambda names: multilevel.ScannedStageLayout(residual_output=names),
     "KeyLayout": lambda names: multilevel.KeyLayout(
-        lambda key: None, lambda stage, block, sizes: "", names, first_block_is_transition=True),
+        lambda key: None, lambda stage, block, sizes: "", names, first_block_is_transition=True
+    ),
     "flax_examples_layout": lambda names: multilevel.flax_examples_layout(
-        (2, 2), residual_output=names),
-    "ListLayout": lambda names: multilevel.ListLayout("blocks", names,
-                                                      first_block_is_transition=False),
+        (2, 2), residual_output=names
+    ),
+    "ListLayout": lambda names: multilevel.ListLayout(
+        "blocks", names, first_block_is_transition=False
+    ),
     "bonsai_resnet_layout": multilevel.bonsai_resnet_layout,
     "transformer_layout": lambda names: multilevel.transformer_layout(names, blocks="layers"),
 }
@@ -345,17 +430,30 @@ def test_residual_output_given_as_one_string_is_one_name(constructor):
     # Before: ('m', 'l', 'p', '/', 'd', ...), each character a "name", no error.
     assert make("mlp/down/kernel").residual_output == ("mlp/down/kernel",)
     assert make(["mlp/down/kernel", "mlp/down/bias"]).residual_output == (
-        "mlp/down/kernel", "mlp/down/bias")
+        "mlp/down/kernel",
+        "mlp/down/bias",
+    )
     # Anything else is refused, naming the field, the value and what is allowed.
     for value, error, message in [
-            ((), ValueError, r"residual_output names no leaf: got \(\); "),
-            (("mlp/down/kernel", ""), ValueError,
-             r"residual_output has an empty name: got \('mlp/down/kernel', ''\); "),
-            (("mlp/down/kernel", 2), TypeError,
-             r"residual_output must be a leaf path .* or a sequence of them .*: got "
-             r"\('mlp/down/kernel', 2\), whose entry 2 is not a string but of type int"),
-            (None, TypeError, r"residual_output must be a leaf path .*: got None, of type "
-                              r"NoneType")]:
+        ((), ValueError, r"residual_output names no leaf: got \(\); "),
+        (
+            ("mlp/down/kernel", ""),
+            ValueError,
+            r"residual_output has an empty name: got \('mlp/down/kernel', ''\); ",
+        ),
+        (
+            ("mlp/down/kernel", 2),
+            TypeError,
+            r"residual_output must be a leaf path .* or a sequence of them .*: got "
+            r"\('mlp/down/kernel', 2\), whose entry 2 is not a string but of type int",
+        ),
+        (
+            None,
+            TypeError,
+            r"residual_output must be a leaf path .*: got None, of type "
+            r"NoneType",
+        ),
+    ]:
         with pytest.raises(error, match=message):
             make(value)
 
@@ -363,11 +461,15 @@ def test_residual_output_given_as_one_string_is_one_name(constructor):
 def test_list_and_key_layouts_are_told_whether_the_first_block_is_a_transition():
     # No default: True (the default before) silently made a transformer's block 0 a
     # transition, the block after it a copy of block 1 and a one-block stack ungrowable.
-    for make in (lambda **kw: multilevel.ListLayout("blocks", "mlp/fc2/kernel", **kw),
-                 lambda **kw: multilevel.KeyLayout(lambda key: None, lambda s, b, sizes: "",
-                                                   "conv2/kernel", **kw)):
-        with pytest.raises(TypeError, match="missing 1 required keyword-only argument: "
-                                            "'first_block_is_transition'"):
+    for make in (
+        lambda **kw: multilevel.ListLayout("blocks", "mlp/fc2/kernel", **kw),
+        lambda **kw: multilevel.KeyLayout(
+            lambda key: None, lambda s, b, sizes: "", "conv2/kernel", **kw
+        ),
+    ):
+        with pytest.raises(
+            TypeError, match="missing 1 required keyword-only argument: 'first_block_is_transition'"
+        ):
             make()
         assert make(first_block_is_transition=False).first_block_is_transition is False
     # Nor positionally, where a bare True or False would not say what it is.
@@ -381,7 +483,8 @@ def test_a_one_block_stage_is_refused_in_the_layouts_terms(layout_name, rule):
     if layout_name == "flax_examples_layout":
         layout = multilevel.flax_examples_layout((2, 1))
         variables = flax_example_resnet.ResNet(stage_sizes=(2, 1)).init(
-            jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE)), train=False)
+            jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE)), train=False
+        )
     else:
         layout = getattr(multilevel, layout_name)
         variables = random_variables(_model((2, 1)))
@@ -394,8 +497,8 @@ def test_a_one_block_stage_is_refused_in_the_layouts_terms(layout_name, rule):
         "blocks in a stage whose first block is a transition, got a stage of 1: the layout has "
         "first_block_is_transition=True, so the block inserted after the first is made from the "
         "second, whose entries and shapes the later blocks share (paper App. B); a network "
-        "whose blocks are all alike takes a layout with first_block_is_transition=False"), (
-        str(raised.value))
+        "whose blocks are all alike takes a layout with first_block_is_transition=False"
+    ), str(raised.value)
 
 
 def test_optimizer_state_without_the_layouts_stages():

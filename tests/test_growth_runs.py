@@ -23,10 +23,13 @@ def data_dir(tmp_path_factory):
 def test_each_growth_records_its_jump(data_dir, tmp_path, rule):
     workdir = str(tmp_path)
     summary = train.train_and_evaluate(
-        _config(data_dir, interpolation_rule=rule, growth_train_examples=40), workdir)
+        _config(data_dir, interpolation_rule=rule, growth_train_examples=40), workdir
+    )
     growths = summary["growths"]
     assert [(g["step"], g["from_stage_sizes"], g["to_stage_sizes"]) for g in growths] == [
-        (8, [2], [4]), (16, [4], [8])]
+        (8, [2], [4]),
+        (16, [4], [8]),
+    ]
     history = {r["step"]: r for r in summary["history"]}
     for growth in growths:
         assert growth["rule"] == rule and growth["momentum"] == "interpolate"
@@ -47,6 +50,7 @@ def test_each_growth_records_its_jump(data_dir, tmp_path, rule):
 
 def test_a_run_starts_from_a_grown_checkpoint(data_dir, tmp_path):
     from mlres_jax import grow  # pylint: disable=import-outside-toplevel
+
     single = dict(num_epochs=1.0, cycle_boundaries=())
     source, grown = str(tmp_path / "source"), str(tmp_path / "grown")
     train.train_and_evaluate(_config(data_dir, **single), source)
@@ -55,36 +59,46 @@ def test_a_run_starts_from_a_grown_checkpoint(data_dir, tmp_path):
     workdir = str(tmp_path / "run")
     # The config says 2 blocks and h = 1; the grown checkpoint's 4 and 0.5 win.
     summary = train.train_and_evaluate(
-        _config(data_dir, init_from=grown, learning_rate_max=1e-9, learning_rate_min=1e-9,
-                **single), workdir)
+        _config(
+            data_dir, init_from=grown, learning_rate_max=1e-9, learning_rate_min=1e-9, **single
+        ),
+        workdir,
+    )
     (cycle,) = summary["cycles"]
     assert cycle["stage_sizes"] == [4] and cycle["step_size"] == 0.5
     assert list(summary["config"]["stage_sizes"]) == [4]
     assert summary["config"]["init_from"] == grown
     # With a learning rate of 1e-9 the parameters are the grown ones, to rounding.
     _, variables, _ = checkpoint.load_model(workdir)
-    chex.assert_trees_all_close(jax.device_get(variables["params"]),
-                                jax.device_get(grown_variables["params"]), atol=1e-6)
+    chex.assert_trees_all_close(
+        jax.device_get(variables["params"]), jax.device_get(grown_variables["params"]), atol=1e-6
+    )
 
 
-@pytest.mark.parametrize("changes,message", [
-    (dict(width=4), r"width \(checkpoint 2, config 4\)"),
-    (dict(dataset="cifar10"), r"dataset \(checkpoint 'fashion_mnist', config 'cifar10'\)"),
-    (dict(dataset="cifar10", width=4), r"dataset .* and width \(checkpoint 2, config 4\)"),
-])
-def test_a_checkpoint_of_another_network_or_data_set_is_refused(data_dir, tmp_path,
-                                                                changes, message):
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(width=4), r"width \(checkpoint 2, config 4\)"),
+        (dict(dataset="cifar10"), r"dataset \(checkpoint 'fashion_mnist', config 'cifar10'\)"),
+        (dict(dataset="cifar10", width=4), r"dataset .* and width \(checkpoint 2, config 4\)"),
+    ],
+)
+def test_a_checkpoint_of_another_network_or_data_set_is_refused(
+    data_dir, tmp_path, changes, message
+):
     source = str(tmp_path / "source")
     train.train_and_evaluate(_config(data_dir, num_epochs=1.0, cycle_boundaries=()), source)
-    with pytest.raises(configuration.ConfigError,
-                       match=rf"^config\.init_from = .* is not allowed: .*{message}"):
-        train.train_and_evaluate(_config(data_dir, init_from=source, **changes),
-                                 str(tmp_path / "run"))
+    with pytest.raises(
+        configuration.ConfigError, match=rf"^config\.init_from = .* is not allowed: .*{message}"
+    ):
+        train.train_and_evaluate(
+            _config(data_dir, init_from=source, **changes), str(tmp_path / "run")
+        )
     assert not os.path.exists(tmp_path / "run")
 
 
 def test_init_from_a_folder_without_checkpoints_is_refused(data_dir, tmp_path):
     with pytest.raises(configuration.ConfigError, match="there is no checkpoint in"):
-        train.train_and_evaluate(_config(data_dir, init_from=str(tmp_path / "nothing")),
-                                 str(tmp_path / "run"))
-
+        train.train_and_evaluate(
+            _config(data_dir, init_from=str(tmp_path / "nothing")), str(tmp_path / "run")
+        )

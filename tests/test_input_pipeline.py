@@ -21,17 +21,13 @@ def test_train_batch_indices():
     flat = idx.ravel()
     assert len(np.unique(flat)) == 100
     assert flat.min() >= 0 and flat.max() < 103
-    np.testing.assert_array_equal(
-        idx, ip.train_batch_indices(103, 10, seed=7, epoch=0))
-    assert not np.array_equal(
-        idx, ip.train_batch_indices(103, 10, seed=7, epoch=1))
-    assert not np.array_equal(
-        idx, ip.train_batch_indices(103, 10, seed=8, epoch=0))
+    np.testing.assert_array_equal(idx, ip.train_batch_indices(103, 10, seed=7, epoch=0))
+    assert not np.array_equal(idx, ip.train_batch_indices(103, 10, seed=7, epoch=1))
+    assert not np.array_equal(idx, ip.train_batch_indices(103, 10, seed=8, epoch=0))
     # Shuffled, not the identity order.
     assert not np.array_equal(flat, np.arange(100))
     # Exactly the documented generator.
-    np.testing.assert_array_equal(
-        flat, np.random.default_rng([7, 0]).permutation(103)[:100])
+    np.testing.assert_array_equal(flat, np.random.default_rng([7, 0]).permutation(103)[:100])
 
 
 def test_train_batch_indices_exact_and_too_small():
@@ -43,8 +39,9 @@ def test_train_batch_indices_exact_and_too_small():
 
 
 def test_eval_batches_pads_last_batch():
-    images = (np.arange(7)[:, None, None, None] + 1
-              + np.zeros((7, 2, 2, 1))).astype(np.uint8)  # image i is all i+1.
+    images = (np.arange(7)[:, None, None, None] + 1 + np.zeros((7, 2, 2, 1))).astype(
+        np.uint8
+    )  # image i is all i+1.
     labels = np.arange(7) % 3
     batches = list(ip.eval_batches(images, labels, 3))
     assert len(batches) == 3  # ceil(7 / 3).
@@ -56,7 +53,7 @@ def test_eval_batches_pads_last_batch():
     masks = np.concatenate([m for _, _, m in batches])
     np.testing.assert_array_equal(masks, [1, 1, 1, 1, 1, 1, 1, 0, 0])
     all_images = np.concatenate([b for b, _, _ in batches])
-    all_labels = np.concatenate([l for _, l, _ in batches])
+    all_labels = np.concatenate([labels for _, labels, _ in batches])
     np.testing.assert_array_equal(all_images[masks], images)
     np.testing.assert_array_equal(all_labels[masks], labels)
     # Padding rows are zeros.
@@ -78,9 +75,9 @@ def test_eval_batches_exact_multiple():
 def _distinct_images(b, h, w, c, seed=0):
     """uint8 images whose pixels are all distinct within each image."""
     rng = np.random.default_rng(seed)
-    return np.stack([
-        rng.permutation(h * w * c).reshape(h, w, c).astype(np.uint8) + 1
-        for _ in range(b)])
+    return np.stack(
+        [rng.permutation(h * w * c).reshape(h, w, c).astype(np.uint8) + 1 for _ in range(b)]
+    )
 
 
 def test_augment_padding_zero_is_identity_or_mirror():
@@ -104,7 +101,7 @@ def _all_crops(image, padding):
     padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
     crops = {}
     for dy, dx in itertools.product(range(2 * padding + 1), repeat=2):
-        crop = padded[dy:dy + h, dx:dx + w]
+        crop = padded[dy : dy + h, dx : dx + w]
         crops[(dy, dx, False)] = crop
         crops[(dy, dx, True)] = crop[:, ::-1]
     return crops
@@ -113,13 +110,10 @@ def _all_crops(image, padding):
 def test_augment_output_is_a_crop_of_padded_image():
     padding = 2
     images = _distinct_images(3, 5, 6, 2, seed=1).astype(np.float32)
-    out = np.asarray(
-        jax.jit(ip.augment, static_argnums=2)(jax.random.key(3), images,
-                                              padding))
+    out = np.asarray(jax.jit(ip.augment, static_argnums=2)(jax.random.key(3), images, padding))
     chex.assert_shape(out, images.shape)
     for image, o in zip(images, out):
-        matches = [k for k, crop in _all_crops(image, padding).items()
-                   if np.array_equal(crop, o)]
+        matches = [k for k, crop in _all_crops(image, padding).items() if np.array_equal(crop, o)]
         # Distinct nonzero pixels: exactly one (offset, flip) reproduces it.
         assert len(matches) == 1, matches
 
@@ -163,7 +157,8 @@ def test_standardize_hand_values():
     # [1, 3]: mean 2, std 1 -> [-1, 1].
     x = np.array([1.0, 3.0]).reshape(1, 1, 2, 1)
     chex.assert_trees_all_close(
-        ip.standardize(x), np.array([-1.0, 1.0]).reshape(1, 1, 2, 1), atol=1e-6)
+        ip.standardize(x), np.array([-1.0, 1.0]).reshape(1, 1, 2, 1), atol=1e-6
+    )
     # [0, 0, 0, 4]: mean 1, var (1+1+1+9)/4 = 3 -> (x - 1) / sqrt(3).
     x = np.array([0, 0, 0, 4], np.uint8).reshape(1, 2, 2, 1)
     expected = (np.array([0, 0, 0, 4.0]) - 1) / np.sqrt(3)
@@ -176,8 +171,7 @@ def test_standardize_floor():
     # [0, 0.1]: std 0.05 < 1/sqrt(2) floor -> (x - 0.05) * sqrt(2) = -+0.0707.
     x = np.array([0.0, 0.1]).reshape(1, 1, 2, 1)
     expected = np.array([-0.05, 0.05]) * np.sqrt(2)
-    chex.assert_trees_all_close(
-        ip.standardize(x), expected.reshape(1, 1, 2, 1), atol=1e-6)
+    chex.assert_trees_all_close(ip.standardize(x), expected.reshape(1, 1, 2, 1), atol=1e-6)
     # Constant image -> zeros, finite.
     out = ip.standardize(np.full((2, 3, 3, 2), 7, np.uint8))
     chex.assert_trees_all_close(out, np.zeros((2, 3, 3, 2), np.float32))
@@ -189,8 +183,7 @@ def test_standardize_mean_zero_std_one_per_image():
     images[1] //= 8  # different scale per image
     out = np.asarray(ip.standardize(images))
     chex.assert_shape(out, (4, 8, 8, 3))
-    chex.assert_trees_all_close(out.mean(axis=(1, 2, 3)), np.zeros(4),
-                                atol=1e-5)
+    chex.assert_trees_all_close(out.mean(axis=(1, 2, 3)), np.zeros(4), atol=1e-5)
     chex.assert_trees_all_close(out.std(axis=(1, 2, 3)), np.ones(4), atol=1e-5)
 
 
@@ -198,12 +191,9 @@ def test_preprocess_for_train_and_eval():
     images = _distinct_images(4, 6, 6, 3)
     key = jax.random.key(2)
     train = ip.preprocess_for_train(key, images, 2)
-    chex.assert_trees_all_close(
-        train, ip.standardize(ip.augment(key, images, 2)))
+    chex.assert_trees_all_close(train, ip.standardize(ip.augment(key, images, 2)))
     chex.assert_type(train, jnp.float32)
     evaluated = ip.preprocess_for_eval(images)
     chex.assert_type(evaluated, jnp.float32)
-    chex.assert_trees_all_close(evaluated,
-                                ip.standardize(images.astype(np.float32)))
-    chex.assert_trees_all_close(np.asarray(evaluated).mean(axis=(1, 2, 3)),
-                                np.zeros(4), atol=1e-5)
+    chex.assert_trees_all_close(evaluated, ip.standardize(images.astype(np.float32)))
+    chex.assert_trees_all_close(np.asarray(evaluated).mean(axis=(1, 2, 3)), np.zeros(4), atol=1e-5)

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 
 from mlres_jax import lesions, models
-from tests.networks import (IMAGE_SHAPE, fresh_shapes, random_variables, tiny_model,
-                            zero_residual)
-
+from tests.networks import IMAGE_SHAPE, fresh_shapes, random_variables, tiny_model, zero_residual
 
 # --- Lesions: removing a block -----------------------------------------------
+
 
 @pytest.mark.parametrize("stage_index,block_index", [(1, 1), (1, 0)])
 def test_removed_block_tree_matches_model_with_shorter_stage(stage_index, block_index):
@@ -49,8 +48,7 @@ def test_removing_downsampling_block_keeps_only_the_shortcut():
     assert lesions.lesioned_model(short_model, 2, 0).shortcut_only_stages == (1, 2)
 
 
-@pytest.mark.parametrize("stage_index,block_index",
-                         [(0, 0), (0, 1), (1, 0), (1, 2), (2, 0)])
+@pytest.mark.parametrize("stage_index,block_index", [(0, 0), (0, 1), (1, 0), (1, 2), (2, 0)])
 def test_lesion_forward_equals_full_model_with_zero_residual(stage_index, block_index):
     model = tiny_model((2, 3, 2), step_size=0.5)
     variables = random_variables(model)
@@ -73,9 +71,12 @@ def test_removing_the_only_block_of_a_stage():
     fresh = fresh_shapes(short_model)
     chex.assert_trees_all_equal_shapes_and_dtypes(short, fresh)
     images = jax.random.normal(jax.random.PRNGKey(3), (2, *IMAGE_SHAPE))
-    chex.assert_trees_all_close(short_model.apply(short, images),
-                                model.apply(zero_residual(variables, 1, 0), images),
-                                atol=1e-6, rtol=1e-6)
+    chex.assert_trees_all_close(
+        short_model.apply(short, images),
+        model.apply(zero_residual(variables, 1, 0), images),
+        atol=1e-6,
+        rtol=1e-6,
+    )
 
 
 def test_bad_lesion_arguments_raise():
@@ -89,7 +90,8 @@ def test_bad_lesion_arguments_raise():
         lesions.lesioned_model(model, 2, 5)
     with pytest.raises(ValueError, match="shortcut_only_stages holds 0"):
         models.ResNet((2, 2), width=2, shortcut_only_stages=(0,)).init(
-            jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE)))
+            jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE))
+        )
 
 
 def test_lesion_leaves_input_unchanged():
@@ -102,6 +104,7 @@ def test_lesion_leaves_input_unchanged():
 
 
 # --- Lesions: shuffling --------------------------------------------------------
+
 
 def _fingerprint(block):
     return tuple(float(jnp.sum(x)) for x in jax.tree_util.tree_leaves(block))
@@ -118,26 +121,36 @@ def test_shuffle_is_a_permutation_of_the_blocks():
         for i, source in enumerate(order):
             chex.assert_trees_all_equal(new[f"block{i + 1}"], old[f"block{source + 1}"])
         # The same multiset of blocks, and not the same order.
-        assert (collections.Counter(map(_fingerprint, new.values()))
-                == collections.Counter(map(_fingerprint, old.values())))
-        assert [_fingerprint(new[f"block{i}"]) for i in range(1, 4)] != \
-               [_fingerprint(old[f"block{i}"]) for i in range(1, 4)]
+        assert collections.Counter(map(_fingerprint, new.values())) == collections.Counter(
+            map(_fingerprint, old.values())
+        )
+        assert [_fingerprint(new[f"block{i}"]) for i in range(1, 4)] != [
+            _fingerprint(old[f"block{i}"]) for i in range(1, 4)
+        ]
         chex.assert_trees_all_equal(shuffled[collection]["stage1"], variables[collection]["stage1"])
     chex.assert_shape(model.apply(shuffled, jnp.ones((1, *IMAGE_SHAPE))), (1, 3))
 
 
 def test_permutation_maps_new_block_i_to_old_block_order_i():
     # A labelled tree: any network tree works, no model needed.
-    tree = {"params": {"stage1": {f"block{b}": {"w": np.array(b)} for b in range(1, 6)},
-                       "head": {"w": np.array(0)}},
-            "step": np.array(7)}
+    tree = {
+        "params": {
+            "stage1": {f"block{b}": {"w": np.array(b)} for b in range(1, 6)},
+            "head": {"w": np.array(0)},
+        },
+        "step": np.array(7),
+    }
     shuffled = lesions.permute_blocks(tree, 0, (0, 3, 1, 4, 2))
     assert [int(shuffled["params"]["stage1"][f"block{b}"]["w"]) for b in range(1, 6)] == [
-        1, 4, 2, 5, 3]
+        1,
+        4,
+        2,
+        5,
+        3,
+    ]
     assert int(shuffled["step"]) == 7 and int(shuffled["params"]["head"]["w"]) == 0
     removed = lesions.remove_block(tree, 0, 1)
-    assert [int(removed["params"]["stage1"][f"block{b}"]["w"]) for b in range(1, 5)] == [
-        1, 3, 4, 5]
+    assert [int(removed["params"]["stage1"][f"block{b}"]["w"]) for b in range(1, 5)] == [1, 3, 4, 5]
 
 
 def test_random_block_permutation_keeps_first_block_and_moves_others():

@@ -7,11 +7,18 @@ import numpy as np
 import pytest
 
 from mlres_jax import input_pipeline, lesions, measurements, models
-from tests.networks import (IMAGE_SHAPE, fresh_shapes, random_images, random_variables,
-                            tiny_model, zero_all_residuals, zero_residual)
-
+from tests.networks import (
+    IMAGE_SHAPE,
+    fresh_shapes,
+    random_images,
+    random_variables,
+    tiny_model,
+    zero_all_residuals,
+    zero_residual,
+)
 
 # --- Norms ---------------------------------------------------------------------
+
 
 def test_zero_residuals_give_zero_residual_norms():
     model = tiny_model((2, 3, 2), step_size=0.5)
@@ -35,13 +42,16 @@ def test_norms_equal_hand_composition_of_two_blocks():
     norms = measurements.block_norms(model, variables, images, batch_size=2)  # padded last batch
     params, stats = variables["params"], variables["batch_stats"]
     x = input_pipeline.preprocess_for_eval(images)
-    y0 = jax.lax.conv_general_dilated(x, params["stem"]["kernel"], (1, 1), "SAME",
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y0 = jax.lax.conv_general_dilated(
+        x, params["stem"]["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
 
     def F(block, y):
         return models.ResidualModule(2).apply(
             {"params": params["stage1"][block], "batch_stats": stats["stage1"][block]},
-            y, train=False)
+            y,
+            train=False,
+        )
 
     f0 = F("block1", y0)
     y1 = y0 + h * f0
@@ -57,9 +67,13 @@ def test_norms_equal_hand_composition_of_two_blocks():
 
 
 def test_block_norms_derived_quantities():
-    norms = measurements.BlockNorms(stage_sizes=(2, 2), step_size=0.5,
-                                    input_norm=np.array([1.0, 2.0, 4.0, 8.0]),
-                                    F_norm=np.array([2.0, 2.0, 2.0, 2.0]), num_examples=10)
+    norms = measurements.BlockNorms(
+        stage_sizes=(2, 2),
+        step_size=0.5,
+        input_norm=np.array([1.0, 2.0, 4.0, 8.0]),
+        F_norm=np.array([2.0, 2.0, 2.0, 2.0]),
+        num_examples=10,
+    )
     np.testing.assert_array_equal(norms.G_norm, [1, 1, 1, 1])
     np.testing.assert_array_equal(norms.time, [0, 0.5, 1.0, 1.5])
     np.testing.assert_array_equal(norms.first_in_stage, [True, False, True, False])
@@ -68,9 +82,17 @@ def test_block_norms_derived_quantities():
     # G/Y = 1, 0.5, 0.25, 0.125: first blocks 1 and 0.25, the rest 0.5 and 0.125.
     assert norms.ratio_summary() == {"first_blocks": 0.625, "other_blocks": 0.3125}
     rows = norms.records()
-    assert rows[2] == {"block": 3, "stage": 2, "block_in_stage": 1, "first_in_stage": True,
-                       "t": 1.0, "input_norm": 4.0, "F_norm": 2.0, "G_norm": 1.0,
-                       "G_over_input": 0.25}
+    assert rows[2] == {
+        "block": 3,
+        "stage": 2,
+        "block_in_stage": 1,
+        "first_in_stage": True,
+        "t": 1.0,
+        "input_norm": 4.0,
+        "F_norm": 2.0,
+        "G_norm": 1.0,
+        "G_over_input": 0.25,
+    }
 
 
 def test_intermediates_are_sown_only_on_request():
@@ -89,14 +111,16 @@ def test_intermediates_are_sown_only_on_request():
 
 # --- Evaluation of lesions -----------------------------------------------------
 
+
 def test_error_rate_counts_every_example_once():
     model = tiny_model((2, 3, 2))
     variables = random_variables(model)
     images, labels = random_images(7), np.arange(7, dtype=np.int32) % 3
     logits = model.apply(variables, input_pipeline.preprocess_for_eval(images))
     expected = np.mean(np.argmax(logits, -1) != labels)
-    assert measurements.error_rate(model, variables, images, labels, batch_size=3) == \
-        pytest.approx(expected)
+    assert measurements.error_rate(model, variables, images, labels, batch_size=3) == pytest.approx(
+        expected
+    )
 
 
 def test_removal_errors_cover_every_block_and_match_zero_residual():
@@ -106,10 +130,16 @@ def test_removal_errors_cover_every_block_and_match_zero_residual():
     baseline = measurements.error_rate(model, variables, images, labels, batch_size=5)
     records = measurements.removal_errors(model, variables, images, labels, batch_size=5)
     assert [(r["stage"], r["block_in_stage"]) for r in records] == [
-        (1, 1), (1, 2), (2, 1), (2, 2), (2, 3), (3, 1), (3, 2)]
+        (1, 1),
+        (1, 2),
+        (2, 1),
+        (2, 2),
+        (2, 3),
+        (3, 1),
+        (3, 2),
+    ]
     assert [r["block"] for r in records] == [1, 2, 3, 4, 5, 6, 7]
-    assert [r["downsampling"] for r in records] == [
-        False, False, True, False, False, True, False]
+    assert [r["downsampling"] for r in records] == [False, False, True, False, False, True, False]
     # Stage 2, block 2 has G = 0: removing it changes nothing.
     assert records[3]["test_error"] == baseline
 
@@ -118,10 +148,12 @@ def test_shuffle_errors_skip_short_stages():
     model = tiny_model((2, 3, 2))
     variables = random_variables(model)
     images, labels = random_images(6), np.arange(6, dtype=np.int32) % 3
-    records = measurements.shuffle_errors(model, variables, images, labels, batch_size=6,
-                                      num_shuffles=2, seed=0)
+    records = measurements.shuffle_errors(
+        model, variables, images, labels, batch_size=6, num_shuffles=2, seed=0
+    )
     assert [(r["stage"], r["shuffle"]) for r in records] == [(2, 1), (2, 2)]
     assert all(r["order"] == "1 3 2" and r["blocks_moved"] == 2 for r in records)
     shuffled = lesions.permute_blocks(variables, 1, (0, 2, 1))
     assert records[0]["test_error"] == measurements.error_rate(
-        model, shuffled, images, labels, batch_size=6)
+        model, shuffled, images, labels, batch_size=6
+    )

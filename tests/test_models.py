@@ -13,11 +13,11 @@ from mlres_jax import cpu_backend, models
 
 # Paper Table 5: (width, blocks per stage, CIFAR-10, CIFAR-100).
 PAPER_PARAMETER_COUNTS = [
-    (16, 2, 172_506, 178_356),    # ResNet-14
-    (16, 5, 464_154, 470_004),    # ResNet-32
-    (16, 8, 755_802, 761_652),    # ResNet-50
+    (16, 2, 172_506, 178_356),  # ResNet-14
+    (16, 5, 464_154, 470_004),  # ResNet-32
+    (16, 8, 755_802, 761_652),  # ResNet-50
     (16, 20, 1_922_394, 1_928_244),  # ResNet-122
-    (32, 2, 685_994, 697_604),    # WResNet-14
+    (32, 2, 685_994, 697_604),  # WResNet-14
     (32, 5, 1_849_898, 1_861_508),  # WResNet-32
     (32, 8, 3_013_802, 3_025_412),  # WResNet-50
     (32, 20, 7_669_418, 7_681_028),  # WResNet-122
@@ -26,8 +26,7 @@ PAPER_PARAMETER_COUNTS = [
 
 def _param_count(width, blocks, num_classes, image_shape=(32, 32, 3)):
     model = models.ResNet((blocks,) * 3, width=width, num_classes=num_classes)
-    shapes = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape))))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape))))
     return models.count_parameters(shapes["params"])
 
 
@@ -72,8 +71,10 @@ def test_downsampling_shortcut_subsamples_and_zero_pads():
 
 def _perturb_blocks(params, scale):
     """Adds ``scale`` to every parameter inside the stages."""
-    return {k: (jax.tree_util.tree_map(lambda p: p + scale, v)
-                if k.startswith("stage") else v) for k, v in params.items()}
+    return {
+        k: (jax.tree_util.tree_map(lambda p: p + scale, v) if k.startswith("stage") else v)
+        for k, v in params.items()
+    }
 
 
 def test_step_size_scales_the_residual_module():
@@ -96,16 +97,21 @@ def test_one_block_forward_equals_hand_composition():
     variables = models.init_variables(model, jax.random.PRNGKey(0), (6, 6, 3))
     params = variables["params"]
     stem = jax.lax.conv_general_dilated(
-        images, params["stem"]["kernel"], (1, 1), "SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        images, params["stem"]["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     residual = models.ResidualModule(4).apply(
-        {"params": params["stage1"]["block1"],
-         "batch_stats": variables["batch_stats"]["stage1"]["block1"]},
-        stem, train=False)
+        {
+            "params": params["stage1"]["block1"],
+            "batch_stats": variables["batch_stats"]["stage1"]["block1"],
+        },
+        stem,
+        train=False,
+    )
     y1 = stem + h * residual
     stats = variables["batch_stats"]["final_norm"]
-    normed = ((y1 - stats["mean"]) / jnp.sqrt(stats["var"] + models.BATCH_NORM_EPSILON)
-              * params["final_norm"]["scale"] + params["final_norm"]["bias"])
+    normed = (y1 - stats["mean"]) / jnp.sqrt(stats["var"] + models.BATCH_NORM_EPSILON) * params[
+        "final_norm"
+    ]["scale"] + params["final_norm"]["bias"]
     pooled = jnp.mean(jax.nn.relu(normed), axis=(1, 2))
     expected = pooled @ params["head"]["kernel"] + params["head"]["bias"]
     chex.assert_trees_all_close(model.apply(variables, images), expected, atol=1e-5)
@@ -119,37 +125,46 @@ def _variables_of(model, seed=0):
     # Random batch-norm statistics and offsets, so every leaf matters.
     leaves, treedef = jax.tree_util.tree_flatten(variables)
     keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    return jax.tree_util.tree_unflatten(treedef, [
-        x + 0.1 * jnp.abs(jax.random.normal(k, x.shape)) for x, k in zip(leaves, keys)])
+    return jax.tree_util.tree_unflatten(
+        treedef, [x + 0.1 * jnp.abs(jax.random.normal(k, x.shape)) for x, k in zip(leaves, keys)]
+    )
 
 
 @pytest.mark.parametrize("stage_sizes", [(2, 3, 1), (4,)])
 def test_scanned_and_unrolled_layouts_compute_the_same(stage_sizes):
     from mlres_jax import multilevel  # pylint: disable=import-outside-toplevel
+
     unrolled = models.ResNet(stage_sizes, width=2, num_classes=3, step_size=0.5)
     scanned = unrolled.clone(scan_blocks=True)
     variables = _variables_of(unrolled)
     converted = multilevel.convert_layout(variables, multilevel.STAGES, multilevel.SCANNED)
     # The conversion gives exactly the scanned model's tree, and back.
-    chex.assert_trees_all_equal_shapes_and_dtypes(converted, jax.eval_shape(
-        lambda: models.init_variables(scanned, jax.random.PRNGKey(0), (8, 8, 3))))
-    chex.assert_trees_all_equal(multilevel.convert_layout(
-        converted, multilevel.SCANNED, multilevel.STAGES), variables)
+    chex.assert_trees_all_equal_shapes_and_dtypes(
+        converted,
+        jax.eval_shape(lambda: models.init_variables(scanned, jax.random.PRNGKey(0), (8, 8, 3))),
+    )
+    chex.assert_trees_all_equal(
+        multilevel.convert_layout(converted, multilevel.SCANNED, multilevel.STAGES), variables
+    )
     images = jax.random.normal(jax.random.PRNGKey(3), (4, 8, 8, 3))
-    chex.assert_trees_all_close(scanned.apply(converted, images),
-                                unrolled.apply(variables, images), atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(
+        scanned.apply(converted, images), unrolled.apply(variables, images), atol=1e-5, rtol=1e-5
+    )
     out_s, new_s = scanned.apply(converted, images, train=True, mutable=["batch_stats"])
     out_u, new_u = unrolled.apply(variables, images, train=True, mutable=["batch_stats"])
     chex.assert_trees_all_close(out_s, out_u, atol=1e-5, rtol=1e-5)
     chex.assert_trees_all_close(
-        multilevel.convert_layout(new_s, multilevel.SCANNED, multilevel.STAGES), new_u,
-        atol=1e-5, rtol=1e-5)
+        multilevel.convert_layout(new_s, multilevel.SCANNED, multilevel.STAGES),
+        new_u,
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
-@pytest.mark.parametrize("rule", ["paper", "identity", "transition_keeping", "linear",
-                                  "appended"])
+@pytest.mark.parametrize("rule", ["paper", "identity", "transition_keeping", "linear", "appended"])
 def test_interpolation_commutes_with_the_layout_conversion(rule):
     from mlres_jax import multilevel  # pylint: disable=import-outside-toplevel
+
     variables = _variables_of(models.ResNet((2, 3), width=2, num_classes=3))
 
     def to_scanned(tree):
@@ -157,7 +172,8 @@ def test_interpolation_commutes_with_the_layout_conversion(rule):
 
     chex.assert_trees_all_equal(
         to_scanned(multilevel.interpolate(variables, rule)),
-        multilevel.interpolate(to_scanned(variables), rule, multilevel.SCANNED))
+        multilevel.interpolate(to_scanned(variables), rule, multilevel.SCANNED),
+    )
 
 
 def test_bfloat16_computation_keeps_float32_parameters_and_tracks_float32():
@@ -166,7 +182,8 @@ def test_bfloat16_computation_keeps_float32_parameters_and_tracks_float32():
     half = model.clone(dtype=jnp.bfloat16)
     chex.assert_trees_all_equal_shapes_and_dtypes(  # parameters stay float32
         jax.eval_shape(lambda: models.init_variables(half, jax.random.PRNGKey(0), (8, 8, 3))),
-        jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0), (8, 8, 3))))
+        jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0), (8, 8, 3))),
+    )
     images = jax.random.normal(jax.random.PRNGKey(3), (4, 8, 8, 3))
     full_out = model.apply(variables, images)
     half_out = half.apply(variables, images)
@@ -179,6 +196,7 @@ def test_bfloat16_computation_keeps_float32_parameters_and_tracks_float32():
 
 def test_deepen_and_restrict_follow_the_model_layout():
     from mlres_jax import multilevel  # pylint: disable=import-outside-toplevel
+
     model = models.ResNet((2, 3), width=2, num_classes=3)
     scanned_model = model.clone(scan_blocks=True)
     variables = _variables_of(model)
@@ -187,10 +205,15 @@ def test_deepen_and_restrict_follow_the_model_layout():
     scanned_deeper_model, scanned_deeper = multilevel.deepen(scanned_model, scanned)
     assert scanned_deeper_model.scan_blocks and scanned_deeper_model.stage_sizes == (4, 6)
     chex.assert_trees_all_equal(
-        multilevel.convert_layout(scanned_deeper, multilevel.SCANNED, multilevel.STAGES), deeper)
+        multilevel.convert_layout(scanned_deeper, multilevel.SCANNED, multilevel.STAGES), deeper
+    )
     images = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
-    chex.assert_trees_all_close(scanned_deeper_model.apply(scanned_deeper, images),
-                                deeper_model.apply(deeper, images), atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(
+        scanned_deeper_model.apply(scanned_deeper, images),
+        deeper_model.apply(deeper, images),
+        atol=1e-5,
+        rtol=1e-5,
+    )
     _, back = multilevel.restrict(scanned_deeper_model, scanned_deeper)
     chex.assert_trees_all_close(back, scanned, atol=1e-6)
 
@@ -198,23 +221,29 @@ def test_deepen_and_restrict_follow_the_model_layout():
 # --- Convolutions inside the scan ------------------------------------------------
 
 
-@pytest.mark.parametrize("kernel_size,in_features,out_features,dtype", [
-    ((3, 3), 3, 5, jnp.float32), ((2, 4), 4, 4, jnp.float32), ((3, 3), 4, 4, jnp.bfloat16)])
+@pytest.mark.parametrize(
+    "kernel_size,in_features,out_features,dtype",
+    [((3, 3), 3, 5, jnp.float32), ((2, 4), 4, 4, jnp.float32), ((3, 3), 4, 4, jnp.bfloat16)],
+)
 def test_conv_with_canonical_gradients_matches_automatic_gradients(
-        kernel_size, in_features, out_features, dtype):
+    kernel_size, in_features, out_features, dtype
+):
     # The oracle: JAX's own gradients of the same 'SAME' convolution.
     inputs = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 6, in_features), dtype)
-    kernel = jax.random.normal(jax.random.PRNGKey(1), (*kernel_size, in_features,
-                                                       out_features), dtype)
+    kernel = jax.random.normal(
+        jax.random.PRNGKey(1), (*kernel_size, in_features, out_features), dtype
+    )
     cotangent = jax.random.normal(jax.random.PRNGKey(2), (2, 7, 6, out_features), dtype)
 
     def plain(x, k):
-        return jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.lax.conv_general_dilated(
+            x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
 
     def ours(x, k):
         return cpu_backend.conv_with_canonical_gradients(
-            x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
 
     expected, expected_vjp = jax.vjp(plain, inputs, kernel)
     actual, actual_vjp = jax.vjp(ours, inputs, kernel)
@@ -227,21 +256,34 @@ def test_conv_with_canonical_gradients_matches_automatic_gradients(
         assert float(jnp.max(jnp.abs((got - want).astype(jnp.float32)))) <= tolerance * scale
 
 
-@pytest.mark.parametrize("field,value", [
-    ("window_strides", (2, 2)), ("padding", "VALID"), ("rhs_dilation", (2, 2)),
-    ("dimension_numbers", ("NCHW", "OIHW", "NCHW")), ("feature_group_count", 2)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("window_strides", (2, 2)),
+        ("padding", "VALID"),
+        ("rhs_dilation", (2, 2)),
+        ("dimension_numbers", ("NCHW", "OIHW", "NCHW")),
+        ("feature_group_count", 2),
+    ],
+)
 def test_conv_with_canonical_gradients_rejects_other_convolutions(field, value):
     arguments = {"window_strides": (1, 1), "padding": "SAME", field: value}
     with pytest.raises(ValueError, match=field):
-        cpu_backend.conv_with_canonical_gradients(jnp.zeros((1, 4, 4, 2)),
-                                                  jnp.zeros((3, 3, 2, 2)), **arguments)
+        cpu_backend.conv_with_canonical_gradients(
+            jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2, 2)), **arguments
+        )
 
 
 def _parameter_gradients(model, variables, images):
     def loss(params):
-        logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
-                                images, train=True, mutable=["batch_stats"])
-        return jnp.sum(logits ** 2)
+        logits, _ = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return jnp.sum(logits**2)
+
     return jax.jit(jax.grad(loss)), variables["params"]
 
 
@@ -250,7 +292,9 @@ def test_the_cpu_workarounds_are_chosen_for_the_cpu_only():
     assert cpu_backend.scanned_conv("gpu") is nn.Conv
     assert cpu_backend.scanned_conv("tpu") is nn.Conv
     assert cpu_backend.one_shot_compiler_options("cpu") == {
-        "xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+        "xla_backend_optimization_level": 0,
+        "xla_llvm_disable_expensive_passes": True,
+    }
     assert cpu_backend.one_shot_compiler_options("gpu") == {}
     # Models built with the same convolution compare and hash equal (the
     # eval step is cached per model).
@@ -260,6 +304,7 @@ def test_the_cpu_workarounds_are_chosen_for_the_cpu_only():
 
 def test_scanned_gradients_equal_unrolled_and_take_the_fast_convolution_form():
     from mlres_jax import multilevel  # pylint: disable=import-outside-toplevel
+
     unrolled = models.ResNet((3, 2), width=4, num_classes=3, step_size=0.5)
     scanned = unrolled.clone(scan_blocks=True, scanned_conv=cpu_backend.scanned_conv())
     variables = _variables_of(unrolled)
@@ -268,11 +313,16 @@ def test_scanned_gradients_equal_unrolled_and_take_the_fast_convolution_form():
     grad_unrolled, params_unrolled = _parameter_gradients(unrolled, variables, images)
     grad_scanned, params_scanned = _parameter_gradients(scanned, converted, images)
     chex.assert_trees_all_close(
-        multilevel.convert_layout({"params": grad_scanned(params_scanned)},
-                                  multilevel.SCANNED, multilevel.STAGES),
-        {"params": grad_unrolled(params_unrolled)}, atol=1e-5, rtol=1e-5)
+        multilevel.convert_layout(
+            {"params": grad_scanned(params_scanned)}, multilevel.SCANNED, multilevel.STAGES
+        ),
+        {"params": grad_unrolled(params_unrolled)},
+        atol=1e-5,
+        rtol=1e-5,
+    )
     if jax.default_backend() != "cpu":
         return
+
     # On CPU every convolution of the compiled gradient, the scanned blocks'
     # included, must be NHWC x HWIO -> NHWC, the form XLA runs on its fast
     # kernel; JAX's own gradients inside the scan were f01b_i01o->01bf and

@@ -19,14 +19,18 @@ def _variables(stage_sizes, width=4, image_shape=(8, 8, 3)):
 
 def _label_blocks(tree):
     """Sets every leaf of stage s, block b to the number 100 * s + b."""
+
     def label(stage_key, stage):
-        s = int(stage_key[len("stage"):])
-        return {bk: jax.tree_util.tree_map(
-            lambda x, v=100 * s + int(bk[len("block"):]): jnp.full_like(x, v), block)
-            for bk, block in stage.items()}
+        s = int(stage_key[len("stage") :])
+
+        def fill(block, value):
+            return jax.tree_util.tree_map(lambda x: jnp.full_like(x, value), block)
+
+        return {bk: fill(block, 100 * s + int(bk[len("block") :])) for bk, block in stage.items()}
+
     return multilevel.map_network_trees(
-        lambda net: {k: (label(k, v) if k.startswith("stage") else v)
-                     for k, v in net.items()}, tree)
+        lambda net: {k: (label(k, v) if k.startswith("stage") else v) for k, v in net.items()}, tree
+    )
 
 
 def _block_labels(tree, stage):
@@ -113,13 +117,13 @@ def test_input_tree_is_left_unchanged():
 def test_momentum_at_interpolation(policy):
     model, variables = _variables((2, 2, 2))
     tx = steps.create_optimizer(
-        _Config(weight_decay=2e-4, momentum=0.9), optax.constant_schedule(0.1))
+        _Config(weight_decay=2e-4, momentum=0.9), optax.constant_schedule(0.1)
+    )
     state = steps.create_train_state(jax.random.PRNGKey(0), model, tx, (8, 8, 3))
     # Give the momentum known values: one step's trace is the gradient-like
     # tree, here simply labelled by block.
     trace = _label_blocks(state.params)
-    opt_state = (state.opt_state[0],
-                 (optax.TraceState(trace=trace), state.opt_state[1][1]))
+    opt_state = (state.opt_state[0], (optax.TraceState(trace=trace), state.opt_state[1][1]))
     count_before = int(optax.tree_utils.tree_get(opt_state, "count"))
     state = state.replace(opt_state=opt_state)
     deeper = steps.interpolate_train_state(state, "paper", policy)

@@ -1,4 +1,6 @@
-"""Growing Flax NNX models: a bonsai-style ResNet and a pre-norm transformer (`multilevel.ListLayout`).
+"""Growing Flax NNX models: a bonsai-style ResNet and a pre-norm transformer.
+
+Both are found by `multilevel.ListLayout`.
 
 The models are written as their authors write them (`tests.nnx_models`); the
 rules, coarsening and momentum policies are `multilevel`'s, located by
@@ -52,10 +54,11 @@ def _perturbed(state, seed=1):
     leaves, treedef = jax.tree_util.tree_flatten(state)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     return jax.tree_util.tree_unflatten(
-        treedef, [x + 0.1 * jnp.abs(jax.random.normal(k, x.shape)) for x, k in zip(leaves, keys)])
+        treedef, [x + 0.1 * jnp.abs(jax.random.normal(k, x.shape)) for x, k in zip(leaves, keys)]
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _small(shape):
     """The small model of ``shape`` and its (perturbed) state, in eval mode."""
     build, _, sizes = SHAPES[shape]
@@ -79,23 +82,29 @@ def _deeper(shape, state, factor=2):
 
 
 def _block_position(path):
-    """``(stage, block)``, 1-based, of a leaf at ``path`` (``.../layer1/blocks/2/...``), else None."""
+    """``(stage, block)``, 1-based, of a leaf at ``.../layer1/blocks/2/...``, else None."""
     keys = [getattr(k, "key", None) for k in path]
     for i in range(len(keys) - 1):
         if keys[i] == "blocks" and isinstance(keys[i + 1], int):
             previous = keys[i - 1] if i > 0 else None
-            stage = int(previous[len("layer"):]) + 1 if isinstance(previous, str) and (
-                previous.startswith("layer")) else 1
+            stage = (
+                int(previous[len("layer") :]) + 1
+                if isinstance(previous, str) and (previous.startswith("layer"))
+                else 1
+            )
             return stage, keys[i + 1] + 1
     return None
 
 
 def _labelled(state):
     """Every leaf of block b of stage s (1-based) filled with 100 s + b; other leaves kept."""
+
     def label(path, leaf):
         where = _block_position(path)
-        return leaf if where is None else jnp.full(leaf.shape, 100 * where[0] + where[1],
-                                                   leaf.dtype)
+        return (
+            leaf if where is None else jnp.full(leaf.shape, 100 * where[0] + where[1], leaf.dtype)
+        )
+
     return jax.tree_util.tree_map_with_path(label, state)
 
 
@@ -136,15 +145,17 @@ def test_identity_rule_keeps_the_eval_outputs(shape):
     model, state = _small(shape)
     inputs = _inputs(shape)
     before = np.asarray(model(inputs))
-    after = np.asarray(_deeper(shape, multilevel.interpolate(state, "identity",
-                                                              SHAPES[shape][1]))(inputs))
+    after = np.asarray(
+        _deeper(shape, multilevel.interpolate(state, "identity", SHAPES[shape][1]))(inputs)
+    )
     # No h: old blocks are unchanged and inserted blocks add exact zeros (the
     # ResNet's relu of a non-negative input is that input), so only the order
     # of float32 operations may differ: 1e-6 of the outputs' scale.
     np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6 * np.abs(before).max())
     # The paper's rule does change them, so the check can fail.
-    paper = np.asarray(_deeper(shape, multilevel.interpolate(state, "paper",
-                                                             SHAPES[shape][1]))(inputs))
+    paper = np.asarray(
+        _deeper(shape, multilevel.interpolate(state, "paper", SHAPES[shape][1]))(inputs)
+    )
     assert np.abs(paper - before).max() > 1e-3
 
 
@@ -155,13 +166,15 @@ def test_identity_rule_with_an_explicit_residual_scale():
     nnx.update(model, _perturbed(nnx.state(model)))
     inputs = _inputs("transformer")
     before = np.asarray(model(inputs))
-    explicit = multilevel.transformer_layout(nnx_models.TRANSFORMER_RESIDUAL_OUTPUT,
-                                             explicit_step_size=True)
+    explicit = multilevel.transformer_layout(
+        nnx_models.TRANSFORMER_RESIDUAL_OUTPUT, explicit_step_size=True
+    )
     deeper = _transformer(6, residual_scale=0.25)
     nnx.update(deeper, multilevel.interpolate(nnx.state(model), "identity", explicit))
     # h/2 * 2G: factors of 2 are exact in float32; the tolerance is the one above.
-    np.testing.assert_allclose(np.asarray(deeper(inputs)), before, rtol=1e-6,
-                               atol=1e-6 * np.abs(before).max())
+    np.testing.assert_allclose(
+        np.asarray(deeper(inputs)), before, rtol=1e-6, atol=1e-6 * np.abs(before).max()
+    )
     # Without saying so, the old blocks keep G and h is halved: the outputs change.
     nnx.update(deeper, multilevel.interpolate(nnx.state(model), "identity", TRANSFORMER_LAYOUT))
     assert np.abs(np.asarray(deeper(inputs)) - before).max() > 1e-3
@@ -182,12 +195,15 @@ def test_resnet_copy_pattern_is_this_projects(rule):
         stage = next((int(n[5:]) for n in names if multilevel.is_stage_key(n)), 0)
         block = next((int(n[5:]) for n in names if n.startswith("block")), 0)
         return jnp.full(leaf.shape, 100.0 * stage + block)
-    ours = multilevel.interpolate(jax.tree_util.tree_map_with_path(
-        label, {"params": variables["params"]}), rule)["params"]
+
+    ours = multilevel.interpolate(
+        jax.tree_util.tree_map_with_path(label, {"params": variables["params"]}), rule
+    )["params"]
     grown = multilevel.interpolate(_labelled(_small("resnet")[1]), rule, RESNET_LAYOUT)
     for stage in (1, 2):
-        theirs = [ours[f"stage{stage}"][f"block{b}"]
-                  for b in range(1, len(ours[f"stage{stage}"]) + 1)]
+        theirs = [
+            ours[f"stage{stage}"][f"block{b}"] for b in range(1, len(ours[f"stage{stage}"]) + 1)
+        ]
         # conv1 of this project's block is unscaled: where each block comes from.
         sources = [float(b["conv1"]["kernel"].ravel()[0]) for b in theirs]
         assert _values(grown, (f"layer{stage - 1}", "blocks"), "conv0/kernel") == sources
@@ -197,48 +213,67 @@ def test_resnet_copy_pattern_is_this_projects(rule):
         halved = {"identity": 0.5, "transition_keeping": 0.5}.get(rule, 1.0)
         scaled = [halved * float(b["conv2"]["kernel"].ravel()[0]) for b in theirs]
         np.testing.assert_allclose(
-            _values(grown, (f"layer{stage - 1}", "blocks"), "bn2/scale"), scaled, rtol=1e-6)
-    assert _values(grown, ("layer1", "blocks"), "conv0/kernel") == (
-        {"paper": [201, 202, 202, 202, 203, 203], "identity": [201, 202, 202, 202, 203, 203],
-         "transition_keeping": [201, 202, 202, 202, 203, 203],
-         "linear": [201, 202, 202, 202.5, 203, 203],
-         "appended": [201, 202, 203, 202, 202, 203]}[rule])
+            _values(grown, (f"layer{stage - 1}", "blocks"), "bn2/scale"), scaled, rtol=1e-6
+        )
+    assert (
+        _values(grown, ("layer1", "blocks"), "conv0/kernel")
+        == (
+            {
+                "paper": [201, 202, 202, 202, 203, 203],
+                "identity": [201, 202, 202, 202, 203, 203],
+                "transition_keeping": [201, 202, 202, 202, 203, 203],
+                "linear": [201, 202, 202, 202.5, 203, 203],
+                "appended": [201, 202, 203, 202, 202, 203],
+            }[rule]
+        )
+    )
 
 
-@pytest.mark.parametrize("rule,sources,factors,explicit_factors", [
-    # Blocks 1, 2, 3 (every leaf labelled 100 + b); no block is a transition.
-    # factors: on the residual output, h kept (no h) and h halved (explicit h).
-    ("paper", [1, 1, 2, 2, 3, 3], [1] * 6, [1] * 6),
-    ("identity", [1, 1, 2, 2, 3, 3], [1, 0] * 3, [2, 0] * 3),
-    # Every block appears twice: 1/2 of its output with h kept, 2/2 with h halved.
-    ("transition_keeping", [1, 1, 2, 2, 3, 3], [0.5] * 6, [1] * 6),
-    ("linear", [1, 1.5, 2, 2.5, 3, 3], [1] * 6, [1] * 6),
-    ("appended", [1, 2, 3, 1, 2, 3], [1] * 6, [1] * 6),
-])
+@pytest.mark.parametrize(
+    "rule,sources,factors,explicit_factors",
+    [
+        # Blocks 1, 2, 3 (every leaf labelled 100 + b); no block is a transition.
+        # factors: on the residual output, h kept (no h) and h halved (explicit h).
+        ("paper", [1, 1, 2, 2, 3, 3], [1] * 6, [1] * 6),
+        ("identity", [1, 1, 2, 2, 3, 3], [1, 0] * 3, [2, 0] * 3),
+        # Every block appears twice: 1/2 of its output with h kept, 2/2 with h halved.
+        ("transition_keeping", [1, 1, 2, 2, 3, 3], [0.5] * 6, [1] * 6),
+        ("linear", [1, 1.5, 2, 2.5, 3, 3], [1] * 6, [1] * 6),
+        ("appended", [1, 2, 3, 1, 2, 3], [1] * 6, [1] * 6),
+    ],
+)
 def test_transformer_of_three_blocks_grows_to_six_without_a_transition(
-        rule, sources, factors, explicit_factors):
+    rule, sources, factors, explicit_factors
+):
     state = _labelled(_small("transformer")[1])
-    explicit = multilevel.transformer_layout(nnx_models.TRANSFORMER_RESIDUAL_OUTPUT,
-                                             explicit_step_size=True)
+    explicit = multilevel.transformer_layout(
+        nnx_models.TRANSFORMER_RESIDUAL_OUTPUT, explicit_step_size=True
+    )
     for layout, scales in ((TRANSFORMER_LAYOUT, factors), (explicit, explicit_factors)):
         grown = multilevel.interpolate(state, rule, layout)
         assert len(grown["blocks"]) == 6
         for leaf in ("attention/query/kernel", "norm1/scale", "mlp/fc1/bias"):
             assert _values(grown, ("blocks",), leaf) == [100 + s for s in sources]
         for leaf in nnx_models.TRANSFORMER_RESIDUAL_OUTPUT:
-            np.testing.assert_allclose(_values(grown, ("blocks",), leaf),
-                                       [(100 + s) * f for s, f in zip(sources, scales)],
-                                       rtol=1e-6)
+            np.testing.assert_allclose(
+                _values(grown, ("blocks",), leaf),
+                [(100 + s) * f for s, f in zip(sources, scales)],
+                rtol=1e-6,
+            )
         # The embeddings, final norm and head are kept.
         chex.assert_trees_all_equal(grown["head"], state["head"])
 
 
 def test_one_block_stack_grows_but_one_block_resnet_stage_does_not():
-    grown = multilevel.interpolate(_labelled(nnx.state(_transformer(1))), "paper",
-                                   TRANSFORMER_LAYOUT)
+    grown = multilevel.interpolate(
+        _labelled(nnx.state(_transformer(1))), "paper", TRANSFORMER_LAYOUT
+    )
     assert _values(grown, ("blocks",), "mlp/fc1/kernel") == [101, 101]
-    with pytest.raises(ValueError, match=r"cannot interpolate layer1/blocks "
-                                         r"\(bonsai_resnet_layout\(\)\).*at least 2 blocks"):
+    with pytest.raises(
+        ValueError,
+        match=r"cannot interpolate layer1/blocks "
+        r"\(bonsai_resnet_layout\(\)\).*at least 2 blocks",
+    ):
         multilevel.interpolate(nnx.state(_resnet((2, 1))), "paper", RESNET_LAYOUT)
 
 
@@ -250,9 +285,14 @@ def test_a_one_block_stage_with_a_transition_is_refused_in_the_layouts_terms(cas
         "bonsai ResNet": (nnx.state(_resnet((2, 1))), RESNET_LAYOUT, "layer1/blocks"),
         "transformer with a transition": (
             nnx.state(_transformer(1)),
-            multilevel.ListLayout("blocks", nnx_models.TRANSFORMER_RESIDUAL_OUTPUT,
-                                  first_block_is_transition=True, label="my_layout"),
-            "blocks"),
+            multilevel.ListLayout(
+                "blocks",
+                nnx_models.TRANSFORMER_RESIDUAL_OUTPUT,
+                first_block_is_transition=True,
+                label="my_layout",
+            ),
+            "blocks",
+        ),
     }[case]
     with pytest.raises(ValueError) as raised:
         multilevel.interpolate(state, rule, layout)
@@ -261,8 +301,8 @@ def test_a_one_block_stage_with_a_transition_is_refused_in_the_layouts_terms(cas
         "blocks in a stage whose first block is a transition, got a stage of 1: the layout has "
         "first_block_is_transition=True, so the block inserted after the first is made from the "
         "second, whose entries and shapes the later blocks share (paper App. B); a network "
-        "whose blocks are all alike takes a layout with first_block_is_transition=False"), (
-        str(raised.value))
+        "whose blocks are all alike takes a layout with first_block_is_transition=False"
+    ), str(raised.value)
 
 
 # --- Coarsening -------------------------------------------------------------------
@@ -297,6 +337,7 @@ def test_nnx_optimizer_state_grows_with_the_parameters(policy):
 
     def ones(path, leaf):  # momentum 1 everywhere, then 100 s + b in block b of stage s
         return jnp.ones_like(leaf) if "trace" in [getattr(k, "key", None) for k in path] else leaf
+
     opt_state = _labelled(jax.tree_util.tree_map_with_path(ones, nnx.state(optimizer)))
     grown = multilevel.grow_optimizer_state(opt_state, "paper", policy, RESNET_LAYOUT)
     deeper = _resnet((4, 6))
@@ -306,12 +347,18 @@ def test_nnx_optimizer_state_grows_with_the_parameters(policy):
     nnx.update(fresh, grown)
     assert int(fresh.step[...]) == 7  # the step count (and the schedule) goes on
     trace = nnx.state(fresh)["opt_state"][0]["trace"]
-    expected = {"interpolate": [1, 2, 2, 2, 3, 3], "reset": [0] * 6,
-                "zero_inserted": [1, 0, 2, 0, 3, 0]}[policy]
+    expected = {
+        "interpolate": [1, 2, 2, 2, 3, 3],
+        "reset": [0] * 6,
+        "zero_inserted": [1, 0, 2, 0, 3, 0],
+    }[policy]
     assert _momentum_labels(trace, ("layer1", "blocks")) == expected
     # Outside the blocks the momentum is kept, or zeroed by "reset".
-    assert float(trace["fc"]["kernel"][...].min()) == float(trace["fc"]["kernel"][...].max()) == (
-        0.0 if policy == "reset" else 1.0)
+    assert (
+        float(trace["fc"]["kernel"][...].min())
+        == float(trace["fc"]["kernel"][...].max())
+        == (0.0 if policy == "reset" else 1.0)
+    )
 
 
 @pytest.mark.parametrize("policy", sorted(multilevel.MOMENTUM_POLICIES))
@@ -323,8 +370,11 @@ def test_optax_state_over_nnx_parameters_grows_with_them(policy):
     fresh = tx.init(nnx.state(_transformer(6), nnx.Param))
     assert jax.tree_util.tree_structure(grown) == jax.tree_util.tree_structure(fresh)
     chex.assert_trees_all_equal_shapes_and_dtypes(grown, fresh)
-    expected = {"interpolate": [1, 1, 2, 2, 3, 3], "reset": [0] * 6,
-                "zero_inserted": [1, 0, 2, 0, 3, 0]}[policy]
+    expected = {
+        "interpolate": [1, 1, 2, 2, 3, 3],
+        "reset": [0] * 6,
+        "zero_inserted": [1, 0, 2, 0, 3, 0],
+    }[policy]
     for moment in (grown[0].mu, grown[0].nu):  # both mirror the parameters
         assert _momentum_labels(moment, ("blocks",), "mlp/fc1/kernel") == expected
         # The residual output's momentum is scaled as its parameter: zero in inserted blocks.
@@ -354,8 +404,9 @@ def test_grown_resnet_trains_with_its_grown_nnx_optimizer():
     for _ in range(2):
         _nnx_train_step(model, optimizer, images, labels)
     grown_state = multilevel.interpolate(nnx.state(model), "paper", RESNET_LAYOUT)
-    grown_opt_state = multilevel.grow_optimizer_state(nnx.state(optimizer), "paper",
-                                                      "interpolate", RESNET_LAYOUT)
+    grown_opt_state = multilevel.grow_optimizer_state(
+        nnx.state(optimizer), "paper", "interpolate", RESNET_LAYOUT
+    )
     deeper = _resnet((4, 6))
     nnx.update(deeper, grown_state)
     deeper_optimizer = nnx.Optimizer(deeper, optax.sgd(0.05, momentum=0.9), wrt=nnx.Param)
@@ -366,8 +417,15 @@ def test_grown_resnet_trains_with_its_grown_nnx_optimizer():
     assert int(deeper_optimizer.step[...]) == 5
     chex.assert_trees_all_equal_structs(nnx.state(deeper), grown_state)
     # It did train: the copies of block 2 have moved apart from the grown values.
-    assert float(jnp.abs(nnx.state(deeper)["layer1"]["blocks"][3]["conv1"]["kernel"][...]
-                         - grown_state["layer1"]["blocks"][3]["conv1"]["kernel"][...]).max()) > 0
+    assert (
+        float(
+            jnp.abs(
+                nnx.state(deeper)["layer1"]["blocks"][3]["conv1"]["kernel"][...]
+                - grown_state["layer1"]["blocks"][3]["conv1"]["kernel"][...]
+            ).max()
+        )
+        > 0
+    )
 
 
 def test_grown_transformer_trains_with_its_grown_optax_state():
@@ -381,9 +439,11 @@ def test_grown_transformer_trains_with_its_grown_optax_state():
             def loss(params):
                 model = nnx.merge(graphdef, params)
                 return _loss(model, tokens[:, :-1], tokens[:, 1:])
+
             value, grads = jax.value_and_grad(loss)(params)
             updates, opt_state = tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, value
+
         losses = []
         for _ in range(steps):
             params, opt_state, value = step(params, opt_state)
@@ -393,8 +453,9 @@ def test_grown_transformer_trains_with_its_grown_optax_state():
     graphdef, params = nnx.split(_transformer(3))
     params, opt_state, _ = train(graphdef, params, tx.init(params), 2)
     grown = multilevel.interpolate(params, "identity", TRANSFORMER_LAYOUT)
-    grown_opt_state = multilevel.grow_optimizer_state(opt_state, "identity", "interpolate",
-                                                      TRANSFORMER_LAYOUT)
+    grown_opt_state = multilevel.grow_optimizer_state(
+        opt_state, "identity", "interpolate", TRANSFORMER_LAYOUT
+    )
     deeper_graphdef, fresh = nnx.split(_transformer(6))
     chex.assert_trees_all_equal_shapes_and_dtypes(grown, fresh)
     _, new_opt_state, losses = train(deeper_graphdef, grown, grown_opt_state, 3)
@@ -411,29 +472,42 @@ def _grow_or_coarsen(action, tree, layout):
     return multilevel.interpolate(tree, action, layout)
 
 
-@pytest.mark.parametrize("case", ["resnet layout, transformer state",
-                                  "transformer layout, another list name",
-                                  "transformer layout, the issue's tree"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "resnet layout, transformer state",
+        "transformer layout, another list name",
+        "transformer layout, the issue's tree",
+    ],
+)
 @pytest.mark.parametrize("action", [*RULES, "coarsen"])
 def test_a_tree_without_the_layouts_blocks_is_refused(case, action):
     layout, tree, keys = {
         "resnet layout, transformer state": (
-            RESNET_LAYOUT, _small("transformer")[1],
-            "['blocks', 'embed', 'final_norm', 'head', 'position'] (under 'blocks': [0, 1, 2]"),
+            RESNET_LAYOUT,
+            _small("transformer")[1],
+            "['blocks', 'embed', 'final_norm', 'head', 'position'] (under 'blocks': [0, 1, 2]",
+        ),
         "transformer layout, another list name": (
             multilevel.transformer_layout(nnx_models.TRANSFORMER_RESIDUAL_OUTPUT, "layers"),
-            _small("transformer")[1], "['blocks', 'embed', 'final_norm', 'head', 'position']"),
+            _small("transformer")[1],
+            "['blocks', 'embed', 'final_norm', 'head', 'position']",
+        ),
         "transformer layout, the issue's tree": (
-            TRANSFORMER_LAYOUT, {"params": {"dense": {"kernel": jnp.ones((3, 2))}}},
-            "['params'] (under 'params': ['dense'])"),
+            TRANSFORMER_LAYOUT,
+            {"params": {"dense": {"kernel": jnp.ones((3, 2))}}},
+            "['params'] (under 'params': ['dense'])",
+        ),
     }[case]
     verb = "coarsen" if action == "coarsen" else "interpolate"
     with pytest.raises(ValueError) as raised:
         _grow_or_coarsen(action, tree, layout)
     message = str(raised.value)
-    assert message.startswith(f"cannot {verb}: {layout.label} finds no stage of blocks in the "
-                              f"tree; it looks for lists of blocks (keys 0, 1, ... as nnx.List "
-                              f"keeps them) at paths matching {layout.stages!r}"), message
+    assert message.startswith(
+        f"cannot {verb}: {layout.label} finds no stage of blocks in the "
+        f"tree; it looks for lists of blocks (keys 0, 1, ... as nnx.List "
+        f"keeps them) at paths matching {layout.stages!r}"
+    ), message
     assert f"the tree's top-level keys are {keys}" in message, message
 
 
@@ -443,18 +517,26 @@ def test_a_stage_that_does_not_match_the_layout_is_refused(action):
     # The transformer layout on a ResNet stage: its first block (with a
     # downsample module) is not like the others, and no block may be a transition.
     resnet_state = _small("resnet")[1]
-    with pytest.raises(ValueError, match=(
+    with pytest.raises(
+        ValueError,
+        match=(
             rf"cannot {verb} under transformer_layout\(\): stage 'blocks' does not match the "
             r"layout: its block 1 \(0-based\) lacks entries \['downsample/bn/bias', .*\] of "
             r"block 0; the layout expects every block to have the same entries and shapes "
-            r"\(no block is a transition\)")):
-        _grow_or_coarsen(action, resnet_state,
-                         multilevel.transformer_layout(nnx_models.RESNET_RESIDUAL_OUTPUT))
+            r"\(no block is a transition\)"
+        ),
+    ):
+        _grow_or_coarsen(
+            action, resnet_state, multilevel.transformer_layout(nnx_models.RESNET_RESIDUAL_OUTPUT)
+        )
     # A list with a gap (block 1 removed by hand).
     state = nnx.State(dict(_small("transformer")[1].raw_mapping))
     state["blocks"] = {0: state["blocks"][0], 2: state["blocks"][2]}
-    with pytest.raises(ValueError, match=rf"cannot {verb} under transformer_layout\(\): 'blocks' "
-                                         r"is not a list of blocks: its keys are \[0, 2\]"):
+    with pytest.raises(
+        ValueError,
+        match=rf"cannot {verb} under transformer_layout\(\): 'blocks' "
+        r"is not a list of blocks: its keys are \[0, 2\]",
+    ):
         _grow_or_coarsen(action, state, TRANSFORMER_LAYOUT)
 
 
@@ -464,24 +546,33 @@ def test_a_stage_that_does_not_match_the_layout_is_refused(action):
 MISNAMED = {
     # The issue's: 'w' and 'b' for nnx.Linear's 'kernel' and 'bias'.
     "a last component no leaf has": (
-        "transformer", ("attention/out/kernel", "attention/out/bias", "mlp/fc2/w", "mlp/fc2/b"),
+        "transformer",
+        ("attention/out/kernel", "attention/out/bias", "mlp/fc2/w", "mlp/fc2/b"),
         r"'mlp/fc2/w' or 'mlp/fc2/b'",
-        r"for 'mlp/fc2/w' and 'mlp/fc2/b', under 'mlp/fc2': \['mlp/fc2/bias', 'mlp/fc2/kernel'\]"),
+        r"for 'mlp/fc2/w' and 'mlp/fc2/b', under 'mlp/fc2': \['mlp/fc2/bias', 'mlp/fc2/kernel'\]",
+    ),
     "a misnamed module": (
-        "transformer", ("attention/out/kernel", "attention/out/bias", "mlp/fc2/kernel",
-                        "mlp/output/bias"),
+        "transformer",
+        ("attention/out/kernel", "attention/out/bias", "mlp/fc2/kernel", "mlp/output/bias"),
         r"'mlp/output/bias'",
         r"for 'mlp/output/bias', under 'mlp': \['mlp/fc1/bias', 'mlp/fc1/kernel', "
-        r"'mlp/fc2/bias', 'mlp/fc2/kernel'\]"),
+        r"'mlp/fc2/bias', 'mlp/fc2/kernel'\]",
+    ),
     "one name, another framework's": (
-        "transformer", "attn/out_proj/weight", r"'attn/out_proj/weight'",
-        r"for 'attn/out_proj/weight', the leaves \['attention/key/bias', "),
+        "transformer",
+        "attn/out_proj/weight",
+        r"'attn/out_proj/weight'",
+        r"for 'attn/out_proj/weight', the leaves \['attention/key/bias', ",
+    ),
     # Parameters and batch statistics in one nnx.State: neither has them.
     "a ResNet's norm named as in PyTorch": (
-        "resnet", ("bn2/weight", "bn2/bias_"), r"'bn2/weight' or 'bn2/bias_'",
+        "resnet",
+        ("bn2/weight", "bn2/bias_"),
+        r"'bn2/weight' or 'bn2/bias_'",
         # (the optimizer states have no batch statistics: no bn2/mean, bn2/var)
         r"for 'bn2/weight' and 'bn2/bias_', under 'bn2': \['bn2/bias', ('bn2/mean', )?"
-        r"'bn2/scale'(, 'bn2/var')?\]"),
+        r"'bn2/scale'(, 'bn2/var')?\]",
+    ),
 }
 
 
@@ -493,15 +584,22 @@ def _optimizer_state(shape, tx):
 @pytest.mark.parametrize("action", [*RULES, "coarsen", "nnx.Optimizer state", "optax state"])
 def test_a_residual_output_name_no_block_has_is_refused(case, action):
     shape, names, missing, near = MISNAMED[case]
-    layout = multilevel.ListLayout(SHAPES[shape][1].stages, names,
-                                   first_block_is_transition=shape == "resnet",
-                                   label="the layout")
+    layout = multilevel.ListLayout(
+        SHAPES[shape][1].stages,
+        names,
+        first_block_is_transition=shape == "resnet",
+        label="the layout",
+    )
     stage = {"resnet": "layer0/blocks", "transformer": "blocks"}[shape]
     verb = "coarsen" if action == "coarsen" else "interpolate"
     with pytest.raises(ValueError) as raised:
         if action == "nnx.Optimizer state":
-            multilevel.grow_optimizer_state(_optimizer_state(shape, optax.sgd(0.1, momentum=0.9)),
-                                            "identity", "interpolate", layout)
+            multilevel.grow_optimizer_state(
+                _optimizer_state(shape, optax.sgd(0.1, momentum=0.9)),
+                "identity",
+                "interpolate",
+                layout,
+            )
         elif action == "optax state":
             opt_state = optax.adam(1e-3).init(nnx.state(_small(shape)[0], nnx.Param))
             multilevel.grow_optimizer_state(opt_state, "identity", "zero_inserted", layout)
@@ -511,11 +609,14 @@ def test_a_residual_output_name_no_block_has_is_refused(case, action):
     assert re.match(
         rf"cannot {verb} under the layout: no block of the tree has {missing}, which the layout "
         rf"names as part of the residual output; block 0 \(0-based\) of stage '{stage}' has, "
-        rf"{near}", message), message
+        rf"{near}",
+        message,
+    ), message
     assert message.endswith(
         "; pass residual_output= the paths, inside a block, of the leaves the block's residual "
         "output is linear in (a tree that holds none of them, such as batch statistics alone, "
-        "is grown in one call together with the parameters)"), message
+        "is grown in one call together with the parameters)"
+    ), message
 
 
 def test_the_issues_transformer_layout_is_refused_not_grown_into_another_function():
@@ -523,14 +624,16 @@ def test_the_issues_transformer_layout_is_refused_not_grown_into_another_functio
     # a deeper model whose outputs differed by up to 3.3.
     model, state = _small("transformer")
     wrong = multilevel.transformer_layout(
-        ("attention/out/kernel", "attention/out/bias", "mlp/fc2/w", "mlp/fc2/b"))
+        ("attention/out/kernel", "attention/out/bias", "mlp/fc2/w", "mlp/fc2/b")
+    )
     with pytest.raises(ValueError, match=r"no block of the tree has 'mlp/fc2/w' or 'mlp/fc2/b'"):
         multilevel.interpolate(state, "identity", wrong)
     # The right names keep the function (test_identity_rule_keeps_the_eval_outputs).
     inputs = _inputs("transformer")
     deeper = _deeper("transformer", multilevel.interpolate(state, "identity", TRANSFORMER_LAYOUT))
-    np.testing.assert_allclose(np.asarray(deeper(inputs)), np.asarray(model(inputs)),
-                               rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(deeper(inputs)), np.asarray(model(inputs)), rtol=1e-6, atol=1e-5
+    )
 
 
 def test_a_residual_output_leaf_only_some_blocks_have_is_refused():
@@ -539,11 +642,15 @@ def test_a_residual_output_leaf_only_some_blocks_have_is_refused():
     state = nnx.State(jax.tree_util.tree_map(lambda x: x, _small("resnet")[1]).raw_mapping)
     del state["layer1"]["blocks"][0]["bn2"]
     for action in ("identity", "coarsen"):
-        with pytest.raises(ValueError, match=(
+        with pytest.raises(
+            ValueError,
+            match=(
                 r"under bonsai_resnet_layout\(\): block 0 \(0-based\) of stage 'layer1/blocks' "
                 r"has no leaf 'bn2/scale', which the layout names as part of the residual output "
                 r"and block 0 of stage 'layer0/blocks' has; it has, named 'scale': \['bn0/scale', "
-                r"'bn1/scale', 'downsample/bn/scale'\]; pass residual_output=")):
+                r"'bn1/scale', 'downsample/bn/scale'\]; pass residual_output="
+            ),
+        ):
             _grow_or_coarsen(action, state, RESNET_LAYOUT)
 
 
@@ -553,23 +660,30 @@ def test_a_masked_optimizer_state_may_lack_residual_output_leaves():
     # arrays (before the MaskedNode counted as a leaf, no block had them: refused).
     def mask(params):
         return jax.tree_util.tree_map_with_path(
-            lambda path, _: getattr(path[-2], "key", None) != "bias", params)
+            lambda path, _: getattr(path[-2], "key", None) != "bias", params
+        )
+
     params = nnx.state(_transformer(3), nnx.Param)
     tx = optax.masked(optax.sgd(0.1, momentum=0.9), mask)
     opt_state = _labelled(tx.init(params))
-    grown = multilevel.grow_optimizer_state(opt_state, "identity", "interpolate",
-                                            TRANSFORMER_LAYOUT)
+    grown = multilevel.grow_optimizer_state(
+        opt_state, "identity", "interpolate", TRANSFORMER_LAYOUT
+    )
     fresh = tx.init(nnx.state(_transformer(6), nnx.Param))
     assert jax.tree_util.tree_structure(grown) == jax.tree_util.tree_structure(fresh)
     trace = grown.inner_state[0].trace
     assert _momentum_labels(trace, ("blocks",), "mlp/fc1/kernel") == [1, 1, 2, 2, 3, 3]
     assert _momentum_labels(trace, ("blocks",), "mlp/fc2/kernel") == [1, 0, 2, 0, 3, 0]
     # The masked biases are there, without arrays: a misspelt name is still refused.
-    with pytest.raises(ValueError, match=r"no block of the tree has 'mlp/fc2/b', .* has, for "
-                                         r"'mlp/fc2/b', under 'mlp/fc2': \['mlp/fc2/bias', "
-                                         r"'mlp/fc2/kernel'\]"):
-        multilevel.grow_optimizer_state(opt_state, "identity", "interpolate",
-                                        multilevel.transformer_layout("mlp/fc2/b"))
+    with pytest.raises(
+        ValueError,
+        match=r"no block of the tree has 'mlp/fc2/b', .* has, for "
+        r"'mlp/fc2/b', under 'mlp/fc2': \['mlp/fc2/bias', "
+        r"'mlp/fc2/kernel'\]",
+    ):
+        multilevel.grow_optimizer_state(
+            opt_state, "identity", "interpolate", multilevel.transformer_layout("mlp/fc2/b")
+        )
 
 
 # What is passed where a state is expected: the object itself, not nnx.state(...).
@@ -577,21 +691,31 @@ def _nnx_objects():
     model = _transformer(3)
     optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
     return {  # (the object or a tree holding it, where, its kind, what to pass)
-        "nnx.Optimizer": (optimizer, "the tree", "an nnx.Optimizer object (Optimizer)",
-                          "nnx.state(optimizer)"),
-        "nnx.Module": (model, "the tree", "an nnx.Module object (Transformer)",
-                       "nnx.state(model)"),
-        "nnx.List of blocks": (model.blocks, "the tree", "an nnx.Module object (List)",
-                               "nnx.state(model)"),
-        "nnx.Optimizer in a dict": ({"model": nnx.state(model), "optimizer": optimizer},
-                                    "the tree at ['optimizer']",
-                                    "an nnx.Optimizer object (Optimizer)",
-                                    "nnx.state(optimizer)"),
+        "nnx.Optimizer": (
+            optimizer,
+            "the tree",
+            "an nnx.Optimizer object (Optimizer)",
+            "nnx.state(optimizer)",
+        ),
+        "nnx.Module": (model, "the tree", "an nnx.Module object (Transformer)", "nnx.state(model)"),
+        "nnx.List of blocks": (
+            model.blocks,
+            "the tree",
+            "an nnx.Module object (List)",
+            "nnx.state(model)",
+        ),
+        "nnx.Optimizer in a dict": (
+            {"model": nnx.state(model), "optimizer": optimizer},
+            "the tree at ['optimizer']",
+            "an nnx.Optimizer object (Optimizer)",
+            "nnx.state(optimizer)",
+        ),
     }
 
 
-@pytest.mark.parametrize("passed", ["nnx.Optimizer", "nnx.Module", "nnx.List of blocks",
-                                    "nnx.Optimizer in a dict"])
+@pytest.mark.parametrize(
+    "passed", ["nnx.Optimizer", "nnx.Module", "nnx.List of blocks", "nnx.Optimizer in a dict"]
+)
 @pytest.mark.parametrize("action", ["identity", "coarsen", *sorted(multilevel.MOMENTUM_POLICIES)])
 def test_an_nnx_object_instead_of_its_state_is_refused(passed, action):
     # Before: grow_optimizer_state returned the nnx.Optimizer (the next nnx.update
@@ -609,11 +733,15 @@ def test_an_nnx_object_instead_of_its_state_is_refused(passed, action):
     depth = "shallower" if action == "coarsen" else "deeper"
     assert str(raised.value) == (
         f"cannot {verb}: {where} is {kind}, not a state; pass {state} and load the result into "
-        f"the {depth} {state[10:-1]} with nnx.update"), str(raised.value)
+        f"the {depth} {state[10:-1]} with nnx.update"
+    ), str(raised.value)
 
 
 def test_an_nnx_optimizer_state_without_the_layouts_blocks_is_refused():
     optimizer = nnx.Optimizer(_transformer(3), optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
-    with pytest.raises(ValueError, match=r"cannot interpolate: bonsai_resnet_layout\(\) finds no "
-                                         r"stage.*top-level keys are \['opt_state', 'step'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"cannot interpolate: bonsai_resnet_layout\(\) finds no "
+        r"stage.*top-level keys are \['opt_state', 'step'\]",
+    ):
         multilevel.grow_optimizer_state(nnx.state(optimizer), "paper", "reset", RESNET_LAYOUT)

@@ -21,8 +21,9 @@ def test_paper_config_runs_every_cycle(name, tmp_path):
     config = importlib.import_module(f"configs.{name}").get_config()
     config.dataset = "fashion_mnist"
     config.fashion_mnist_dir = fake_data.write_fashion_mnist(
-        str(tmp_path / "data"), num_train=64, num_test=20)
-    config.batch_size = 32              # 2 steps per epoch
+        str(tmp_path / "data"), num_train=64, num_test=20
+    )
+    config.batch_size = 32  # 2 steps per epoch
     config.num_epochs = 3.0
     config.cycle_boundaries = (1.0, 2.0)
     config.progress_bar = False

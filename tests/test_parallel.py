@@ -49,24 +49,47 @@ LOSS_TOLERANCE = 2.5e-5
 # One stage, 2 -> 4 blocks, 8 steps per cycle: the smallest run with an
 # interpolation and a checkpoint inside each cycle (steps 4, 8, 12, 16).
 OVERRIDES = {
-    "width": 4, "stage_sizes": (2,), "batch_size": 8, "eval_batch_size": 8,
-    "num_epochs": 2.0, "cycle_boundaries": (1.0,), "learning_rate_max": 0.01,
-    "log_every_steps": 1, "checkpoint_every_steps": 4, "checkpoints_to_keep": 10,
+    "width": 4,
+    "stage_sizes": (2,),
+    "batch_size": 8,
+    "eval_batch_size": 8,
+    "num_epochs": 2.0,
+    "cycle_boundaries": (1.0,),
+    "learning_rate_max": 0.01,
+    "log_every_steps": 1,
+    "checkpoint_every_steps": 4,
+    "checkpoints_to_keep": 10,
     "progress_bar": False,
 }
 
 
 def _command(data_dir, workdir, **changes):
     overrides = dict(OVERRIDES, fashion_mnist_dir=data_dir, **changes)
-    return [sys.executable, "-m", "mlres_jax.main", "--config=configs/fashion_mnist.py",
-            f"--workdir={workdir}", *[f"--config.{k}={v}" for k, v in overrides.items()]]
+    return [
+        sys.executable,
+        "-m",
+        "mlres_jax.main",
+        "--config=configs/fashion_mnist.py",
+        f"--workdir={workdir}",
+        *[f"--config.{k}={v}" for k, v in overrides.items()],
+    ]
 
 
 def _start(command, devices=1, extra=()):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    return subprocess.Popen([*command, *extra], cwd=REPO_ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = dict(
+        os.environ,
+        PYTHONUNBUFFERED="1",
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    )
+    return subprocess.Popen(
+        [*command, *extra],
+        cwd=REPO_ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _finish(process, timeout=600):
@@ -89,13 +112,21 @@ def runs(tmp_path_factory):
     processes = {n: _start(_command(data, root / f"devices{n}"), devices=n) for n in (1, 2, 4)}
     port = _free_port()
     processes["two_processes"] = [
-        _start(_command(data, root / "two_processes"), extra=(
-            f"--coordinator_address=localhost:{port}", "--num_processes=2",
-            f"--process_id={i}")) for i in (0, 1)]
+        _start(
+            _command(data, root / "two_processes"),
+            extra=(
+                f"--coordinator_address=localhost:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ),
+        )
+        for i in (0, 1)
+    ]
     outputs = {}
     for name, process in processes.items():
-        outputs[name] = ([_finish(p) for p in process] if isinstance(process, list)
-                         else _finish(process))
+        outputs[name] = (
+            [_finish(p) for p in process] if isinstance(process, list) else _finish(process)
+        )
     return root, data, outputs
 
 
@@ -132,8 +163,10 @@ def _assert_close_runs(workdir, reference):
 @pytest.mark.parametrize("devices", [2, 4])
 def test_devices_give_the_one_device_run_through_an_interpolation(runs, devices):
     root, _, outputs = runs
-    assert (f"Data parallel over {devices} cpu device(s) of 1 process(es): "
-            f"{8 // devices} examples per device per step") in outputs[devices]
+    assert (
+        f"Data parallel over {devices} cpu device(s) of 1 process(es): "
+        f"{8 // devices} examples per device per step"
+    ) in outputs[devices]
     _assert_close_runs(root / f"devices{devices}", root / "devices1")
 
 
@@ -178,7 +211,8 @@ def test_a_batch_that_does_not_split_over_the_devices_is_refused(runs, tmp_path)
     assert output.strip().splitlines() == [
         "error: config.batch_size = 6 is not allowed: the global batch is split evenly "
         "over the 4 devices of the mesh, so it must be a multiple of 4 (e.g. 8); or set "
-        "config.num_devices"], output
+        "config.num_devices"
+    ], output
     assert not os.path.exists(tmp_path / "run")
 
 
@@ -190,7 +224,8 @@ mesh = parallel.make_mesh(4)
 model = models.ResNet((2,), width=4, num_classes=10)
 variables = models.init_variables(model, jax.random.PRNGKey(0), (28, 28, 1))
 # Each pair of images (one device's part) has its own brightness.
-images = jax.random.normal(jax.random.PRNGKey(1), (8, 28, 28, 1)) + jnp.arange(8.0)[:, None, None, None]
+images = (jax.random.normal(jax.random.PRNGKey(1), (8, 28, 28, 1))
+          + jnp.arange(8.0)[:, None, None, None])
 
 def forward(variables, images):
     return model.apply(variables, images, train=True, mutable=["batch_stats"])
@@ -224,9 +259,15 @@ print("interpolated leaves replicated", len(leaves))
 
 def test_batch_norm_statistics_are_over_the_global_batch_and_growth_keeps_placement():
     result = subprocess.run(
-        [sys.executable, "-c", GLOBAL_STATISTICS], cwd=REPO_ROOT, capture_output=True,
-        text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu",
-                                         XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+        [sys.executable, "-c", GLOBAL_STATISTICS],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(
+            os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4"
+        ),
+    )
     assert result.returncode == 0, result.stderr
     values = dict(line.rsplit(" ", 1) for line in result.stdout.strip().splitlines())
     # Outputs and running statistics of a batch split over 4 devices equal the

@@ -7,7 +7,6 @@ import pytest
 
 from mlres_jax import plan
 
-
 # --- The schedule (paper Eq. 9, Sec. 5.2) ------------------------------------
 
 ETA_MAX, ETA_MIN = 0.5, 0.001
@@ -19,15 +18,25 @@ def _eq9(t_cur, t_total):
 
 def test_paper_cycle_plan():
     cycles = plan.plan_cycles(
-        stage_sizes=(2, 2, 2), step_size=1.0, num_epochs=160,
-        cycle_boundaries=(60, 110), steps_per_epoch=500, multilevel=True)
+        stage_sizes=(2, 2, 2),
+        step_size=1.0,
+        num_epochs=160,
+        cycle_boundaries=(60, 110),
+        steps_per_epoch=500,
+        multilevel=True,
+    )
     assert [c.stage_sizes for c in cycles] == [(2, 2, 2), (4, 4, 4), (8, 8, 8)]
     assert [c.step_size for c in cycles] == [1.0, 0.5, 0.25]
     assert [c.first_step for c in cycles] == [0, 30_000, 55_000]
     assert [c.num_steps for c in cycles] == [30_000, 25_000, 25_000]
     baseline = plan.plan_cycles(
-        stage_sizes=(8, 8, 8), step_size=1.0, num_epochs=160,
-        cycle_boundaries=(60, 110), steps_per_epoch=500, multilevel=False)
+        stage_sizes=(8, 8, 8),
+        step_size=1.0,
+        num_epochs=160,
+        cycle_boundaries=(60, 110),
+        steps_per_epoch=500,
+        multilevel=False,
+    )
     assert {c.stage_sizes for c in baseline} == {(8, 8, 8)}
     assert [c.first_step for c in baseline] == [0, 30_000, 55_000]
 
@@ -35,32 +44,45 @@ def test_paper_cycle_plan():
 def test_cycle_networks_double_the_blocks_and_halve_h():
     # Paper Table 1: ResNet-50-i is 2-2-2 -> 4-4-4 -> 8-8-8 with h 1 -> 1/2 -> 1/4.
     assert plan.cycle_networks((2, 2, 2), 1.0, 3) == [
-        ((2, 2, 2), 1.0), ((4, 4, 4), 0.5), ((8, 8, 8), 0.25)]
+        ((2, 2, 2), 1.0),
+        ((4, 4, 4), 0.5),
+        ((8, 8, 8), 0.25),
+    ]
     assert plan.cycle_networks((5, 3), 0.5, 2) == [((5, 3), 0.5), ((10, 6), 0.25)]
     assert plan.cycle_networks((8, 8, 8), 1.0, 3, multilevel=False) == [((8, 8, 8), 1.0)] * 3
 
 
 def test_cycle_without_steps_raises():
     with pytest.raises(ValueError, match="cycle 2 would have 0 steps"):
-        plan.plan_cycles(stage_sizes=(2, 2, 2), step_size=1.0, num_epochs=3,
-                               cycle_boundaries=(1.0, 1.0), steps_per_epoch=4,
-                               multilevel=True)
+        plan.plan_cycles(
+            stage_sizes=(2, 2, 2),
+            step_size=1.0,
+            num_epochs=3,
+            cycle_boundaries=(1.0, 1.0),
+            steps_per_epoch=4,
+            multilevel=True,
+        )
 
 
 def test_learning_rate_restarts_follow_eq9():
     cycles = plan.plan_cycles(
-        stage_sizes=(2, 2, 2), step_size=1.0, num_epochs=160,
-        cycle_boundaries=(60, 110), steps_per_epoch=1, multilevel=True)
+        stage_sizes=(2, 2, 2),
+        step_size=1.0,
+        num_epochs=160,
+        cycle_boundaries=(60, 110),
+        steps_per_epoch=1,
+        multilevel=True,
+    )
     schedule = plan.learning_rate_schedule(cycles, ETA_MAX, ETA_MIN)
     expected = {
-        0: ETA_MAX,                 # start of cycle 1
-        30: _eq9(30, 60),           # midpoint of cycle 1 = (max + min) / 2
-        59: _eq9(59, 60),           # last step of cycle 1
-        60: ETA_MAX,                # restart: start of cycle 2
-        85: _eq9(25, 50),           # midpoint of cycle 2
-        110: ETA_MAX,               # start of cycle 3
-        135: _eq9(25, 50),          # midpoint of cycle 3
-        160: ETA_MIN,               # end of cycle 3: T_cur = T
+        0: ETA_MAX,  # start of cycle 1
+        30: _eq9(30, 60),  # midpoint of cycle 1 = (max + min) / 2
+        59: _eq9(59, 60),  # last step of cycle 1
+        60: ETA_MAX,  # restart: start of cycle 2
+        85: _eq9(25, 50),  # midpoint of cycle 2
+        110: ETA_MAX,  # start of cycle 3
+        135: _eq9(25, 50),  # midpoint of cycle 3
+        160: ETA_MIN,  # end of cycle 3: T_cur = T
     }
     assert expected[30] == pytest.approx((ETA_MAX + ETA_MIN) / 2)
     for step, value in expected.items():
@@ -71,6 +93,7 @@ def test_learning_rate_restarts_follow_eq9():
 
 
 # --- Paper Sec. 4.2, Table 2 --------------------------------------------------
+
 
 @pytest.mark.parametrize("k,percent", [(0, 0), (1, 25), (2, 42), (3, 53), (4, 61), (5, 67)])
 def test_theoretical_time_saved_matches_table2(k, percent):

@@ -23,16 +23,20 @@ class _Clock:
 def test_stopwatch_books_paused_time_to_its_activity():
     clock = _Clock()
     watch = stopwatch.Stopwatch(clock=clock)
-    clock.now += 10          # 10 s training
+    clock.now += 10  # 10 s training
     with watch.pause(stopwatch.EVAL):
-        clock.now += 3       # 3 s evaluating
-    clock.now += 5           # 5 s training
+        clock.now += 3  # 3 s evaluating
+    clock.now += 5  # 5 s training
     with watch.pause(stopwatch.CHECKPOINT):
-        clock.now += 2       # 2 s saving
+        clock.now += 2  # 2 s saving
     watch.add_compile_seconds(4.0)  # compiling happened within the training time
     clock.now += 1
-    assert watch.to_dict() == {stopwatch.TRAIN: 16.0, stopwatch.COMPILE: 4.0,
-                               stopwatch.EVAL: 3.0, stopwatch.CHECKPOINT: 2.0}
+    assert watch.to_dict() == {
+        stopwatch.TRAIN: 16.0,
+        stopwatch.COMPILE: 4.0,
+        stopwatch.EVAL: 3.0,
+        stopwatch.CHECKPOINT: 2.0,
+    }
     with pytest.raises(ValueError, match="pauses for"):
         with watch.pause(stopwatch.TRAIN):
             pass
@@ -63,8 +67,9 @@ def test_metric_windows_sum_every_step_and_reset_separately():
     state, step, images, labels = _state_and_step()
     losses, accuracies = [], []
     for i in range(3):
-        state, metrics = step(state, images, labels, jnp.arange(2 * (i % 3), 2 * (i % 3) + 2),
-                              jax.random.PRNGKey(1))
+        state, metrics = step(
+            state, images, labels, jnp.arange(2 * (i % 3), 2 * (i % 3) + 2), jax.random.PRNGKey(1)
+        )
         losses.append(float(metrics["loss"]))
         accuracies.append(float(metrics["accuracy"]))
         if i == 1:  # a log point after two steps
@@ -75,8 +80,9 @@ def test_metric_windows_sum_every_step_and_reset_separately():
     state, evaluated = steps.take_metric_means(state, "eval")
     assert evaluated["loss"] == pytest.approx(np.mean(losses), rel=1e-6)
     assert float(state.metric_sums["log"]["count"]) == 1.0
-    chex.assert_trees_all_equal(state.metric_sums["eval"],
-                                {name: jnp.zeros((), jnp.float32) for name in steps.METRIC_NAMES})
+    chex.assert_trees_all_equal(
+        state.metric_sums["eval"], {name: jnp.zeros((), jnp.float32) for name in steps.METRIC_NAMES}
+    )
     _, empty = steps.take_metric_means(state, "eval")
     assert np.isnan(empty["loss"]) and np.isnan(empty["error"])
 
@@ -84,8 +90,13 @@ def test_metric_windows_sum_every_step_and_reset_separately():
 def test_evaluate_counts_each_example_once_with_padded_batches():
     state, _, images, labels = _state_and_step()
     model = models.ResNet((1,), width=2, num_classes=3)
-    result = steps.evaluate(steps.make_eval_step(model), state.variables,
-                            np.asarray(images), np.asarray(labels), batch_size=4)
+    result = steps.evaluate(
+        steps.make_eval_step(model),
+        state.variables,
+        np.asarray(images),
+        np.asarray(labels),
+        batch_size=4,
+    )
     logits = model.apply(state.variables, input_pipeline.preprocess_for_eval(images))
     expected_error = float(np.mean(np.argmax(logits, -1) != np.asarray(labels)))
     expected_loss = float(np.mean(steps.cross_entropy_loss(logits, labels)))
@@ -110,14 +121,23 @@ def test_bfloat16_training_tracks_float32_with_float32_state():
         step = steps.make_train_step(net, optimizer, crop_padding=0)
         losses[dtype] = []
         for k in range(12):
-            state, metrics = step(state, images, labels, jnp.arange(8 * (k % 6), 8 * (k % 6) + 8),
-                                  jax.random.PRNGKey(1))
+            state, metrics = step(
+                state,
+                images,
+                labels,
+                jnp.arange(8 * (k % 6), 8 * (k % 6) + 8),
+                jax.random.PRNGKey(1),
+            )
             losses[dtype].append(float(metrics["loss"]))
         states[dtype] = state
     # Parameters, statistics and momentum stay float32 under bfloat16 compute.
-    for leaf in jax.tree_util.tree_leaves((states[jnp.bfloat16].params,
-                                           states[jnp.bfloat16].batch_stats,
-                                           states[jnp.bfloat16].opt_state)):
+    for leaf in jax.tree_util.tree_leaves(
+        (
+            states[jnp.bfloat16].params,
+            states[jnp.bfloat16].batch_stats,
+            states[jnp.bfloat16].opt_state,
+        )
+    ):
         assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
     # Tolerance: bfloat16 rounds each value to 2^-8 (0.4 %) relative; through
     # a dozen layers and 12 steps at learning rate 0.05 the per-step losses

@@ -27,10 +27,18 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # few milliseconds, long enough to be signalled mid-run; an evaluation line
 # after every epoch tells the test where the run is.
 OVERRIDES = {
-    "width": 2, "stage_sizes": (2,), "multilevel": False, "batch_size": 8,
-    "eval_batch_size": 16, "num_epochs": 12.0, "cycle_boundaries": (),
-    "learning_rate_max": 0.01, "log_every_steps": 10_000, "checkpoint_every_steps": 40,
-    "checkpoints_to_keep": 3, "progress_bar": False,
+    "width": 2,
+    "stage_sizes": (2,),
+    "multilevel": False,
+    "batch_size": 8,
+    "eval_batch_size": 16,
+    "num_epochs": 12.0,
+    "cycle_boundaries": (),
+    "learning_rate_max": 0.01,
+    "log_every_steps": 10_000,
+    "checkpoint_every_steps": 40,
+    "checkpoints_to_keep": 3,
+    "progress_bar": False,
 }
 END_STEP = 96
 # A stop that never comes would hang: every wait here is bounded.
@@ -42,10 +50,20 @@ class Run:
     """A training process whose output lines are collected as they come."""
 
     def __init__(self, command, *, devices=1):
-        env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-        self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, text=True,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        env = dict(
+            os.environ,
+            PYTHONUNBUFFERED="1",
+            JAX_PLATFORMS="cpu",
+            XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        )
+        self.process = subprocess.Popen(
+            command,
+            cwd=REPO_ROOT,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         self.lines = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -84,16 +102,30 @@ class Run:
 
 def _command(data_dir, workdir, **changes):
     overrides = dict(OVERRIDES, fashion_mnist_dir=data_dir, **changes)
-    return [sys.executable, "-m", "mlres_jax.main", "--config=configs/fashion_mnist.py",
-            f"--workdir={workdir}", *[f"--config.{k}={v}" for k, v in overrides.items()]]
+    return [
+        sys.executable,
+        "-m",
+        "mlres_jax.main",
+        "--config=configs/fashion_mnist.py",
+        f"--workdir={workdir}",
+        *[f"--config.{k}={v}" for k, v in overrides.items()],
+    ]
 
 
 def _two_processes(data_dir, workdir, **changes):
     port = _free_port()
-    return [Run([*_command(data_dir, workdir, **changes),
-                 f"--coordinator_address=localhost:{port}", "--num_processes=2",
-                 f"--process_id={i}", f"--heartbeat_timeout_seconds={HEARTBEAT_SECONDS}"])
-            for i in (0, 1)]
+    return [
+        Run(
+            [
+                *_command(data_dir, workdir, **changes),
+                f"--coordinator_address=localhost:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+                f"--heartbeat_timeout_seconds={HEARTBEAT_SECONDS}",
+            ]
+        )
+        for i in (0, 1)
+    ]
 
 
 def _stopped_at(run, signals=r"SIGTERM"):
@@ -103,9 +135,12 @@ def _stopped_at(run, signals=r"SIGTERM"):
       signals: a pattern for what the message says stopped the run.
     """
     last = run.lines[-1]
-    match = re.fullmatch(rf"error: stopped by {signals} at step (?P<step>\d+) \(epoch [\d.]+\); "
-                         r"the checkpoint of step (?P<saved>\d+) \(cycle 1, 2 blocks\) is in .*\. To resume, "
-                         r"run the same command again\.", last)
+    match = re.fullmatch(
+        rf"error: stopped by {signals} at step (?P<step>\d+) \(epoch [\d.]+\); "
+        r"the checkpoint of step (?P<saved>\d+) \(cycle 1, 2 blocks\) is in .*\. To resume, "
+        r"run the same command again\.",
+        last,
+    )
     assert match, run.output
     assert match["step"] == match["saved"]
     return int(match["step"]), last
@@ -147,12 +182,16 @@ def _resume_both(data_dir, workdir, reference):
     _assert_ends_like(workdir, reference)
 
 
-@pytest.mark.parametrize("signalled", [
-    ((0, signal.SIGTERM),),                      # a SIGTERM that reaches one host only
-    ((1, signal.SIGTERM), (0, signal.SIGINT)),   # each host, at different moments
-])
+@pytest.mark.parametrize(
+    "signalled",
+    [
+        ((0, signal.SIGTERM),),  # a SIGTERM that reaches one host only
+        ((1, signal.SIGTERM), (0, signal.SIGINT)),  # each host, at different moments
+    ],
+)
 def test_a_signal_to_some_processes_stops_all_at_one_step_and_resumes(
-        data_dir, reference, tmp_path, signalled):
+    data_dir, reference, tmp_path, signalled
+):
     runs = _two_processes(data_dir, tmp_path)
     runs[0].wait_for_line(r"epoch 2\.00")
     for number, (process_id, signal_number) in enumerate(signalled):
@@ -167,8 +206,12 @@ def test_a_signal_to_some_processes_stops_all_at_one_step_and_resumes(
     assert results[0][0] == results[1][0], [r.output for r in runs]
     # Each signal is named with the process(es) that received it; the first
     # one sent is always among them, and the status is that of the smallest.
-    named = {getattr(signal, name): processes.split(", ") for name, processes in re.findall(
-        r"(SIG[A-Z]+) \(received by process ([\d, ]+)\)", message0)}
+    named = {
+        getattr(signal, name): processes.split(", ")
+        for name, processes in re.findall(
+            r"(SIG[A-Z]+) \(received by process ([\d, ]+)\)", message0
+        )
+    }
     first_process, first_signal = signalled[0]
     assert str(first_process) in named[first_signal], message0
     assert results[0][0] == 128 + min(named)
@@ -184,7 +227,8 @@ def test_a_signal_to_some_processes_stops_all_at_one_step_and_resumes(
 
 @pytest.mark.parametrize("peer_fault", [signal.SIGKILL, signal.SIGSTOP])  # died, hangs
 def test_a_lost_peer_ends_the_other_process_which_says_so_and_the_run_resumes(
-        data_dir, reference, tmp_path, peer_fault):
+    data_dir, reference, tmp_path, peer_fault
+):
     runs = _two_processes(data_dir, tmp_path)
     try:
         runs[0].wait_for_line(r"epoch 6\.00")  # after the checkpoint of step 40
@@ -203,7 +247,9 @@ def test_a_lost_peer_ends_the_other_process_which_says_so_and_the_run_resumes(
         r"|process 0 waited 5 s for step \d+ to finish, which needs every process of 2: one of "
         r"them hangs, died or lost its host)\. This process stops too; the last complete "
         r"checkpoint is step (40|80) in .*checkpoints\. To resume, run the same command on "
-        r"every host again\.", last), runs[0].output
+        r"every host again\.",
+        last,
+    ), runs[0].output
     assert "Check failure" not in runs[0].output
     if peer_fault == signal.SIGKILL:
         _resume_both(data_dir, tmp_path, reference)
@@ -223,7 +269,8 @@ def test_a_single_process_stop_lands_within_two_steps_of_the_signal(data_dir, tm
 
 
 def test_a_second_sigterm_ends_a_stopping_process_at_once_while_it_waits_for_a_compilation(
-        data_dir, tmp_path):
+    data_dir, tmp_path
+):
     # 2 -> 4 blocks at epoch 2: the 4-block steps compile ahead while cycle 1
     # trains. Slow the compilation down (a sleep in the compile thread), stop
     # at the boundary where the run waits for it, and signal again.
@@ -237,9 +284,12 @@ def test_a_second_sigterm_ends_a_stopping_process_at_once_while_it_waits_for_a_c
     assert status == 143, run.output
     assert seconds < 5, seconds  # the compile thread sleeps 120 s
     last = run.lines[-1]
-    assert re.fullmatch(r"error: stopped at once by a second SIGTERM, without a new checkpoint; "
-                        r"the last complete checkpoint is step 16 in .*checkpoints\. To resume, "
-                        r"run the same command again\.", last), run.output
+    assert re.fullmatch(
+        r"error: stopped at once by a second SIGTERM, without a new checkpoint; "
+        r"the last complete checkpoint is step 16 in .*checkpoints\. To resume, "
+        r"run the same command again\.",
+        last,
+    ), run.output
     assert "Fatal Python error" not in run.output and "terminate called" not in run.output
     assert checkpoint.list_steps(str(tmp_path))[-1] == 16
 
@@ -270,18 +320,22 @@ def test_a_second_ctrl_c_ends_the_process_at_once_naming_the_last_checkpoint(tmp
         "    os.kill(os.getpid(), signal.SIGINT)\n"
         "    assert stop.signal_number == signal.SIGINT\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
-        "    time.sleep(30)\n")
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, text=True,
-                            capture_output=True, timeout=60)
+        "    time.sleep(30)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO_ROOT, text=True, capture_output=True, timeout=60
+    )
     assert result.returncode == 130, result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         "error: stopped at once by a second SIGINT, without a new checkpoint; the last "
-        f"complete checkpoint is step 8 in {folder}. To resume, run the same command again.")
+        f"complete checkpoint is step 8 in {folder}. To resume, run the same command again."
+    )
 
 
 def test_handlers_before_the_stop_request_are_restored():
     before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     from mlres_jax import stopping
+
     with stopping.StopRequest() as stop:
         assert signal.getsignal(signal.SIGTERM) == stop._handle  # pylint: disable=protected-access
     assert {number: signal.getsignal(number) for number in before} == before
@@ -308,9 +362,17 @@ os._exit(0)  # not JAX's shutdown barrier, which would wait for process 1
 def test_an_agreement_that_a_peer_never_answers_ends_naming_it():
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    processes = [subprocess.Popen([sys.executable, "-c", SILENT_PEER, str(port), str(i)],
-                                  cwd=REPO_ROOT, env=env, text=True, stdout=subprocess.PIPE,
-                                  stderr=subprocess.DEVNULL) for i in (0, 1)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", SILENT_PEER, str(port), str(i)],
+            cwd=REPO_ROOT,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        for i in (0, 1)
+    ]
     try:
         output = processes[0].communicate(timeout=60)[0]
     finally:
@@ -323,4 +385,5 @@ def test_an_agreement_that_a_peer_never_answers_ends_naming_it():
         "process 0 waited for process 1 of 2 to agree whether to stop after step 0 (no "
         "answer within 3 s): that process died, hangs, or lost its host. This process "
         "stops too; no checkpoint was written yet. To resume, run the same command on "
-        "every host again."), output
+        "every host again."
+    ), output

@@ -22,10 +22,10 @@ def mock_run(tmp_path_factory):
     config.width = 4
     config.stage_sizes = (2, 2, 2)
     config.multilevel = True
-    config.batch_size = 8            # 5 steps per epoch
+    config.batch_size = 8  # 5 steps per epoch
     config.num_epochs = 3.0
     config.cycle_boundaries = (1.0, 2.0)
-    config.eval_batch_size = 16      # 40 = 16 + 16 + 8: the last batch is padded
+    config.eval_batch_size = 16  # 40 = 16 + 16 + 8: the last batch is padded
     config.log_every_steps = 2
     config.progress_bar = False
     workdir = str(tmp_path_factory.mktemp("mock_run"))
@@ -48,7 +48,8 @@ def test_parameter_counts_are_those_of_each_depth(mock_run):
     for cycle in summary["cycles"]:
         model = models.ResNet(tuple(cycle["stage_sizes"]), width=4, num_classes=10)
         shapes = jax.eval_shape(
-            lambda m=model: m.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
+            lambda m=model: m.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+        )
         assert cycle["num_params"] == models.count_parameters(shapes["params"])
 
 
@@ -58,7 +59,8 @@ def test_evaluation_covers_every_test_example(mock_run):
     for record in summary["history"]:
         # Errors are multiples of 1/40: each of the 40 examples counted once.
         assert record["test_error"] * NUM_EXAMPLES == pytest.approx(
-            round(record["test_error"] * NUM_EXAMPLES), abs=1e-6)
+            round(record["test_error"] * NUM_EXAMPLES), abs=1e-6
+        )
 
 
 def test_history_has_one_evaluation_per_epoch_with_restarted_learning_rate(mock_run):
@@ -80,8 +82,7 @@ def test_summary_json_and_tensorboard_events_written(mock_run):
     with open(os.path.join(workdir, "summary.json")) as handle:
         on_disk = json.load(handle)
     assert on_disk["totals"]["final_test_error"] == summary["totals"]["final_test_error"]
-    assert on_disk["totals"]["theoretical_cost_ratio"] == pytest.approx(
-        (1 / 4 + 1 / 2 + 1) / 3)
+    assert on_disk["totals"]["theoretical_cost_ratio"] == pytest.approx((1 / 4 + 1 / 2 + 1) / 3)
     assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
     assert not glob.glob(os.path.join(workdir, "*.tmp"))
 

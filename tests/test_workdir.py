@@ -23,8 +23,9 @@ with workdir.hold(sys.argv[1]):
 
 
 def _holder_process(folder):
-    process = subprocess.Popen([sys.executable, "-c", HOLD_AND_WAIT, folder],
-                               stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD_AND_WAIT, folder], stdout=subprocess.PIPE, text=True
+    )
     assert process.stdout.readline().strip() == "held"
     return process
 
@@ -33,8 +34,9 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path):
     folder = str(tmp_path / "run")
     holder = _holder_process(folder)
     try:
-        with pytest.raises(workdir.WorkdirBusyError,
-                           match=rf"in use by process {holder.pid} on .*-c {folder}"):
+        with pytest.raises(
+            workdir.WorkdirBusyError, match=rf"in use by process {holder.pid} on .*-c {folder}"
+        ):
             with workdir.hold(folder):
                 pass
     finally:
@@ -56,8 +58,9 @@ def test_stale_details_of_a_dead_holder_are_replaced(tmp_path):
     # As after a power loss: the file names a process that no longer holds a lock.
     folder = tmp_path / "run"
     folder.mkdir()
-    (folder / workdir.LOCK_FILE).write_text(json.dumps(
-        {"pid": 999999, "host": "gone", "started": "yesterday", "command": "old run"}))
+    (folder / workdir.LOCK_FILE).write_text(
+        json.dumps({"pid": 999999, "host": "gone", "started": "yesterday", "command": "old run"})
+    )
     with workdir.hold(str(folder)):
         assert json.loads((folder / workdir.LOCK_FILE).read_text())["pid"] == os.getpid()
 
@@ -65,14 +68,20 @@ def test_stale_details_of_a_dead_holder_are_replaced(tmp_path):
 def test_training_refuses_a_held_workdir_before_loading_data(tmp_path, caplog):
     data = fake_data.write_fashion_mnist(str(tmp_path / "data"))
     config = default.get_config()
-    config.update(dataset="fashion_mnist", fashion_mnist_dir=data, width=2, batch_size=8,
-                  num_epochs=1.0, cycle_boundaries=(), progress_bar=False)
+    config.update(
+        dataset="fashion_mnist",
+        fashion_mnist_dir=data,
+        width=2,
+        batch_size=8,
+        num_epochs=1.0,
+        cycle_boundaries=(),
+        progress_bar=False,
+    )
     folder = str(tmp_path / "run")
     with workdir.hold(folder):  # this process holds it; a second hold is refused too
         start = time.perf_counter()
         with caplog.at_level("INFO"):
-            with pytest.raises(workdir.WorkdirBusyError,
-                               match=rf"in use by process {os.getpid()}"):
+            with pytest.raises(workdir.WorkdirBusyError, match=rf"in use by process {os.getpid()}"):
                 train.train_and_evaluate(config, folder)
     assert "Loading" not in caplog.text and time.perf_counter() - start < 10
     assert os.listdir(folder) == [workdir.LOCK_FILE]
