@@ -42,7 +42,7 @@ run: install data
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-slow: install data
 	$(BIN)/python -m pytest -q -m slow

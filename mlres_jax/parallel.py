@@ -23,6 +23,8 @@ import os
 import platform
 import socket
 import subprocess
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -97,6 +99,7 @@ def initialize(
         process_id=process_id,
         heartbeat_timeout_seconds=heartbeat_timeout_seconds,
     )
+    threading.Thread(target=_write_signs_of_life, name="signs_of_life", daemon=True).start()
     logging.info(
         "Process %d of %d; %d local and %d global devices",
         jax.process_index(),
@@ -105,6 +108,54 @@ def initialize(
         jax.device_count(),
     )
     return True
+
+
+_SIGN_OF_LIFE_KEY = "mlres_jax/alive"
+
+
+def _write_signs_of_life() -> None:
+    """Every second, a new count under this process's key: it is alive (`PeerWatch`)."""
+    client, key, beat = coordination_client(), f"{_SIGN_OF_LIFE_KEY}/{jax.process_index()}", 0
+    while True:
+        try:
+            client.key_value_set(key, str(beat), allow_overwrite=True)
+        except jax.errors.JaxRuntimeError:
+            pass  # the coordination service is gone: JAX reports that itself
+        beat += 1
+        time.sleep(1.0)
+
+
+class PeerWatch:
+    """Which other processes have shown no sign of life for a while.
+
+    Each process writes a count into the coordination service's store every
+    second from its start (`initialize`); a peer whose count has not changed
+    here for ``timeout`` seconds hangs, died or lost its host. Its own
+    background thread keeps writing while its main thread compiles, loads or
+    evaluates, so a slow peer is not a lost one. Thread-safe.
+    """
+
+    def __init__(self):
+        self._client = coordination_client()
+        self._seen = {}  # peer -> (its count, when it changed here)
+        self._lock = threading.Lock()
+
+    def lost(self, timeout: float) -> list[int]:
+        """The peers whose count has not changed for ``timeout`` seconds (one read each)."""
+        now, lost = time.monotonic(), []
+        with self._lock:
+            for peer in range(jax.process_count()):
+                if peer == jax.process_index():
+                    continue
+                try:
+                    count = self._client.key_value_try_get(f"{_SIGN_OF_LIFE_KEY}/{peer}")
+                except jax.errors.JaxRuntimeError:  # not written yet
+                    count = None
+                if peer not in self._seen or self._seen[peer][0] != count:
+                    self._seen[peer] = (count, now)
+                elif now - self._seen[peer][1] > timeout:
+                    lost.append(peer)
+        return lost
 
 
 def agreement_timeout_seconds() -> float:

@@ -158,12 +158,19 @@ class StopAgreement:
     round trips to process 0's coordination service
     (``benchmarks/stop_agreement.py`` measures it).
 
+    A process may wait long for a peer that is alive (compiling, evaluating,
+    saving); one that is gone never answers. To tell them apart, every
+    process writes a sign of life into the store every second from its start
+    (`parallel.initialize`); a peer whose sign of life has not changed for the
+    agreement timeout is lost (`PeerLostError`, `parallel.PeerWatch`), found
+    before JAX's heartbeat ends the process with a stack trace.
+
     Args:
       request: this process's `StopRequest`.
-      agreement_timeout_seconds: how long to wait for the other processes
-        at one exchange before `PeerLostError`; default: half the heartbeat
-        timeout (`parallel.agreement_timeout_seconds`), so that this run's
-        message comes before JAX's own end of the process.
+      agreement_timeout_seconds: how long a peer may show no sign of life
+        before it counts as lost; default: half the heartbeat timeout
+        (`parallel.agreement_timeout_seconds`), so that this run's message
+        comes before JAX's own end of the process.
     """
 
     def __init__(self, request: StopRequest, agreement_timeout_seconds: float | None = None):
@@ -179,6 +186,7 @@ class StopAgreement:
         self.received_by: dict[int, int] = {}
         self._waiting_since = None
         if self._client is not None:
+            self._peers = parallel.PeerWatch()
             threading.Thread(target=self._watch_steps, name="step_watchdog", daemon=True).start()
 
     def should_stop(self) -> int | None:
@@ -203,10 +211,9 @@ class StopAgreement:
         folder = f"{_AGREEMENT_PREFIX}/{exchange}"
         self._client.key_value_set(f"{folder}/{me}", str(own or 0))
         answers = {me: own or 0}
-        deadline = time.monotonic() + self._timeout
         for peer in range(self._processes):
             if peer != me:
-                answers[peer] = int(self._wait_for(f"{folder}/{peer}", peer, deadline))
+                answers[peer] = int(self._wait_for(f"{folder}/{peer}", peer))
         if exchange >= 2:
             # Every process has read exchange - 2: it wrote exchange - 1 after that.
             self._client.key_value_delete(f"{_AGREEMENT_PREFIX}/{exchange - 2}/{me}")
@@ -233,10 +240,10 @@ class StopAgreement:
         """Waits for a step's ``outputs``; then ``steps_done`` steps are finished.
 
         With several processes a step waits for all of them (its collectives);
-        one that hangs (a frozen host) would hold it for good. A watchdog then
-        ends this process after the agreement timeout with one line naming
-        the last complete checkpoint, before JAX's heartbeat does so with a
-        stack trace. A step must therefore take less than that timeout.
+        one that hangs (a frozen host) would hold it for good. When a peer has
+        shown no sign of life for the agreement timeout while this process
+        waits, the watchdog ends this process with one line naming the last
+        complete checkpoint, before JAX's heartbeat does so with a stack trace.
         """
         self._waiting_since = time.monotonic()
         jax.block_until_ready(outputs)
@@ -244,31 +251,34 @@ class StopAgreement:
         self.request.steps_done = steps_done
 
     def _watch_steps(self) -> None:
+        """Ends this process if a step waits on a peer that shows no sign of life."""
         while True:
-            time.sleep(min(1.0, self._timeout / 4))
+            time.sleep(1.0)
             since = self._waiting_since
-            if since is not None and time.monotonic() - since > self._timeout:
+            lost = self._peers.lost(self._timeout) if since is not None else []
+            if lost and self._waiting_since is not None:
                 sys.stdout.flush()
                 sys.stderr.write(
-                    f"error: process {jax.process_index()} waited {self._timeout:g} s for "
-                    f"step {self.request.steps_done + 1} to finish, which needs every "
-                    f"process of {self._processes}: one of them hangs, died or lost its host. "
-                    f"This process stops too; {self.request.last_checkpoint()}. To resume, "
-                    "run the same command on every host again.\n"
+                    f"error: process {jax.process_index()} waited for step "
+                    f"{self.request.steps_done + 1} to finish, which needs every process of "
+                    f"{self._processes}: process {', '.join(map(str, lost))} showed no sign "
+                    f"of life for {self._timeout:g} s (it hangs, died or lost its host). This "
+                    f"process stops too; {self.request.last_checkpoint()}. To resume, run the "
+                    "same command on every host again.\n"
                 )
                 sys.stderr.flush()
                 os._exit(PeerLostError.exit_status)
 
-    def _wait_for(self, key: str, peer: int, deadline: float) -> str:
+    def _wait_for(self, key: str, peer: int) -> str:
         while True:
             try:
                 return self._client.blocking_key_value_get(key, _WAIT_SLICE_MS)
             except jax.errors.JaxRuntimeError as error:
                 if not str(error).startswith("DEADLINE_EXCEEDED"):
                     raise PeerLostError(self._lost_message(peer, str(error))) from error
-            if time.monotonic() > deadline:
+            if peer in self._peers.lost(self._timeout):
                 raise PeerLostError(
-                    self._lost_message(peer, f"no answer within {self._timeout:g} s")
+                    self._lost_message(peer, f"no sign of life for {self._timeout:g} s")
                 )
 
     def _lost_message(self, peer: int, reason: str) -> str:

@@ -244,8 +244,9 @@ def test_a_lost_peer_ends_the_other_process_which_says_so_and_the_run_resumes(
         r"error: (a step with the other processes failed after step \d+ \(.*\): another "
         r"process of the run died or lost its host|process 0 waited for process 1 of 2 to agree "
         r"whether to stop after step \d+ \(.*\): that process died, hangs, or lost its host"
-        r"|process 0 waited 5 s for step \d+ to finish, which needs every process of 2: one of "
-        r"them hangs, died or lost its host)\. This process stops too; the last complete "
+        r"|process 0 waited for step \d+ to finish, which needs every process of 2: process 1 "
+        r"showed no sign of life for 5 s \(it hangs, died or lost its host\))\. This process "
+        r"stops too; the last complete "
         r"checkpoint is step (40|80) in .*checkpoints\. To resume, run the same command on "
         r"every host again\.",
         last,
@@ -341,15 +342,16 @@ def test_handlers_before_the_stop_request_are_restored():
     assert {number: signal.getsignal(number) for number in before} == before
 
 
-# Two processes join; process 1 never takes part in the agreement (as a peer
-# that hangs), process 0 asks whether to stop.
+# Two processes join; process 1 freezes (SIGSTOP, as a frozen host) before the
+# agreement, process 0 asks whether to stop.
 SILENT_PEER = """
-import os, sys, time
+import os, signal, sys, time
 from mlres_jax import parallel, stopping
 port, process_id = sys.argv[1], int(sys.argv[2])
-parallel.initialize(f"localhost:{port}", 2, process_id, heartbeat_timeout_seconds=6)
+parallel.initialize(f"localhost:{port}", 2, process_id, heartbeat_timeout_seconds=10)
 if process_id == 1:
-    time.sleep(60)
+    time.sleep(1.5)  # a sign of life or two first
+    os.kill(os.getpid(), signal.SIGSTOP)
 start = time.monotonic()
 try:
     stopping.StopAgreement(stopping.StopRequest()).should_stop()
@@ -379,11 +381,13 @@ def test_an_agreement_that_a_peer_never_answers_ends_naming_it():
         for process in processes:
             process.kill()
     seconds, message = output.strip().splitlines()[-1].split(" ", 1)
-    # Half the heartbeat timeout of 6 s, and before JAX's own end at 6 s.
-    assert 3.0 <= float(seconds) < 5.0, output
+    # No sign of life from the peer for half the heartbeat timeout of 10 s (its
+    # signs are read once a second), then the one-line error: before JAX's own
+    # end of the process at 10 s.
+    assert 4.0 <= float(seconds) < 9.0, output
     assert message == (
         "process 0 waited for process 1 of 2 to agree whether to stop after step 0 (no "
-        "answer within 3 s): that process died, hangs, or lost its host. This process "
+        "sign of life for 5 s): that process died, hangs, or lost its host. This process "
         "stops too; no checkpoint was written yet. To resume, run the same command on "
         "every host again."
     ), output
