@@ -77,10 +77,11 @@ def initialize(
         ``jax.distributed.initialize`` takes them; None to detect them.
       heartbeat_timeout_seconds: when a process has sent no heartbeat for
         this long (it died, or its host is lost), JAX's coordination service
-        ends the others. A run's own waits for its peers (the stop
-        agreement) give up after half of it (`agreement_timeout_seconds`),
-        so that a peer lost while they wait is reported by this run, in one
-        line.
+        ends the others. This process also writes a sign of life every
+        second (`PeerWatch`); a process waiting for a peer (the stop
+        agreement, a step) gives up on it once it has shown none for half
+        the heartbeat timeout (`agreement_timeout_seconds`), so that a lost
+        peer is reported by this run, in one line, before JAX ends it.
 
     Returns:
       Whether ``jax.distributed.initialize`` was called.

@@ -21,10 +21,13 @@ its own C++ handler; this run handles SIGINT and SIGTERM itself (to end at
 once on a second signal), so it exchanges its own requests, the way JAX's
 preemption service does, in the same store.
 
-A peer that dies (SIGKILL, a lost host) never answers: a process waiting
-for it gives up after ``agreement_timeout_seconds`` with `PeerLostError`,
-which every command reports in one line and exits without waiting for the
-dead peer (`PeerLostError.exit_at_once`).
+A peer that dies (SIGKILL, a lost host) or hangs (a frozen host) never
+answers: a process waiting for it, at the agreement or for a step, gives up
+once the peer has shown no sign of life for the agreement timeout
+(`parallel.PeerWatch`) with `PeerLostError`, which every command reports in
+one line and exits without waiting for the dead peer
+(`PeerLostError.exit_at_once`). A step whose collective fails because its
+peer is gone is reported the same way (`is_collective_failure`).
 """
 
 from __future__ import annotations
