@@ -51,8 +51,8 @@ def define_flags() -> None:
         parallel.DEFAULT_HEARTBEAT_TIMEOUT_SECONDS,
         "Several processes: when one has sent no heartbeat for this long "
         "(it died, or its host is lost), the others stop. A process waits "
-        "for its peers to agree on a stop for half of it.",
-        lower_bound=2,
+        "for a peer that shows no sign of life for a third of it.",
+        lower_bound=6,
     )
     flags.mark_flags_as_required(["config", "workdir"])
 

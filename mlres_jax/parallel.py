@@ -79,8 +79,8 @@ def initialize(
         this long (it died, or its host is lost), JAX's coordination service
         ends the others. This process also writes a sign of life every
         second (`PeerWatch`); a process waiting for a peer (the stop
-        agreement, a step) gives up on it once it has shown none for half
-        the heartbeat timeout (`agreement_timeout_seconds`), so that a lost
+        agreement, a step) gives up on it once it has shown none for a
+        third of the heartbeat timeout (`agreement_timeout_seconds`), so that a lost
         peer is reported by this run, in one line, before JAX ends it.
 
     Returns:
@@ -159,9 +159,15 @@ class PeerWatch:
         return lost
 
 
-def agreement_timeout_seconds() -> float:
-    """How long a process waits for its peers at one agreement: half the heartbeat timeout."""
-    return _heartbeat_timeout_seconds / 2
+def agreement_timeout_seconds() -> int:
+    """How long a peer may show no sign of life before it counts as lost, s.
+
+    A third of the heartbeat timeout (whole seconds): JAX's coordination
+    service ends the processes at the heartbeat timeout after a peer's last
+    heartbeat, and this run's own detection, read once a second, must come
+    well before that even on a loaded machine.
+    """
+    return _heartbeat_timeout_seconds // 3
 
 
 def coordination_client():

@@ -171,7 +171,7 @@ class StopAgreement:
     Args:
       request: this process's `StopRequest`.
       agreement_timeout_seconds: how long a peer may show no sign of life
-        before it counts as lost; default: half the heartbeat timeout
+        before it counts as lost; default: a third of the heartbeat timeout
         (`parallel.agreement_timeout_seconds`), so that this run's message
         comes before JAX's own end of the process.
     """
