@@ -32,6 +32,7 @@ peer is gone is reported the same way (`is_collective_failure`).
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import sys
@@ -44,6 +45,9 @@ from absl import logging
 from mlres_jax import errors, parallel
 
 _AGREEMENT_PREFIX = "mlres_jax/stop"
+# Agreements made so far by this process (every process makes them in the same
+# order): each one's keys are its own, also when a process runs several runs.
+_agreements_made = itertools.count()
 # How long one wait for a peer's answer blocks before Python signal handlers
 # run again (they only run between Python bytecodes of the main thread).
 _WAIT_SLICE_MS = 1000
@@ -186,6 +190,7 @@ class StopAgreement:
         self._processes = jax.process_count()
         self._client = parallel.coordination_client() if self._processes > 1 else None
         self._exchanges = 0
+        self._prefix = f"{_AGREEMENT_PREFIX}/{next(_agreements_made)}"
         self.received_by: dict[int, int] = {}
         self._waiting_since = None
         if self._client is not None:
@@ -211,7 +216,7 @@ class StopAgreement:
             return own
         exchange, self._exchanges = self._exchanges, self._exchanges + 1
         me = jax.process_index()
-        folder = f"{_AGREEMENT_PREFIX}/{exchange}"
+        folder = f"{self._prefix}/{exchange}"
         self._client.key_value_set(f"{folder}/{me}", str(own or 0))
         answers = {me: own or 0}
         for peer in range(self._processes):
@@ -219,7 +224,7 @@ class StopAgreement:
                 answers[peer] = int(self._wait_for(f"{folder}/{peer}", peer))
         if exchange >= 2:
             # Every process has read exchange - 2: it wrote exchange - 1 after that.
-            self._client.key_value_delete(f"{_AGREEMENT_PREFIX}/{exchange - 2}/{me}")
+            self._client.key_value_delete(f"{self._prefix}/{exchange - 2}/{me}")
         self.received_by = {p: number for p, number in sorted(answers.items()) if number}
         return min(self.received_by.values()) if self.received_by else None
 
