@@ -101,14 +101,7 @@ def check_against_data(config: ml_collections.ConfigDict, num_train: int) -> Non
             f"it must not exceed the {num_train} training examples found for {config.dataset}",
         )
     try:
-        plan.plan_cycles(
-            stage_sizes=config.stage_sizes,
-            step_size=config.step_size,
-            num_epochs=config.num_epochs,
-            cycle_boundaries=config.cycle_boundaries,
-            steps_per_epoch=steps_per_epoch,
-            multilevel=config.multilevel,
-        )
+        plan.plan_cycles_of_config(config, steps_per_epoch)
     except ValueError as error:
         field = "cycle_boundaries" if config.cycle_boundaries else "num_epochs"
         _fail(

@@ -127,6 +127,23 @@ def plan_cycles(
     return cycles
 
 
+def plan_cycles_of_config(config, steps_per_epoch: int) -> list[Cycle]:
+    """`plan_cycles` with a run config's ``stage_sizes``, ``step_size``, ``num_epochs``,
+    ``cycle_boundaries`` and ``multilevel`` (``configs/default.py``).
+
+    Raises:
+      ValueError: if a cycle would have no steps.
+    """
+    return plan_cycles(
+        stage_sizes=config.stage_sizes,
+        step_size=config.step_size,
+        num_epochs=config.num_epochs,
+        cycle_boundaries=config.cycle_boundaries,
+        steps_per_epoch=steps_per_epoch,
+        multilevel=config.multilevel,
+    )
+
+
 def cosine_cycle_schedule(
     num_steps: int, learning_rate_max: float, learning_rate_min: float
 ) -> optax.Schedule:

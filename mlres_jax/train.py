@@ -338,16 +338,7 @@ def prepare_run(
     config = _with_fitted_eval_batch(config, len(data.test_labels), mesh)
     num_train = len(data.train_labels)
     steps_per_epoch = num_train // config.batch_size
-    cycles = tuple(
-        plan.plan_cycles(
-            stage_sizes=config.stage_sizes,
-            step_size=config.step_size,
-            num_epochs=config.num_epochs,
-            cycle_boundaries=config.cycle_boundaries,
-            steps_per_epoch=steps_per_epoch,
-            multilevel=config.multilevel,
-        )
-    )
+    cycles = tuple(plan.plan_cycles_of_config(config, steps_per_epoch))
     schedule = plan.learning_rate_schedule(
         cycles, config.learning_rate_max, config.learning_rate_min
     )

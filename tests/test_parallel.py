@@ -64,7 +64,12 @@ OVERRIDES = {
 
 
 def _command(data_dir, workdir, **changes):
-    overrides = dict(OVERRIDES, fashion_mnist_dir=data_dir, **changes)
+    return main_command(data_dir, workdir, OVERRIDES, **changes)
+
+
+def main_command(data_dir, workdir, overrides, **changes):
+    """``python -m mlres_jax.main`` on the Fashion-MNIST config with ``--config`` overrides."""
+    overrides = dict(overrides, fashion_mnist_dir=data_dir, **changes)
     return [
         sys.executable,
         "-m",

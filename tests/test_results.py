@@ -121,11 +121,9 @@ def _readme(path) -> str:
     return text
 
 
-def test_the_command_writes_the_page_from_the_json_it_finds(tmp_path):
-    results_dir = tmp_path / "docs" / "results"
-    _write(results_dir, "stop_agreement.json", _stop_agreement_report())
-    output = tmp_path / "docs" / "results.md"
-    result = subprocess.run(
+def _results_command(results_dir, output):
+    """``python -m benchmarks.results`` on ``results_dir``, writing ``output`` (no README)."""
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -140,6 +138,13 @@ def test_the_command_writes_the_page_from_the_json_it_finds(tmp_path):
         timeout=120,
         env=dict(os.environ, JAX_PLATFORMS="cpu"),
     )
+
+
+def test_the_command_writes_the_page_from_the_json_it_finds(tmp_path):
+    results_dir = tmp_path / "docs" / "results"
+    _write(results_dir, "stop_agreement.json", _stop_agreement_report())
+    output = tmp_path / "docs" / "results.md"
+    result = _results_command(results_dir, output)
     assert result.returncode == 0, result.stderr
     page = output.read_text()
     assert page.startswith("# Results\n\nWritten by `python -m benchmarks.results`")
@@ -155,21 +160,7 @@ def test_the_command_writes_the_page_from_the_json_it_finds(tmp_path):
     assert "- `compare.json`, written by `python -m benchmarks.compare`" in page
     assert "## Multi-level" not in page and "## The main job" not in page
     # A missing folder is one line and status 2.
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.results",
-            f"--results_dir={tmp_path / 'none'}",
-            f"--output={output}",
-            "--readme=",
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-    )
+    result = _results_command(tmp_path / "none", output)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: --results_dir=")
 

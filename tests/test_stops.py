@@ -19,7 +19,12 @@ import pytest
 
 from mlres_jax import checkpoint
 from tests import fake_data
-from tests.test_parallel import LOSS_TOLERANCE, _free_port, assert_same_final_checkpoint
+from tests.test_parallel import (
+    LOSS_TOLERANCE,
+    _free_port,
+    assert_same_final_checkpoint,
+    main_command,
+)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,15 +106,7 @@ class Run:
 
 
 def _command(data_dir, workdir, **changes):
-    overrides = dict(OVERRIDES, fashion_mnist_dir=data_dir, **changes)
-    return [
-        sys.executable,
-        "-m",
-        "mlres_jax.main",
-        "--config=configs/fashion_mnist.py",
-        f"--workdir={workdir}",
-        *[f"--config.{k}={v}" for k, v in overrides.items()],
-    ]
+    return main_command(data_dir, workdir, OVERRIDES, **changes)
 
 
 def _two_processes(data_dir, workdir, **changes):
