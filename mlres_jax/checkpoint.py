@@ -636,13 +636,19 @@ def unfinished_saves(directory: str) -> list[str]:
 
 
 def list_steps(workdir: str) -> list[int]:
-    """Steps of the complete checkpoints in ``<workdir>/checkpoints``; [] if none.
+    """Steps of the complete checkpoints in ``<workdir>/checkpoints``; [] if none."""
+    return complete_steps(checkpoint_dir(workdir))
 
-    Read from the folder alone (orbax's ``utils.checkpoint_steps``), so that
-    one process of a multi-process run may call it: opening a
+
+def complete_steps(directory: str) -> list[int]:
+    """Steps of the complete checkpoints in a checkpoint folder, ascending; [] if none.
+
+    Read from the folder alone (orbax's ``utils.checkpoint_steps``: a save in
+    progress is a temporary folder until it is complete), so that one process
+    of a multi-process run, or a signal handler, may call it: opening a
     ``CheckpointManager`` is a step all processes must take together.
     """
-    return sorted(ocp.utils.checkpoint_steps(checkpoint_dir(workdir)))
+    return sorted(ocp.utils.checkpoint_steps(directory))
 
 
 # Reading a folder that another run may be writing: that run deletes its

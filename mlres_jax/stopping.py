@@ -42,7 +42,7 @@ import time
 import jax
 from absl import logging
 
-from mlres_jax import errors, parallel
+from mlres_jax import checkpoint, errors, parallel
 
 _AGREEMENT_PREFIX = "mlres_jax/stop"
 # Agreements made so far by this process (every process makes them in the same
@@ -92,7 +92,6 @@ class StopRequest:
 
     Attributes:
       signal_number: the first signal received, or None.
-      steps_done_at_signal: ``steps_done`` when it came, or None.
       steps_done: steps finished on the devices, kept up to date by the loop.
     """
 
@@ -100,7 +99,6 @@ class StopRequest:
 
     def __init__(self, checkpoint_directory: str | None = None):
         self.signal_number = None
-        self.steps_done_at_signal = None
         self.steps_done = 0
         self._checkpoint_directory = checkpoint_directory
         self._previous = {}
@@ -108,13 +106,12 @@ class StopRequest:
     def last_checkpoint(self) -> str:
         """``"the last complete checkpoint is step N in DIR"``, read from the folder.
 
-        A complete orbax checkpoint is a folder named by its step; a save in
-        progress writes into a temporary folder and renames it when done.
-        Plain file-system reads, safe inside a signal handler.
+        Read from the folder (`checkpoint.complete_steps`), not through
+        orbax's manager, so it is safe inside a signal handler.
         """
         folder = self._checkpoint_directory
         try:
-            steps = [int(name) for name in os.listdir(folder) if name.isdigit()] if folder else []
+            steps = checkpoint.complete_steps(folder) if folder else []
         except OSError:
             steps = []
         if not steps:
@@ -143,7 +140,6 @@ class StopRequest:
             sys.stderr.flush()
             os._exit(128 + number)  # no cleanup: nothing left waits for a thread
         self.signal_number = number
-        self.steps_done_at_signal = self.steps_done
         logging.warning(
             "%s received after step %d: the run stops at the next step and "
             "saves a checkpoint (a second Ctrl-C or SIGTERM ends it at once, "
