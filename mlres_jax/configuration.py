@@ -162,13 +162,19 @@ def _check_schedule(config) -> None:
             f"epochs must increase strictly inside (0, num_epochs = {config.num_epochs})",
         )
     config.cycle_boundaries = tuple(float(b) for b in boundaries)
-    if config.multilevel and config.cycle_boundaries and min(config.stage_sizes) < 2:
+    if (
+        config.multilevel
+        and config.cycle_boundaries
+        and min(config.stage_sizes) < 2
+        and not multilevel.grows_one_block_stages(config.interpolation_rule)
+    ):
+        able = [rule for rule in multilevel.GROWTH_RULES if multilevel.grows_one_block_stages(rule)]
         _fail(
             "stage_sizes",
             config.stage_sizes,
             f"the {config.interpolation_rule!r} growth rule needs at least 2 blocks "
             "in every stage (the block after the first is made from the second, "
-            "paper App. B)",
+            f"paper App. B); the rules {able} grow a stage of one block",
         )
 
 

@@ -10,6 +10,7 @@ doubled, h halved; paper Sec. 4.1, App. B) and writes a model checkpoint to
 
 import dataclasses
 
+import jax
 from absl import app, flags, logging
 
 from mlres_jax import checkpoint, cli, errors, models, multilevel
@@ -54,7 +55,15 @@ def grow(
             )
         model, variables, metadata = checkpoint.load_model(workdir, step)
         try:
-            deeper_model, deeper_variables = multilevel.deepen(model, variables, rule)
+            deeper_model, deeper_variables = multilevel.deepen(
+                model,
+                variables,
+                rule,
+                # Blocks the rule makes from nothing (a one-block stage).
+                initial=lambda deeper: models.init_variables(
+                    deeper, jax.random.key(metadata.config.get("seed", 0)), metadata.image_shape
+                ),
+            )
         except ValueError as error:
             raise errors.UserError(
                 f"cannot grow the checkpoint of step {metadata.step} in {workdir}: {error}"

@@ -15,8 +15,9 @@ know how a network is deepened opens this file.
 **Rules.** A rule says, for a stage of n blocks, how each of the 2n new
 blocks is made (`NewBlock`; `interpolate` refuses a rule that would read a
 block the stage does not have, such as the second block of a one-block
-stage): from which old blocks (a copy, or a weighted
-average), with what factor on its residual module's output G, and whether
+stage): from which old blocks (a copy, or a weighted average; or from a
+fresh initialisation of the grown network where no old block has its
+shapes), with what factor on its residual module's output G, and whether
 it is one of the old blocks at its new place or an inserted one. Every block
 computes ``Y_{j+1} = S(Y_j) + h * G(Y_j)`` and G ends in a linear layer (this
 project's ``conv2``), so scaling that layer's kernel scales G. The step size
@@ -75,7 +76,10 @@ class NewBlock:
     Attributes:
       sources: ``((old_index, weight), ...)``, 0-based: the block is the
         weighted sum of these old blocks' subtrees (parameters, batch-norm
-        statistics, momentum alike); one source of weight 1 is a copy.
+        statistics, momentum alike); one source of weight 1 is a copy. No
+        source, ``()``: the block is taken from a fresh initialisation of the
+        grown network (`interpolate`'s ``initial``), as where a stage's only
+        block is a transition and no old block has the shapes it needs.
       residual_scale: factor on the residual module's output G (applied to
         the layout's ``residual_output`` leaves, e.g. ``conv2/kernel``).
       inserted: False for an old block at its new place, True for a new one.
@@ -94,14 +98,30 @@ def _check_stage(num_blocks: int, rule: str, layout: str = "the layout") -> None
         is True: the callers check a stage only then).
     """
     if num_blocks < 2:
+        able = sorted(name for name in GROWTH_RULES if grows_one_block_stages(name))
         raise ValueError(
             f"the {rule!r} growth rule needs at least 2 blocks in a stage whose first block "
             f"is a transition, got a stage of {num_blocks}: {layout} has "
             "first_block_is_transition=True, so the block inserted after the first is made "
             "from the second, whose entries and shapes the later blocks share (paper App. B); "
+            f"the rules {able} grow a one-block stage; "
             "a network whose blocks are all alike takes a layout with "
             "first_block_is_transition=False"
         )
+
+
+def grows_one_block_stages(rule: str) -> bool:
+    """Whether ``rule`` grows a stage whose only block is a transition (e.g. of 1-1-1).
+
+    Such a rule makes the inserted block from nothing (`NewBlock` without
+    sources) rather than from a second block; `interpolate` then needs the
+    grown network freshly initialised (its ``initial``).
+
+    Raises:
+      ValueError: for an unknown rule.
+    """
+    blocks = _rule(rule)(1, first_is_transition=True, step_size_halved=True)
+    return all(index < 1 for block in blocks for index, _ in block.sources)
 
 
 def _copy(index: int, scale: float = 1.0, inserted: bool = False) -> NewBlock:
@@ -169,11 +189,18 @@ def identity_rule(
     left as it is; every inserted block is made like the paper's (a copy of
     the block before it, of the second after a transition first block) but
     with a zero residual output, so it is the identity. In eval mode the
-    network computes exactly what it did (to float rounding). Source:
-    Net2Net's identity layers (Chen, Goodfellow, Shlens, ICLR 2016) and
-    LLaMA-Pro's zero-initialised inserted blocks (Wu et al., 2024).
+    network computes exactly what it did (to float rounding).
+
+    A stage of one block that is a transition (``[b1] -> [b1, new]``, as in
+    a 1-1-1 network) has no block of the shapes the inserted one needs: it
+    is a freshly initialised block (`interpolate`'s ``initial``) with a zero
+    residual output, the identity as well; b1 keeps its contribution.
+    Source: Net2Net's identity layers (Chen, Goodfellow, Shlens, ICLR 2016)
+    and LLaMA-Pro's zero-initialised inserted blocks (Wu et al., 2024).
     """
     kept = 2.0 if step_size_halved else 1.0
+    if num_blocks == 1 and first_is_transition:
+        return [_copy(0, kept), NewBlock((), 0.0, inserted=True)]
     return [
         NewBlock(block.sources, 0.0 if block.inserted else kept, block.inserted)
         for block in paper_rule(num_blocks, first_is_transition=first_is_transition)
@@ -190,9 +217,15 @@ def transition_keeping_rule(
     with h/2; scaling every copy's residual output by 2 / c_i keeps
     c_i * (h/2) * (2/c_i) G_i = h G_i, the downsampling block's included.
     With h kept (``step_size_halved=False``) the factor is 1 / c_i; a stage
-    without a transition block has c_i = 2 for every block.
+    without a transition block has c_i = 2 for every block. A stage of one
+    block that is a transition grows as under `identity_rule` (c_1 = 1: b1
+    keeps its contribution with the factor 2, and the inserted block, which
+    no old block has the shapes for, is a fresh one with a zero residual
+    output).
     Source: this project, as the first-order correction of the paper's rule.
     """
+    if num_blocks == 1 and first_is_transition:
+        return identity_rule(1, step_size_halved=step_size_halved)
     blocks = paper_rule(num_blocks, first_is_transition=first_is_transition)
     counts = np.bincount([b.sources[0][0] for b in blocks], minlength=num_blocks)
     kept = 2.0 if step_size_halved else 1.0
@@ -930,9 +963,14 @@ def _scale_residual(block, scale: float, residual_output: tuple[str, ...]):
     return jax.tree_util.tree_map_with_path(scaled, block)
 
 
-def _make_block(old_blocks, new_block: NewBlock, used: set, layout: Layout, zero: bool):
-    (first, weight), *rest = new_block.sources
-    if not rest and weight == 1.0:
+def _make_block(
+    old_blocks, new_block: NewBlock, position: int, used: set, layout: Layout, zero: bool, fresh
+):
+    """Block ``position`` of a grown stage; ``fresh()``: the grown stage freshly initialised."""
+    if not new_block.sources:
+        block = fresh()[position]
+    elif len(new_block.sources) == 1 and new_block.sources[0][1] == 1.0:
+        first = new_block.sources[0][0]
         block = old_blocks[first]
         if first in used:  # each new block owns its buffers (a donated state
             block = jax.tree_util.tree_map(jnp.copy, block)  # holds none twice)
@@ -1172,8 +1210,12 @@ def _read_network(node, layout: Layout, action: str) -> _Network:
     return _Network(node, names, stages, others, found)
 
 
-def _rewrite_stages(tree, layout: Layout, rewrite: Callable[[str, list], list], action: str):
-    """``tree`` with every stage's blocks replaced by ``rewrite(stage_name, blocks)``.
+def _rewrite_stages(tree, layout: Layout, rewrite: Callable[..., list], action: str, initial=None):
+    """``tree`` with every stage's blocks replaced by ``rewrite(stage_name, blocks, fresh)``.
+
+    ``fresh()`` returns the same stage's blocks in the network tree at the
+    same place of ``initial`` (a tree like the result, or a function of no
+    arguments returning one, called at most once, when first needed).
 
     Every network tree is read and checked before any is rewritten. The
     residual-output names are checked over all of them together: one tree
@@ -1190,6 +1232,35 @@ def _rewrite_stages(tree, layout: Layout, rewrite: Callable[[str, list], list], 
         (`_refuse_nnx_objects`).
     """
     _refuse_nnx_objects(tree, action)
+    read_initial = {}
+
+    def fresh_stage(position: int, stage: str, grown_blocks: int) -> list:
+        if not read_initial:
+            if initial is None:
+                raise ValueError(
+                    f"cannot {action} {stage} ({layout.label}): the rule makes a block from "
+                    "nothing (the stage has no block of its shapes: its one block is a "
+                    "transition), so it needs initial=, the grown network freshly "
+                    "initialised (e.g. the deeper model's init), to take that block from"
+                )
+            fresh_tree = initial() if callable(initial) else initial
+            fresh_leaves = jax.tree_util.tree_flatten(fresh_tree, is_leaf=layout.is_network)[0]
+            read_initial.update(
+                (index, node) for index, node in enumerate(fresh_leaves) if layout.is_network(node)
+            )
+        node = read_initial.get(position)
+        network = node and _read_network(node, layout, f"read initial= to {action}")
+        blocks = network and dict(zip(network.stage_names, network.stages)).get(stage)
+        if blocks is None or len(blocks) != grown_blocks:
+            raise ValueError(
+                f"cannot {action} {stage} ({layout.label}): initial= has no network tree "
+                "like the result at "
+                f"the same place with {grown_blocks} blocks in {stage} (found "
+                f"{'none' if blocks is None else len(blocks)}); pass the grown network's "
+                "freshly initialised tree, of the same structure as the result"
+            )
+        return blocks
+
     leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=layout.is_network)
     networks = {
         position: _read_network(node, layout, action)
@@ -1230,7 +1301,13 @@ def _rewrite_stages(tree, layout: Layout, rewrite: Callable[[str, list], list], 
             network.node,
             layout.write(
                 [
-                    rewrite(name, blocks)
+                    rewrite(
+                        name,
+                        blocks,
+                        lambda grown, position=position, name=name: fresh_stage(
+                            position, name, grown
+                        ),
+                    )
                     for name, blocks in zip(network.stage_names, network.stages)
                 ],
                 network.others,
@@ -1239,7 +1316,14 @@ def _rewrite_stages(tree, layout: Layout, rewrite: Callable[[str, list], list], 
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def interpolate(tree, rule: str = "paper", layout: Layout = STAGES, *, zero_inserted: bool = False):
+def interpolate(
+    tree,
+    rule: str = "paper",
+    layout: Layout = STAGES,
+    *,
+    zero_inserted: bool = False,
+    initial=None,
+):
     """Interpolates (prolongs) a network to twice the blocks in every stage.
 
     Every stage of n blocks becomes a stage of 2n blocks made by ``rule``
@@ -1266,6 +1350,14 @@ def interpolate(tree, rule: str = "paper", layout: Layout = STAGES, *, zero_inse
         `ListLayout` for Flax NNX models).
       zero_inserted: make the inserted blocks zero (the momentum policy
         ``"zero_inserted"``).
+      initial: needed only where ``rule`` makes a block from nothing (a
+        stage of one block that is a transition, under a rule for which
+        `grows_one_block_stages`): a tree of the same structure as the
+        result, freshly initialised (for variables, the deeper model's
+        ``init``; for an optimizer state, the optimizer's ``init`` of those
+        parameters), or a function of no arguments that returns one (called
+        only if needed). Such a block is taken from it, its residual output
+        scaled by the rule (zero: the identity).
 
     Returns:
       A new pytree with the tree structure and shapes of the same variables
@@ -1280,14 +1372,16 @@ def interpolate(tree, rule: str = "paper", layout: Layout = STAGES, *, zero_inse
         no block of ``tree`` has (a tree may lack one only where another
         network tree in it has it: grow batch statistics together with the
         parameters), or that some blocks of a network tree have and others
-        lack; a stage of one block where the first block is a transition;
-        blocks that the layout cannot read.
+        lack; a stage of one block where the first block is a transition,
+        under a rule that cannot grow it, or without ``initial``; an
+        ``initial`` without the grown stage at the same place; blocks that
+        the layout cannot read.
       TypeError: for an ``nnx.Module`` or ``nnx.Optimizer`` where its
         ``nnx.state(...)`` belongs (the message says what to pass).
     """
     make = _rule(rule)
 
-    def grow(stage, blocks):
+    def grow(stage, blocks, fresh_stage):
         new_blocks = _new_blocks(make, len(blocks), layout)
         if any(i >= len(blocks) for b in new_blocks for i, _ in b.sources):
             try:
@@ -1295,9 +1389,20 @@ def interpolate(tree, rule: str = "paper", layout: Layout = STAGES, *, zero_inse
             except ValueError as error:
                 raise ValueError(f"cannot interpolate {stage} ({layout.label}): {error}") from None
         used = set()
-        return [_make_block(blocks, b, used, layout, zero_inserted) for b in new_blocks]
+        return [
+            _make_block(
+                blocks,
+                b,
+                position,
+                used,
+                layout,
+                zero_inserted,
+                lambda: fresh_stage(len(new_blocks)),
+            )
+            for position, b in enumerate(new_blocks)
+        ]
 
-    return _rewrite_stages(tree, layout, grow, "interpolate")
+    return _rewrite_stages(tree, layout, grow, "interpolate", initial)
 
 
 def coarsen(tree, rule: str = "paper", layout: Layout = STAGES):
@@ -1324,7 +1429,7 @@ def coarsen(tree, rule: str = "paper", layout: Layout = STAGES):
     """
     make = _rule(rule)
 
-    def shrink(stage, blocks):
+    def shrink(stage, blocks, _):
         if len(blocks) % 2:
             raise ValueError(
                 f"cannot coarsen {stage}: it has {len(blocks)} blocks, and every growth "
@@ -1349,7 +1454,9 @@ def coarsen(tree, rule: str = "paper", layout: Layout = STAGES):
     return _rewrite_stages(tree, layout, shrink, "coarsen")
 
 
-def grow_optimizer_state(opt_state, rule: str, policy: str, layout: Layout = STAGES):
+def grow_optimizer_state(
+    opt_state, rule: str, policy: str, layout: Layout = STAGES, *, initial=None
+):
     """The optimizer state of the grown network under a `MOMENTUM_POLICIES` policy.
 
     The per-block state (SGD momentum, which mirrors the parameters) is
@@ -1362,7 +1469,9 @@ def grow_optimizer_state(opt_state, rule: str, policy: str, layout: Layout = STA
     optax state, or ``nnx.state(optimizer)`` of an ``nnx.Optimizer`` (load
     the result into the grown network's optimizer with ``nnx.update``). A
     state without per-parameter arrays (plain SGD: step counts at most) is
-    returned as it is.
+    returned as it is. A block the rule makes from nothing takes its state
+    from ``initial`` (the optimizer's ``init`` of the grown parameters, or a
+    function returning it: zero momentum), as `interpolate`.
 
     Raises:
       ValueError: for an unknown policy; a state that holds per-parameter
@@ -1377,7 +1486,9 @@ def grow_optimizer_state(opt_state, rule: str, policy: str, layout: Layout = STA
         np.ndim(leaf) == 0 for leaf in jax.tree_util.tree_leaves(opt_state)
     ):
         return opt_state
-    grown = interpolate(opt_state, rule, layout, zero_inserted=policy == "zero_inserted")
+    grown = interpolate(
+        opt_state, rule, layout, zero_inserted=policy == "zero_inserted", initial=initial
+    )
     if policy == "reset":
         grown = map_network_trees(
             lambda t: jax.tree_util.tree_map(jnp.zeros_like, t), grown, layout
@@ -1392,8 +1503,13 @@ def interpolated_model(model: models.ResNet) -> models.ResNet:
     )
 
 
-def deepen(model: models.ResNet, variables, rule: str = "paper"):
+def deepen(model: models.ResNet, variables, rule: str = "paper", *, initial=None):
     """Interpolates ``variables`` under ``rule`` and returns them with the matching model.
+
+    Args:
+      initial: the deeper model's fresh variables, or a function of the
+        deeper model returning them; used only for a block the rule makes
+        from nothing (a one-block stage: `interpolate`).
 
     Returns:
       ``(deeper_model, deeper_variables)``: stage sizes doubled, h halved.
@@ -1401,7 +1517,9 @@ def deepen(model: models.ResNet, variables, rule: str = "paper"):
     Raises:
       ValueError: as `interpolate`.
     """
-    return interpolated_model(model), interpolate(variables, rule, layout_of(model.scan_blocks))
+    deeper = interpolated_model(model)
+    fresh = (lambda: initial(deeper)) if callable(initial) else initial
+    return deeper, interpolate(variables, rule, layout_of(model.scan_blocks), initial=fresh)
 
 
 def coarsened_model(model: models.ResNet) -> models.ResNet:
@@ -1454,6 +1572,7 @@ __all__ = [
     "deepen",
     "flax_examples_layout",
     "grow_optimizer_state",
+    "grows_one_block_stages",
     "identity_rule",
     "interpolate",
     "interpolated_model",

@@ -120,6 +120,7 @@ def interpolate_train_state(
     rule: str,
     momentum_at_interpolation: str,
     layout: multilevel.Layout = multilevel.STAGES,
+    initial: Callable[[], TrainState] | None = None,
 ) -> TrainState:
     """Grows a train state to the next depth (paper Sec. 4.1) under ``rule``.
 
@@ -132,20 +133,31 @@ def interpolate_train_state(
     inserted blocks only). The optimizer's step count is kept, so the global
     learning-rate schedule goes on; its restart comes from the schedule's
     cycle boundary. ``layout`` is the parameters' (`multilevel.SCANNED` for a
-    scanned model).
+    scanned model). ``initial`` returns a fresh train state of the deeper
+    model; it is called only where the rule makes a block from nothing (a
+    one-block stage, `multilevel.grows_one_block_stages`), whose parameters,
+    statistics and (zero) momentum it gives.
 
     Raises:
       ValueError: for an unknown rule or policy, or a network the rule cannot
         interpolate (`multilevel.interpolate`).
     """
+    fresh = functools.cache(initial) if initial else None
     variables = multilevel.interpolate(
-        {"params": state.params, "batch_stats": state.batch_stats}, rule, layout
+        {"params": state.params, "batch_stats": state.batch_stats},
+        rule,
+        layout,
+        initial=fresh and (lambda: {"params": fresh().params, "batch_stats": fresh().batch_stats}),
     )
     return state.replace(
         params=variables["params"],
         batch_stats=variables["batch_stats"],
         opt_state=multilevel.grow_optimizer_state(
-            state.opt_state, rule, momentum_at_interpolation, layout
+            state.opt_state,
+            rule,
+            momentum_at_interpolation,
+            layout,
+            initial=fresh and (lambda: fresh().opt_state),
         ),
     )
 

@@ -121,6 +121,20 @@ class Run:
             scanned_conv=cpu_backend.scanned_conv(),
         )
 
+    def fresh_state(self, cycle: plan.Cycle) -> steps.TrainState:
+        """A freshly initialised train state of the cycle's network.
+
+        A growth takes from it only the blocks its rule makes from nothing
+        (a one-block stage, `multilevel.grows_one_block_stages`); its key is
+        the initial parameters' folded with the cycle's index.
+        """
+        return steps.create_train_state(
+            jax.random.fold_in(self.init_rng, cycle.index),
+            self.model(cycle.stage_sizes, cycle.step_size),
+            self.optimizer,
+            self.data.info.image_shape,
+        )
+
     @property
     def layout(self) -> multilevel.StageLayout:
         """How the parameters keep their blocks (`multilevel.layout_of`)."""
@@ -514,6 +528,7 @@ def grow(run: Run, cycle: plan.Cycle, progress: Progress, compiler: StepCompiler
             run.config.interpolation_rule,
             run.config.momentum_at_interpolation,
             run.layout,
+            initial=lambda: run.fresh_state(cycle),
         ),
         run.mesh,
     )
@@ -673,7 +688,11 @@ class StepCompiler:
         shapes = jax.eval_shape(
             lambda s: (
                 steps.interpolate_train_state(
-                    s, config.interpolation_rule, config.momentum_at_interpolation, self._run.layout
+                    s,
+                    config.interpolation_rule,
+                    config.momentum_at_interpolation,
+                    self._run.layout,
+                    initial=lambda: self._run.fresh_state(after),
                 )
                 if after.stage_sizes != cycle.stage_sizes
                 else s

@@ -522,6 +522,23 @@ def test_failing_save_keeps_earlier_checkpoints(data_dir, tmp_path, monkeypatch)
     chex.assert_tree_all_finite(variables)
 
 
+def test_grow_interpolates_a_one_block_checkpoint_under_the_identity_rule(data_dir, tmp_path):
+    from mlres_jax import grow  # pylint: disable=import-outside-toplevel
+
+    workdir, output = str(tmp_path / "run"), str(tmp_path / "grown")
+    config = _config(data_dir, num_epochs=1.0, cycle_boundaries=(), stage_sizes=(1,))
+    train.train_and_evaluate(config, workdir)
+    model, variables, _ = checkpoint.load_model(workdir)
+    grow.grow(workdir, output, rule="identity")
+    grown_model, grown_variables, _ = checkpoint.load_model(output)
+    assert grown_model.stage_sizes == (2,) and grown_model.step_size == 0.5
+    images = np.random.default_rng(0).random((4, 28, 28, 1), dtype=np.float32)
+    before = model.apply(variables, images)
+    np.testing.assert_allclose(
+        grown_model.apply(grown_variables, images), before, rtol=1e-5, atol=1e-6
+    )
+
+
 def test_grow_interpolates_a_saved_checkpoint(data_dir, reference, tmp_path):
     from mlres_jax import grow  # pylint: disable=import-outside-toplevel
 

@@ -88,6 +88,20 @@ def test_bad_values_name_field_value_and_allowed(field, value, message):
         configuration.resolve(config)
 
 
+def test_one_block_stages_grow_under_the_rules_that_can():
+    config = _config("resnet50i")
+    config.stage_sizes = (1, 1, 1)
+    with pytest.raises(
+        configuration.ConfigError,
+        match=r"config.stage_sizes = \(1, 1, 1\).*'paper' growth rule.*the rules "
+        r"\['identity', 'transition_keeping'\] grow a stage of one block",
+    ):
+        configuration.resolve(config)
+    for rule in ("identity", "transition_keeping"):
+        config.interpolation_rule = rule
+        assert configuration.resolve(config).stage_sizes == (1, 1, 1)
+
+
 def test_one_block_stage_is_fine_without_interpolation():
     config = _config("resnet14")
     config.stage_sizes = (1, 1, 1)

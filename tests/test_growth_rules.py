@@ -477,28 +477,164 @@ def test_list_and_key_layouts_are_told_whether_the_first_block_is_a_transition()
         multilevel.ListLayout("blocks", "mlp/fc2/kernel", False)
 
 
+# The rules that make the block inserted after a one-block stage's transition
+# block from nothing: identity (a zero-residual block) and transition_keeping
+# (which keeps b1's contribution, c_1 = 1, and so inserts the same block).
+ONE_BLOCK_RULES = ["identity", "transition_keeping"]
+
+
+def _one_block_network(layout_name, stage_sizes=(2, 1)):
+    """Variables, layout and the deeper network's fresh variables, for a stage of one block."""
+    if layout_name == "flax_examples_layout":
+
+        def init(sizes, seed):
+            return flax_example_resnet.ResNet(stage_sizes=sizes).init(
+                jax.random.PRNGKey(seed), jnp.zeros((1, *IMAGE_SHAPE)), train=False
+            )
+
+        grown_sizes = tuple(2 * n for n in stage_sizes)
+        return (
+            multilevel.flax_examples_layout(stage_sizes),
+            init(stage_sizes, 0),
+            init(grown_sizes, 1),
+            None,
+        )
+    layout = getattr(multilevel, layout_name)
+    model = _model(stage_sizes)
+    variables = random_variables(model)
+    fresh = models.init_variables(
+        multilevel.interpolated_model(model), jax.random.PRNGKey(1), IMAGE_SHAPE
+    )
+    if layout_name == "SCANNED":
+        variables = multilevel.convert_layout(variables, multilevel.STAGES, layout)
+        fresh = multilevel.convert_layout(fresh, multilevel.STAGES, layout)
+    return layout, variables, fresh, model
+
+
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("layout_name", ["STAGES", "SCANNED", "flax_examples_layout"])
 def test_a_one_block_stage_is_refused_in_the_layouts_terms(layout_name, rule):
-    if layout_name == "flax_examples_layout":
-        layout = multilevel.flax_examples_layout((2, 1))
-        variables = flax_example_resnet.ResNet(stage_sizes=(2, 1)).init(
-            jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE)), train=False
-        )
-    else:
-        layout = getattr(multilevel, layout_name)
-        variables = random_variables(_model((2, 1)))
-        if layout_name == "SCANNED":
-            variables = multilevel.convert_layout(variables, multilevel.STAGES, layout)
+    layout, variables, _, _ = _one_block_network(layout_name)
     with pytest.raises(ValueError) as raised:
         multilevel.interpolate(variables, rule, layout)
+    if rule in ONE_BLOCK_RULES:  # it can, given the fresh block to take
+        assert str(raised.value) == (
+            f"cannot interpolate stage2 ({layout.label}): the rule makes a block from nothing "
+            "(the stage has no block of its shapes: its one block is a transition), so it "
+            "needs initial=, the grown network freshly initialised (e.g. the deeper model's "
+            "init), to take that block from"
+        ), str(raised.value)
+        return
     assert str(raised.value) == (
         f"cannot interpolate stage2 ({layout.label}): the {rule!r} growth rule needs at least 2 "
         "blocks in a stage whose first block is a transition, got a stage of 1: the layout has "
         "first_block_is_transition=True, so the block inserted after the first is made from the "
-        "second, whose entries and shapes the later blocks share (paper App. B); a network "
+        "second, whose entries and shapes the later blocks share (paper App. B); the rules "
+        "['identity', 'transition_keeping'] grow a one-block stage; a network "
         "whose blocks are all alike takes a layout with first_block_is_transition=False"
     ), str(raised.value)
+
+
+def test_which_rules_grow_a_one_block_stage():
+    # paper, linear and appended copy the second block after the first; the
+    # other two insert a zero-residual block there.
+    assert [r for r in RULES if multilevel.grows_one_block_stages(r)] == ONE_BLOCK_RULES
+    assert multilevel.identity_rule(1) == [
+        multilevel.NewBlock(((0, 1.0),), 2.0, False),
+        multilevel.NewBlock((), 0.0, True),
+    ]
+    assert multilevel.transition_keeping_rule(1) == multilevel.identity_rule(1)
+    # Without h to halve, b1 keeps its factor 1.
+    assert multilevel.identity_rule(1, step_size_halved=False)[0].residual_scale == 1.0
+
+
+def test_initial_that_the_layout_cannot_read_is_refused():
+    # flax_examples_layout's keys depend on the stage sizes: it cannot read
+    # the grown network's, so it cannot take a fresh block from it.
+    layout, variables, fresh, _ = _one_block_network("flax_examples_layout")
+    with pytest.raises(
+        ValueError,
+        match=r"cannot read initial= to interpolate under "
+        r"flax_examples_layout\(\(2, 1\)\): 'ResNetBlock_3' is beyond the 3 blocks",
+    ):
+        multilevel.interpolate(variables, "identity", layout, initial=fresh)
+    # A tree of the old depth has too few blocks.
+    layout, variables, _, _ = _one_block_network("STAGES")
+    with pytest.raises(ValueError, match="with 2 blocks in stage2 \\(found 1\\)"):
+        multilevel.interpolate(variables, "identity", layout, initial=variables)
+
+
+@pytest.mark.parametrize("rule", ONE_BLOCK_RULES)
+@pytest.mark.parametrize("layout_name", ["STAGES", "SCANNED"])
+def test_a_one_block_stage_grows_into_the_fresh_deeper_network(layout_name, rule):
+    layout, variables, fresh, _ = _one_block_network(layout_name)
+    grown = multilevel.interpolate(variables, rule, layout, initial=fresh)
+    chex.assert_trees_all_equal_shapes_and_dtypes(grown, fresh)
+    # As a function returning it: the same result.
+    chex.assert_trees_all_equal(
+        multilevel.interpolate(variables, rule, layout, initial=lambda: fresh), grown
+    )
+    # Coarsening gives the network back; the one-block stage's factor 2 is
+    # undone exactly, transition_keeping's 2/3 of stage1 (two blocks) is not.
+    back = multilevel.coarsen(grown, rule, layout)
+    chex.assert_trees_all_equal(back["params"]["stage2"], variables["params"]["stage2"])
+    chex.assert_trees_all_close(back, variables, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("rule", ONE_BLOCK_RULES)
+def test_a_one_block_stages_inserted_block_is_the_fresh_one_with_zero_residual(rule):
+    model = _model((1, 1, 1), step_size=2.0)
+    variables = random_variables(model)
+    fresh_of = functools.partial(
+        models.init_variables, rng=jax.random.PRNGKey(7), image_shape=IMAGE_SHAPE
+    )
+    deeper_model, deeper = multilevel.deepen(model, variables, rule, initial=lambda m: fresh_of(m))
+    assert deeper_model.stage_sizes == (2, 2, 2) and deeper_model.step_size == 1.0
+    fresh = fresh_of(deeper_model)
+    for stage in ("stage1", "stage2", "stage3"):
+        inserted = deeper["params"][stage]["block2"]
+        expected = dict(fresh["params"][stage]["block2"])
+        expected["conv2"] = {"kernel": jnp.zeros_like(expected["conv2"]["kernel"])}
+        chex.assert_trees_all_equal(inserted, expected)
+        chex.assert_trees_all_equal(
+            deeper["batch_stats"][stage]["block2"], fresh["batch_stats"][stage]["block2"]
+        )
+        # b1 keeps its contribution: h/2 * 2 G.
+        kernel = variables["params"][stage]["block1"]["conv2"]["kernel"]
+        chex.assert_trees_all_equal(
+            deeper["params"][stage]["block1"]["conv2"]["kernel"], 2 * kernel
+        )
+    # The identity: the eval outputs are unchanged (float rounding only).
+    images = random_images(6)
+    before = _outputs(model, variables, images)
+    np.testing.assert_allclose(
+        _outputs(deeper_model, deeper, images), before, rtol=1e-5, atol=1e-5 * np.abs(before).max()
+    )
+
+
+def test_a_one_block_stages_inserted_block_starts_without_momentum():
+    model = _model((1, 1, 1), step_size=2.0)
+    optimizer = optax.sgd(0.1, momentum=0.9)
+    state = steps.create_train_state(jax.random.PRNGKey(0), model, optimizer, IMAGE_SHAPE)
+    ones = jax.tree.map(jnp.ones_like, state.opt_state)  # momentum 1 everywhere
+    state = state.replace(opt_state=ones)
+    deeper = multilevel.interpolated_model(model)
+    grown = steps.interpolate_train_state(
+        state,
+        "identity",
+        "interpolate",
+        initial=lambda: steps.create_train_state(
+            jax.random.PRNGKey(3), deeper, optimizer, IMAGE_SHAPE
+        ),
+    )
+    trace = grown.opt_state[0].trace
+    for stage in ("stage1", "stage2", "stage3"):
+        inserted = jax.tree.leaves(trace[stage]["block2"])
+        assert all(float(jnp.abs(x).max()) == 0.0 for x in inserted)
+        # The old block's momentum carried through the rule: 1, and 2 on conv2.
+        old = trace[stage]["block1"]
+        assert float(old["conv1"]["kernel"].min()) == 1.0
+        assert float(old["conv2"]["kernel"].min()) == 2.0
 
 
 def test_optimizer_state_without_the_layouts_stages():

@@ -48,6 +48,32 @@ def test_each_growth_records_its_jump(data_dir, tmp_path, rule):
         assert json.load(handle)["growths"] == growths
 
 
+@pytest.mark.parametrize("rule", ["identity", "transition_keeping"])
+def test_a_run_from_one_block_per_stage_grows_without_a_jump(data_dir, tmp_path, rule):
+    # 1 -> 2 -> 4 blocks: the first growth inserts a fresh zero-residual block
+    # after the one (transition) block; both rules keep the function there.
+    summary = train.train_and_evaluate(
+        _config(
+            data_dir,
+            stage_sizes=(1,),
+            step_size=2.0,
+            interpolation_rule=rule,
+            growth_train_examples=40,
+        ),
+        str(tmp_path),
+    )
+    growths = summary["growths"]
+    assert [(g["from_stage_sizes"], g["to_stage_sizes"]) for g in growths] == [
+        ([1], [2]),
+        ([2], [4]),
+    ]
+    assert [c["step_size"] for c in summary["cycles"]] == [2.0, 1.0, 0.5]
+    np.testing.assert_allclose(growths[0]["jump"]["test_loss"], 0.0, atol=1e-4)
+    if rule == "identity":
+        np.testing.assert_allclose(growths[1]["jump"]["test_loss"], 0.0, atol=1e-4)
+    assert np.isfinite(summary["totals"]["final_test_error"])
+
+
 def test_a_run_starts_from_a_grown_checkpoint(data_dir, tmp_path):
     from mlres_jax import grow  # pylint: disable=import-outside-toplevel
 
