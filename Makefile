@@ -49,12 +49,12 @@ test-slow: install data
 
 BENCH_DIR ?= runs/bench
 BENCH_ARGS ?=
-# Per-depth costs, then the paper's Table 3 comparison on Fashion-MNIST (the CPU
+# Per-depth costs, then the study (Table 3 and the growth rules) on Fashion-MNIST (the CPU
 # preset; docs/benchmarks.md): tables, JSON and the curves plot in $(BENCH_DIR).
 # After an interruption: make bench BENCH_ARGS=--resume
 bench: install data
 	$(BIN)/python -m benchmarks.throughput --families=8,resnet,wresnet --output_dir=$(BENCH_DIR)/throughput
-	$(BIN)/python -m benchmarks.compare --output_dir=$(BENCH_DIR)/compare $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.study --output_dir=$(BENCH_DIR)/study $(BENCH_ARGS)
 
 # The results page and the README's headline table, from the JSON in docs/results/
 # (benchmarks/results.py): nothing in them is typed by hand.

@@ -9,8 +9,8 @@
 #    10-10-10 -> 20-20-20 blocks, 32x32x3 images, batch 100) in both block
 #    layouts (unrolled and scanned: compile and step time), on 1 device and,
 #    with several GPUs, on all of them side by side.
-# 2. A short Table-3 comparison on Fashion-MNIST (first-cycle, last-cycle and
-#    multi-level model of the CPU preset, 3 epochs instead of 6), if the data
+# 2. A short Table-3 study on Fashion-MNIST (first-cycle, last-cycle and
+#    multi-level model of the CPU preset, 3 epochs instead of 6, seed 0), if the data
 #    is there (default /usr/share/datasets/fashion-mnist; copy the four IDX
 #    .gz files to the machine and pass their folder otherwise).
 # 3. The same throughput for WResNet-122-i.
@@ -20,12 +20,11 @@
 # when it would run past it; a part that fails is named at the end and makes
 # the exit status 1. Needs `pip install -e '.[cuda12]'`. Writes
 # OUTPUT_DIR (default runs/gpu_check)/{resnet,wresnet,resnet_bf16,
-# wresnet_bf16}/throughput.{md,json} and OUTPUT_DIR/compare/compare.{md,json}
-# and compare_curves.png.
+# wresnet_bf16}/throughput.{md,json} and OUTPUT_DIR/study/study.{md,json,png}.
 #
 # Environment (tests/test_benchmarks.py runs the whole script on a CPU with
 # tiny sizes through these): PYTHON (default python), BUDGET_SECONDS,
-# THROUGHPUT_FLAGS and COMPARE_FLAGS (appended to each throughput and compare
+# THROUGHPUT_FLAGS and STUDY_FLAGS (appended to each throughput and study
 # command: later flags win).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +33,7 @@ DATA=${2:-/usr/share/datasets/fashion-mnist}
 PYTHON=${PYTHON:-python}
 BUDGET_SECONDS=${BUDGET_SECONDS:-480}
 read -r -a THROUGHPUT_EXTRA <<< "${THROUGHPUT_FLAGS:-}"
-read -r -a COMPARE_EXTRA <<< "${COMPARE_FLAGS:-}"
+read -r -a STUDY_EXTRA <<< "${STUDY_FLAGS:-}"
 FAILED=()
 
 # part NAME COMMAND...: runs COMMAND within what is left of the budget.
@@ -69,12 +68,12 @@ throughput() {  # throughput FAMILY DTYPE FOLDER
 
 throughput resnet float32 resnet
 if [ -f "$DATA/train-images-idx3-ubyte.gz" ]; then
-  part "compare" "$PYTHON" -m benchmarks.compare --config=benchmarks/presets/cpu.py \
+  part "study" "$PYTHON" -m benchmarks.study --config=benchmarks/presets/cpu.py \
     --config.fashion_mnist_dir="$DATA" --config.num_epochs=3.0 \
-    '--config.cycle_boundaries=(1.125,2.0625)' --output_dir="$OUT/compare" \
-    "${COMPARE_EXTRA[@]}"
+    '--config.cycle_boundaries=(1.125,2.0625)' --models=first_cycle,last_cycle,multilevel/paper \
+    --seeds=0 --output_dir="$OUT/study" "${STUDY_EXTRA[@]}"
 else
-  echo "== compare: skipped, no Fashion-MNIST in $DATA" >&2
+  echo "== study: skipped, no Fashion-MNIST in $DATA" >&2
 fi
 throughput wresnet float32 wresnet
 throughput resnet bfloat16 resnet_bf16

@@ -4,8 +4,8 @@ Reads those of these JSON files that exist in ``--results_dir`` (default
 ``docs/results``), each as the command that wrote it left it:
 
 * ``main_job.json``: the ``summary.json`` of a run of ``make run``, copied;
-* ``compare.json`` (``benchmarks.compare``), ``growth.json``
-  (``benchmarks.growth``), ``throughput.json`` (``benchmarks.throughput``),
+* ``study.json`` (``benchmarks.study``), ``throughput.json``
+  (``benchmarks.throughput``),
   ``step_cost.json`` (``benchmarks.step_cost``) and ``stop_agreement.json``
   (``benchmarks.stop_agreement``);
 
@@ -15,8 +15,8 @@ the machine it ran on (the JSON's ``machine``, or a run's ``environment``), and
 the figures found beside it (`Source.figures`). The files not there yet are
 listed as such. With ``--readme`` (default ``README.md``; empty to leave it
 alone), the block between the README's `BEGIN` and `END` markers becomes the
-headline table: the comparison's if ``compare.json`` exists, else the main
-job's. Usage, from the repository root::
+headline table: the study's if ``study.json`` exists, else the main job's.
+Usage, from the repository root::
 
     python -m benchmarks.results        # or: make docs
 """
@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 from absl import app, flags
 
-from benchmarks import common, compare_report, growth, step_cost, stop_agreement, throughput
+from benchmarks import common, step_cost, stop_agreement, study, throughput
 from mlres_jax import cli, files, models, parallel, reporting
 
 FLAGS = flags.FLAGS
@@ -140,13 +140,7 @@ SOURCES = (
         main_job_markdown,
         ("main_job_curves.png",),
     ),
-    Source(
-        "compare.json",
-        "`python -m benchmarks.compare`",
-        compare_report.report_markdown,
-        ("compare_curves.png",),
-    ),
-    Source("growth.json", "`python -m benchmarks.growth`", growth.report_markdown, ("growth.png",)),
+    Source("study.json", "`python -m benchmarks.study`", study.report_markdown, ("study.png",)),
     Source("throughput.json", "`python -m benchmarks.throughput`", throughput.report_markdown),
     Source("step_cost.json", "`python -m benchmarks.step_cost`", step_cost.report_markdown),
     Source(
@@ -245,21 +239,23 @@ def results_page(results_dir: str, page_dir: str) -> str:
 
 
 def headline(results_dir: str, page: str) -> str:
-    """The README's results table: the comparison's if there is one, else the main job's.
+    """The README's results table: the study's if there is one, else the main job's.
 
     Args:
       results_dir: the folder of the JSON files.
       page: the link to the results page, relative to the README.
     """
     reports = read_reports(results_dir)
-    if "compare.json" in reports:
-        report = reports["compare.json"]
+    if "study.json" in reports:
+        report = reports["study.json"]
         what = (
-            f"The paper's Table 3 comparison on {report['settings']['dataset']} "
-            "(`python -m benchmarks.compare`)"
+            f"The paper's Table 3 and the growth rules on {report['settings']['dataset']}, seeds "
+            f"{', '.join(map(str, report['settings']['seeds']))} (`python -m benchmarks.study`"
+            f"{'' if report['complete'] else ', not every run finished yet'})"
         )
         machine = common.machine_line(report["machine"])
-        table = compare_report.results_table(report["stats"], report["models"])
+        table = study.results_table(report["stats"], report["models"])
+        table += f"\n\n{study.answer_line(report)}"
     elif "main_job.json" in reports:
         report = reports["main_job.json"]
         what = "The main job (`make run`), test error at the end of each cycle"
@@ -267,7 +263,7 @@ def headline(results_dir: str, page: str) -> str:
         table = main_job_table(report)
     else:
         return (
-            "No headline result yet: neither `compare.json` nor `main_job.json` has been "
+            "No headline result yet: neither `study.json` nor `main_job.json` has been "
             f"written into the results folder. What has: [{page}]({page}).\n"
         )
     return f"{what}; {provenance(report)} on {machine}. All results: [{page}]({page}).\n\n{table}\n"

@@ -17,8 +17,7 @@ side on the CPU, each in its own process on one core; their times compare
 with each other, not with runs made one at a time. Everything that can be
 checked is checked before the first run starts.
 
-``benchmarks.compare`` (three models) and ``benchmarks.growth`` (the growth
-rules) are built on it.
+``benchmarks.study`` (the models over seeds) is built on it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What every command of the project shares: flags, quiet logs, one-line errors.
 
 Each command module (``mlres_jax.main``, ``mlres_jax.grow``,
-``mlres_jax.analyze``, ``benchmarks.compare``, ``benchmarks.throughput``)
+``mlres_jax.analyze``, ``benchmarks.study``, ``benchmarks.throughput``)
 defines its flags in a ``define_flags()`` function and starts with
 `run_command`, which calls it only when the module runs as a program, so that
 importing a command (in a test, or beside another command) defines no flag.

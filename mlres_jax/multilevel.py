@@ -277,7 +277,7 @@ def appended_rule(
 
 
 # Growth rules by name. Add a rule here to make it available everywhere
-# (config.interpolation_rule, mlres_jax.grow --rule, benchmarks.growth). A rule
+# (config.interpolation_rule, mlres_jax.grow --rule, benchmarks.study). A rule
 # is called as ``rule(num_blocks, first_is_transition=..., step_size_halved=...)``
 # with the layout's `first_block_is_transition` and `explicit_step_size`.
 GROWTH_RULES: dict[str, Callable[..., list[NewBlock]]] = {

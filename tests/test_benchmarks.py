@@ -1,4 +1,4 @@
-"""Tests of the benchmark scripts: their arithmetic, tables and a tiny compare run.
+"""Tests of the benchmark scripts: their arithmetic, tables and a tiny study.
 
 Timings are measured, never asserted: only that they are there and that the
 savings are computed from them as documented.
@@ -17,8 +17,9 @@ import pytest
 import tensorflow_datasets as tfds
 from absl import flags
 
-from benchmarks import common, compare, compare_report, growth, results, runs, step_cost, throughput
-from configs import default, fashion_mnist, resnet50, resnet50i
+from benchmarks import common, results, runs, step_cost, study, throughput
+from benchmarks.presets import cpu as cpu_preset
+from configs import default, fashion_mnist, resnet50, resnet50i, resnet122i
 from mlres_jax import configuration, files, plan, steps, train
 from tests import fake_data
 
@@ -86,7 +87,7 @@ def test_a_bad_seed_list_names_the_flag(text):
     with pytest.raises(
         flags.IllegalFlagValueError, match=r"--seeds=.*each a non-negative integer, none twice"
     ):
-        _parse(compare, f"--seeds={text}")
+        _parse(study, f"--seeds={text}")
 
 
 @pytest.mark.parametrize("text", ["", " , ", "unrolled,unrolled", "unrolled,rolled"])
@@ -96,18 +97,18 @@ def test_a_bad_name_list_names_the_flag_and_the_allowed_names(text):
 
 
 def test_list_flags():
-    assert _parse(compare, "--seeds=0, 1,2").seeds == [0, 1, 2]
-    assert _parse(compare).seeds == [0]
-    parsed = _parse(growth, "--rules=linear, paper", "--runs=paper/reset,identity/interpolate")
-    assert parsed.rules == ["linear", "paper"]
-    assert parsed.runs == ["paper/reset", "identity/interpolate"]
+    assert _parse(study, "--seeds=0, 1,2").seeds == [0, 1, 2]
+    assert _parse(study).seeds == [0, 1, 2]
+    assert _parse(study).models == list(study.DEFAULT_MODELS)
+    parsed = _parse(study, "--models=first_cycle, multilevel/linear/reset")
+    assert parsed.models == ["first_cycle", "multilevel/linear/reset"]
     assert _parse(throughput, "--cycle_epochs=60,50,50").cycle_epochs == [60, 50, 50]
     with pytest.raises(flags.IllegalFlagValueError, match="--cycle_epochs=1,-1"):
         _parse(throughput, "--cycle_epochs=1,-1")
-    with pytest.raises(flags.IllegalFlagValueError, match="--runs=paper/x"):
-        _parse(growth, "--runs=paper/x")
+    with pytest.raises(flags.IllegalFlagValueError, match="--models=multilevel/x"):
+        _parse(study, "--models=multilevel/x")
     with pytest.raises(flags.IllegalFlagValueError, match="--parallel_runs=0"):
-        _parse(compare, "--parallel_runs=0")
+        _parse(study, "--parallel_runs=0")
 
 
 def test_atomic_writes_leave_no_temporary_files(tmp_path):
@@ -125,18 +126,20 @@ def test_machine_info_names_platform_and_cpus():
 
 
 # ---------------------------------------------------------------------------
-# compare: configs, theory, aggregation, table.
+# study: models, cost model, statistics, answer, table.
 
 
 def test_model_overrides_derive_the_paper_baselines(tmp_path):
     config = resnet50i.get_config()
-    planned = runs.plan_runs(config, compare.model_overrides(config), [3], str(tmp_path))
-    assert [run.name for run in planned] == list(compare.MODELS)
+    names = ["first_cycle", "last_cycle", "multilevel/paper"]
+    planned = runs.plan_runs(config, study.model_overrides(config, names), [3], str(tmp_path))
+    assert [run.name for run in planned] == names
     assert planned[0].workdir == os.path.join(str(tmp_path), "runs", "first_cycle", "seed3")
     first, last, multi = (run.config for run in planned)
     assert (first.stage_sizes, first.step_size, first.multilevel) == ((2, 2, 2), 1.0, False)
     assert (last.stage_sizes, last.step_size, last.multilevel) == ((8, 8, 8), 1.0, False)
     assert (multi.stage_sizes, multi.step_size, multi.multilevel) == ((2, 2, 2), 1.0, True)
+    assert (multi.interpolation_rule, multi.momentum_at_interpolation) == ("paper", "interpolate")
     for run in planned:  # same data, steps and restarts
         assert (run.config.seed, run.config.num_epochs, run.config.cycle_boundaries) == (
             3,
@@ -148,108 +151,179 @@ def test_model_overrides_derive_the_paper_baselines(tmp_path):
     assert (last.width, last.stage_sizes) == (reference.width, tuple(reference.stage_sizes))
 
 
-def test_model_overrides_refuse_a_fixed_depth_config():
+def test_one_more_level_splits_the_first_cycle_on_half_the_blocks():
+    # CPU preset: 2-2-2 h=1, boundaries 2.25 and 4.125 of 6 epochs; one more
+    # level: 1-1-1 with h=2 for the first 1.125 epochs, then the preset's cycles.
+    config = cpu_preset.get_config()
+    overrides = study.model_overrides(
+        config, ["one_more_level/identity/reset", "multilevel/linear"]
+    )
+    assert overrides["one_more_level/identity/reset"] == {
+        "interpolation_rule": "identity",
+        "momentum_at_interpolation": "reset",
+        "stage_sizes": (1, 1, 1),
+        "step_size": 2.0,
+        "cycle_boundaries": (1.125, 2.25, 4.125),
+    }
+    assert overrides["multilevel/linear"] == {
+        "interpolation_rule": "linear",
+        "momentum_at_interpolation": "interpolate",  # the config's
+    }
+    # The same last network as the multi-level run: 8-8-8 with h = 2 / 2^3.
+    sizes = plan.cycle_networks((1, 1, 1), 2.0, 4)
+    assert sizes[-1] == ((8, 8, 8), 0.25)
+    with pytest.raises(common.BenchmarkError, match=r"stage_sizes = \(5, 5, 5\).*even"):
+        study.model_overrides(resnet122i.get_config(), ["one_more_level/identity"])
+    # A rule that cannot grow a one-block stage is refused before training.
+    with pytest.raises(configuration.ConfigError, match=r"'paper' growth rule.*one block"):
+        runs.plan_runs(
+            config, study.model_overrides(config, ["one_more_level/paper"]), [0], "unused"
+        )
+
+
+def test_model_overrides_refuse_a_fixed_depth_config_and_unknown_models():
     with pytest.raises(common.BenchmarkError, match="config.multilevel = False"):
-        compare.model_overrides(resnet50.get_config())
+        study.model_overrides(resnet50.get_config(), ["first_cycle"])
     config = fashion_mnist.get_config()
     config.cycle_boundaries = ()
-    with pytest.raises(common.BenchmarkError, match="config.cycle_boundaries"):
-        compare.model_overrides(config)
+    with pytest.raises(common.BenchmarkError, match="cycle_boundaries = \\(\\)"):
+        study.model_overrides(config, ["first_cycle"])
+    with pytest.raises(common.BenchmarkError, match="model 'multilevel/nearest' is not allowed"):
+        study.model_overrides(fashion_mnist.get_config(), ["multilevel/nearest"])
 
 
-def test_theoretical_saving_of_paper_split_and_cpu_preset():
-    paper = compare.theoretical_saving(resnet50i.get_config())
-    assert paper["cycle_epochs"] == [60, 50, 50]
-    assert paper["cost_ratio"] == pytest.approx(0.5625)
-    assert paper["time_saved"] == pytest.approx(0.4375)
-    from benchmarks.presets import cpu as cpu_preset  # pylint: disable=import-outside-toplevel
+def _cycles(stage_sizes, steps, train_seconds=None, compile_seconds=None):
+    train_seconds = train_seconds or [0.0] * len(steps)
+    compile_seconds = compile_seconds or [0.0] * len(steps)
+    return [
+        {"stage_sizes": list(n), "steps": k, "train_seconds": t, "compile_seconds": c}
+        for n, k, t, c in zip(stage_sizes, steps, train_seconds, compile_seconds)
+    ]
 
-    cpu = cpu_preset.get_config()
-    # The CPU preset keeps the paper's proportions: 2.25 / 1.875 / 1.875 epochs.
-    assert compare.theoretical_saving(cpu)["time_saved"] == pytest.approx(0.4375)
-    assert compare.model_overrides(cpu)["last_cycle"]["stage_sizes"] == (8, 8, 8)
+
+def test_cost_ratio_of_the_papers_split_and_one_more_level():
+    # Paper Sec. 4.2: (60/4 + 50/2 + 50) / 160 = 0.5625 against ResNet-50.
+    last = {"cycles": _cycles([(8, 8, 8)] * 3, [60, 50, 50])}
+    paper = {"cycles": _cycles([(2, 2, 2), (4, 4, 4), (8, 8, 8)], [60, 50, 50])}
+    assert study.cost_ratio(paper, last) == pytest.approx(0.5625)
+    # The CPU preset in steps (1350 / 1125 / 1125) keeps the paper's proportions.
+    cpu = {"cycles": _cycles([(2, 2, 2), (4, 4, 4), (8, 8, 8)], [1350, 1125, 1125])}
+    last = {"cycles": _cycles([(8, 8, 8)] * 3, [1350, 1125, 1125])}
+    assert study.cost_ratio(cpu, last) == pytest.approx(0.5625)
+    # One more level: (1.125/8 + 1.125/4 + 1.875/2 + 1.875) / 6 = 0.5390625.
+    more = {"cycles": _cycles([(1, 1, 1), (2, 2, 2), (4, 4, 4), (8, 8, 8)], [675, 675, 1125, 1125])}
+    assert study.cost_ratio(more, last) == pytest.approx(0.5390625)
+    first = {"cycles": _cycles([(2, 2, 2)] * 3, [1350, 1125, 1125])}
+    assert study.cost_ratio(first, last) == pytest.approx(0.25)
 
 
 def test_paper_reference_only_for_the_papers_setting():
-    reference = compare.paper_reference(resnet50i.get_config())
-    assert reference["multilevel"]["name"] == "ResNet-50-i"
+    reference = study.paper_reference(resnet50i.get_config())
+    assert reference["multilevel/paper"]["name"] == "ResNet-50-i"
     assert reference["time_saved"] == pytest.approx(1 - 67 / 114)
     config = resnet50i.get_config()
     config.dataset = "cifar100"
-    assert compare.paper_reference(config)["multilevel"]["test_error_percent"] == 28.71
-    assert compare.paper_reference(fashion_mnist.get_config()) is None
+    assert study.paper_reference(config)["multilevel/paper"]["test_error_percent"] == 28.71
+    assert study.paper_reference(fashion_mnist.get_config()) is None
 
 
-def _record(seed, error, train_seconds, wall_seconds):
+def _record(seed, error, train_seconds, wall_seconds, sizes=((8,),) * 3, jumps=()):
     return {
         "seed": seed,
         "workdir": "x",
+        "status": "trained",
         "test_error": error,
         "train_seconds": train_seconds,
         "wall_seconds": wall_seconds,
         "compile_seconds": 1.0,
         "eval_seconds": 2.0,
         "steps": 10,
+        "cycles": [{"stage_sizes": list(n), "step_size": 1.0, "steps": 10} for n in sizes],
+        "growths": [{"jump": {"test_error": j}} for j in jumps],
     }
 
 
-def test_aggregate_pairs_savings_by_seed_and_table_shows_them():
-    records = {
-        "first_cycle": [_record(0, 0.20, 250, 300), _record(1, 0.22, 250, 300)],
+def _records():
+    growing = ((2,), (4,), (8,))
+    return {
+        "first_cycle": [
+            _record(0, 0.20, 250, 300, ((2,),) * 3),
+            _record(1, 0.22, 250, 300, ((2,),) * 3),
+        ],
         "last_cycle": [_record(0, 0.10, 1000, 1100), _record(1, 0.12, 1200, 1300)],
-        "multilevel": [_record(0, 0.11, 600, 700), _record(1, 0.13, 600, 700)],
+        "multilevel/paper": [
+            _record(0, 0.11, 600, 700, growing, (0.05, 0.01)),
+            _record(1, 0.13, 600, 700, growing, (0.03, 0.03)),
+        ],
+        "multilevel/identity": [
+            _record(0, 0.10, 550, 650, growing, (0.0, 0.0)),
+            _record(1, 0.12, 570, 670, growing, (0.0, 0.0)),
+        ],
     }
-    stats = compare_report.aggregate(records)
-    saved = stats["multilevel"]["time_saved_train"]
+
+
+def test_aggregate_pairs_savings_by_seed_and_averages_the_jumps():
+    records = _records()
+    stats = study.aggregate(records)
+    saved = stats["multilevel/paper"]["time_saved_train"]
     assert saved["per_seed"] == pytest.approx([0.4, 0.5])  # 1-600/1000, 1-600/1200
     assert saved["mean"] == pytest.approx(0.45)
     assert saved["std"] == pytest.approx(math.sqrt(2 * 0.05**2))
-    assert "time_saved_train" not in stats["last_cycle"]
+    assert stats["last_cycle"]["time_saved_train"]["per_seed"] == [0.0, 0.0]
     assert stats["last_cycle"]["test_error"]["mean"] == pytest.approx(0.11)
+    # Cost model: 10 steps each of 2, 4 and 8 blocks against 30 steps of 8.
+    assert stats["multilevel/paper"]["cost_model_saving"] == pytest.approx(1 - 14 / 24)
+    jumps = stats["multilevel/paper"]["growth_jumps"]
+    assert [j["mean"] for j in jumps] == pytest.approx([0.04, 0.02])
+    assert jumps[0]["std"] == pytest.approx(math.sqrt(2 * 0.01**2))
+    assert stats["first_cycle"]["growth_jumps"] == []
     # Paired by seed, not by position: runs side by side finish in any order.
-    swapped = compare_report.aggregate({**records, "multilevel": records["multilevel"][::-1]})
-    assert swapped["multilevel"]["time_saved_train"]["per_seed"] == pytest.approx([0.5, 0.4])
-    partial = compare_report.aggregate(
-        {"multilevel": records["multilevel"][1:], "last_cycle": records["last_cycle"][:1]}
+    swapped = study.aggregate({**records, "multilevel/paper": records["multilevel/paper"][::-1]})
+    assert swapped["multilevel/paper"]["time_saved_train"]["per_seed"] == pytest.approx([0.5, 0.4])
+    partial = study.aggregate(
+        {
+            "multilevel/paper": records["multilevel/paper"][1:],
+            "last_cycle": records["last_cycle"][:1],
+        }
     )
-    assert "time_saved_train" not in partial["multilevel"]  # seed 1 has no last-cycle run
-
-    descriptions = {
-        "first_cycle": {
-            "stage_sizes": [[2, 2, 2]] * 3,
-            "step_sizes": [1.0] * 3,
-            "num_params": 43490,
-            "depth": 14,
-        },
-        "last_cycle": {
-            "stage_sizes": [[8, 8, 8]] * 3,
-            "step_sizes": [1.0] * 3,
-            "num_params": 189986,
-            "depth": 50,
-        },
-        "multilevel": {
-            "stage_sizes": [[2, 2, 2], [4, 4, 4], [8, 8, 8]],
-            "step_sizes": [1.0, 0.5, 0.25],
-            "num_params": 189986,
-            "depth": 50,
-        },
-    }
-    table = compare_report.results_table(stats, descriptions)
-    multi_row = next(line for line in table.splitlines() if "multi-level" in line)
-    assert "2-2-2 → 4-4-4 → 8-8-8" in multi_row and "1 → 0.5 → 0.25" in multi_row
-    assert "12.00 ± 1.41" in multi_row  # test error %, mean ± std
-    assert "600.0 ± 0.0" in multi_row  # train seconds
-    assert "45.0 ± 7.1 %" in multi_row  # train time saved
-    last_row = next(line for line in table.splitlines() if "last-cycle" in line)
-    assert "1100.0 ± 141.4" in last_row and "| 8-8-8 |" in last_row
-    assert "189,986" in last_row
+    assert "time_saved_train" not in partial["multilevel/paper"]  # no last-cycle seed 1
 
 
-def _cycles(stage_sizes, steps, train_seconds, compile_seconds):
-    return [
-        {"stage_sizes": list(n), "steps": k, "train_seconds": t, "compile_seconds": c}
-        for n, k, t, c in zip(stage_sizes, steps, train_seconds, compile_seconds)
-    ]
+def test_on_par_and_the_answer():
+    stats = study.aggregate(_records())
+    # Last-cycle: 11 % ± 1.414 points; on par up to 12.414 %.
+    assert study.on_par(stats, "multilevel/identity") is True  # 11 %
+    assert study.on_par(stats, "multilevel/paper") is True  # 12 %
+    assert study.on_par(stats, "first_cycle") is False  # 21 %
+    best = study.answer(stats)
+    # identity saves 1 - 550/1000 and 1 - 570/1200: mean 0.4875; paper 0.45.
+    assert best["model"] == "multilevel/identity"
+    assert best["time_saved"] == pytest.approx(0.4875)
+    assert best["against_paper"]["time_saved"] == pytest.approx(0.0375)
+    assert best["against_paper"]["test_error"] == pytest.approx(-0.01)
+    assert best["against_paper"]["paper_on_par"] is True
+    # One seed: no spread to compare with, no answer.
+    one_seed = study.aggregate({k: v[:1] for k, v in _records().items()})
+    assert study.on_par(one_seed, "multilevel/paper") is None and study.answer(one_seed) is None
+
+
+def test_results_table_shows_means_savings_and_jumps():
+    records = _records()
+    stats = study.aggregate(records)
+    descriptions = {name: study.model_description(rs[0]) for name, rs in records.items()}
+    table = study.results_table(stats, descriptions)
+    paper_row = next(line for line in table.splitlines() if "multilevel/paper" in line)
+    assert "2 → 4 → 8" in paper_row and "| 1 |" in paper_row
+    assert "12.00 ± 1.41" in paper_row  # test error %, mean ± std
+    assert "600.0 ± 0.0" in paper_row  # train seconds
+    assert "45.0 ± 7.1 %" in paper_row  # train time saved
+    assert "41.7 %" in paper_row  # cost model: 1 - 14/24
+    assert "4.00 ± 1.41, 2.00 ± 1.41" in paper_row  # jumps in points
+    assert "| yes |" in paper_row
+    first_row = next(line for line in table.splitlines() if "first_cycle" in line)
+    assert "| no |" in first_row
+    last_row = next(line for line in table.splitlines() if "last_cycle" in line)
+    assert "1100.0 ± 141.4" in last_row and "| 8 |" in last_row
 
 
 def test_time_gap_splits_the_shortfall_into_cycles_and_compiling():
@@ -272,7 +346,7 @@ def test_time_gap_splits_the_shortfall_into_cycles_and_compiling():
             [(1, 1), (2, 2), (4, 4)], [100, 50, 50], [32.0, 30.0, 55.0], [4.0, 3.0, 2.0]
         ),
     }
-    gap = compare_report.time_gap(multi, last)
+    gap = study.time_gap(multi, last)
     excess = {name: part["excess_seconds"] for name, part in gap["parts"].items()}
     assert excess == pytest.approx(
         {"cycle 1 (1-1)": 3.0, "cycle 2 (2-2)": 2.0, "cycle 3 (4-4)": 3.0, "compiling": 4.0}
@@ -282,18 +356,18 @@ def test_time_gap_splits_the_shortfall_into_cycles_and_compiling():
     assert gap["measured_saving"] == pytest.approx(1 - 117 / 210)
     assert gap["shortfall_points"] == pytest.approx(100 * 12 / 210)
     assert sum(p["points"] for p in gap["parts"].values()) == pytest.approx(100 * 12 / 210)
-    over_seeds = compare_report.time_gap_over_seeds(
+    over_seeds = study.time_gap_over_seeds(
         {
-            "multilevel": [multi, {**multi, "seed": 1, "cycles": multi["cycles"][:2]}],
+            "multilevel/paper": [multi, {**multi, "seed": 1, "cycles": multi["cycles"][:2]}],
             "last_cycle": [last],
         }
     )
     assert over_seeds["seeds"] == [0]  # paired by seed: seed 1 has no last-cycle run
-    table = compare_report.time_gap_table(over_seeds)
+    table = study.time_gap_table(over_seeds)
     assert "| compiling | 9.0 | 5.0 | +4.0 | +1.90 |" in table
     assert "+5.71 |" in table.splitlines()[-1]
     with pytest.raises(ValueError, match="step counts"):
-        compare_report.time_gap({**multi, "cycles": multi["cycles"][:2]}, last)
+        study.time_gap({**multi, "cycles": multi["cycles"][:2]}, last)
 
 
 def test_a_finished_run_from_before_a_config_field_existed_is_reused_only_at_its_old_value():
@@ -310,18 +384,16 @@ def test_a_finished_run_from_before_a_config_field_existed_is_reused_only_at_its
     assert runs.config_differences(summary, config) == ["compile_ahead", "scan_blocks"]
 
 
-def test_mean_curves_average_seeds_per_epoch():
+def test_error_curves_give_mean_and_spread_per_epoch():
     histories = [
-        [
-            {"epoch": 1.0, "train_error": 0.5, "test_error": 0.4},
-            {"epoch": 2.0, "train_error": 0.3, "test_error": 0.2},
-        ],
-        [{"epoch": 1.0, "train_error": 0.7, "test_error": 0.6}],
+        [{"epoch": 1.0, "test_error": 0.4}, {"epoch": 2.0, "test_error": 0.2}],
+        [{"epoch": 1.0, "test_error": 0.6}],
     ]
-    curves = compare_report.mean_curves(histories)
+    curves = study.error_curves(histories)
     assert curves["epoch"] == [1.0]  # epoch 2 is missing from seed 1
-    assert curves["train_error"] == pytest.approx([0.6])
-    assert curves["test_error"] == pytest.approx([0.5])
+    assert curves["mean"] == pytest.approx([0.5])
+    assert curves["std"] == pytest.approx([math.sqrt(0.02)])  # sample std of 0.4, 0.6
+    assert study.error_curves(histories[:1])["std"] == [0.0, 0.0]
 
 
 # ---------------------------------------------------------------------------
@@ -398,31 +470,34 @@ def test_throughput_runs_smallest_configuration_first():
 
 
 # ---------------------------------------------------------------------------
-# compare end to end on tensorflow-datasets mock data.
+# study end to end on tensorflow-datasets mock data.
+
+TINY_MODELS = ["first_cycle", "last_cycle", "multilevel/paper", "multilevel/identity"]
 
 
 def _tiny_config() -> ml_collections.ConfigDict:
     config = default.get_config()
     config.dataset = "cifar10"
     config.width = 2
-    # One stage keeps the three compilations of the 4 models short: this
-    # checks the benchmark's plumbing, the models have their own tests.
+    # One stage keeps the compilations of the models short: this checks the
+    # benchmark's plumbing, the models have their own tests.
     config.stage_sizes = (2,)
     config.multilevel = True
     config.batch_size = 8  # 5 steps per epoch
     config.num_epochs = 2.0
     config.cycle_boundaries = (1.0,)  # 2 -> 4 blocks
     config.eval_batch_size = 16
+    config.growth_train_examples = 16
     config.log_every_steps = 5
     config.progress_bar = False
     return config
 
 
 @pytest.fixture(scope="module")
-def tiny_comparison(tmp_path_factory):
-    output_dir = str(tmp_path_factory.mktemp("compare"))
+def tiny_study(tmp_path_factory):
+    output_dir = str(tmp_path_factory.mktemp("study"))
     with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
-        report = compare.run_comparison(_tiny_config(), [0], output_dir)
+        report = study.run_study(_tiny_config(), TINY_MODELS, [0], output_dir)
     return output_dir, report
 
 
@@ -432,40 +507,51 @@ def _must_not_train(monkeypatch):
     )
 
 
-def test_compare_json_has_three_models_and_savings(tiny_comparison):
-    output_dir, report = tiny_comparison
-    with open(os.path.join(output_dir, "compare.json")) as handle:
+def test_study_json_has_every_model_savings_and_jumps(tiny_study):
+    output_dir, report = tiny_study
+    with open(os.path.join(output_dir, "study.json")) as handle:
         on_disk = json.load(handle)
     assert on_disk["complete"] is True
-    assert set(on_disk["stats"]) == set(compare.MODELS)
-    assert set(on_disk["runs"]) == set(compare.MODELS)
+    assert list(on_disk["stats"]) == list(on_disk["runs"]) == TINY_MODELS
     models = on_disk["models"]
     assert models["first_cycle"]["stage_sizes"] == [[2], [2]]
     assert models["last_cycle"]["stage_sizes"] == [[4], [4]]
     assert models["last_cycle"]["step_sizes"] == [1.0, 1.0]
-    assert models["multilevel"]["stage_sizes"] == [[2], [4]]
-    assert models["multilevel"]["step_sizes"] == [1.0, 0.5]
-    assert on_disk["theoretical"]["time_saved"] == pytest.approx(0.25)  # 1 - (1/2 + 1) / 2
-    for model in ("first_cycle", "multilevel"):
-        saved = on_disk["stats"][model]["time_saved_train"]
+    assert models["multilevel/paper"]["stage_sizes"] == [[2], [4]]
+    assert models["multilevel/paper"]["step_sizes"] == [1.0, 0.5]
+    stats = on_disk["stats"]
+    assert stats["multilevel/paper"]["cost_model_saving"] == pytest.approx(0.25)  # 1-(1/2+1)/2
+    for model in ("first_cycle", "multilevel/paper"):
+        saved = stats[model]["time_saved_train"]
         run = on_disk["runs"][model][0]
         last = on_disk["runs"]["last_cycle"][0]
         assert saved["per_seed"] == pytest.approx(
             [1 - run["train_seconds"] / last["train_seconds"]]
         )
-        assert "time_saved_wall" in on_disk["stats"][model]
+        assert "time_saved_wall" in stats[model]
+    # The identity rule keeps the function at the growth; the paper's does not.
+    jumps = {m: on_disk["runs"][m][0]["growths"][0]["jump"]["test_loss"] for m in TINY_MODELS[2:]}
+    assert abs(jumps["multilevel/identity"]) < 1e-4 < abs(jumps["multilevel/paper"])
+    assert len(stats["multilevel/paper"]["growth_jumps"]) == 1
+    assert on_disk["answer"] is None  # one seed: no spread to call anything on par
+    assert on_disk["commits"] == [on_disk["runs"]["last_cycle"][0]["commit"]] or not any(
+        r["commit"] for rs in on_disk["runs"].values() for r in rs
+    )
     assert on_disk["machine"]["devices"] and on_disk["machine"]["cpu_count"] >= 1
     assert report["stats"] == on_disk["stats"]
 
 
-def test_compare_writes_table_plot_and_each_run(tiny_comparison):
-    output_dir, report = tiny_comparison
-    with open(os.path.join(output_dir, "compare.md")) as handle:
+def test_study_writes_table_plot_and_each_run(tiny_study):
+    output_dir, report = tiny_study
+    with open(os.path.join(output_dir, "study.md")) as handle:
         text = handle.read()
-    error = 100 * report["stats"]["multilevel"]["test_error"]["mean"]
-    assert f"{error:.2f}" in text and "25.00 %" in text  # theoretical saving
-    assert os.path.getsize(os.path.join(output_dir, "compare_curves.png")) > 0
-    for model in compare.MODELS:
+    error = 100 * report["stats"]["multilevel/paper"]["test_error"]["mean"]
+    assert f"{error:.2f}" in text and "25.0 %" in text  # the cost model's saving
+    assert "**Answer.** No model is known to be on par" in text
+    assert "## Where the time of multilevel/paper goes" in text
+    with open(os.path.join(output_dir, "study.png"), "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    for model in TINY_MODELS:
         workdir = runs.run_dir(output_dir, model, 0)
         with open(os.path.join(workdir, "summary.json")) as handle:
             summary = json.load(handle)
@@ -474,59 +560,59 @@ def test_compare_writes_table_plot_and_each_run(tiny_comparison):
     assert not glob.glob(os.path.join(output_dir, "*.tmp"))
 
 
-def test_results_page_and_readme_headline_from_a_real_compare_json(tiny_comparison, tmp_path):
-    output_dir, report = tiny_comparison
+def test_results_page_and_readme_headline_from_a_real_study_json(tiny_study, tmp_path):
+    output_dir, report = tiny_study
     results_dir = tmp_path / "docs" / "results"
     results_dir.mkdir(parents=True)
-    for name in ("compare.json", "compare_curves.png"):
+    for name in ("study.json", "study.png"):
         shutil.copy(os.path.join(output_dir, name), results_dir / name)
     readme = tmp_path / "README.md"
     readme.write_text(f"{results.BEGIN}\n{results.END}\n")
     page = results.write_pages(str(results_dir), str(tmp_path / "docs" / "results.md"), str(readme))
-    with open(os.path.join(output_dir, "compare.md")) as handle:
-        table = compare_report.results_table(report["stats"], report["models"])
+    with open(os.path.join(output_dir, "study.md")) as handle:
+        table = study.results_table(report["stats"], report["models"])
         assert table in handle.read()  # the benchmark's own table, as it printed it
     assert table in page and table in readme.read_text()
-    assert f"- Machine: {common.machine_line(report['machine'])}." in page
+    assert f"Machine: {common.machine_line(report['machine'])}." in page
     assert f"at commit {report['machine']['commit']}" in page
-    assert "](results/compare_curves.png)" in page
+    assert "](results/study.png)" in page
 
 
-def test_compare_resume_reuses_finished_runs(tiny_comparison, monkeypatch):
-    output_dir, report = tiny_comparison
-
+def test_study_resume_reuses_finished_runs(tiny_study, monkeypatch):
+    output_dir, report = tiny_study
     _must_not_train(monkeypatch)
     with tfds.testing.mock_data(num_examples=NUM_EXAMPLES):
-        again = compare.run_comparison(_tiny_config(), [0], output_dir, resume=True)
-    assert [r["status"] for r in again["runs"]["multilevel"]] == ["reused"]
-    for name in compare.MODELS:
+        again = study.run_study(_tiny_config(), TINY_MODELS[1:3], [0], output_dir, resume=True)
+    assert list(again["runs"]) == TINY_MODELS[1:3]
+    assert [r["status"] for r in again["runs"]["multilevel/paper"]] == ["reused"]
+    for name in TINY_MODELS[1:3]:
         assert [{**r, "status": None} for r in again["runs"][name]] == [
             {**r, "status": None} for r in report["runs"][name]
         ]
 
 
-def test_compare_refuses_earlier_runs_without_resume(tiny_comparison, monkeypatch):
-    output_dir, _ = tiny_comparison
+def test_study_refuses_earlier_runs_without_resume(tiny_study, monkeypatch):
+    output_dir, _ = tiny_study
     _must_not_train(monkeypatch)
     with pytest.raises(common.BenchmarkError, match="--resume"):
-        compare.run_comparison(_tiny_config(), [0], output_dir)
+        study.run_study(_tiny_config(), TINY_MODELS, [0], output_dir)
 
 
-def test_compare_resume_refuses_a_finished_run_of_another_config(tiny_comparison, monkeypatch):
-    output_dir, _ = tiny_comparison
+def test_study_resume_refuses_a_finished_run_of_another_config(tiny_study, monkeypatch):
+    output_dir, _ = tiny_study
     _must_not_train(monkeypatch)
     config = _tiny_config()
     config.learning_rate_max = 0.1
     with pytest.raises(common.BenchmarkError, match="differs in learning_rate_max"):
-        compare.run_comparison(config, [0], output_dir, resume=True)
+        study.run_study(config, TINY_MODELS, [0], output_dir, resume=True)
 
 
-def test_compare_bad_config_fails_before_training(tmp_path, monkeypatch):
+def test_study_bad_config_fails_before_training(tmp_path, monkeypatch):
     _must_not_train(monkeypatch)
     config = _tiny_config()
     config.batch_size = 0
     with pytest.raises(configuration.ConfigError, match="config.batch_size = 0"):
-        compare.run_comparison(config, [0, 1], str(tmp_path))
+        study.run_study(config, TINY_MODELS, [0, 1], str(tmp_path))
     assert not os.listdir(tmp_path)
 
 
@@ -591,7 +677,7 @@ def test_throughput_reruns_itself_with_forced_host_devices(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# growth: every rule and policy on the same run.
+# runs: the helper config, and side by side, one process per core.
 
 
 def _tiny_fashion_mnist(tmp_path) -> ml_collections.ConfigDict:
@@ -609,41 +695,6 @@ def _tiny_fashion_mnist(tmp_path) -> ml_collections.ConfigDict:
         progress_bar=False,
     )
     return config
-
-
-def test_growth_benchmark_runs_each_rule_and_resumes(tmp_path):
-    config = _tiny_fashion_mnist(tmp_path)
-    output = str(tmp_path / "growth")
-    report = growth.run_benchmark(
-        config, [("paper", "interpolate"), ("identity", "interpolate")], output
-    )
-    assert [(r["rule"], r["policy"], r["seed"], r["status"]) for r in report["runs"]] == [
-        ("paper", "interpolate", 0, "trained"),
-        ("identity", "interpolate", 0, "trained"),
-    ]
-    jumps = {r["rule"]: r["growths"][0]["jump"]["test_loss"] for r in report["runs"]}
-    assert abs(jumps["identity"]) < 1e-4 < abs(jumps["paper"])  # identity preserves
-    table = (tmp_path / "growth" / "growth.md").read_text()
-    assert "| identity | interpolate | 0 |" in table and "jump test loss, growth 1" in table
-    # The time column adds what each summary's totals saved with the checkpoints
-    # (all invocations of a run), not the last invocation's wall time.
-    with open(
-        os.path.join(runs.run_dir(output, "identity/interpolate", 0), "summary.json")
-    ) as handle:
-        totals = json.load(handle)["totals"]
-    timed = totals["train_seconds"] + totals["eval_seconds"] + totals["checkpoint_seconds"]
-    assert f"| {totals['train_seconds']:.0f} | {timed:.0f} |" in table
-    with open(tmp_path / "growth" / "growth.png", "rb") as handle:
-        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(common.BenchmarkError, match="pass --resume"):
-        growth.run_benchmark(config, [("paper", "interpolate")], output)
-    again = growth.run_benchmark(config, [("paper", "interpolate")], output, resume=True)
-    assert again["runs"][0]["status"] == "reused"
-    assert again["runs"][0]["growths"] == report["runs"][0]["growths"]
-
-
-# ---------------------------------------------------------------------------
-# runs: side by side, one process per core.
 
 
 def test_runs_side_by_side_match_runs_one_after_another(tmp_path, monkeypatch):
@@ -719,7 +770,7 @@ def test_gpu_check_script_runs_end_to_end_on_the_cpu_at_tiny_sizes(tmp_path):
             "--levels=1 --cycle_epochs=1 --steps=1 --warmup=0 --eval_steps=1 "
             "--batch_size=4 --eval_batch_size=4 --layouts=unrolled"
         ),
-        COMPARE_FLAGS=(
+        STUDY_FLAGS=(
             "--config.width=2 --config.stage_sizes=(2,) --config.batch_size=8 "
             "--config.eval_batch_size=8 --config.progress_bar=False"
         ),
@@ -736,9 +787,10 @@ def test_gpu_check_script_runs_end_to_end_on_the_cpu_at_tiny_sizes(tmp_path):
         assert report["settings"]["compute_dtype"] == (
             "bfloat16" if part.endswith("bf16") else "float32"
         )
-    with open(output / "compare" / "compare.json") as handle:
-        compare_json = json.load(handle)
-    assert compare_json["complete"] and compare_json["settings"]["num_epochs"] == 3.0
+    with open(output / "study" / "study.json") as handle:
+        study_json = json.load(handle)
+    assert study_json["complete"] and study_json["settings"]["num_epochs"] == 3.0
+    assert list(study_json["runs"]) == ["first_cycle", "last_cycle", "multilevel/paper"]
     # The budget: with none left every part is skipped and the script ends.
     result = subprocess.run(
         ["bash", script, str(tmp_path / "none"), data],

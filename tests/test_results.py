@@ -157,7 +157,7 @@ def test_the_command_writes_the_page_from_the_json_it_finds(tmp_path):
     ) in page
     assert "[`stop_agreement.json`](results/stop_agreement.json)" in page
     # The files not there are named, and get no section.
-    assert "- `compare.json`, written by `python -m benchmarks.compare`" in page
+    assert "- `study.json`, written by `python -m benchmarks.study`" in page
     assert "## Multi-level" not in page and "## The main job" not in page
     # A missing folder is one line and status 2.
     result = _results_command(tmp_path / "none", output)
@@ -203,9 +203,7 @@ def test_without_a_result_the_readme_says_so(tmp_path):
     readme = tmp_path / "README.md"
     _readme(readme)
     results.write_pages(str(tmp_path / "results"), str(tmp_path / "results.md"), str(readme))
-    assert (
-        "No headline result yet: neither `compare.json` nor `main_job.json`" in readme.read_text()
-    )
+    assert "No headline result yet: neither `study.json` nor `main_job.json`" in readme.read_text()
 
 
 def test_a_readme_without_the_markers_is_refused_before_anything_is_written(tmp_path):
@@ -218,8 +216,8 @@ def test_a_readme_without_the_markers_is_refused_before_anything_is_written(tmp_
 
 
 def test_a_damaged_json_file_is_named(tmp_path):
-    (tmp_path / "compare.json").write_text("{")
-    with pytest.raises(common.BenchmarkError, match=r"compare.json is not valid JSON"):
+    (tmp_path / "study.json").write_text("{")
+    with pytest.raises(common.BenchmarkError, match=r"study.json is not valid JSON"):
         results.write_pages(str(tmp_path), str(tmp_path / "results.md"))
 
 

@@ -1,1 +1,1 @@
-"""Config files for ``benchmarks/compare.py``: ``--config=benchmarks/presets/NAME.py``."""
+"""Config files for ``benchmarks/study.py``: ``--config=benchmarks/presets/NAME.py``."""

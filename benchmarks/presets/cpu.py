@@ -1,6 +1,6 @@
-"""Compare preset ``cpu``: Fashion-MNIST, width 8, 2-2-2 -> 4-4-4 -> 8-8-8, 6 epochs, for a CPU.
+"""Study preset ``cpu``: Fashion-MNIST, width 8, 2-2-2 -> 4-4-4 -> 8-8-8, 6 epochs, for a CPU.
 
-The default of ``python -m benchmarks.compare``. The model is that of
+The default of ``python -m benchmarks.study``. The model is that of
 ``configs/fashion_mnist.py`` (ResNet with 8 filters in the first stage). The
 run is 6 epochs with the cycle boundaries at the paper's fractions of the run
 (60/160 and 110/160 of 6 epochs = epochs 2.25 and 4.125), so the cycles are
@@ -10,8 +10,8 @@ theoretical saving is the paper's: 1 - (2.25/4 + 1.875/2 + 1.875) / 6
 and the multi-level run; how long that takes on a 2-core CPU is in
 docs/benchmarks.md.
 
-    python -m benchmarks.compare --output_dir=runs/bench/compare
-    python -m benchmarks.compare --config=benchmarks/presets/cpu.py \
+    python -m benchmarks.study --output_dir=runs/bench/study
+    python -m benchmarks.study --config=benchmarks/presets/cpu.py \
         --config.fashion_mnist_dir=FOLDER
 """
 

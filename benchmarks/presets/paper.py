@@ -1,4 +1,4 @@
-"""Compare preset ``paper``: ResNet-14 / ResNet-50 / ResNet-50-i on CIFAR-10 (paper Table 3).
+"""Study preset ``paper``: ResNet-14 / ResNet-50 / ResNet-50-i on CIFAR-10 (paper Table 3).
 
 The paper's settings of ``configs/resnet50i.py``: 160 epochs, cycles
 restarting at epochs 60 and 110, 2-2-2 -> 4-4-4 -> 8-8-8 blocks with 16-32-64
@@ -12,10 +12,11 @@ docs/paper-scale.md) and a GPU: on the paper's GTX 1080 the three runs would tak
 3.5 hours (ResNet-50 114 min, ResNet-50-i 67 min, ResNet-14 about a quarter
 of ResNet-50). Other data sets and models of Tables 3 and 4:
 
-    python -m benchmarks.compare --config=benchmarks/presets/paper.py
-    python -m benchmarks.compare --config=benchmarks/presets/paper.py \
+    python -m benchmarks.study --config=benchmarks/presets/paper.py \
+        --models=first_cycle,last_cycle,multilevel/paper --seeds=0
+    python -m benchmarks.study --config=benchmarks/presets/paper.py \
         --config.data_dir=/data/tfds --config.dataset=cifar100
-    python -m benchmarks.compare --config=configs/wrn122i.py --config.dataset=stl10
+    python -m benchmarks.study --config=configs/wrn122i.py --config.dataset=stl10
 """
 
 from configs import resnet50i
