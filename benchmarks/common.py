@@ -340,10 +340,10 @@ def time_train_step(
     indices = (
         host_indices if indices_from_host else [parallel.shard_batch(i, mesh) for i in host_indices]
     )
-    augment_rng = parallel.put_replicated(jax.random.PRNGKey(seed + 1), mesh)
+    augment_rng = parallel.put_replicated(jax.random.key(seed + 1), mesh)
     optimizer = default_optimizer()
     state = parallel.put_replicated(
-        steps.create_train_state(jax.random.PRNGKey(seed), model, optimizer, tuple(image_shape)),
+        steps.create_train_state(jax.random.key(seed), model, optimizer, tuple(image_shape)),
         mesh,
     )
     compiled, compile_seconds = steps.compile_ahead(

@@ -108,7 +108,7 @@ def estimated_bytes(abstract_state: Any, num_records: int) -> int:
       Bytes: the arrays' bytes, orbax's metadata per array and per
       checkpoint (measured: see the constants above), and the JSON metadata.
     """
-    leaves = jax.tree_util.tree_leaves(abstract_state)
+    leaves = jax.tree.leaves(abstract_state)
     array_bytes = sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in leaves)
     return (
         array_bytes
@@ -296,7 +296,7 @@ def tree_shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
             tuple(leaf.shape),
             str(jax.numpy.dtype(leaf.dtype)),
         )
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+        for path, leaf in jax.tree.flatten_with_path(tree)[0]
     }
 
 
@@ -591,7 +591,7 @@ class Checkpointer:
             # A target on this process's first device: the checkpoint may have
             # been written by another number of devices or processes.
             device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            target = jax.tree_util.tree_map(
+            target = jax.tree.map(
                 lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
                 self._manager.item_metadata(step)["state"].tree,
             )
@@ -753,7 +753,7 @@ def load_model(workdir: str, step: int | None = None):
         )
     variables, metadata = restored
     variables = multilevel.convert_layout(
-        jax.tree_util.tree_map(jax.numpy.asarray, variables),
+        jax.tree.map(jax.numpy.asarray, variables),
         multilevel.layout_of(metadata.scan_blocks),
         multilevel.STAGES,
     )
@@ -772,5 +772,5 @@ def save_model(workdir: str, variables: dict, metadata: CheckpointMetadata) -> N
     """
     with Checkpointer(workdir, max_to_keep=1) as checkpointer:
         checkpointer.save(
-            jax.tree_util.tree_map(np.asarray, variables), dataclasses.replace(metadata, kind=MODEL)
+            jax.tree.map(np.asarray, variables), dataclasses.replace(metadata, kind=MODEL)
         )

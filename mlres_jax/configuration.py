@@ -128,11 +128,11 @@ def _check_model(config) -> None:
 def _check_multilevel(config) -> None:
     if not isinstance(config.multilevel, bool):
         _fail("multilevel", config.multilevel, "it must be True or False")
-    if config.interpolation_rule not in multilevel.INTERPOLATION_RULES:
+    if config.interpolation_rule not in multilevel.GROWTH_RULES:
         _fail(
             "interpolation_rule",
             config.interpolation_rule,
-            f"known rules are {sorted(multilevel.INTERPOLATION_RULES)}",
+            f"known rules are {sorted(multilevel.GROWTH_RULES)}",
         )
     if config.momentum_at_interpolation not in multilevel.MOMENTUM_POLICIES:
         _fail(

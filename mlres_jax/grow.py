@@ -25,7 +25,7 @@ def define_flags() -> None:
     flags.DEFINE_string("output", None, "Folder to write the interpolated checkpoint to.")
     flags.DEFINE_integer("step", None, "Checkpoint step to read; the latest if unset.")
     flags.DEFINE_string(
-        "rule", "paper", f"Interpolation rule: {sorted(multilevel.INTERPOLATION_RULES)}."
+        "rule", "paper", f"Interpolation rule: {sorted(multilevel.GROWTH_RULES)}."
     )
     flags.mark_flags_as_required(["workdir", "output"])
 

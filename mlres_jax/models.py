@@ -346,4 +346,4 @@ def init_variables(model: ResNet, rng: jax.Array, image_shape: Sequence[int]):
 
 def count_parameters(params) -> int:
     """Number of trainable scalars in a ``params`` pytree (paper Table 5)."""
-    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+    return sum(int(x.size) for x in jax.tree.leaves(params))

@@ -287,7 +287,6 @@ GROWTH_RULES: dict[str, Callable[..., list[NewBlock]]] = {
     "linear": linear_rule,
     "appended": appended_rule,
 }
-INTERPOLATION_RULES = GROWTH_RULES  # the name the config field has
 
 # What happens to the optimizer's per-block state (SGD momentum) at a growth.
 MOMENTUM_POLICIES = {
@@ -511,10 +510,8 @@ class ScannedStageLayout(StageLayout):
             blocks = [stage["block1"]]
             if models.SCANNED_BLOCKS in stage:
                 stacked = stage[models.SCANNED_BLOCKS][models.SCANNED_MODULE]
-                count = jax.tree_util.tree_leaves(stacked)[0].shape[0]
-                blocks += [
-                    jax.tree_util.tree_map(lambda x, i=i: x[i], stacked) for i in range(count)
-                ]
+                count = jax.tree.leaves(stacked)[0].shape[0]
+                blocks += [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(count)]
             stages.append(blocks)
         return stages, {k: v for k, v in node.items() if not is_stage_key(k)}
 
@@ -524,9 +521,7 @@ class ScannedStageLayout(StageLayout):
             stage = {"block1": blocks[0]}
             if len(blocks) > 1:
                 stage[models.SCANNED_BLOCKS] = {
-                    models.SCANNED_MODULE: jax.tree_util.tree_map(
-                        lambda *xs: jnp.stack(xs), *blocks[1:]
-                    )
+                    models.SCANNED_MODULE: jax.tree.map(lambda *xs: jnp.stack(xs), *blocks[1:])
                 }
             result[models.stage_name(s)] = stage
         return result
@@ -703,7 +698,7 @@ def stage_sizes_from_widths(params: Mapping, prefix: str = "ResNetBlock_") -> tu
     for number in numbers:
         leaves = sorted(
             (jax.tree_util.keystr(path), leaf.shape)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(params[f"{prefix}{number}"])[0]
+            for path, leaf in jax.tree.flatten_with_path(params[f"{prefix}{number}"])[0]
             if len(leaf.shape) == 4
         )
         if not leaves:
@@ -913,10 +908,10 @@ def map_network_trees(fn: Callable[[Mapping], Any], tree, layout: Layout = STAGE
     """Applies ``fn`` to every network tree of ``layout`` in ``tree``.
 
     Leaves outside network trees are returned unchanged. E.g.
-    ``map_network_trees(lambda t: jax.tree_util.tree_map(jnp.zeros_like, t),
+    ``map_network_trees(lambda t: jax.tree.map(jnp.zeros_like, t),
     opt_state)`` zeroes an optimizer's momentum but keeps its step count.
     """
-    return jax.tree_util.tree_map(
+    return jax.tree.map(
         lambda node: fn(node) if layout.is_network(node) else node, tree, is_leaf=layout.is_network
     )
 
@@ -960,7 +955,7 @@ def _scale_residual(block, scale: float, residual_output: tuple[str, ...]):
         matches = _is_residual_output(_leaf_name(path), residual_output)
         return (leaf * scale).astype(leaf.dtype) if matches else leaf
 
-    return jax.tree_util.tree_map_with_path(scaled, block)
+    return jax.tree.map_with_path(scaled, block)
 
 
 def _make_block(
@@ -973,24 +968,24 @@ def _make_block(
         first = new_block.sources[0][0]
         block = old_blocks[first]
         if first in used:  # each new block owns its buffers (a donated state
-            block = jax.tree_util.tree_map(jnp.copy, block)  # holds none twice)
+            block = jax.tree.map(jnp.copy, block)  # holds none twice)
         used.add(first)
     else:
         parts = [old_blocks[i] for i, _ in new_block.sources]
         if (
-            len({jax.tree_util.tree_structure(p) for p in parts}) > 1
-            or len({tuple(x.shape for x in jax.tree_util.tree_leaves(p)) for p in parts}) > 1
+            len({jax.tree.structure(p) for p in parts}) > 1
+            or len({tuple(x.shape for x in jax.tree.leaves(p)) for p in parts}) > 1
         ):
             raise ValueError(
                 f"cannot average blocks {[i for i, _ in new_block.sources]}: their shapes differ"
             )
         weights = [w for _, w in new_block.sources]
-        block = jax.tree_util.tree_map(
+        block = jax.tree.map(
             lambda *xs: sum(w * x for w, x in zip(weights, xs)).astype(xs[0].dtype), *parts
         )
     block = _scale_residual(block, new_block.residual_scale, layout.residual_output)
     if zero and new_block.inserted:
-        block = jax.tree_util.tree_map(jnp.zeros_like, block)
+        block = jax.tree.map(jnp.zeros_like, block)
     return block
 
 
@@ -1007,7 +1002,7 @@ def _new_blocks(
 def _shapes(block) -> dict[str, tuple]:
     return {
         _leaf_name(path): tuple(np.shape(leaf))
-        for path, leaf in jax.tree_util.tree_flatten_with_path(block)[0]
+        for path, leaf in jax.tree.flatten_with_path(block)[0]
     }
 
 
@@ -1059,7 +1054,7 @@ def _leaf_names(block) -> list[str]:
     keeps a ``MaskedNode`` where it tracks no state for a parameter: the
     leaf is there, without an array.
     """
-    flat, _ = jax.tree_util.tree_flatten_with_path(
+    flat, _ = jax.tree.flatten_with_path(
         block, is_leaf=lambda node: isinstance(node, optax.MaskedNode)
     )
     return [_leaf_name(path) for path, _ in flat]
@@ -1147,10 +1142,7 @@ def _top_level_keys(tree) -> str:
 
 
 def _finds_network(tree, layout: Layout) -> bool:
-    return any(
-        layout.is_network(node)
-        for node in jax.tree_util.tree_leaves(tree, is_leaf=layout.is_network)
-    )
+    return any(layout.is_network(node) for node in jax.tree.leaves(tree, is_leaf=layout.is_network))
 
 
 def _refuse_nnx_objects(tree, action: str) -> None:
@@ -1162,9 +1154,7 @@ def _refuse_nnx_objects(tree, action: str) -> None:
     Raises:
       TypeError: naming where the object is, its kind, and what to pass.
     """
-    flat, _ = jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=lambda node: isinstance(node, nnx.Pytree)
-    )
+    flat, _ = jax.tree.flatten_with_path(tree, is_leaf=lambda node: isinstance(node, nnx.Pytree))
     for path, node in flat:
         if not isinstance(node, nnx.Pytree):
             continue
@@ -1197,7 +1187,7 @@ class _Network:
 
 def _read_network(node, layout: Layout, action: str) -> _Network:
     # Fresh containers: nnx Variables are mutable, the result shares none with the input.
-    node = jax.tree_util.tree_map(lambda leaf: leaf, node)
+    node = jax.tree.map(lambda leaf: leaf, node)
     plain = _plain(node)
     try:
         stages, others = layout.read(plain)
@@ -1244,7 +1234,7 @@ def _rewrite_stages(tree, layout: Layout, rewrite: Callable[..., list], action: 
                     "initialised (e.g. the deeper model's init), to take that block from"
                 )
             fresh_tree = initial() if callable(initial) else initial
-            fresh_leaves = jax.tree_util.tree_flatten(fresh_tree, is_leaf=layout.is_network)[0]
+            fresh_leaves = jax.tree.flatten(fresh_tree, is_leaf=layout.is_network)[0]
             read_initial.update(
                 (index, node) for index, node in enumerate(fresh_leaves) if layout.is_network(node)
             )
@@ -1261,7 +1251,7 @@ def _rewrite_stages(tree, layout: Layout, rewrite: Callable[..., list], action: 
             )
         return blocks
 
-    leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=layout.is_network)
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=layout.is_network)
     networks = {
         position: _read_network(node, layout, action)
         for position, node in enumerate(leaves)
@@ -1313,7 +1303,7 @@ def _rewrite_stages(tree, layout: Layout, rewrite: Callable[..., list], action: 
                 network.others,
             ),
         )
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    return jax.tree.unflatten(treedef, leaves)
 
 
 def interpolate(
@@ -1483,16 +1473,14 @@ def grow_optimizer_state(
         raise ValueError(f"unknown momentum policy {policy!r}; known: {sorted(MOMENTUM_POLICIES)}")
     _refuse_nnx_objects(opt_state, "grow the optimizer state")
     if not _finds_network(opt_state, layout) and all(
-        np.ndim(leaf) == 0 for leaf in jax.tree_util.tree_leaves(opt_state)
+        np.ndim(leaf) == 0 for leaf in jax.tree.leaves(opt_state)
     ):
         return opt_state
     grown = interpolate(
         opt_state, rule, layout, zero_inserted=policy == "zero_inserted", initial=initial
     )
     if policy == "reset":
-        grown = map_network_trees(
-            lambda t: jax.tree_util.tree_map(jnp.zeros_like, t), grown, layout
-        )
+        grown = map_network_trees(lambda t: jax.tree.map(jnp.zeros_like, t), grown, layout)
     return grown
 
 
@@ -1552,7 +1540,6 @@ def restrict(model: models.ResNet, variables, rule: str = "paper"):
 
 __all__ = [
     "GROWTH_RULES",
-    "INTERPOLATION_RULES",
     "KeyLayout",
     "Layout",
     "ListLayout",

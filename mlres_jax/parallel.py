@@ -336,7 +336,7 @@ def put_replicated(tree: Any, mesh: Mesh) -> Any:
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
-    return jax.tree_util.tree_map(put, tree)
+    return jax.tree.map(put, tree)
 
 
 def shard_batch(batch: Sequence[np.ndarray] | np.ndarray, mesh: Mesh):
@@ -354,4 +354,4 @@ def shard_batch(batch: Sequence[np.ndarray] | np.ndarray, mesh: Mesh):
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
-    return jax.tree_util.tree_map(put, batch)
+    return jax.tree.map(put, batch)

@@ -254,13 +254,13 @@ def train_step(
     step_sums = dict(metrics, count=1.0)
     new_state = updated.replace(
         metric_sums={
-            window: jax.tree_util.tree_map(jnp.add, sums, step_sums)
+            window: jax.tree.map(jnp.add, sums, step_sums)
             for window, sums in state.metric_sums.items()
         }
     )
-    finite = jax.tree_util.tree_reduce(
+    finite = jax.tree.reduce(
         jnp.logical_and,
-        jax.tree_util.tree_map(
+        jax.tree.map(
             lambda x: jnp.all(jnp.isfinite(x)), (loss, grads, param_updates, updates["batch_stats"])
         ),
     )
@@ -293,7 +293,7 @@ def take_metric_means(state: TrainState, window: str) -> tuple[TrainState, dict]
         else {"loss": float("nan"), "error": float("nan")}
     )
     # zeros_like keeps each sum's placement (replicated over the mesh).
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.metric_sums[window])
+    zeros = jax.tree.map(jnp.zeros_like, state.metric_sums[window])
     return state.replace(metric_sums=dict(state.metric_sums, **{window: zeros})), means
 
 
@@ -350,7 +350,7 @@ def evaluate(
         if mesh is not None:
             batch = parallel.shard_batch(batch, mesh)
         sums = eval_fn(variables, *batch)
-        totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     totals = jax.device_get(totals)
     count = float(totals["count"])
     return {

@@ -356,7 +356,7 @@ def prepare_run(
     schedule = plan.learning_rate_schedule(
         cycles, config.learning_rate_max, config.learning_rate_min
     )
-    init_rng, augment_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    init_rng, augment_rng = jax.random.split(jax.random.key(config.seed))
     augment_rng = parallel.put_replicated(augment_rng, mesh)
     run = Run(
         config=config,
@@ -447,7 +447,7 @@ def restore_or_start(run: Run, checkpointer: checkpoint.Checkpointer) -> Progres
         )
         # Restored replicated on this run's mesh, whatever the devices that wrote it.
         whole = parallel.replicated(run.mesh)
-        return jax.tree_util.tree_map(
+        return jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), shapes
         )
 
@@ -1056,7 +1056,7 @@ def _checkpoint_bytes(config: ml_collections.ConfigDict) -> int:
     )
     shapes = jax.eval_shape(
         lambda: steps.create_train_state(
-            jax.random.PRNGKey(0),
+            jax.random.key(0),
             model,
             steps.create_optimizer(config, lambda step: 0.0),
             info.image_shape,

@@ -17,7 +17,7 @@ def tiny_model(stage_sizes, step_size=1.0, width=2):
 
 def fresh_shapes(model):
     """The variables' shapes of a fresh ``model``, without compiling anything."""
-    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE))))
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *IMAGE_SHAPE))))
 
 
 @functools.cache
@@ -26,12 +26,12 @@ def random_variables(model, seed=0):
 
     Cached: the functions under test are pure (test_lesion_leaves_input_unchanged).
     """
-    variables = models.init_variables(model, jax.random.PRNGKey(seed), IMAGE_SHAPE)
-    leaves, treedef = jax.tree_util.tree_flatten(variables)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    variables = models.init_variables(model, jax.random.key(seed), IMAGE_SHAPE)
+    leaves, treedef = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
     # Positive perturbations keep the variances positive.
     leaves = [x + 0.1 * jnp.abs(jax.random.normal(k, x.shape)) for x, k in zip(leaves, keys)]
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+    return jax.tree.unflatten(treedef, leaves)
 
 
 def random_images(n, seed=2):
@@ -41,7 +41,7 @@ def random_images(n, seed=2):
 
 def zero_residual(variables, stage_index, block_index):
     """Zeroes block j's last conv kernel: then G(Y_j) = 0 exactly (no bias)."""
-    params = jax.tree_util.tree_map(lambda x: x, variables["params"])  # shallow copy
+    params = jax.tree.map(lambda x: x, variables["params"])  # shallow copy
     stage = dict(params[models.stage_name(stage_index)])
     block = dict(stage[models.block_name(block_index)])
     block["conv2"] = {"kernel": jnp.zeros_like(block["conv2"]["kernel"])}
@@ -55,4 +55,4 @@ def zero_all_residuals(variables):
         names = [getattr(p, "key", None) for p in path]
         return jnp.zeros_like(x) if "conv2" in names else x
 
-    return dict(variables, params=jax.tree_util.tree_map_with_path(zero, variables["params"]))
+    return dict(variables, params=jax.tree.map_with_path(zero, variables["params"]))

@@ -31,7 +31,7 @@ def trained_workdirs(tmp_path_factory):
         ("single", (1, 1, 1), 1.0),
     ):
         model = models.ResNet(sizes, width=2, num_classes=10, step_size=h)
-        variables = models.init_variables(model, jax.random.PRNGKey(0), (28, 28, 1))
+        variables = models.init_variables(model, jax.random.key(0), (28, 28, 1))
         checkpoint.save_model(
             str(root / name),
             variables,

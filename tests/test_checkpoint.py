@@ -107,7 +107,7 @@ def test_checkpoints_hold_depth_metadata(cycle_end_run):
     model, variables, _ = checkpoint.load_model(workdir, step=16)
     assert model.stage_sizes == (4,) and model.step_size == 0.5
     chex.assert_trees_all_equal_shapes(
-        variables, models.init_variables(model, jax.random.PRNGKey(0), (28, 28, 1))
+        variables, models.init_variables(model, jax.random.key(0), (28, 28, 1))
     )
 
 
@@ -352,7 +352,7 @@ def _abstract_state(stage_sizes, width=2):
     model = models.ResNet(stage_sizes, width=width, num_classes=10)
     optimizer = steps.create_optimizer(default.get_config(), lambda step: 0.1)
     return jax.eval_shape(
-        lambda: steps.create_train_state(jax.random.PRNGKey(0), model, optimizer, (28, 28, 1))
+        lambda: steps.create_train_state(jax.random.key(0), model, optimizer, (28, 28, 1))
     )
 
 
@@ -457,7 +457,7 @@ def test_nonfinite_update_stops_and_keeps_last_good_checkpoint(data_dir, tmp_pat
     def poisoned(config, schedule):
         def update(updates, state, params=None):
             factor = jax.numpy.where(state >= poison_at, jax.numpy.nan, 1.0)
-            return jax.tree_util.tree_map(lambda u: u * factor, updates), state + 1
+            return jax.tree.map(lambda u: u * factor, updates), state + 1
 
         poison = optax.GradientTransformation(
             lambda params: jax.numpy.zeros((), jax.numpy.int32), update

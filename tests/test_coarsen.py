@@ -10,13 +10,13 @@ from mlres_jax import models, multilevel
 
 def _variables(stage_sizes, width=2, step_size=1.0):
     model = models.ResNet(stage_sizes, width=width, num_classes=3, step_size=step_size)
-    return model, models.init_variables(model, jax.random.PRNGKey(0), (8, 8, 3))
+    return model, models.init_variables(model, jax.random.key(0), (8, 8, 3))
 
 
 def _distinct_blocks(variables):
     """Gives every leaf a different value, so a wrong block choice shows."""
-    leaves, treedef = jax.tree_util.tree_flatten(variables)
-    return jax.tree_util.tree_unflatten(treedef, [leaf + i for i, leaf in enumerate(leaves)])
+    leaves, treedef = jax.tree.flatten(variables)
+    return jax.tree.unflatten(treedef, [leaf + i for i, leaf in enumerate(leaves)])
 
 
 @pytest.mark.parametrize("stage_sizes", [(2, 2, 2), (3, 2, 4)])
@@ -51,10 +51,8 @@ def test_coarsened_tree_runs_in_coarsened_model():
     coarse_model, coarse = multilevel.restrict(model, variables)
     assert coarse_model.stage_sizes == (1, 1, 2)
     assert coarse_model.step_size == 1.0
-    fresh = jax.eval_shape(
-        lambda: coarse_model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
-    )
-    assert jax.tree_util.tree_structure(coarse) == jax.tree_util.tree_structure(fresh)
+    fresh = jax.eval_shape(lambda: coarse_model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3))))
+    assert jax.tree.structure(coarse) == jax.tree.structure(fresh)
     chex.assert_trees_all_equal_shapes_and_dtypes(coarse, fresh)
     chex.assert_shape(coarse_model.apply(coarse, jnp.ones((2, 8, 8, 3))), (2, 3))
 

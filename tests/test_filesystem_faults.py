@@ -281,11 +281,11 @@ def test_the_estimate_of_a_checkpoint_covers_what_orbax_writes(data_dir, tmp_pat
         deepest, width=config.width, num_classes=10, scan_blocks=config.scan_blocks
     )
     state = steps.create_train_state(
-        jax.random.PRNGKey(0), model, steps.create_optimizer(config, lambda step: 0.1), (28, 28, 1)
+        jax.random.key(0), model, steps.create_optimizer(config, lambda step: 0.1), (28, 28, 1)
     )
     rng = np.random.default_rng(0)
     state = parallel.put_replicated(
-        jax.tree_util.tree_map(
+        jax.tree.map(
             lambda x: (
                 rng.integers(0, 2**32, x.shape, np.uint32).view(np.float32)
                 if x.dtype == np.float32
@@ -322,7 +322,7 @@ def test_the_estimate_of_a_checkpoint_covers_what_orbax_writes(data_dir, tmp_pat
     with checkpoint.Checkpointer(str(tmp_path)) as checkpointer:
         checkpointer.save(state, metadata)
     written = _bytes_on_disk(os.path.join(checkpoint.checkpoint_dir(str(tmp_path)), "8"))
-    array_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
+    array_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
     estimate = train._checkpoint_bytes(config)  # pylint: disable=protected-access
     assert written > 1.2 * array_bytes  # orbax's metadata is not negligible
     assert written <= estimate <= 2 * written + 2**17, (written, estimate)

@@ -24,7 +24,7 @@ def _model(stage_sizes, step_size=1.0):
 
 
 def _fresh(model):
-    return jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0), IMAGE_SHAPE))
+    return jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), IMAGE_SHAPE))
 
 
 @functools.cache
@@ -32,7 +32,7 @@ def _trained(stage_sizes=UNEVEN):
     """Variables after 30 SGD steps on images whose label is their brightest third."""
     model = _model(stage_sizes)
     optimizer = optax.sgd(0.05, momentum=0.9)
-    state = steps.create_train_state(jax.random.PRNGKey(0), model, optimizer, IMAGE_SHAPE)
+    state = steps.create_train_state(jax.random.key(0), model, optimizer, IMAGE_SHAPE)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 60, (48, *IMAGE_SHAPE)).astype(np.uint8)
     labels = rng.integers(0, 3, 48).astype(np.int32)
@@ -45,7 +45,7 @@ def _trained(stage_sizes=UNEVEN):
             jnp.asarray(images),
             jnp.asarray(labels),
             jnp.arange(8 * (k % 6), 8 * (k % 6) + 8, dtype=jnp.int32),
-            jax.random.PRNGKey(1),
+            jax.random.key(1),
         )
     return model, jax.device_get(state.variables), jax.device_get(state.opt_state)
 
@@ -141,7 +141,7 @@ def _labelled(variables):
         block = next((int(n[5:]) for n in names if str(n).startswith("block")), 0)
         return jnp.full(leaf.shape, 100.0 * stage + block)
 
-    return jax.tree_util.tree_map_with_path(label, variables)
+    return jax.tree.map_with_path(label, variables)
 
 
 def _pattern(tree, stage):
@@ -185,7 +185,7 @@ def test_linear_rule_averages_and_transition_keeping_scales():
 def test_momentum_policies(policy):
     model = _model((2, 2))
     optimizer = optax.sgd(0.1, momentum=0.9)
-    state = steps.create_train_state(jax.random.PRNGKey(0), model, optimizer, IMAGE_SHAPE)
+    state = steps.create_train_state(jax.random.key(0), model, optimizer, IMAGE_SHAPE)
     trace = _labelled({"params": state.params})["params"]
     opt_state = (optax.TraceState(trace=trace), optax.EmptyState())
     grown = multilevel.grow_optimizer_state(opt_state, "identity", policy)[0].trace["stage1"]
@@ -204,16 +204,14 @@ def test_momentum_policies(policy):
 
 def test_growing_a_flax_examples_resnet_matches_this_projects_pattern():
     small = flax_example_resnet.ResNet(stage_sizes=(2, 3))
-    variables = small.init(jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE)), train=False)
+    variables = small.init(jax.random.key(0), jnp.zeros((1, *IMAGE_SHAPE)), train=False)
     assert multilevel.stage_sizes_from_widths(variables["params"]) == (2, 3)
     layout = multilevel.flax_examples_layout((2, 3))
     # Label block k (0-based, through all stages) with k + 1 in every leaf.
     labelled = {
         collection: {
             name: (
-                jax.tree_util.tree_map(
-                    lambda x, n=name: jnp.full(x.shape, 1.0 + int(n.split("_")[1])), tree
-                )
+                jax.tree.map(lambda x, n=name: jnp.full(x.shape, 1.0 + int(n.split("_")[1])), tree)
                 if name.startswith("ResNetBlock_")
                 else tree
             )
@@ -224,12 +222,11 @@ def test_growing_a_flax_examples_resnet_matches_this_projects_pattern():
     grown = multilevel.interpolate(labelled, "paper", layout)
     big = flax_example_resnet.ResNet(stage_sizes=(4, 6))
     fresh = jax.eval_shape(
-        lambda: big.init(jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE)), train=False)
+        lambda: big.init(jax.random.key(0), jnp.zeros((1, *IMAGE_SHAPE)), train=False)
     )
     chex.assert_trees_all_equal_shapes_and_dtypes(grown, fresh)
     copied = [
-        int(jax.tree_util.tree_leaves(grown["params"][f"ResNetBlock_{k}"])[0].ravel()[0])
-        for k in range(10)
+        int(jax.tree.leaves(grown["params"][f"ResNetBlock_{k}"])[0].ravel()[0]) for k in range(10)
     ]
     # This project's naming gives, per stage, the old blocks (1-based) in this order:
     ours = multilevel.interpolate(_labelled(random_variables(_model((2, 3)))), "paper")
@@ -250,10 +247,10 @@ def test_identity_rule_keeps_a_flax_examples_resnets_outputs():
         flax_example_resnet.ResNet(stage_sizes=(2, 2)),
         flax_example_resnet.ResNet(stage_sizes=(4, 4)),
     )
-    variables = small.init(jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE)), train=False)
-    leaves, treedef = jax.tree_util.tree_flatten(variables)
-    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    variables = jax.tree_util.tree_unflatten(
+    variables = small.init(jax.random.key(0), jnp.zeros((1, *IMAGE_SHAPE)), train=False)
+    leaves, treedef = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    variables = jax.tree.unflatten(
         treedef,
         [  # nonzero last-norm scales
             x + 0.1 * jnp.abs(jax.random.normal(k, x.shape)) for x, k in zip(leaves, keys)
@@ -361,7 +358,7 @@ def test_a_layout_whose_residual_output_is_not_in_the_blocks_is_refused(
         layout = multilevel.StageLayout(residual_output=names, label="the layout")
     else:
         variables = flax_example_resnet.ResNet(stage_sizes=(2, 2)).init(
-            jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE)), train=False
+            jax.random.key(0), jnp.zeros((1, *IMAGE_SHAPE)), train=False
         )
         layout = dataclasses.replace(
             multilevel.flax_examples_layout((2, 2), residual_output=names), label="the layout"
@@ -489,7 +486,7 @@ def _one_block_network(layout_name, stage_sizes=(2, 1)):
 
         def init(sizes, seed):
             return flax_example_resnet.ResNet(stage_sizes=sizes).init(
-                jax.random.PRNGKey(seed), jnp.zeros((1, *IMAGE_SHAPE)), train=False
+                jax.random.key(seed), jnp.zeros((1, *IMAGE_SHAPE)), train=False
             )
 
         grown_sizes = tuple(2 * n for n in stage_sizes)
@@ -503,7 +500,7 @@ def _one_block_network(layout_name, stage_sizes=(2, 1)):
     model = _model(stage_sizes)
     variables = random_variables(model)
     fresh = models.init_variables(
-        multilevel.interpolated_model(model), jax.random.PRNGKey(1), IMAGE_SHAPE
+        multilevel.interpolated_model(model), jax.random.key(1), IMAGE_SHAPE
     )
     if layout_name == "SCANNED":
         variables = multilevel.convert_layout(variables, multilevel.STAGES, layout)
@@ -586,7 +583,7 @@ def test_a_one_block_stages_inserted_block_is_the_fresh_one_with_zero_residual(r
     model = _model((1, 1, 1), step_size=2.0)
     variables = random_variables(model)
     fresh_of = functools.partial(
-        models.init_variables, rng=jax.random.PRNGKey(7), image_shape=IMAGE_SHAPE
+        models.init_variables, rng=jax.random.key(7), image_shape=IMAGE_SHAPE
     )
     deeper_model, deeper = multilevel.deepen(model, variables, rule, initial=lambda m: fresh_of(m))
     assert deeper_model.stage_sizes == (2, 2, 2) and deeper_model.step_size == 1.0
@@ -615,7 +612,7 @@ def test_a_one_block_stages_inserted_block_is_the_fresh_one_with_zero_residual(r
 def test_a_one_block_stages_inserted_block_starts_without_momentum():
     model = _model((1, 1, 1), step_size=2.0)
     optimizer = optax.sgd(0.1, momentum=0.9)
-    state = steps.create_train_state(jax.random.PRNGKey(0), model, optimizer, IMAGE_SHAPE)
+    state = steps.create_train_state(jax.random.key(0), model, optimizer, IMAGE_SHAPE)
     ones = jax.tree.map(jnp.ones_like, state.opt_state)  # momentum 1 everywhere
     state = state.replace(opt_state=ones)
     deeper = multilevel.interpolated_model(model)
@@ -623,9 +620,7 @@ def test_a_one_block_stages_inserted_block_starts_without_momentum():
         state,
         "identity",
         "interpolate",
-        initial=lambda: steps.create_train_state(
-            jax.random.PRNGKey(3), deeper, optimizer, IMAGE_SHAPE
-        ),
+        initial=lambda: steps.create_train_state(jax.random.key(3), deeper, optimizer, IMAGE_SHAPE),
     )
     trace = grown.opt_state[0].trace
     for stage in ("stage1", "stage2", "stage3"):

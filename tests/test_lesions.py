@@ -21,7 +21,7 @@ def test_removed_block_tree_matches_model_with_shorter_stage(stage_index, block_
     short_model, short = lesions.lesion(model, variables, stage_index, block_index)
     assert short_model.stage_sizes == (2, 2, 2)
     plain_shorter = fresh_shapes(tiny_model((2, 2, 2)))
-    assert jax.tree_util.tree_structure(short) == jax.tree_util.tree_structure(plain_shorter)
+    assert jax.tree.structure(short) == jax.tree.structure(plain_shorter)
     fresh = fresh_shapes(short_model)
     chex.assert_trees_all_equal_shapes_and_dtypes(short, fresh)
     # Later blocks moved up one place and were renumbered.
@@ -52,7 +52,7 @@ def test_removing_downsampling_block_keeps_only_the_shortcut():
 def test_lesion_forward_equals_full_model_with_zero_residual(stage_index, block_index):
     model = tiny_model((2, 3, 2), step_size=0.5)
     variables = random_variables(model)
-    images = jax.random.normal(jax.random.PRNGKey(3), (4, *IMAGE_SHAPE))
+    images = jax.random.normal(jax.random.key(3), (4, *IMAGE_SHAPE))
     zeroed = zero_residual(variables, stage_index, block_index)
     expected = model.apply(zeroed, images)
     short_model, short = lesions.lesion(model, variables, stage_index, block_index)
@@ -70,7 +70,7 @@ def test_removing_the_only_block_of_a_stage():
     assert "stage2" not in short["params"]
     fresh = fresh_shapes(short_model)
     chex.assert_trees_all_equal_shapes_and_dtypes(short, fresh)
-    images = jax.random.normal(jax.random.PRNGKey(3), (2, *IMAGE_SHAPE))
+    images = jax.random.normal(jax.random.key(3), (2, *IMAGE_SHAPE))
     chex.assert_trees_all_close(
         short_model.apply(short, images),
         model.apply(zero_residual(variables, 1, 0), images),
@@ -90,7 +90,7 @@ def test_bad_lesion_arguments_raise():
         lesions.lesioned_model(model, 2, 5)
     with pytest.raises(ValueError, match="shortcut_only_stages holds 0"):
         models.ResNet((2, 2), width=2, shortcut_only_stages=(0,)).init(
-            jax.random.PRNGKey(0), jnp.zeros((1, *IMAGE_SHAPE))
+            jax.random.key(0), jnp.zeros((1, *IMAGE_SHAPE))
         )
 
 
@@ -107,7 +107,7 @@ def test_lesion_leaves_input_unchanged():
 
 
 def _fingerprint(block):
-    return tuple(float(jnp.sum(x)) for x in jax.tree_util.tree_leaves(block))
+    return tuple(float(jnp.sum(x)) for x in jax.tree.leaves(block))
 
 
 def test_shuffle_is_a_permutation_of_the_blocks():
@@ -115,7 +115,7 @@ def test_shuffle_is_a_permutation_of_the_blocks():
     variables = random_variables(model)
     order = (0, 2, 1)
     shuffled = lesions.permute_blocks(variables, 1, order)
-    assert jax.tree_util.tree_structure(shuffled) == jax.tree_util.tree_structure(variables)
+    assert jax.tree.structure(shuffled) == jax.tree.structure(variables)
     for collection in ("params", "batch_stats"):
         old, new = variables[collection]["stage2"], shuffled[collection]["stage2"]
         for i, source in enumerate(order):

@@ -26,7 +26,7 @@ PAPER_PARAMETER_COUNTS = [
 
 def _param_count(width, blocks, num_classes, image_shape=(32, 32, 3)):
     model = models.ResNet((blocks,) * 3, width=width, num_classes=num_classes)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape))))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape))))
     return models.count_parameters(shapes["params"])
 
 
@@ -46,7 +46,7 @@ def test_depth_follows_paper_names():
 
 def test_parameters_are_named_by_stage_and_block():
     model = models.ResNet((2, 3, 1), width=4, num_classes=5)
-    variables = models.init_variables(model, jax.random.PRNGKey(0), (8, 8, 3))
+    variables = models.init_variables(model, jax.random.key(0), (8, 8, 3))
     params = variables["params"]
     assert set(params) == {"stem", "stage1", "stage2", "stage3", "final_norm", "head"}
     assert set(params["stage2"]) == {"block1", "block2", "block3"}
@@ -72,16 +72,16 @@ def test_downsampling_shortcut_subsamples_and_zero_pads():
 def _perturb_blocks(params, scale):
     """Adds ``scale`` to every parameter inside the stages."""
     return {
-        k: (jax.tree_util.tree_map(lambda p: p + scale, v) if k.startswith("stage") else v)
+        k: (jax.tree.map(lambda p: p + scale, v) if k.startswith("stage") else v)
         for k, v in params.items()
     }
 
 
 def test_step_size_scales_the_residual_module():
-    images = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
+    images = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
     for h, blocks_matter in ((0.0, False), (0.5, True)):
         model = models.ResNet((1, 1, 1), width=4, num_classes=3, step_size=h)
-        variables = models.init_variables(model, jax.random.PRNGKey(0), (8, 8, 3))
+        variables = models.init_variables(model, jax.random.key(0), (8, 8, 3))
         logits = model.apply(variables, images)
         perturbed = dict(variables, params=_perturb_blocks(variables["params"], 0.3))
         other = model.apply(perturbed, images)
@@ -93,8 +93,8 @@ def test_one_block_forward_equals_hand_composition():
     """Y1 = Y0 + h * G(Y0) for a one-stage, one-block network."""
     h = 0.25
     model = models.ResNet((1,), width=4, num_classes=3, step_size=h)
-    images = jax.random.normal(jax.random.PRNGKey(2), (2, 6, 6, 3))
-    variables = models.init_variables(model, jax.random.PRNGKey(0), (6, 6, 3))
+    images = jax.random.normal(jax.random.key(2), (2, 6, 6, 3))
+    variables = models.init_variables(model, jax.random.key(0), (6, 6, 3))
     params = variables["params"]
     stem = jax.lax.conv_general_dilated(
         images, params["stem"]["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
@@ -121,11 +121,11 @@ def test_one_block_forward_equals_hand_composition():
 
 
 def _variables_of(model, seed=0):
-    variables = models.init_variables(model, jax.random.PRNGKey(seed), (8, 8, 3))
+    variables = models.init_variables(model, jax.random.key(seed), (8, 8, 3))
     # Random batch-norm statistics and offsets, so every leaf matters.
-    leaves, treedef = jax.tree_util.tree_flatten(variables)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    return jax.tree_util.tree_unflatten(
+    leaves, treedef = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return jax.tree.unflatten(
         treedef, [x + 0.1 * jnp.abs(jax.random.normal(k, x.shape)) for x, k in zip(leaves, keys)]
     )
 
@@ -141,12 +141,12 @@ def test_scanned_and_unrolled_layouts_compute_the_same(stage_sizes):
     # The conversion gives exactly the scanned model's tree, and back.
     chex.assert_trees_all_equal_shapes_and_dtypes(
         converted,
-        jax.eval_shape(lambda: models.init_variables(scanned, jax.random.PRNGKey(0), (8, 8, 3))),
+        jax.eval_shape(lambda: models.init_variables(scanned, jax.random.key(0), (8, 8, 3))),
     )
     chex.assert_trees_all_equal(
         multilevel.convert_layout(converted, multilevel.SCANNED, multilevel.STAGES), variables
     )
-    images = jax.random.normal(jax.random.PRNGKey(3), (4, 8, 8, 3))
+    images = jax.random.normal(jax.random.key(3), (4, 8, 8, 3))
     chex.assert_trees_all_close(
         scanned.apply(converted, images), unrolled.apply(variables, images), atol=1e-5, rtol=1e-5
     )
@@ -181,10 +181,10 @@ def test_bfloat16_computation_keeps_float32_parameters_and_tracks_float32():
     variables = _variables_of(model)
     half = model.clone(dtype=jnp.bfloat16)
     chex.assert_trees_all_equal_shapes_and_dtypes(  # parameters stay float32
-        jax.eval_shape(lambda: models.init_variables(half, jax.random.PRNGKey(0), (8, 8, 3))),
-        jax.eval_shape(lambda: models.init_variables(model, jax.random.PRNGKey(0), (8, 8, 3))),
+        jax.eval_shape(lambda: models.init_variables(half, jax.random.key(0), (8, 8, 3))),
+        jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), (8, 8, 3))),
     )
-    images = jax.random.normal(jax.random.PRNGKey(3), (4, 8, 8, 3))
+    images = jax.random.normal(jax.random.key(3), (4, 8, 8, 3))
     full_out = model.apply(variables, images)
     half_out = half.apply(variables, images)
     assert half_out.dtype == jnp.float32  # logits in float32, as the docstring says
@@ -207,7 +207,7 @@ def test_deepen_and_restrict_follow_the_model_layout():
     chex.assert_trees_all_equal(
         multilevel.convert_layout(scanned_deeper, multilevel.SCANNED, multilevel.STAGES), deeper
     )
-    images = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
+    images = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
     chex.assert_trees_all_close(
         scanned_deeper_model.apply(scanned_deeper, images),
         deeper_model.apply(deeper, images),
@@ -229,11 +229,9 @@ def test_conv_with_canonical_gradients_matches_automatic_gradients(
     kernel_size, in_features, out_features, dtype
 ):
     # The oracle: JAX's own gradients of the same 'SAME' convolution.
-    inputs = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 6, in_features), dtype)
-    kernel = jax.random.normal(
-        jax.random.PRNGKey(1), (*kernel_size, in_features, out_features), dtype
-    )
-    cotangent = jax.random.normal(jax.random.PRNGKey(2), (2, 7, 6, out_features), dtype)
+    inputs = jax.random.normal(jax.random.key(0), (2, 7, 6, in_features), dtype)
+    kernel = jax.random.normal(jax.random.key(1), (*kernel_size, in_features, out_features), dtype)
+    cotangent = jax.random.normal(jax.random.key(2), (2, 7, 6, out_features), dtype)
 
     def plain(x, k):
         return jax.lax.conv_general_dilated(
@@ -309,7 +307,7 @@ def test_scanned_gradients_equal_unrolled_and_take_the_fast_convolution_form():
     scanned = unrolled.clone(scan_blocks=True, scanned_conv=cpu_backend.scanned_conv())
     variables = _variables_of(unrolled)
     converted = multilevel.convert_layout(variables, multilevel.STAGES, multilevel.SCANNED)
-    images = jax.random.normal(jax.random.PRNGKey(3), (4, 8, 8, 3))
+    images = jax.random.normal(jax.random.key(3), (4, 8, 8, 3))
     grad_unrolled, params_unrolled = _parameter_gradients(unrolled, variables, images)
     grad_scanned, params_scanned = _parameter_gradients(scanned, converted, images)
     chex.assert_trees_all_close(

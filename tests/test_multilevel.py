@@ -14,7 +14,7 @@ from mlres_jax import models, multilevel, steps
 
 def _variables(stage_sizes, width=4, image_shape=(8, 8, 3)):
     model = models.ResNet(stage_sizes, width=width, num_classes=5)
-    return model, models.init_variables(model, jax.random.PRNGKey(0), image_shape)
+    return model, models.init_variables(model, jax.random.key(0), image_shape)
 
 
 def _label_blocks(tree):
@@ -24,7 +24,7 @@ def _label_blocks(tree):
         s = int(stage_key[len("stage") :])
 
         def fill(block, value):
-            return jax.tree_util.tree_map(lambda x: jnp.full_like(x, value), block)
+            return jax.tree.map(lambda x: jnp.full_like(x, value), block)
 
         return {bk: fill(block, 100 * s + int(bk[len("block") :])) for bk, block in stage.items()}
 
@@ -38,7 +38,7 @@ def _block_labels(tree, stage):
     stage_tree = tree[f"stage{stage}"]
     labels = []
     for b in range(1, len(stage_tree) + 1):
-        values = {float(x.ravel()[0]) for x in jax.tree_util.tree_leaves(stage_tree[f"block{b}"])}
+        values = {float(x.ravel()[0]) for x in jax.tree.leaves(stage_tree[f"block{b}"])}
         assert len(values) == 1
         labels.append(int(values.pop()) - 100 * stage)
     return labels
@@ -51,7 +51,7 @@ def test_interpolation_matches_fresh_deeper_model(stage_sizes):
     assert deeper_model.stage_sizes == tuple(2 * n for n in stage_sizes)
     assert deeper_model.step_size == model.step_size / 2
     _, fresh = _variables(deeper_model.stage_sizes)
-    assert jax.tree_util.tree_structure(deeper) == jax.tree_util.tree_structure(fresh)
+    assert jax.tree.structure(deeper) == jax.tree.structure(fresh)
     chex.assert_trees_all_equal_shapes_and_dtypes(deeper, fresh)
     # The deeper variables run in the deeper model.
     logits = deeper_model.apply(deeper, jnp.ones((2, 8, 8, 3)))
@@ -107,9 +107,9 @@ def test_unknown_rule_raises():
 def test_input_tree_is_left_unchanged():
     _, variables = _variables((2, 3, 2))
     before = copy.deepcopy(jax.device_get(variables))
-    structure = jax.tree_util.tree_structure(variables)
+    structure = jax.tree.structure(variables)
     multilevel.interpolate(variables)
-    assert jax.tree_util.tree_structure(variables) == structure
+    assert jax.tree.structure(variables) == structure
     chex.assert_trees_all_equal(jax.device_get(variables), before)
 
 
@@ -119,7 +119,7 @@ def test_momentum_at_interpolation(policy):
     tx = steps.create_optimizer(
         _Config(weight_decay=2e-4, momentum=0.9), optax.constant_schedule(0.1)
     )
-    state = steps.create_train_state(jax.random.PRNGKey(0), model, tx, (8, 8, 3))
+    state = steps.create_train_state(jax.random.key(0), model, tx, (8, 8, 3))
     # Give the momentum known values: one step's trace is the gradient-like
     # tree, here simply labelled by block.
     trace = _label_blocks(state.params)
@@ -133,7 +133,7 @@ def test_momentum_at_interpolation(policy):
     if policy == "interpolate":
         assert _block_labels(new_trace, 2) == [1, 2, 2, 2]
     else:
-        for leaf in jax.tree_util.tree_leaves(new_trace):
+        for leaf in jax.tree.leaves(new_trace):
             assert not np.any(np.asarray(leaf))
     assert int(optax.tree_utils.tree_get(deeper.opt_state, "count")) == count_before
 

@@ -51,9 +51,9 @@ def _inputs(shape, seed=3):
 
 def _perturbed(state, seed=1):
     """``state`` plus 0.1 |N(0, 1)| in every leaf: non-trivial norms, positive variances."""
-    leaves, treedef = jax.tree_util.tree_flatten(state)
+    leaves, treedef = jax.tree.flatten(state)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(
+    return jax.tree.unflatten(
         treedef, [x + 0.1 * jnp.abs(jax.random.normal(k, x.shape)) for x, k in zip(leaves, keys)]
     )
 
@@ -74,7 +74,7 @@ def _deeper(shape, state, factor=2):
     model = build(tuple(factor * n for n in sizes))
     fresh = nnx.state(model)
     # nnx.update would load a state that lacks entries silently: compare first.
-    assert jax.tree_util.tree_structure(state) == jax.tree_util.tree_structure(fresh)
+    assert jax.tree.structure(state) == jax.tree.structure(fresh)
     chex.assert_trees_all_equal_shapes_and_dtypes(state, fresh)
     nnx.update(model, state)
     model.eval()
@@ -105,7 +105,7 @@ def _labelled(state):
             leaf if where is None else jnp.full(leaf.shape, 100 * where[0] + where[1], leaf.dtype)
         )
 
-    return jax.tree_util.tree_map_with_path(label, state)
+    return jax.tree.map_with_path(label, state)
 
 
 def _values(state, stage_path, leaf):
@@ -129,7 +129,7 @@ def _values(state, stage_path, leaf):
 @pytest.mark.parametrize("rule", RULES)
 def test_every_rule_gives_the_state_of_a_fresh_deeper_model(shape, rule):
     model, state = _small(shape)
-    before = jax.tree_util.tree_map(np.array, state)
+    before = jax.tree.map(np.array, state)
     grown = multilevel.interpolate(state, rule, SHAPES[shape][1])
     assert isinstance(grown, nnx.State)
     deeper = _deeper(shape, grown)  # same tree structure, shapes and dtypes
@@ -197,7 +197,7 @@ def test_resnet_copy_pattern_is_this_projects(rule):
         return jnp.full(leaf.shape, 100.0 * stage + block)
 
     ours = multilevel.interpolate(
-        jax.tree_util.tree_map_with_path(label, {"params": variables["params"]}), rule
+        jax.tree.map_with_path(label, {"params": variables["params"]}), rule
     )["params"]
     grown = multilevel.interpolate(_labelled(_small("resnet")[1]), rule, RESNET_LAYOUT)
     for stage in (1, 2):
@@ -315,7 +315,7 @@ def test_coarsening_inverts_every_rule(shape, rule):
     layout = SHAPES[shape][1]
     back = multilevel.coarsen(multilevel.interpolate(state, rule, layout), rule, layout)
     assert isinstance(back, nnx.State)
-    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(state)
+    assert jax.tree.structure(back) == jax.tree.structure(state)
     if rule == "transition_keeping" and shape == "resnet":  # 1/3 and 3 are not exact in float32
         chex.assert_trees_all_close(back, state, rtol=1e-6, atol=1e-7)
     else:  # copies, and factors that are powers of 2
@@ -338,11 +338,11 @@ def test_nnx_optimizer_state_grows_with_the_parameters(policy):
     def ones(path, leaf):  # momentum 1 everywhere, then 100 s + b in block b of stage s
         return jnp.ones_like(leaf) if "trace" in [getattr(k, "key", None) for k in path] else leaf
 
-    opt_state = _labelled(jax.tree_util.tree_map_with_path(ones, nnx.state(optimizer)))
+    opt_state = _labelled(jax.tree.map_with_path(ones, nnx.state(optimizer)))
     grown = multilevel.grow_optimizer_state(opt_state, "paper", policy, RESNET_LAYOUT)
     deeper = _resnet((4, 6))
     fresh = nnx.Optimizer(deeper, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
-    assert jax.tree_util.tree_structure(grown) == jax.tree_util.tree_structure(nnx.state(fresh))
+    assert jax.tree.structure(grown) == jax.tree.structure(nnx.state(fresh))
     chex.assert_trees_all_equal_shapes_and_dtypes(grown, nnx.state(fresh))
     nnx.update(fresh, grown)
     assert int(fresh.step[...]) == 7  # the step count (and the schedule) goes on
@@ -368,7 +368,7 @@ def test_optax_state_over_nnx_parameters_grows_with_them(policy):
     opt_state = _labelled(tx.init(params))
     grown = multilevel.grow_optimizer_state(opt_state, "identity", policy, TRANSFORMER_LAYOUT)
     fresh = tx.init(nnx.state(_transformer(6), nnx.Param))
-    assert jax.tree_util.tree_structure(grown) == jax.tree_util.tree_structure(fresh)
+    assert jax.tree.structure(grown) == jax.tree.structure(fresh)
     chex.assert_trees_all_equal_shapes_and_dtypes(grown, fresh)
     expected = {
         "interpolate": [1, 1, 2, 2, 3, 3],
@@ -639,7 +639,7 @@ def test_the_issues_transformer_layout_is_refused_not_grown_into_another_functio
 def test_a_residual_output_leaf_only_some_blocks_have_is_refused():
     # The transition block of layer1 without its bn2 (removed by hand): its residual
     # output would not be scaled while the other blocks' are.
-    state = nnx.State(jax.tree_util.tree_map(lambda x: x, _small("resnet")[1]).raw_mapping)
+    state = nnx.State(jax.tree.map(lambda x: x, _small("resnet")[1]).raw_mapping)
     del state["layer1"]["blocks"][0]["bn2"]
     for action in ("identity", "coarsen"):
         with pytest.raises(
@@ -659,7 +659,7 @@ def test_a_masked_optimizer_state_may_lack_residual_output_leaves():
     # as weight decay often is): its blocks have the biases the layout names, without
     # arrays (before the MaskedNode counted as a leaf, no block had them: refused).
     def mask(params):
-        return jax.tree_util.tree_map_with_path(
+        return jax.tree.map_with_path(
             lambda path, _: getattr(path[-2], "key", None) != "bias", params
         )
 
@@ -670,7 +670,7 @@ def test_a_masked_optimizer_state_may_lack_residual_output_leaves():
         opt_state, "identity", "interpolate", TRANSFORMER_LAYOUT
     )
     fresh = tx.init(nnx.state(_transformer(6), nnx.Param))
-    assert jax.tree_util.tree_structure(grown) == jax.tree_util.tree_structure(fresh)
+    assert jax.tree.structure(grown) == jax.tree.structure(fresh)
     trace = grown.inner_state[0].trace
     assert _momentum_labels(trace, ("blocks",), "mlp/fc1/kernel") == [1, 1, 2, 2, 3, 3]
     assert _momentum_labels(trace, ("blocks",), "mlp/fc2/kernel") == [1, 0, 2, 0, 3, 0]

@@ -227,9 +227,9 @@ from mlres_jax import models, parallel, steps
 
 mesh = parallel.make_mesh(4)
 model = models.ResNet((2,), width=4, num_classes=10)
-variables = models.init_variables(model, jax.random.PRNGKey(0), (28, 28, 1))
+variables = models.init_variables(model, jax.random.key(0), (28, 28, 1))
 # Each pair of images (one device's part) has its own brightness.
-images = (jax.random.normal(jax.random.PRNGKey(1), (8, 28, 28, 1))
+images = (jax.random.normal(jax.random.key(1), (8, 28, 28, 1))
           + jnp.arange(8.0)[:, None, None, None])
 
 def forward(variables, images):
@@ -240,8 +240,8 @@ whole, split = parallel.replicated(mesh), parallel.batch_sharded(mesh)
 sharded = jax.jit(forward, in_shardings=(whole, split))(
     parallel.put_replicated(variables, mesh), parallel.shard_batch(np.asarray(images), mesh))
 assert len(sharded[0].sharding.device_set) == 4
-difference = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), one, sharded)
-print("global", max(jax.tree_util.tree_leaves(difference)))
+difference = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), one, sharded)
+print("global", max(jax.tree.leaves(difference)))
 # What statistics per device (each device normalising its own 2 images, the
 # mean of the 4 variances) would give for the first batch norm.
 per_device = [forward(variables, images[2 * i:2 * i + 2])[1] for i in range(4)]
@@ -253,10 +253,10 @@ print("per_device", float(jnp.max(jnp.abs(mean_of_variances - first_var(one[1]))
 # Interpolating a replicated train state keeps every leaf replicated on the mesh.
 optimizer = optax.sgd(0.1, momentum=0.9)
 state = parallel.put_replicated(
-    steps.create_train_state(jax.random.PRNGKey(0), model, optimizer, (28, 28, 1)), mesh)
+    steps.create_train_state(jax.random.key(0), model, optimizer, (28, 28, 1)), mesh)
 for policy in ("interpolate", "reset"):
     deeper = steps.interpolate_train_state(state, "paper", policy)
-    leaves = jax.tree_util.tree_leaves(deeper)
+    leaves = jax.tree.leaves(deeper)
     assert all(x.sharding == whole for x in leaves), policy
 print("interpolated leaves replicated", len(leaves))
 """

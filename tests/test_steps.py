@@ -55,7 +55,7 @@ def test_stopwatch_continues_from_saved_readings():
 def _state_and_step():
     model = models.ResNet((1,), width=2, num_classes=3)
     optimizer = optax.sgd(0.1)
-    state = steps.create_train_state(jax.random.PRNGKey(0), model, optimizer, (8, 8, 1))
+    state = steps.create_train_state(jax.random.key(0), model, optimizer, (8, 8, 1))
     step = steps.make_train_step(model, optimizer, crop_padding=0)
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8))
@@ -68,7 +68,7 @@ def test_metric_windows_sum_every_step_and_reset_separately():
     losses, accuracies = [], []
     for i in range(3):
         state, metrics = step(
-            state, images, labels, jnp.arange(2 * (i % 3), 2 * (i % 3) + 2), jax.random.PRNGKey(1)
+            state, images, labels, jnp.arange(2 * (i % 3), 2 * (i % 3) + 2), jax.random.key(1)
         )
         losses.append(float(metrics["loss"]))
         accuracies.append(float(metrics["accuracy"]))
@@ -117,7 +117,7 @@ def test_bfloat16_training_tracks_float32_with_float32_state():
     losses, states = {}, {}
     for dtype in (jnp.float32, jnp.bfloat16):
         net = model.clone(dtype=dtype)
-        state = steps.create_train_state(jax.random.PRNGKey(0), net, optimizer, (8, 8, 1))
+        state = steps.create_train_state(jax.random.key(0), net, optimizer, (8, 8, 1))
         step = steps.make_train_step(net, optimizer, crop_padding=0)
         losses[dtype] = []
         for k in range(12):
@@ -126,12 +126,12 @@ def test_bfloat16_training_tracks_float32_with_float32_state():
                 images,
                 labels,
                 jnp.arange(8 * (k % 6), 8 * (k % 6) + 8),
-                jax.random.PRNGKey(1),
+                jax.random.key(1),
             )
             losses[dtype].append(float(metrics["loss"]))
         states[dtype] = state
     # Parameters, statistics and momentum stay float32 under bfloat16 compute.
-    for leaf in jax.tree_util.tree_leaves(
+    for leaf in jax.tree.leaves(
         (
             states[jnp.bfloat16].params,
             states[jnp.bfloat16].batch_stats,
@@ -147,7 +147,7 @@ def test_bfloat16_training_tracks_float32_with_float32_state():
     # ... and bfloat16 was really used: the losses are not float32's.
     assert max(abs(a - b) for a, b in zip(losses[jnp.bfloat16], losses[jnp.float32])) > 1e-6
     assert losses[jnp.float32][-1] < 0.67 * losses[jnp.float32][0]
-    params = [jax.tree_util.tree_leaves(states[d].params) for d in (jnp.float32, jnp.bfloat16)]
+    params = [jax.tree.leaves(states[d].params) for d in (jnp.float32, jnp.bfloat16)]
     # The parameters drift further apart than the losses show (measured: by
     # 5.2 % of the largest parameter after 12 steps); 10 % is allowed.
     scale = max(float(jnp.max(jnp.abs(x))) for x in params[0])
@@ -159,7 +159,7 @@ def test_a_step_stopped_after_a_phase_is_a_prefix_of_the_real_step():
     state, full_step, images, labels = _state_and_step()
     model = models.ResNet((1,), width=2, num_classes=3)
     optimizer = optax.sgd(0.1)
-    args = (images, labels, jnp.arange(2), jax.random.PRNGKey(1))
+    args = (images, labels, jnp.arange(2), jax.random.key(1))
     full, metrics = full_step(jax.tree.map(jnp.copy, state), *args)
     for phase in steps.TRAIN_STEP_PHASES[:4]:  # before the update: parameters kept
         step = steps.make_train_step(model, optimizer, crop_padding=0, last_phase=phase)

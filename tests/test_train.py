@@ -48,7 +48,7 @@ def test_parameter_counts_are_those_of_each_depth(mock_run):
     for cycle in summary["cycles"]:
         model = models.ResNet(tuple(cycle["stage_sizes"]), width=4, num_classes=10)
         shapes = jax.eval_shape(
-            lambda m=model: m.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+            lambda m=model: m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
         )
         assert cycle["num_params"] == models.count_parameters(shapes["params"])
 
