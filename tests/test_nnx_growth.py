@@ -296,13 +296,49 @@ def test_a_one_block_stage_with_a_transition_is_refused_in_the_layouts_terms(cas
     }[case]
     with pytest.raises(ValueError) as raised:
         multilevel.interpolate(state, rule, layout)
+    if multilevel.grows_one_block_stages(rule):  # it can, given the fresh block to take
+        assert str(raised.value) == (
+            f"cannot interpolate {stage} ({layout.label}): the rule makes a block from nothing "
+            "(the stage has no block of its shapes: its one block is a transition), so it "
+            "needs initial=, the grown network freshly initialised (e.g. the deeper model's "
+            "init), to take that block from"
+        ), str(raised.value)
+        return
     assert str(raised.value) == (
         f"cannot interpolate {stage} ({layout.label}): the {rule!r} growth rule needs at least 2 "
         "blocks in a stage whose first block is a transition, got a stage of 1: the layout has "
         "first_block_is_transition=True, so the block inserted after the first is made from the "
-        "second, whose entries and shapes the later blocks share (paper App. B); a network "
+        "second, whose entries and shapes the later blocks share (paper App. B); the rules "
+        "['identity', 'transition_keeping'] grow a one-block stage; a network "
         "whose blocks are all alike takes a layout with first_block_is_transition=False"
     ), str(raised.value)
+
+
+@pytest.mark.parametrize("rule", ["identity", "transition_keeping"])
+def test_a_one_block_resnet_stage_grows_from_a_fresh_deeper_models_state(rule):
+    # The inserted block after the one-block stage's transition block is the
+    # fresh model's, with its residual output (the last norm) zeroed: the
+    # network computes what it did (no h: old blocks kept as they are).
+    model = _resnet((2, 1))
+    nnx.update(model, _perturbed(nnx.state(model)))
+    model.eval()
+    inputs = _inputs("resnet")
+    fresh = nnx.state(_resnet((4, 2), seed=5))
+    grown = multilevel.interpolate(nnx.state(model), rule, RESNET_LAYOUT, initial=fresh)
+    deeper = _resnet((4, 2))
+    chex.assert_trees_all_equal_shapes_and_dtypes(grown, nnx.state(deeper))
+    inserted = nnx.to_pure_dict(grown)["layer1"]["blocks"][1]
+    expected = nnx.to_pure_dict(fresh)["layer1"]["blocks"][1]
+    for leaf in ("scale", "bias"):  # the residual output; bn2's statistics are the fresh ones
+        expected["bn2"][leaf] = jnp.zeros_like(expected["bn2"][leaf])
+    chex.assert_trees_all_equal(inserted, expected)
+    if rule == "identity":  # transition_keeping changes layer0, a stage of two blocks
+        nnx.update(deeper, grown)
+        deeper.eval()
+        before = np.asarray(model(inputs))
+        np.testing.assert_allclose(
+            np.asarray(deeper(inputs)), before, rtol=1e-6, atol=1e-6 * np.abs(before).max()
+        )
 
 
 # --- Coarsening -------------------------------------------------------------------
