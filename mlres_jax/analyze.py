@@ -79,10 +79,6 @@ def define_flags() -> None:
     flags.register_validator("num_shuffles", lambda n: n >= 0, "must be >= 0")
 
 
-class AnalysisInputError(errors.UserError):
-    """The user asked for something that is not there."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Options:
     """Settings shared by the commands; see the flags of the same names."""
@@ -126,13 +122,13 @@ def checkpoint_steps(workdir: str) -> list[int]:
     """Steps of the complete checkpoints in ``<workdir>/checkpoints``, sorted.
 
     Raises:
-      AnalysisInputError: if the workdir or its checkpoints are missing.
+      errors.UserError: if the workdir or its checkpoints are missing.
     """
     if not os.path.isdir(workdir):
-        raise AnalysisInputError(f"workdir {workdir!r} does not exist")
+        raise errors.UserError(f"workdir {workdir!r} does not exist")
     steps = checkpoint.list_steps(workdir)
     if not steps:
-        raise AnalysisInputError(
+        raise errors.UserError(
             f"no checkpoint in {checkpoint.checkpoint_dir(workdir)}: train a run with "
             f"'python -m mlres_jax.main --workdir={workdir} ...' first"
         )
@@ -143,7 +139,7 @@ def resolve_checkpoints(workdirs: Sequence[str], steps: str) -> list[tuple[str, 
     """``(workdir, step)`` pairs selected by a ``--steps`` value.
 
     Raises:
-      AnalysisInputError: for a missing workdir or step, or a bad ``steps``.
+      errors.UserError: for a missing workdir or step, or a bad ``steps``.
     """
     pairs = []
     for workdir in workdirs:
@@ -156,12 +152,12 @@ def resolve_checkpoints(workdirs: Sequence[str], steps: str) -> list[tuple[str, 
             try:
                 chosen = [int(s) for s in steps.split(",")]
             except ValueError:
-                raise AnalysisInputError(
+                raise errors.UserError(
                     f"--steps={steps!r}: expected 'latest', 'all' or comma-separated step numbers"
                 ) from None
             missing = [s for s in chosen if s not in available]
             if missing:
-                raise AnalysisInputError(
+                raise errors.UserError(
                     f"no checkpoint of step(s) {missing} in {workdir}; steps: {available}"
                 )
         pairs += [(workdir, step) for step in chosen]
@@ -187,7 +183,7 @@ class _Loader:
         key = (name, data_dir, fashion_mnist_dir)
         if key not in self._test_sets:
             if name not in datasets.DATASETS:
-                raise AnalysisInputError(
+                raise errors.UserError(
                     f"the checkpoint's data set {name!r} is not one of {sorted(datasets.DATASETS)}"
                 )
             data = datasets.load(name, data_dir=data_dir, fashion_mnist_dir=fashion_mnist_dir)
@@ -212,7 +208,7 @@ class _Loader:
 
 def _only_one(pairs: list[tuple[str, int]], command: str) -> tuple[str, int]:
     if len(pairs) != 1:
-        raise AnalysisInputError(
+        raise errors.UserError(
             f"{command} analyses one checkpoint, but --workdir/--steps select {len(pairs)}: {pairs}"
         )
     return pairs[0]
@@ -405,12 +401,12 @@ def run_step_size(pairs: list[tuple[str, int]], options: Options) -> list[dict]:
 def run_curves(workdirs: Sequence[str], options: Options) -> list[dict]:
     """Fig. 6: train and test error per epoch from ``summary.json``."""
     if len(workdirs) != 1:
-        raise AnalysisInputError(f"curves takes one --workdir, got {len(workdirs)}")
+        raise errors.UserError(f"curves takes one --workdir, got {len(workdirs)}")
     path = os.path.join(workdirs[0], "summary.json")
     summary = reporting.read_summary(path, whole=False)
     history, boundaries = summary["history"], summary["config"]["cycle_boundaries"]
     if not history:
-        raise AnalysisInputError(f"{path} has no evaluations in 'history'")
+        raise errors.UserError(f"{path} has no evaluations in 'history'")
     paths = [_path(options, "training_curves.png"), _path(options, "training_curves.csv")]
     figures.plot_training_curves(history, boundaries, paths[0])
     files.write_csv(paths[1], history)
@@ -433,7 +429,7 @@ COMMANDS: dict[str, Callable] = {
 
 def main(argv):
     if len(argv) != 2 or argv[1] not in (*COMMANDS, "curves"):
-        raise AnalysisInputError(
+        raise errors.UserError(
             f"give one command of {', '.join([*COMMANDS, 'curves'])} before the flags, "
             f"e.g. 'python -m mlres_jax.analyze norms --workdir=RUN'; got {argv[1:]}"
         )

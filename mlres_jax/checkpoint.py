@@ -123,15 +123,12 @@ class CheckpointError(errors.UserError):
     """A checkpoint cannot be written, read or used for this run."""
 
 
-class ConfigMismatchError(CheckpointError):
-    """The run's config differs from the checkpoint's in a field that matters."""
-
-
 class CheckpointMismatchError(CheckpointError):
     """A readable checkpoint holds something other than what the caller expects.
 
-    Another network or tree structure, or a model-only checkpoint where a
-    train state is expected. Not damage: nothing is moved or changed.
+    A run of another config (in a field that matters), another network or
+    tree structure, or a model-only checkpoint where a train state is
+    expected. Not damage: nothing is moved or changed.
     """
 
 
@@ -476,7 +473,7 @@ class Checkpointer:
         Args:
           abstract_state_fn: maps a checkpoint's metadata to the abstract
             state (``jax.eval_shape`` of a fresh state) of that depth; it may
-            raise `ConfigMismatchError`.
+            raise `CheckpointMismatchError`.
 
         Returns:
           ``(state, metadata)``, or None if there is no checkpoint.

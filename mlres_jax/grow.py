@@ -24,9 +24,7 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Run folder holding checkpoints/ to read.")
     flags.DEFINE_string("output", None, "Folder to write the interpolated checkpoint to.")
     flags.DEFINE_integer("step", None, "Checkpoint step to read; the latest if unset.")
-    flags.DEFINE_string(
-        "rule", "paper", f"Interpolation rule: {sorted(multilevel.GROWTH_RULES)}."
-    )
+    flags.DEFINE_string("rule", "paper", f"Interpolation rule: {sorted(multilevel.GROWTH_RULES)}.")
     flags.mark_flags_as_required(["workdir", "output"])
 
 
@@ -43,7 +41,7 @@ def grow(
       checkpoint.CheckpointError: if the checkpoint cannot be read, or
         ``output`` already holds checkpoints.
       workdir.WorkdirBusyError: if another process writes to ``output``.
-      workdir.WorkdirNotWritableError: if ``output`` cannot be written
+      workdir.WorkdirStorageError: if ``output`` cannot be written
         (checked before the checkpoint is read).
       errors.UserError: if the network cannot be interpolated under ``rule``.
     """

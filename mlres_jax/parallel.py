@@ -54,10 +54,6 @@ _CLUSTER_ENVIRONMENT = (
 )
 
 
-class MeshError(errors.UserError):
-    """The devices asked for cannot split the batches."""
-
-
 def initialize(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -276,20 +272,20 @@ def make_mesh(num_devices: int = -1) -> Mesh:
       num_devices: how many devices; -1 for all of them.
 
     Raises:
-      MeshError: for more devices than there are, or a count that leaves a
+      errors.UserError: for more devices than there are, or a count that leaves a
         process without a device (several processes need all devices).
     """
     devices = jax.devices()
     if num_devices == -1:
         num_devices = len(devices)
     if not 1 <= num_devices <= len(devices):
-        raise MeshError(
+        raise errors.UserError(
             f"config.num_devices = {num_devices} is not allowed: this run "
             f"has {len(devices)} device(s) ({devices[0].platform}); use -1 "
             "for all of them, or a number from 1 to that"
         )
     if jax.process_count() > 1 and num_devices != len(devices):
-        raise MeshError(
+        raise errors.UserError(
             f"config.num_devices = {num_devices} is not allowed with "
             f"{jax.process_count()} processes: a multi-process run uses all "
             f"{len(devices)} devices (-1)"
@@ -308,10 +304,10 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch_divides(name: str, batch_size: int, mesh: Mesh) -> None:
-    """Raises `MeshError` unless ``batch_size`` splits evenly over the mesh's devices."""
+    """Raises `errors.UserError` unless ``batch_size`` splits evenly over the mesh's devices."""
     devices = mesh.devices.size
     if batch_size % devices:
-        raise MeshError(
+        raise errors.UserError(
             f"config.{name} = {batch_size} is not allowed: the global batch is split "
             f"evenly over the {devices} devices of the mesh, so it must be a multiple "
             f"of {devices} (e.g. {devices * max(1, round(batch_size / devices))}); or "
@@ -324,7 +320,8 @@ def put_replicated(tree: Any, mesh: Mesh) -> Any:
 
     Each process copies the data to its own devices only; nothing is sent
     between processes. Arrays already on the mesh are moved without a copy
-    where they are placed right.
+    where they are placed right; PRNG keys (``jax.random.key``) go as their
+    key data and come back as keys of the same implementation.
     """
     sharding = replicated(mesh)
 
@@ -333,6 +330,9 @@ def put_replicated(tree: Any, mesh: Mesh) -> Any:
             return x
         if isinstance(x, jax.Array) and x.is_fully_addressable and jax.process_count() == 1:
             return jax.device_put(x, sharding)
+        if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+            data = put(jax.random.key_data(x))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 

@@ -197,13 +197,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         cycle that rounds to zero steps on the data found.
       datasets.DataSetError: if the data set is missing or damaged.
       workdir.WorkdirBusyError: if another process is writing to ``workdir``.
-      workdir.WorkdirNotWritableError: if a folder or file the run writes
-        cannot be written (before any work).
-      workdir.WorkdirFullError: if its file system has no room for the
+      workdir.WorkdirStorageError: if a folder or file the run writes
+        cannot be written, or its file system has no room for the
         checkpoints (before any work).
-      checkpoint.ConfigMismatchError: if the workdir's checkpoints are of a
-        run with another model or schedule.
-      checkpoint.CheckpointMismatchError: if its newest readable checkpoint
+      checkpoint.CheckpointMismatchError: if the workdir's checkpoints are of a
+        run with another model or schedule, or its newest readable checkpoint
         holds another structure, or only a model (a ``mlres_jax.grow`` output).
       checkpoint.CheckpointError: if a checkpoint cannot be written (naming
         the newest complete one) or none of the existing ones can be read.
@@ -287,7 +285,7 @@ def check_config(
       ``init_from`` checkpoint's variables (None without ``init_from``).
 
     Raises:
-      configuration.ConfigError, datasets.DataSetError, parallel.MeshError,
+      configuration.ConfigError, datasets.DataSetError, errors.UserError,
       checkpoint.CheckpointError (an unreadable ``init_from`` checkpoint).
     """
     config = configuration.resolve(config)
@@ -426,7 +424,7 @@ def restore_or_start(run: Run, checkpointer: checkpoint.Checkpointer) -> Progres
     """The progress of the newest readable checkpoint, or of a new run.
 
     Raises:
-      checkpoint.ConfigMismatchError: if the checkpoint's config differs in a
+      checkpoint.CheckpointMismatchError: if the checkpoint's config differs in a
         field that matters (`checkpoint.config_differences`).
       checkpoint.CheckpointError: if checkpoints exist but none is readable.
     """
@@ -434,7 +432,7 @@ def restore_or_start(run: Run, checkpointer: checkpoint.Checkpointer) -> Progres
     def abstract_state(metadata: checkpoint.CheckpointMetadata):
         differences = checkpoint.config_differences(metadata.config, run.config.to_dict())
         if differences:
-            raise checkpoint.ConfigMismatchError(
+            raise checkpoint.CheckpointMismatchError(
                 f"cannot resume from the checkpoint of step {metadata.step} in "
                 f"{run.workdir}: the config differs in "
                 + "; ".join(differences)

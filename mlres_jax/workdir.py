@@ -56,12 +56,12 @@ def _holder_description(path: str) -> str:
         return "another process (its details are not readable)"
 
 
-class WorkdirNotWritableError(errors.UserError, OSError):
-    """A folder or file the run will write cannot be written by this user."""
+class WorkdirStorageError(errors.UserError, OSError):
+    """The workdir's file system cannot take the run's files.
 
-
-class WorkdirFullError(errors.UserError, OSError):
-    """The workdir's file system has no room for the run's checkpoints."""
+    A folder or file the run writes cannot be written by this user, or there
+    is no room for the run's checkpoints; the message says which.
+    """
 
 
 class Holding:
@@ -101,9 +101,9 @@ def hold(
 
     Raises:
       WorkdirBusyError: if another live process holds it, naming that process.
-      WorkdirNotWritableError: if a folder or file the run writes cannot be
-        written (`check_writable`).
-      WorkdirFullError: if the checkpoints do not fit (`check_free_space`).
+      WorkdirStorageError: if a folder or file the run writes cannot be
+        written (`check_writable`), or the checkpoints do not fit
+        (`check_free_space`).
     """
     path = os.path.join(workdir, LOCK_FILE)
     created = not os.path.lexists(workdir)
@@ -148,9 +148,9 @@ def hold(
         os.close(descriptor)  # releases the lock
 
 
-def _not_writable(workdir: str, path: str, reason: str) -> WorkdirNotWritableError:
+def _not_writable(workdir: str, path: str, reason: str) -> WorkdirStorageError:
     user = f"uid {os.geteuid()}" if hasattr(os, "geteuid") else "this user"
-    return WorkdirNotWritableError(
+    return WorkdirStorageError(
         f"{path!r} is not writable by this process ({user}): {reason}. The run writes "
         f"there, so it stops before any work: make it writable (e.g. chown or chmod "
         f"{os.path.abspath(workdir)!r} and what it holds), or copy that folder elsewhere "
@@ -181,7 +181,7 @@ def check_writable(workdir: str, files: Sequence[str] = ()) -> None:
     mount, is found here, before data loading, compiling or training.
 
     Raises:
-      WorkdirNotWritableError: naming the first path that cannot be written,
+      WorkdirStorageError: naming the first path that cannot be written,
         the reason, and what to do.
     """
 
@@ -245,7 +245,7 @@ def check_free_space(workdir: str, checkpoint_bytes: int, checkpoints_to_keep: i
       checkpoints_to_keep: ``config.checkpoints_to_keep``.
 
     Raises:
-      WorkdirFullError: naming the folder, the free and the needed space,
+      WorkdirStorageError: naming the folder, the free and the needed space,
         any unfinished saves, and what to do.
     """
     directory = checkpoint.checkpoint_dir(workdir)
@@ -266,7 +266,7 @@ def check_free_space(workdir: str, checkpoint_bytes: int, checkpoints_to_keep: i
         if unfinished
         else ""
     )
-    raise WorkdirFullError(
+    raise WorkdirStorageError(
         f"workdir {workdir!r} has {_mib(free)} free{leftovers}, but the run needs about "
         f"{_mib(needed)} more: up to {checkpoints_to_keep} kept checkpoints "
         f"(config.checkpoints_to_keep) and one being written, about "

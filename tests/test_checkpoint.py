@@ -413,7 +413,7 @@ def test_resume_with_different_model_is_refused(data_dir, reference, tmp_path):
     train.train_and_evaluate(_config(data_dir, num_epochs=1.0, cycle_boundaries=()), workdir)
     steps_before = checkpoint.Checkpointer(workdir, create=False).all_steps()
     with pytest.raises(
-        checkpoint.ConfigMismatchError,
+        checkpoint.CheckpointMismatchError,
         match=r"learning_rate_max: checkpoint 0.5, now 0.3; "
         r"width: checkpoint 2, now 4",
     ):

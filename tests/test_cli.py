@@ -48,7 +48,7 @@ def test_every_user_error_class_derives_from_the_one_base():
         datasets.DataSetError,
         datasets.DataSetUnavailableError,
         checkpoint.CheckpointError,
-        checkpoint.ConfigMismatchError,
+        checkpoint.CheckpointMismatchError,
         workdir.WorkdirBusyError,
         train.NonFiniteLossError,
         stopping.Interrupted,

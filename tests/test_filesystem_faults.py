@@ -182,7 +182,7 @@ def test_a_path_the_run_writes_that_is_not_a_folder_or_file_is_refused_before_lo
     with (
         caplog.at_level("INFO"),
         pytest.raises(
-            OSError,  # workdir.WorkdirNotWritableError, a user error
+            OSError,  # workdir.WorkdirStorageError, a user error
             match=rf"^'{folder}/{blocked}' is not writable by this process",
         ),
     ):
@@ -231,7 +231,7 @@ def test_grow_checks_its_output_before_reading(tmp_path):
     blocker.write_text("not a folder")
     # The source does not exist: reading it first would fail with "no checkpoints".
     with pytest.raises(
-        OSError,  # workdir.WorkdirNotWritableError
+        OSError,  # workdir.WorkdirStorageError
         match=rf"^'{blocker}/grown' is not writable by this process",
     ):
         grow.grow(str(tmp_path / "no_run"), str(blocker / "grown"))
