@@ -1,9 +1,10 @@
 """The train state and the jitted train and eval steps, for any depth.
 
-Pure JAX: no files, no logging. `train` drives these functions; the analyses
-and the benchmarks build and compile the same steps through the same builders
+JAX and no files. `train` drives these functions; the analyses and the
+benchmarks build and compile the same steps through the same builders
 (`make_train_step`, `make_eval_step`, `compile_steps`), so what they measure
-is what training runs.
+is what training runs. `StepCompiler` compiles each network's steps once, the
+next one ahead in a background thread (it logs when a run waits for it).
 
 * `TrainState` holds everything that changes during training;
   `create_train_state` makes a fresh one and `interpolate_train_state` carries
@@ -15,6 +16,7 @@ is what training runs.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import time
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from jax.sharding import Mesh
 
 from mlres_jax import input_pipeline, models, multilevel, parallel
@@ -494,3 +497,95 @@ def compile_steps(
         jax.ShapeDtypeStruct((eval_batch_size,), jnp.bool_),
     )
     return CompiledSteps(train, evaluate_compiled, train_seconds + eval_seconds)
+
+
+class StepCompiler:
+    """The compiled train and eval steps of each network of a run, compiled once each.
+
+    A network is anything with ``stage_sizes`` and ``step_size`` (a
+    `plan.Cycle`). With ``ahead``, `compile_ahead` compiles a network's
+    steps in a background thread from the shapes alone (e.g. `jax.eval_shape`
+    of the interpolated state), so that a growth waits only for what is left
+    of that compilation. Use it as a context manager: leaving it waits for a
+    compilation in flight (XLA cannot abandon one).
+
+    Args:
+      model_for: ``(stage_sizes, step_size) -> models.ResNet``.
+      ahead: whether `compile_ahead` compiles (``config.compile_ahead``).
+      **options: the rest of `compile_steps`' arguments but ``state``
+        (optimizer, train images and labels, rng, batch sizes, crop
+        padding, mesh).
+    """
+
+    def __init__(self, model_for: Callable[..., models.ResNet], *, ahead: bool, **options):
+        self._model_for, self._options = model_for, options
+        self._compiled, self._pending = {}, {}
+        self._executor = (
+            concurrent.futures.ThreadPoolExecutor(1, "compile_ahead") if ahead else None
+        )
+
+    def __enter__(self) -> StepCompiler:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._executor is None:
+            return
+        running = [key for key, future in self._pending.items() if future.running()]
+        if running:
+            logging.info(
+                "Waiting for the ahead compilation of %s to finish",
+                models.format_stage_sizes(running[0][0]),
+            )
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def _compile(self, network, state) -> CompiledSteps:
+        model = self._model_for(network.stage_sizes, network.step_size)
+        return compile_steps(model, state=state, **self._options)
+
+    def steps_for(self, network, state) -> CompiledSteps:
+        """The network's steps: compiled before, waited for, or compiled now for ``state``."""
+        key = (network.stage_sizes, network.step_size)
+        if key in self._compiled:
+            return self._compiled[key]
+        if key not in self._pending:
+            self._compiled[key] = self._compile(network, state)
+            return self._compiled[key]
+        start = time.perf_counter()
+        if not self._pending[key].done():
+            logging.info(
+                "Waiting for the ahead compilation of %s",
+                models.format_stage_sizes(network.stage_sizes),
+            )
+        self._compiled[key] = self._pending.pop(key).result()
+        logging.info(
+            "Compiled %s ahead in %.1f s; waited %.1f s",
+            models.format_stage_sizes(network.stage_sizes),
+            self._compiled[key].compile_seconds,
+            time.perf_counter() - start,
+        )
+        return self._compiled[key]
+
+    def compile_ahead(self, network, state_shapes: Callable[[], Any]) -> None:
+        """Starts compiling ``network``'s steps in the background, unless off or done.
+
+        Args:
+          state_shapes: returns the network's train state shapes (called
+            only when the compilation starts).
+        """
+        key = (network.stage_sizes, network.step_size)
+        if self._executor is None or key in self._compiled or key in self._pending:
+            return
+        self._pending[key] = self._executor.submit(self._compile, network, state_shapes())
+
+    def eval_step_for(self, network) -> Callable:
+        """The network's compiled eval step if its steps are compiled, else a jitted one.
+
+        A run resumed at a cycle boundary has not compiled the finished
+        cycle's steps; evaluating it once does not need its train step.
+        """
+        compiled = self._compiled.get((network.stage_sizes, network.step_size))
+        if compiled is not None:
+            return compiled.evaluate
+        return make_eval_step(
+            self._model_for(network.stage_sizes, network.step_size), self._options.get("mesh")
+        )

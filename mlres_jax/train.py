@@ -6,9 +6,12 @@ the cycle is deeper (interpolation of the whole train state, h halved; paper
 Sec. 4.1), train the cycle under one cosine cycle of the learning rate
 (paper Eq. 9) and record it; finally write ``summary.json``.
 
-Each phase is a top-level function below it. `Run` holds what is fixed for
-the whole run, `Progress` what changes (the train state, the history, the
-stopwatch of the current cycle) and what a checkpoint restores.
+Each phase is a top-level function below it that takes the `Loop` and the
+cycle. `Run` holds what is fixed for the whole run, `Progress` what changes
+(the train state, the history, the stopwatch of the current cycle) and what a
+checkpoint restores; `Loop` holds both and the run's long-lived parts (the
+checkpointer, the stop agreement, the step compiler, the training data),
+opened in one place in `train_and_evaluate`.
 
 Side effects of training live here: logging, the progress bar, TensorBoard
 events, checkpoints (through `mlres_jax.checkpoint`) and ``summary.json``.
@@ -19,7 +22,6 @@ pure and live in `mlres_jax.models` and `mlres_jax.multilevel`.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import math
@@ -213,36 +215,69 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config, mesh, initial_variables = check_config(config)
     with _hold_workdir(workdir, config) as holding:
         run = prepare_run(config, workdir, mesh, initial_variables)
-        with checkpoint.Checkpointer(workdir, config.checkpoints_to_keep) as checkpointer:
+        with contextlib.ExitStack() as contexts:
+            checkpointer = contexts.enter_context(
+                checkpoint.Checkpointer(workdir, config.checkpoints_to_keep)
+            )
             progress = restore_or_start(run, checkpointer)
             if progress.step == run.cycles[-1].end_step:
                 summary = _finished_summary(run)
                 if summary is not None:
                     return summary  # else it is rebuilt from the checkpoint below
-            progress.writer = _open_event_writer(run, progress)
-            with (
-                progress.writer,
-                stopping.StopRequest(checkpointer.directory) as request,
-                _peer_loss_reported(request),
-            ):
-                stop = stopping.StopAgreement(request)
-                request.steps_done = progress.step
-                train_data = parallel.put_replicated(
-                    (run.data.train_images, run.data.train_labels), run.mesh
+            progress.writer = contexts.enter_context(_open_event_writer(run, progress))
+            request = contexts.enter_context(stopping.StopRequest(checkpointer.directory))
+            contexts.enter_context(_peer_loss_reported(request))
+            request.steps_done = progress.step
+            train_data = parallel.put_replicated(
+                (run.data.train_images, run.data.train_labels), run.mesh
+            )
+            holding.recorded = True  # from here on the workdir is kept
+            compiler = contexts.enter_context(
+                steps.StepCompiler(
+                    run.model,
+                    ahead=config.compile_ahead,
+                    optimizer=run.optimizer,
+                    train_images=train_data[0],
+                    train_labels=train_data[1],
+                    rng=run.augment_rng,
+                    batch_size=config.batch_size,
+                    eval_batch_size=config.eval_batch_size,
+                    crop_padding=config.crop_padding,
+                    mesh=run.mesh,
                 )
-                holding.recorded = True  # from here on the workdir is kept
-                with StepCompiler(run, train_data) as compiler:
-                    for cycle in run.cycles:
-                        if cycle.end_step <= progress.step:
-                            continue  # finished before the restored checkpoint
-                        stop_if_requested(run, cycle, progress, checkpointer, stop)
-                        enter_cycle(run, cycle, progress, compiler)
-                        cycle_steps = compiler.steps_for(cycle, progress)
-                        train_cycle(
-                            run, cycle, cycle_steps, progress, train_data, checkpointer, stop
-                        )
-                        finish_cycle(run, cycle, progress, checkpointer)
+            )
+            loop = Loop(
+                run, progress, checkpointer, stopping.StopAgreement(request), compiler, train_data
+            )
+            for cycle in run.cycles:
+                if cycle.end_step <= progress.step:
+                    continue  # finished before the restored checkpoint
+                stop_if_requested(loop, cycle)
+                enter_cycle(loop, cycle)
+                train_cycle(loop, cycle, cycle_steps(loop, cycle))
+                finish_cycle(loop, cycle)
         return write_summary(run, progress, time.perf_counter() - start)
+
+
+@dataclasses.dataclass
+class Loop:
+    """A run's long-lived parts, opened in `train_and_evaluate`; every phase takes it.
+
+    Attributes:
+      run: what is fixed for the whole run.
+      progress: what changes, and what a checkpoint restores.
+      checkpointer: the run's checkpoints.
+      stop: the processes' agreement on a stop (SIGINT, SIGTERM).
+      compiler: the compiled steps of each network.
+      train_data: the training images and labels, replicated on the mesh.
+    """
+
+    run: Run
+    progress: Progress
+    checkpointer: checkpoint.Checkpointer
+    stop: stopping.StopAgreement
+    compiler: steps.StepCompiler
+    train_data: tuple[jax.Array, jax.Array]
 
 
 @contextlib.contextmanager
@@ -471,19 +506,53 @@ def restore_or_start(run: Run, checkpointer: checkpoint.Checkpointer) -> Progres
     )
 
 
-def enter_cycle(run: Run, cycle: plan.Cycle, progress: Progress, compiler: StepCompiler) -> None:
-    """Makes ``progress.state`` the cycle's: fresh, interpolated, or as restored.
+def enter_cycle(loop: Loop, cycle: plan.Cycle) -> None:
+    """Makes the train state the cycle's: fresh, interpolated, or as restored.
 
     A cycle that starts (rather than resumes) gets a new stopwatch, so that
     initialisation and interpolation count as its training time.
     """
+    run, progress = loop.run, loop.progress
     if progress.step <= cycle.first_step:
         progress.stopwatch = stopwatch.Stopwatch()
     if progress.state is None:
         progress.state = parallel.put_replicated(_initial_state(run, cycle), run.mesh)
     elif progress.stage_sizes != cycle.stage_sizes:
-        grow(run, cycle, progress, compiler)
+        grow(loop, cycle)
     progress.stage_sizes = cycle.stage_sizes
+
+
+def cycle_steps(loop: Loop, cycle: plan.Cycle) -> steps.CompiledSteps:
+    """The cycle's compiled steps; then the next deeper cycle's start compiling ahead.
+
+    The time the cycle waits for its steps is booked as compiling on its
+    stopwatch. The next cycle's steps are compiled from the shapes of the
+    state it will have (`jax.eval_shape` of the interpolation).
+    """
+    run, state = loop.run, loop.progress.state
+    start = time.perf_counter()
+    compiled = loop.compiler.steps_for(cycle, state)
+    loop.progress.stopwatch.add_compile_seconds(time.perf_counter() - start)
+    following = run.cycles[cycle.index + 1 : cycle.index + 2]
+    if following:
+        after = following[0]
+        grows = after.stage_sizes != cycle.stage_sizes
+        loop.compiler.compile_ahead(
+            after,
+            lambda: jax.eval_shape(lambda s: grown_state(run, s, after) if grows else s, state),
+        )
+    return compiled
+
+
+def grown_state(run: Run, state: steps.TrainState, cycle: plan.Cycle) -> steps.TrainState:
+    """``state`` interpolated into ``cycle``'s network under the config's rule and policy."""
+    return steps.interpolate_train_state(
+        state,
+        run.config.interpolation_rule,
+        run.config.momentum_at_interpolation,
+        run.layout,
+        initial=lambda: run.fresh_state(cycle),
+    )
 
 
 def _initial_state(run: Run, cycle: plan.Cycle) -> steps.TrainState:
@@ -497,7 +566,7 @@ def _initial_state(run: Run, cycle: plan.Cycle) -> steps.TrainState:
     return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
 
 
-def grow(run: Run, cycle: plan.Cycle, progress: Progress, compiler: StepCompiler) -> None:
+def grow(loop: Loop, cycle: plan.Cycle) -> None:
     """Interpolates the train state into the cycle's deeper network, measuring the jump.
 
     The train state goes through `steps.interpolate_train_state` under
@@ -507,30 +576,22 @@ def grow(run: Run, cycle: plan.Cycle, progress: Progress, compiler: StepCompiler
     training images; the differences are the growth's jump in loss and
     error, recorded in ``progress.growths``, the TensorBoard events and the
     summary. The test split before the growth is the cycle end's evaluation.
-    Both evaluations use the eval steps ``compiler`` holds; waiting for the
-    deeper network's steps counts as compiling, as in `StepCompiler.steps_for`.
+    Both evaluations use the eval steps the loop's compiler holds; waiting
+    for the deeper network's steps counts as compiling (`cycle_steps`).
     """
+    run, progress = loop.run, loop.progress
     previous = run.cycles[cycle.index - 1]
     with progress.stopwatch.pause(stopwatch.EVAL):
         before = _growth_evaluation(
             run,
-            compiler.eval_step_for(previous),
+            loop.compiler.eval_step_for(previous),
             progress.state.variables,
             test=progress.history[-1],
         )
     # Replicated in, replicated out: every leaf is an old leaf, a copy of one,
     # or made on the devices from old leaves, so `put_replicated` moves nothing.
-    progress.state = parallel.put_replicated(
-        steps.interpolate_train_state(
-            progress.state,
-            run.config.interpolation_rule,
-            run.config.momentum_at_interpolation,
-            run.layout,
-            initial=lambda: run.fresh_state(cycle),
-        ),
-        run.mesh,
-    )
-    evaluate = compiler.steps_for(cycle, progress).evaluate
+    progress.state = parallel.put_replicated(grown_state(run, progress.state, cycle), run.mesh)
+    evaluate = cycle_steps(loop, cycle).evaluate
     with progress.stopwatch.pause(stopwatch.EVAL):
         after = _growth_evaluation(run, evaluate, progress.state.variables)
     record = reporting.growth_record(
@@ -588,131 +649,11 @@ def _growth_evaluation(run: Run, evaluate, variables, test: dict | None = None) 
     }
 
 
-class StepCompiler:
-    """The compiled train and eval steps of each depth of a run.
-
-    Steps are compiled once per depth (a fixed-depth run compiles once).
-    With ``config.compile_ahead``, as soon as a cycle has its steps, the next
-    deeper cycle's are compiled in a background thread from the shapes alone
-    (`jax.eval_shape` of the interpolated state), so that a growth waits only
-    for what is left of that compilation. Use it as a context manager.
-    """
-
-    def __init__(self, run: Run, train_data):
-        self._run, self._train_data = run, train_data
-        self._compiled, self._pending = {}, {}
-        self._executor = (
-            concurrent.futures.ThreadPoolExecutor(1, "compile_ahead")
-            if run.config.compile_ahead
-            else None
-        )
-
-    def __enter__(self) -> StepCompiler:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self._executor is None:
-            return
-        running = [key for key, future in self._pending.items() if future.running()]
-        if running:
-            # XLA cannot abandon a compilation: say why the exit waits.
-            logging.info(
-                "Waiting for the ahead compilation of %s to finish",
-                models.format_stage_sizes(running[0][0]),
-            )
-        self._executor.shutdown(wait=True, cancel_futures=True)
-
-    def _compile(self, cycle: plan.Cycle, state) -> steps.CompiledSteps:
-        run = self._run
-        return steps.compile_steps(
-            run.model(cycle.stage_sizes, cycle.step_size),
-            run.optimizer,
-            state=state,
-            train_images=self._train_data[0],
-            train_labels=self._train_data[1],
-            rng=run.augment_rng,
-            batch_size=run.config.batch_size,
-            eval_batch_size=run.config.eval_batch_size,
-            crop_padding=run.config.crop_padding,
-            mesh=run.mesh,
-        )
-
-    def steps_for(self, cycle: plan.Cycle, progress: Progress) -> steps.CompiledSteps:
-        """The cycle's steps; the compile time the cycle waited is booked on its stopwatch."""
-        key = (cycle.stage_sizes, cycle.step_size)
-        if key not in self._compiled:
-            start = time.perf_counter()
-            if key in self._pending:
-                if not self._pending[key].done():
-                    logging.info(
-                        "Waiting for the ahead compilation of %s",
-                        models.format_stage_sizes(cycle.stage_sizes),
-                    )
-                self._compiled[key] = self._pending.pop(key).result()
-                logging.info(
-                    "Compiled %s ahead in %.1f s; waited %.1f s",
-                    models.format_stage_sizes(cycle.stage_sizes),
-                    self._compiled[key].compile_seconds,
-                    time.perf_counter() - start,
-                )
-            else:
-                self._compiled[key] = self._compile(cycle, progress.state)
-            progress.stopwatch.add_compile_seconds(time.perf_counter() - start)
-        self._compile_next_ahead(cycle, progress.state)
-        return self._compiled[key]
-
-    def eval_step_for(self, cycle: plan.Cycle):
-        """The cycle's compiled eval step if its steps are compiled, else a jitted one.
-
-        A run resumed at a cycle boundary has not compiled the finished
-        cycle's steps; evaluating it once does not need its train step.
-        """
-        compiled = self._compiled.get((cycle.stage_sizes, cycle.step_size))
-        if compiled is not None:
-            return compiled.evaluate
-        return steps.make_eval_step(
-            self._run.model(cycle.stage_sizes, cycle.step_size), self._run.mesh
-        )
-
-    def _compile_next_ahead(self, cycle: plan.Cycle, state) -> None:
-        following = self._run.cycles[cycle.index + 1 : cycle.index + 2]
-        if self._executor is None or not following:
-            return
-        after = following[0]
-        key = (after.stage_sizes, after.step_size)
-        if key in self._compiled or key in self._pending:
-            return
-        config = self._run.config
-        shapes = jax.eval_shape(
-            lambda s: (
-                steps.interpolate_train_state(
-                    s,
-                    config.interpolation_rule,
-                    config.momentum_at_interpolation,
-                    self._run.layout,
-                    initial=lambda: self._run.fresh_state(after),
-                )
-                if after.stage_sizes != cycle.stage_sizes
-                else s
-            ),
-            state,
-        )
-        self._pending[key] = self._executor.submit(self._compile, after, shapes)
-
-
 # ---------------------------------------------------------------------------
 # One cycle.
 
 
-def train_cycle(
-    run: Run,
-    cycle: plan.Cycle,
-    compiled: steps.CompiledSteps,
-    progress: Progress,
-    train_data,
-    checkpointer: checkpoint.Checkpointer,
-    stop: stopping.StopAgreement,
-) -> None:
+def train_cycle(loop: Loop, cycle: plan.Cycle, compiled: steps.CompiledSteps) -> None:
     """Trains the cycle's remaining steps, logging, evaluating and saving on schedule.
 
     The data order and the augmentation depend only on the seed and the
@@ -725,12 +666,13 @@ def train_cycle(
     behind it), whatever ``log_every_steps`` is, and the devices never wait
     for the host.
     """
+    run, progress, stop = loop.run, loop.progress, loop.stop
     config = run.config
     previous_metrics = None
     with _progress_bar(run, cycle, progress.step) as bar:
         order_epoch, order = None, None
         for step in range(max(progress.step, cycle.first_step), cycle.end_step):
-            stop_if_requested(run, cycle, progress, checkpointer, stop)
+            stop_if_requested(loop, cycle)
             epoch, position = divmod(step, run.steps_per_epoch)
             if order_epoch != epoch:
                 order_epoch, order = (
@@ -741,7 +683,7 @@ def train_cycle(
                 )
             progress.state, metrics = compiled.train(
                 progress.state,
-                *train_data,
+                *loop.train_data,
                 parallel.shard_batch(order[position], run.mesh),
                 run.augment_rng,
             )
@@ -751,20 +693,19 @@ def train_cycle(
             progress.step = done = step + 1
             bar.update(1)
             if done % config.log_every_steps == 0:
-                log_train_metrics(run, cycle, progress, checkpointer, bar)
+                log_train_metrics(loop, cycle, bar)
             if done % run.eval_every_steps == 0 or done == cycle.end_step:
-                evaluate_and_record(run, cycle, compiled, progress, checkpointer, bar)
+                evaluate_and_record(loop, cycle, compiled, bar)
                 stop.request.steps_done = done  # the evaluation waited for the step
             if done % config.checkpoint_every_steps == 0 and done != cycle.end_step:
-                save_checkpoint(run, cycle, progress, checkpointer)
+                save_checkpoint(loop, cycle)
     stop.request.steps_done = progress.step
 
 
-def log_train_metrics(
-    run: Run, cycle: plan.Cycle, progress: Progress, checkpointer: checkpoint.Checkpointer, bar
-) -> None:
+def log_train_metrics(loop: Loop, cycle: plan.Cycle, bar) -> None:
     """Writes the mean train loss and error since the last log, and the learning rate."""
-    check_finite(run, cycle, progress.state, checkpointer)
+    run, progress = loop.run, loop.progress
+    check_finite(loop, cycle)
     progress.state, means = steps.take_metric_means(progress.state, "log")
     step = progress.step
     progress.writer.add_scalar("train/loss", means["loss"], step)
@@ -773,16 +714,10 @@ def log_train_metrics(
     bar.set_postfix(loss=f"{means['loss']:.3f}", acc=f"{1 - means['error']:.3f}")
 
 
-def evaluate_and_record(
-    run: Run,
-    cycle: plan.Cycle,
-    compiled: steps.CompiledSteps,
-    progress: Progress,
-    checkpointer: checkpoint.Checkpointer,
-    bar,
-) -> None:
+def evaluate_and_record(loop: Loop, cycle: plan.Cycle, compiled: steps.CompiledSteps, bar) -> None:
     """Evaluates on the whole test split and appends the record to the history."""
-    check_finite(run, cycle, progress.state, checkpointer)
+    run, progress = loop.run, loop.progress
+    check_finite(loop, cycle)
     with progress.stopwatch.pause(stopwatch.EVAL):
         test = steps.evaluate(
             compiled.evaluate,
@@ -808,15 +743,14 @@ def evaluate_and_record(
         bar.write(reporting.evaluation_line(record, cycle.stage_sizes))
 
 
-def finish_cycle(
-    run: Run, cycle: plan.Cycle, progress: Progress, checkpointer: checkpoint.Checkpointer
-) -> None:
+def finish_cycle(loop: Loop, cycle: plan.Cycle) -> None:
     """Records the finished cycle and saves its last checkpoint.
 
     The record goes into that checkpoint, so it is made before the save; its
     times are then brought up to date, the last save's included (a run that
     resumes from this checkpoint has the record without that save's time).
     """
+    run, progress = loop.run, loop.progress
     progress.cycle_records.append(
         reporting.cycle_record(
             cycle,
@@ -826,18 +760,17 @@ def finish_cycle(
             last_evaluation=progress.history[-1],
         )
     )
-    save_checkpoint(run, cycle, progress, checkpointer)
+    save_checkpoint(loop, cycle)
     progress.cycle_records[-1].update(
         {name: progress.stopwatch.to_dict()[name] for name in stopwatch.ACTIVITIES}
     )
     progress.writer.flush()
 
 
-def save_checkpoint(
-    run: Run, cycle: plan.Cycle, progress: Progress, checkpointer: checkpoint.Checkpointer
-) -> None:
-    """Saves the train state and the progress as the checkpoint of ``progress.step``."""
-    check_finite(run, cycle, progress.state, checkpointer)
+def save_checkpoint(loop: Loop, cycle: plan.Cycle) -> None:
+    """Saves the train state and the progress as the checkpoint of the step reached."""
+    run, progress = loop.run, loop.progress
+    check_finite(loop, cycle)
     info = run.data.info
     metadata = checkpoint.CheckpointMetadata(
         step=progress.step,
@@ -858,17 +791,10 @@ def save_checkpoint(
     )
     with progress.stopwatch.pause(stopwatch.CHECKPOINT):
         progress.writer.flush()  # the events up to a checkpoint are on disk with it
-        checkpointer.save(progress.state, metadata)
+        loop.checkpointer.save(progress.state, metadata)
 
 
-def stop_with_checkpoint(
-    run: Run,
-    cycle: plan.Cycle,
-    progress: Progress,
-    checkpointer: checkpoint.Checkpointer,
-    signal_number: int,
-    name: str,
-) -> None:
+def stop_with_checkpoint(loop: Loop, cycle: plan.Cycle, signal_number: int, name: str) -> None:
     """Saves the step reached (unless it is saved already) and stops the run.
 
     Called between two steps, where the train state is complete, by every
@@ -882,6 +808,7 @@ def stop_with_checkpoint(
       stopping.Interrupted: always, saying where the run stopped and how to
         resume; the same message on every process.
     """
+    run, progress, checkpointer = loop.run, loop.progress, loop.checkpointer
     if progress.state is None:
         raise stopping.Interrupted(
             f"stopped by {name} before the first step; nothing was trained, "
@@ -889,7 +816,7 @@ def stop_with_checkpoint(
             signal_number,
         )
     if progress.step not in checkpointer.all_steps():
-        save_checkpoint(run, cycle, progress, checkpointer)
+        save_checkpoint(loop, cycle)
     progress.writer.flush()
     saved = checkpointer.read_metadata(progress.step)  # at a boundary: the cycle before
     raise stopping.Interrupted(
@@ -901,33 +828,24 @@ def stop_with_checkpoint(
     )
 
 
-def stop_if_requested(
-    run: Run,
-    cycle: plan.Cycle,
-    progress: Progress,
-    checkpointer: checkpoint.Checkpointer,
-    stop: stopping.StopAgreement,
-) -> None:
+def stop_if_requested(loop: Loop, cycle: plan.Cycle) -> None:
     """`stop_with_checkpoint` if any process asked to stop; called between cycles and steps."""
-    signal_number = stop.should_stop()
+    signal_number = loop.stop.should_stop()
     if signal_number is not None:
-        stop_with_checkpoint(
-            run, cycle, progress, checkpointer, signal_number, stop.describe_signals()
-        )
+        stop_with_checkpoint(loop, cycle, signal_number, loop.stop.describe_signals())
 
 
-def check_finite(
-    run: Run, cycle: plan.Cycle, state: steps.TrainState, checkpointer: checkpoint.Checkpointer
-) -> None:
+def check_finite(loop: Loop, cycle: plan.Cycle) -> None:
     """Stops the run if a step so far had a non-finite loss, gradient or update.
 
     Raises:
       NonFiniteLossError: naming the step, the cycle and the last good
         checkpoint (which the step did not touch: it was not applied).
     """
-    bad = int(state.nonfinite_step)
+    bad = int(loop.progress.state.nonfinite_step)
     if bad < 0:
         return
+    run, checkpointer = loop.run, loop.checkpointer
     kept = checkpointer.all_steps()
     raise NonFiniteLossError(
         f"non-finite loss or gradient at step {bad} (cycle {cycle.index + 1}, "

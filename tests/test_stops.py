@@ -297,13 +297,13 @@ def test_a_second_sigterm_ends_a_stopping_process_at_once_while_it_waits_for_a_c
 SLOW_AHEAD_COMPILE = """
 import sys, time
 sys.argv[0] = "mlres_jax.main"
-from mlres_jax import cli, main, train
-compile_now = train.StepCompiler._compile
+from mlres_jax import cli, main, steps
+compile_now = steps.StepCompiler._compile
 def slow_compile(self, cycle, state):
     if cycle.index > 0:
         time.sleep(120)
     return compile_now(self, cycle, state)
-train.StepCompiler._compile = slow_compile
+steps.StepCompiler._compile = slow_compile
 cli.run_command(main.main, main.define_flags)
 """
 
