@@ -235,14 +235,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             compiler = contexts.enter_context(
                 steps.StepCompiler(
                     run.model,
-                    ahead=config.compile_ahead,
+                    ahead=run.config.compile_ahead,
                     optimizer=run.optimizer,
                     train_images=train_data[0],
                     train_labels=train_data[1],
                     rng=run.augment_rng,
-                    batch_size=config.batch_size,
-                    eval_batch_size=config.eval_batch_size,
-                    crop_padding=config.crop_padding,
+                    batch_size=run.config.batch_size,
+                    eval_batch_size=run.config.eval_batch_size,  # fitted to the test split
+                    crop_padding=run.config.crop_padding,
                     mesh=run.mesh,
                 )
             )
