@@ -3,7 +3,7 @@
   python -m mlres_jax.grow --workdir=runs/resnet14 --output=runs/resnet14_grown
 
 Reads the latest (or ``--step``) checkpoint of ``--workdir``, interpolates its
-parameters and batch-norm statistics with `multilevel.deepen` (stage sizes
+parameters and batch-norm statistics with `multilevel.interpolate_model` (stage sizes
 doubled, h halved; paper Sec. 4.1, App. B) and writes a model checkpoint to
 ``--output`` that `checkpoint.load_model` and the analyses read.
 """
@@ -28,7 +28,7 @@ def define_flags() -> None:
     flags.mark_flags_as_required(["workdir", "output"])
 
 
-def grow(
+def interpolate_checkpoint(
     workdir: str, output: str, step: int | None = None, rule: str = "paper"
 ) -> checkpoint.CheckpointMetadata:
     """Interpolates a checkpoint of ``workdir`` into a new one in ``output``.
@@ -53,7 +53,7 @@ def grow(
             )
         model, variables, metadata = checkpoint.load_model(workdir, step)
         try:
-            deeper_model, deeper_variables = multilevel.deepen(
+            deeper_model, deeper_variables = multilevel.interpolate_model(
                 model,
                 variables,
                 rule,
@@ -91,7 +91,7 @@ def grow(
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    grow(FLAGS.workdir, FLAGS.output, FLAGS.step, FLAGS.rule)
+    interpolate_checkpoint(FLAGS.workdir, FLAGS.output, FLAGS.step, FLAGS.rule)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
 """The multi-level method's tree surgery: growing a network, and shrinking it back.
 
 Everything here is pure: functions of pytrees, no I/O. A reader who wants to
-know how a network is deepened opens this file.
+know how a network is deepened (interpolated) opens this file.
 
 * `interpolate` doubles every stage's blocks (prolongation) under a named
   growth rule of `GROWTH_RULES` (the paper's, Sec. 4.1, Fig. 5, App. B, is
-  the default); `deepen` also returns the next model with h halved.
+  the default); `interpolate_model` also returns the next model with h halved.
 * `coarsen` is its inverse (restriction, as in multigrid): it keeps the old
-  blocks of each stage and undoes the rule's scaling; `restrict` also
+  blocks of each stage and undoes the rule's scaling; `coarsen_model` also
   returns the model with h doubled.
 * `grow_optimizer_state` carries an optimizer state through a growth under
   one of `MOMENTUM_POLICIES`.
@@ -429,7 +429,7 @@ class StageLayout:
 
     The first block of every stage downsamples (a transition, App. B), and
     `models.ResNet` multiplies every residual output by its explicit step
-    size h, which `deepen` halves.
+    size h, which `interpolate_model` halves.
 
     Attributes:
       residual_output: the leaves, by path inside a block, that the residual
@@ -1325,7 +1325,7 @@ def interpolate(
     leaves only (parameters and the momentum that mirrors them).
 
     Where the layout has an explicit step size (``layout.explicit_step_size``,
-    as `STAGES`), the caller halves h (see `deepen`); where it has none, the
+    as `STAGES`), the caller halves h (see `interpolate_model`); where it has none, the
     grown blocks keep a full step and the rules' factors are chosen for that
     (e.g. identity leaves old blocks as they are; see docs/nnx.md).
 
@@ -1407,7 +1407,7 @@ def coarsen(tree, rule: str = "paper", layout: Layout = STAGES):
     restriction. Kept leaves are the input's arrays.
 
     Where the layout has an explicit step size, the caller doubles h (see
-    `restrict`).
+    `coarsen_model`).
 
     Raises:
       ValueError: for a stage with an odd number of blocks (no rule makes
@@ -1491,7 +1491,7 @@ def interpolated_model(model: models.ResNet) -> models.ResNet:
     )
 
 
-def deepen(model: models.ResNet, variables, rule: str = "paper", *, initial=None):
+def interpolate_model(model: models.ResNet, variables, rule: str = "paper", *, initial=None):
     """Interpolates ``variables`` under ``rule`` and returns them with the matching model.
 
     Args:
@@ -1526,11 +1526,11 @@ def coarsened_model(model: models.ResNet) -> models.ResNet:
     )
 
 
-def restrict(model: models.ResNet, variables, rule: str = "paper"):
+def coarsen_model(model: models.ResNet, variables, rule: str = "paper"):
     """Coarsens ``variables`` and returns them with the matching model.
 
-    The inverse of `deepen`: ``restrict(*deepen(model, variables, rule), rule)``
-    gives back ``model`` and ``variables``.
+    The inverse of `interpolate_model`: ``coarsen_model(*interpolate_model(
+    model, variables, rule), rule)`` gives back ``model`` and ``variables``.
 
     Raises:
       ValueError: as `coarsen`.
@@ -1555,13 +1555,14 @@ __all__ = [
     "layout_of",
     "appended_rule",
     "coarsen",
+    "coarsen_model",
     "coarsened_model",
-    "deepen",
     "flax_examples_layout",
     "grow_optimizer_state",
     "grows_one_block_stages",
     "identity_rule",
     "interpolate",
+    "interpolate_model",
     "interpolated_model",
     "is_stage_key",
     "linear_rule",
@@ -1569,7 +1570,6 @@ __all__ = [
     "ordered_blocks",
     "paper_prolongation_sources",
     "paper_rule",
-    "restrict",
     "stage_sizes_from_widths",
     "transition_keeping_rule",
 ]

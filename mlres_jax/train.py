@@ -518,7 +518,7 @@ def enter_cycle(loop: Loop, cycle: plan.Cycle) -> None:
     if progress.state is None:
         progress.state = parallel.put_replicated(_initial_state(run, cycle), run.mesh)
     elif progress.stage_sizes != cycle.stage_sizes:
-        grow(loop, cycle)
+        interpolate_and_measure(loop, cycle)
     progress.stage_sizes = cycle.stage_sizes
 
 
@@ -566,7 +566,7 @@ def _initial_state(run: Run, cycle: plan.Cycle) -> steps.TrainState:
     return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
 
 
-def grow(loop: Loop, cycle: plan.Cycle) -> None:
+def interpolate_and_measure(loop: Loop, cycle: plan.Cycle) -> None:
     """Interpolates the train state into the cycle's deeper network, measuring the jump.
 
     The train state goes through `steps.interpolate_train_state` under

@@ -529,7 +529,7 @@ def test_grow_interpolates_a_one_block_checkpoint_under_the_identity_rule(data_d
     config = _config(data_dir, num_epochs=1.0, cycle_boundaries=(), stage_sizes=(1,))
     train.train_and_evaluate(config, workdir)
     model, variables, _ = checkpoint.load_model(workdir)
-    grow.grow(workdir, output, rule="identity")
+    grow.interpolate_checkpoint(workdir, output, rule="identity")
     grown_model, grown_variables, _ = checkpoint.load_model(output)
     assert grown_model.stage_sizes == (2,) and grown_model.step_size == 0.5
     images = np.random.default_rng(0).random((4, 28, 28, 1), dtype=np.float32)
@@ -545,15 +545,15 @@ def test_grow_interpolates_a_saved_checkpoint(data_dir, reference, tmp_path):
     workdir, output = str(tmp_path / "run"), str(tmp_path / "grown")
     train.train_and_evaluate(_config(data_dir, num_epochs=1.0, cycle_boundaries=()), workdir)
     model, variables, _ = checkpoint.load_model(workdir)
-    written = grow.grow(workdir, output)
+    written = grow.interpolate_checkpoint(workdir, output)
     grown_model, grown_variables, grown = checkpoint.load_model(output)
     assert grown_model.stage_sizes == (4,) and grown_model.step_size == 0.5
     assert grown.grown_from["step"] == 8 == written.step
-    expected_model, expected = multilevel.deepen(model, variables)
+    expected_model, expected = multilevel.interpolate_model(model, variables)
     assert expected_model == grown_model
     chex.assert_trees_all_equal(jax.device_get(grown_variables), jax.device_get(expected))
     with pytest.raises(checkpoint.CheckpointError, match="already holds checkpoints"):
-        grow.grow(workdir, output)
+        grow.interpolate_checkpoint(workdir, output)
     # Training in the grown folder is refused with what the folder is; nothing moves.
     before = _files_under(output)
     with pytest.raises(

@@ -24,7 +24,7 @@ def test_coarsen_inverts_interpolate_exactly(stage_sizes):
     model, variables = _variables(stage_sizes)
     variables = _distinct_blocks(variables)
     chex.assert_trees_all_equal(multilevel.coarsen(multilevel.interpolate(variables)), variables)
-    back_model, back = multilevel.restrict(*multilevel.deepen(model, variables))
+    back_model, back = multilevel.coarsen_model(*multilevel.interpolate_model(model, variables))
     assert back_model == model
     chex.assert_trees_all_equal(back, variables)
 
@@ -48,7 +48,7 @@ def test_coarsen_keeps_blocks_one_three_five():
 
 def test_coarsened_tree_runs_in_coarsened_model():
     model, variables = _variables((2, 2, 4), step_size=0.5)
-    coarse_model, coarse = multilevel.restrict(model, variables)
+    coarse_model, coarse = multilevel.coarsen_model(model, variables)
     assert coarse_model.stage_sizes == (1, 1, 2)
     assert coarse_model.step_size == 1.0
     fresh = jax.eval_shape(lambda: coarse_model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3))))

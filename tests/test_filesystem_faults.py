@@ -234,7 +234,7 @@ def test_grow_checks_its_output_before_reading(tmp_path):
         OSError,  # workdir.WorkdirStorageError
         match=rf"^'{blocker}/grown' is not writable by this process",
     ):
-        grow.grow(str(tmp_path / "no_run"), str(blocker / "grown"))
+        grow.interpolate_checkpoint(str(tmp_path / "no_run"), str(blocker / "grown"))
 
 
 # ---------------------------------------------------------------------------
@@ -599,7 +599,7 @@ def test_a_run_that_fails_after_making_its_workdir_but_before_training_removes_i
 def test_grow_from_a_folder_without_checkpoints_leaves_no_output(tmp_path):
     # grow holds (and checks) its output before reading its source.
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoints in"):
-        grow.grow(str(tmp_path / "no_run"), str(tmp_path / "grown"))
+        grow.interpolate_checkpoint(str(tmp_path / "no_run"), str(tmp_path / "grown"))
     assert not os.path.exists(tmp_path / "grown")
 
 

@@ -57,7 +57,7 @@ def _outputs(model, variables, images):
 @pytest.mark.parametrize("rule", RULES)
 def test_every_rule_gives_the_fresh_deeper_models_names_and_shapes(rule):
     model, variables, opt_state = _trained()
-    deeper_model, deeper = multilevel.deepen(model, variables, rule)
+    deeper_model, deeper = multilevel.interpolate_model(model, variables, rule)
     assert deeper_model.stage_sizes == (4, 6, 8) and deeper_model.step_size == 0.5
     chex.assert_trees_all_equal_shapes_and_dtypes(deeper, _fresh(deeper_model))
     grown_momentum = multilevel.grow_optimizer_state(opt_state, rule, "interpolate")
@@ -72,14 +72,14 @@ def test_identity_rule_keeps_the_eval_outputs(variables_of):
         model = _model(UNEVEN)
         variables = random_variables(model)
     images = random_images(6)
-    deeper_model, deeper = multilevel.deepen(model, variables, "identity")
+    deeper_model, deeper = multilevel.interpolate_model(model, variables, "identity")
     before = _outputs(model, variables, images)
     after = _outputs(deeper_model, deeper, images)
     # Float rounding only: h/2 * 2G is hG exactly, zero blocks add exact zeros;
     # the sums of the residual stream are rounded in another order.
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5 * np.abs(before).max())
     # The paper's rule does change them, so the check can fail.
-    paper_model, paper = multilevel.deepen(model, variables, "paper")
+    paper_model, paper = multilevel.interpolate_model(model, variables, "paper")
     assert np.abs(_outputs(paper_model, paper, images) - before).max() > 1e-3
 
 
@@ -89,7 +89,7 @@ def test_transition_keeping_stays_closer_to_the_network_than_the_papers_rule():
     before = _outputs(model, variables, images)
     distance = {}
     for rule in ("paper", "transition_keeping"):
-        deeper_model, deeper = multilevel.deepen(model, variables, rule)
+        deeper_model, deeper = multilevel.interpolate_model(model, variables, rule)
         distance[rule] = float(
             np.sqrt(np.mean((_outputs(deeper_model, deeper, images) - before) ** 2))
         )
@@ -99,7 +99,9 @@ def test_transition_keeping_stays_closer_to_the_network_than_the_papers_rule():
 @pytest.mark.parametrize("rule", RULES)
 def test_coarsening_inverts_every_rule(rule):
     model, variables, _ = _trained()
-    back_model, back = multilevel.restrict(*multilevel.deepen(model, variables, rule), rule)
+    back_model, back = multilevel.coarsen_model(
+        *multilevel.interpolate_model(model, variables, rule), rule
+    )
     assert back_model == model
     if rule == "transition_keeping":  # scales 2/3 and 3/2 are not exact in float32
         chex.assert_trees_all_close(back, variables, rtol=1e-6, atol=1e-7)
@@ -585,7 +587,9 @@ def test_a_one_block_stages_inserted_block_is_the_fresh_one_with_zero_residual(r
     fresh_of = functools.partial(
         models.init_variables, rng=jax.random.key(7), image_shape=IMAGE_SHAPE
     )
-    deeper_model, deeper = multilevel.deepen(model, variables, rule, initial=lambda m: fresh_of(m))
+    deeper_model, deeper = multilevel.interpolate_model(
+        model, variables, rule, initial=lambda m: fresh_of(m)
+    )
     assert deeper_model.stage_sizes == (2, 2, 2) and deeper_model.step_size == 1.0
     fresh = fresh_of(deeper_model)
     for stage in ("stage1", "stage2", "stage3"):

@@ -80,7 +80,7 @@ def test_a_run_starts_from_a_grown_checkpoint(data_dir, tmp_path):
     single = dict(num_epochs=1.0, cycle_boundaries=())
     source, grown = str(tmp_path / "source"), str(tmp_path / "grown")
     train.train_and_evaluate(_config(data_dir, **single), source)
-    grow.grow(source, grown, rule="identity")
+    grow.interpolate_checkpoint(source, grown, rule="identity")
     _, grown_variables, _ = checkpoint.load_model(grown)
     workdir = str(tmp_path / "run")
     # The config says 2 blocks and h = 1; the grown checkpoint's 4 and 0.5 win.

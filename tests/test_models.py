@@ -194,15 +194,15 @@ def test_bfloat16_computation_keeps_float32_parameters_and_tracks_float32():
     assert float(jnp.max(jnp.abs(half_out.astype(jnp.float32) - full_out))) < 0.05 * scale
 
 
-def test_deepen_and_restrict_follow_the_model_layout():
+def test_interpolate_model_and_coarsen_model_follow_the_model_layout():
     from mlres_jax import multilevel  # pylint: disable=import-outside-toplevel
 
     model = models.ResNet((2, 3), width=2, num_classes=3)
     scanned_model = model.clone(scan_blocks=True)
     variables = _variables_of(model)
     scanned = multilevel.convert_layout(variables, multilevel.STAGES, multilevel.SCANNED)
-    deeper_model, deeper = multilevel.deepen(model, variables)
-    scanned_deeper_model, scanned_deeper = multilevel.deepen(scanned_model, scanned)
+    deeper_model, deeper = multilevel.interpolate_model(model, variables)
+    scanned_deeper_model, scanned_deeper = multilevel.interpolate_model(scanned_model, scanned)
     assert scanned_deeper_model.scan_blocks and scanned_deeper_model.stage_sizes == (4, 6)
     chex.assert_trees_all_equal(
         multilevel.convert_layout(scanned_deeper, multilevel.SCANNED, multilevel.STAGES), deeper
@@ -214,7 +214,7 @@ def test_deepen_and_restrict_follow_the_model_layout():
         atol=1e-5,
         rtol=1e-5,
     )
-    _, back = multilevel.restrict(scanned_deeper_model, scanned_deeper)
+    _, back = multilevel.coarsen_model(scanned_deeper_model, scanned_deeper)
     chex.assert_trees_all_close(back, scanned, atol=1e-6)
 
 

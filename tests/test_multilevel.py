@@ -47,7 +47,7 @@ def _block_labels(tree, stage):
 @pytest.mark.parametrize("stage_sizes", [(2, 2, 2), (3, 2, 4), (5, 5, 5)])
 def test_interpolation_matches_fresh_deeper_model(stage_sizes):
     model, variables = _variables(stage_sizes)
-    deeper_model, deeper = multilevel.deepen(model, variables)
+    deeper_model, deeper = multilevel.interpolate_model(model, variables)
     assert deeper_model.stage_sizes == tuple(2 * n for n in stage_sizes)
     assert deeper_model.step_size == model.step_size / 2
     _, fresh = _variables(deeper_model.stage_sizes)
