@@ -58,7 +58,7 @@ from matplotlib.figure import Figure
 from ml_collections import config_flags
 
 from benchmarks import common, runs
-from mlres_jax import cli, configuration, models, multilevel
+from mlres_jax import cli, configuration, models, multilevel, plan
 
 PRESETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
 FLAGS = flags.FLAGS
@@ -165,7 +165,7 @@ def model_overrides(config: ml_collections.ConfigDict, names: Sequence[str]) -> 
         if kind == "first_cycle":
             overrides[name] = {"multilevel": False}
         elif kind == "last_cycle":
-            last = tuple(n * 2 ** len(boundaries) for n in sizes)
+            last, _ = plan.cycle_networks(sizes, config.step_size, len(boundaries) + 1)[-1]
             overrides[name] = {"multilevel": False, "stage_sizes": last, "step_size": 1.0}
         else:
             rule, policy = (growth + [config.momentum_at_interpolation])[:2]
