@@ -173,7 +173,14 @@ def read_reports(results_dir: str) -> dict[str, dict]:
 
 
 def provenance(report: dict) -> str:
-    """``"measured 2026-12-01T22:23:12+00:00 at commit ee07604feb08"`` from a JSON's record."""
+    """``"measured 2026-12-01T22:23:12+00:00 at commit ee07604feb08"`` from a JSON's record.
+
+    A study names the commits and dates of its runs (``commits``, ``dates``),
+    which are what was measured; other files their ``machine`` or a run's
+    ``environment``.
+    """
+    if report.get("commits"):
+        return f"runs made at commit {', '.join(report['commits'])}, {report['dates']}"
     record = report.get("machine") or report.get("environment") or {}
     date = record.get("time_utc") or "at a date not recorded"
     commit = record.get("commit")
@@ -248,9 +255,11 @@ def headline(results_dir: str, page: str) -> str:
     reports = read_reports(results_dir)
     if "study.json" in reports:
         report = reports["study.json"]
+        seeds = report["settings"]["seeds"]
         what = (
-            f"The paper's Table 3 and the growth rules on {report['settings']['dataset']}, seeds "
-            f"{', '.join(map(str, report['settings']['seeds']))} (`python -m benchmarks.study`"
+            f"The paper's Table 3 and the growth rules on {report['settings']['dataset']}, "
+            f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} "
+            f"(`python -m benchmarks.study`"
             f"{'' if report['complete'] else ', not every run finished yet'})"
         )
         machine = common.machine_line(report["machine"])

@@ -556,12 +556,36 @@ def answer_line(report: dict) -> str:
     return line + "."
 
 
+def same_network_spread(runs_by_model: dict[str, list[dict]]) -> list[tuple]:
+    """Train times of runs that train the same networks for the same steps, per seed.
+
+    Such runs (e.g. one multi-level schedule under several growth rules)
+    cost the same in the paper's cost model; their spread is the timing
+    noise of the machine.
+
+    Returns:
+      ``(seed, model names, lowest, highest train seconds)`` for every group
+      of two or more such runs.
+    """
+    groups: dict[tuple, list[tuple[str, float]]] = {}
+    for name, model_runs in runs_by_model.items():
+        for r in model_runs:
+            key = (r["seed"], tuple((tuple(c["stage_sizes"]), c["steps"]) for c in r["cycles"]))
+            groups.setdefault(key, []).append((name, r["train_seconds"]))
+    return [
+        (key[0], [n for n, _ in group], min(t for _, t in group), max(t for _, t in group))
+        for key, group in groups.items()
+        if len(group) > 1
+    ]
+
+
 def report_markdown(report: dict) -> str:
     """``study.md``: the table, the answer and how the numbers were made."""
     s = report["settings"]
     lines = [
         f"# The multi-level method on {s['dataset']}: {len(report['stats'])} models, width "
-        f"{s['width']}, {s['num_epochs']:g} epochs, seeds {', '.join(map(str, s['seeds']))}",
+        f"{s['width']}, {s['num_epochs']:g} epochs, seed{'s' if len(s['seeds']) > 1 else ''} "
+        f"{', '.join(map(str, s['seeds']))}",
         "",
         results_table(report["stats"], report["models"]),
         "",
@@ -577,6 +601,12 @@ def report_markdown(report: dict) -> str:
         f"- Runs made at {', '.join(f'commit {c}' for c in report['commits']) or 'no commit'}"
         f"{', ' + report['dates'] if report['dates'] else ''}.",
     ]
+    for seed, names, low, high in same_network_spread(report["runs"]):
+        lines.append(
+            f"- Timing noise: {', '.join(names)} train the same networks for the same steps; "
+            f"with seed {seed} their train times ran from {low:.1f} to {high:.1f} s "
+            f"({100 * (high / low - 1):.0f} % apart)."
+        )
     paper = report.get("paper_reference")
     if paper:
         lines.append(
@@ -670,8 +700,10 @@ def study_figure(report: dict) -> Figure:
     )
     if growing:
         right.legend(fontsize=7)
+    seeds = report["settings"]["seeds"]
     figure.suptitle(
-        f"{report['settings']['dataset']}: seeds {', '.join(map(str, report['settings']['seeds']))}"
+        f"{report['settings']['dataset']}: seed{'s' if len(seeds) > 1 else ''} "
+        f"{', '.join(map(str, seeds))}; dashed: the config's cycle boundaries"
     )
     return figure
 
