@@ -168,13 +168,13 @@ def _check_schedule(config) -> None:
         and min(config.stage_sizes) < 2
         and not multilevel.grows_one_block_stages(config.interpolation_rule)
     ):
-        able = [rule for rule in multilevel.GROWTH_RULES if multilevel.grows_one_block_stages(rule)]
         _fail(
             "stage_sizes",
             config.stage_sizes,
             f"the {config.interpolation_rule!r} growth rule needs at least 2 blocks "
             "in every stage (the block after the first is made from the second, "
-            f"paper App. B); the rules {able} grow a stage of one block",
+            f"paper App. B); the rules {multilevel.rules_growing_one_block_stages()} grow a "
+            "stage of one block",
         )
 
 

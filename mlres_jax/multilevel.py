@@ -98,16 +98,20 @@ def _check_stage(num_blocks: int, rule: str, layout: str = "the layout") -> None
         is True: the callers check a stage only then).
     """
     if num_blocks < 2:
-        able = sorted(name for name in GROWTH_RULES if grows_one_block_stages(name))
         raise ValueError(
             f"the {rule!r} growth rule needs at least 2 blocks in a stage whose first block "
             f"is a transition, got a stage of {num_blocks}: {layout} has "
             "first_block_is_transition=True, so the block inserted after the first is made "
             "from the second, whose entries and shapes the later blocks share (paper App. B); "
-            f"the rules {able} grow a one-block stage; "
+            f"the rules {rules_growing_one_block_stages()} grow a one-block stage; "
             "a network whose blocks are all alike takes a layout with "
             "first_block_is_transition=False"
         )
+
+
+def rules_growing_one_block_stages() -> list[str]:
+    """The names of the `GROWTH_RULES` for which `grows_one_block_stages`, sorted."""
+    return sorted(name for name in GROWTH_RULES if grows_one_block_stages(name))
 
 
 def grows_one_block_stages(rule: str) -> bool:
@@ -1560,6 +1564,7 @@ __all__ = [
     "flax_examples_layout",
     "grow_optimizer_state",
     "grows_one_block_stages",
+    "rules_growing_one_block_stages",
     "identity_rule",
     "interpolate",
     "interpolate_model",

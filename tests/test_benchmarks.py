@@ -20,7 +20,7 @@ from absl import flags
 from benchmarks import common, results, runs, step_cost, study, throughput
 from benchmarks.presets import cpu as cpu_preset
 from configs import default, fashion_mnist, resnet50, resnet50i, resnet122i
-from mlres_jax import configuration, files, plan, steps, train
+from mlres_jax import configuration, files, parallel, plan, steps, train
 from tests import fake_data
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -544,9 +544,10 @@ def test_study_json_has_every_model_savings_and_jumps(tiny_study):
     assert abs(jumps["multilevel/identity"]) < 1e-4 < abs(jumps["multilevel/paper"])
     assert len(stats["multilevel/paper"]["growth_jumps"]) == 1
     assert on_disk["answer"] is None  # one seed: no spread to call anything on par
-    assert on_disk["commits"] == [on_disk["runs"]["last_cycle"][0]["commit"]] or not any(
-        r["commit"] for rs in on_disk["runs"].values() for r in rs
-    )
+    # Every run was made here, by this code: its commit, once.
+    commit = parallel.source_commit()
+    assert on_disk["commits"] == ([commit] if commit else [])
+    assert {r["commit"] for rs in on_disk["runs"].values() for r in rs} == {commit}
     assert on_disk["machine"]["devices"] and on_disk["machine"]["cpu_count"] >= 1
     assert report["stats"] == on_disk["stats"]
 

@@ -538,6 +538,7 @@ def test_which_rules_grow_a_one_block_stage():
     # paper, linear and appended copy the second block after the first; the
     # other two insert a zero-residual block there.
     assert [r for r in RULES if multilevel.grows_one_block_stages(r)] == ONE_BLOCK_RULES
+    assert multilevel.rules_growing_one_block_stages() == ONE_BLOCK_RULES
     assert multilevel.identity_rule(1) == [
         multilevel.NewBlock(((0, 1.0),), 2.0, False),
         multilevel.NewBlock((), 0.0, True),
