@@ -45,7 +45,7 @@ import os
 import resource
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -499,6 +499,11 @@ def summary_lines(families_summary: dict) -> list[str]:
     return lines
 
 
+def _section(shown: bool, title: str, table: Callable[[], str]) -> list[str]:
+    """The lines of an optional table with its title: none unless ``shown``."""
+    return [title, "", table(), ""] if shown else []
+
+
 def report_markdown(report: dict) -> str:
     """``throughput.md``: the table and what its columns mean."""
     s = report["settings"]
@@ -510,28 +515,17 @@ def report_markdown(report: dict) -> str:
         "",
         results_table(rows),
         "",
-        *(
-            [
-                "Scaling with the number of devices "
-                f"({report['machine']['device_kind']}; the global batch "
-                "is split over them):",
-                "",
-                scaling_table(rows),
-                "",
-            ]
-            if len(s["device_counts"]) > 1
-            else []
+        *_section(
+            len(s["device_counts"]) > 1,
+            f"Scaling with the number of devices ({report['machine']['device_kind']}; "
+            "the global batch is split over them):",
+            lambda: scaling_table(rows),
         ),
-        *(
-            [
-                "Layouts: the blocks one after another (unrolled) or the blocks after the "
-                "first of each stage as one scan (scanned):",
-                "",
-                layout_table(rows),
-                "",
-            ]
-            if len(s["layouts"]) > 1
-            else []
+        *_section(
+            len(s["layouts"]) > 1,
+            "Layouts: the blocks one after another (unrolled) or the blocks after the "
+            "first of each stage as one scan (scanned):",
+            lambda: layout_table(rows),
         ),
         *summary_lines(report["families"]),
         f"- Step times: median of {s['steps']} timed train steps after "

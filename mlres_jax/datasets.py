@@ -64,43 +64,15 @@ class DataSetInfo:
 
 
 # Paper App. A (sizes, classes, padding); Fashion-MNIST counts from its README.
+# Columns: name, image shape (H, W, C), classes, training and test examples.
 DATASETS: dict[str, DataSetInfo] = {
-    "cifar10": DataSetInfo(
-        name="cifar10",
-        image_shape=(32, 32, 3),
-        num_classes=10,
-        num_train=50_000,
-        num_test=10_000,
-        padding=4,
-        test_split="test",
-    ),
-    "cifar100": DataSetInfo(
-        name="cifar100",
-        image_shape=(32, 32, 3),
-        num_classes=100,
-        num_train=50_000,
-        num_test=10_000,
-        padding=4,
-        test_split="test",
-    ),
-    "stl10": DataSetInfo(
-        name="stl10",
-        image_shape=(96, 96, 3),
-        num_classes=10,
-        num_train=5_000,
-        num_test=8_000,
-        padding=12,
-        test_split="test",
-    ),
-    "fashion_mnist": DataSetInfo(
-        name="fashion_mnist",
-        image_shape=(28, 28, 1),
-        num_classes=10,
-        num_train=60_000,
-        num_test=10_000,
-        padding=2,
-        test_split="test",
-    ),
+    info.name: info
+    for info in (
+        DataSetInfo("cifar10", (32, 32, 3), 10, 50_000, 10_000, padding=4),
+        DataSetInfo("cifar100", (32, 32, 3), 100, 50_000, 10_000, padding=4),
+        DataSetInfo("stl10", (96, 96, 3), 10, 5_000, 8_000, padding=12),
+        DataSetInfo("fashion_mnist", (28, 28, 1), 10, 60_000, 10_000, padding=2),
+    )
 }
 
 _TFDS_DATASETS = ("cifar10", "cifar100", "stl10")
@@ -542,14 +514,10 @@ def load(
         if name == "fashion_mnist":
             ds = _load_fashion_mnist(fashion_mnist_dir)
         else:
-            train_images, train_labels = _read_tfds_split(info, _TRAIN_SPLIT, data_dir)
-            test_images, test_labels = _read_tfds_split(info, info.test_split, data_dir)
             ds = DataSet(
-                info=info,
-                train_images=train_images,
-                train_labels=train_labels,
-                test_images=test_images,
-                test_labels=test_labels,
+                info,
+                *_read_tfds_split(info, _TRAIN_SPLIT, data_dir),
+                *_read_tfds_split(info, info.test_split, data_dir),
             )
         _validate(ds)
     return ds

@@ -42,18 +42,23 @@ def _legend_below(figure: Figure, axes, columns: int = 3) -> None:
     )
 
 
+def _label_at_top(axes, x: float, text: str) -> None:
+    """A small grey label just inside the top of the axes, right of data position ``x``."""
+    axes.annotate(
+        text,
+        (x, 1.0),
+        xycoords=("data", "axes fraction"),
+        xytext=(3, -12),
+        textcoords="offset points",
+        fontsize=8,
+        color="grey",
+    )
+
+
 def _mark_stage_starts(axes, block_numbers, first_in_stage) -> None:
     for k, x in enumerate(np.asarray(block_numbers)[np.asarray(first_in_stage)]):
         axes.axvline(x, color="grey", linestyle=":", linewidth=1)
-        axes.annotate(
-            f"stage {k + 1}",
-            (x, 1.0),
-            xycoords=("data", "axes fraction"),
-            xytext=(3, -12),
-            textcoords="offset points",
-            fontsize=8,
-            color="grey",
-        )
+        _label_at_top(axes, x, f"stage {k + 1}")
 
 
 def norms_figure(norms: BlockNorms, title: str = "") -> Figure:
@@ -245,15 +250,7 @@ def training_curves_figure(
             label="cycle boundary" if k == 0 else None,
         )
     for k, epoch in enumerate([0.0, *cycle_boundaries]):
-        axes.annotate(
-            f"cycle {k + 1}",
-            (epoch, 1.0),
-            xycoords=("data", "axes fraction"),
-            xytext=(3, -12),
-            textcoords="offset points",
-            fontsize=8,
-            color="grey",
-        )
+        _label_at_top(axes, epoch, f"cycle {k + 1}")
     axes.set_xlim(left=0)
     axes.set_xlabel("epoch")
     axes.set_ylabel("error (%)")

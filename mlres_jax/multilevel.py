@@ -859,8 +859,7 @@ def bonsai_resnet_layout(
         output by a step size h that the caller halves at each growth.
 
     Raises:
-      TypeError, ValueError: for a ``residual_output`` that is not one leaf
-        path or a sequence of them (`_residual_output_names`).
+      TypeError, ValueError: as `ListLayout`, for a bad ``residual_output``.
     """
     return ListLayout(
         stages,
@@ -896,8 +895,7 @@ def transformer_layout(
         step size h (a residual scale) that the caller halves at each growth.
 
     Raises:
-      TypeError, ValueError: for a ``residual_output`` that is not one leaf
-        path or a sequence of them (`_residual_output_names`).
+      TypeError, ValueError: as `ListLayout`, for a bad ``residual_output``.
     """
     return ListLayout(
         blocks,
