@@ -296,12 +296,30 @@ def test_on_par_and_the_answer():
     assert study.on_par(stats, "multilevel/paper") is True  # 12 %
     assert study.on_par(stats, "first_cycle") is False  # 21 %
     best = study.answer(stats)
-    # identity saves 1 - 550/1000 and 1 - 570/1200: mean 0.4875; paper 0.45.
+    # identity and paper train the same networks (cost model 1 - 14/24 each):
+    # identity has the lower error. It saves 1 - 550/1000 and 1 - 570/1200:
+    # mean 0.4875; paper 0.45.
     assert best["model"] == "multilevel/identity"
+    assert best["same_schedule"] == ["multilevel/paper"]
     assert best["time_saved"] == pytest.approx(0.4875)
     assert best["against_paper"]["time_saved"] == pytest.approx(0.0375)
+    assert best["against_paper"]["cost_model_saving"] == pytest.approx(0.0)
     assert best["against_paper"]["test_error"] == pytest.approx(-0.01)
     assert best["against_paper"]["paper_on_par"] is True
+    line = study.answer_line({"answer": best})
+    # Per seed 0.45 and 0.525: std 0.075 / sqrt(2) = 0.053.
+    assert "48.8 ± 5.3 % measured (41.7 % by the cost model)" in line
+    assert "multilevel/paper train the same networks" in line
+    assert "points of measured time saved, +0.0 by the cost model, and -1.00 points" in line
+    # A schedule that costs less by the cost model wins over a lower measured
+    # time: 1, 4 and 8 blocks cost 13/24 (saving 11/24 against 10/24),
+    # although 700 s saves only 0.3 and 1 - 700/1200 (mean 0.358).
+    cheaper = [_record(seed, 0.115, 700, 800, ((1,), (4,), (8,))) for seed in (0, 1)]
+    best = study.answer(study.aggregate({**_records(), "one_more_level/identity": cheaper}))
+    assert best["model"] == "one_more_level/identity" and best["same_schedule"] == []
+    assert best["cost_model_saving"] == pytest.approx(11 / 24)
+    assert best["against_paper"]["cost_model_saving"] == pytest.approx(11 / 24 - 10 / 24)
+    assert best["time_saved"] == pytest.approx((0.3 + 1 - 700 / 1200) / 2)
     # One seed: no spread to compare with, no answer.
     one_seed = study.aggregate({k: v[:1] for k, v in _records().items()})
     assert study.on_par(one_seed, "multilevel/paper") is None and study.answer(one_seed) is None
