@@ -1,18 +1,16 @@
-"""What the benchmarks share: list flags, statistics, tables, the machine, timing a step.
+"""What the benchmarks share: list flags, statistics, tables, timing a step.
 
 Pure helpers (`mean_std`, `format_mean_std`, `time_saved`, `percentiles`,
 `markdown_table`) are unit-tested in ``tests/test_benchmarks.py``; the others
-ask JAX about the machine or time compiled steps. `time_train_step` is the one
+time compiled steps. The machine a benchmark ran on is `mlres_jax.parallel.environment`,
+as for a run. `time_train_step` is the one
 timing harness of ``benchmarks.throughput`` and ``benchmarks.step_cost``.
 """
 
 from __future__ import annotations
 
-import datetime
 import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -207,54 +205,6 @@ def write_outputs(
     files.write_text(os.path.join(output_dir, f"{name}.md"), markdown)
     for file_name, figure in (figures or {}).items():
         files.save_figure(figure, os.path.join(output_dir, file_name))
-
-
-def cpus_available() -> list[int]:
-    """The CPU cores this process may run on (all of them where that is not known)."""
-    if hasattr(os, "sched_getaffinity"):
-        return sorted(os.sched_getaffinity(0))
-    return list(range(os.cpu_count() or 1))
-
-
-def machine_info() -> dict:
-    """What the numbers were measured on.
-
-    Returns:
-      The commit of the code (``git describe --always --dirty``, or None
-      outside a git checkout), JAX and Python versions, JAX's backend
-      platform and devices, the CPU model, the number of CPUs (``os.cpu_count``,
-      and those this process may run on), the 1/5/15-minute load average at the
-      time of the call (other processes on the machine make timings noisy) and a
-      UTC time stamp.
-    """
-    devices = jax.devices()
-    return {
-        "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": parallel.source_commit(),
-        "platform": jax.default_backend(),
-        "devices": [str(d) for d in devices],
-        "device_kind": devices[0].device_kind,
-        "jax_version": jax.__version__,
-        "python_version": sys.version.split()[0],
-        "os": platform.platform(),
-        "cpu_model": parallel.cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpus_available": len(cpus_available()),
-        "load_average_1_5_15_min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-
-
-def machine_line(info: dict) -> str:
-    """One line for a table's caption: platform, devices, CPUs, load, commit and date."""
-    load = info.get("load_average_1_5_15_min")
-    load_text = f", load average {load[0]:.2f} at start" if load else ""
-    commit = f"; commit {info['commit']}" if info.get("commit") else ""
-    return (
-        f"{info['platform']} ({info['device_kind']}, "
-        f"{len(info['devices'])} device(s)); {info['cpu_model']}, "
-        f"{info['cpus_available'] or info['cpu_count']} CPUs{load_text}; "
-        f"jax {info['jax_version']}{commit}; {info['time_utc']}"
-    )
 
 
 # ---------------------------------------------------------------------------

@@ -74,16 +74,8 @@ def main_job_table(summary: dict) -> str:
 
 
 def environment_line(environment: dict) -> str:
-    """The machine of a run, from ``summary.json``'s ``environment`` (`parallel.environment`)."""
-    if not environment:
-        return "not recorded"
-    parts = [parallel.describe_environment(environment)]
-    parts += [
-        f"{label} {environment[key]}"
-        for key, label in (("cpu_model", "CPU"), ("commit", "commit"), ("time_utc", "written"))
-        if environment.get(key)
-    ]
-    return "; ".join(parts)
+    """The machine of a run or benchmark (`parallel.describe_environment`); "not recorded"."""
+    return parallel.describe_environment(environment) if environment else "not recorded"
 
 
 def main_job_markdown(summary: dict) -> str:
@@ -262,7 +254,7 @@ def headline(results_dir: str, page: str) -> str:
             f"(`python -m benchmarks.study`"
             f"{'' if report['complete'] else ', not every run finished yet'})"
         )
-        machine = common.machine_line(report["machine"])
+        machine = environment_line(report["machine"])
         table = study.results_table(report["stats"], report["models"])
         table += f"\n\n{study.answer_line(report)}"
     elif "main_job.json" in reports:

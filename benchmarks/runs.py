@@ -35,7 +35,7 @@ import ml_collections
 from absl import logging
 
 from benchmarks import common
-from mlres_jax import checkpoint, configuration, reporting, train
+from mlres_jax import checkpoint, configuration, parallel, reporting, train
 
 # Run statuses, in the records and tables.
 TRAINED, RESUMED, REUSED = "trained", "resumed", "reused"
@@ -142,7 +142,7 @@ def check_runs(
       datasets.DataSetError: the data set is missing or damaged.
       OSError: ``output_dir`` cannot be created or written.
     """
-    cores = len(common.cpus_available())
+    cores = len(parallel.cpus_available())
     if parallel_runs > 1 and (jax.default_backend() != "cpu" or parallel_runs > cores):
         raise common.BenchmarkError(
             f"--parallel_runs={parallel_runs} is not allowed here: runs side by side "
@@ -231,7 +231,7 @@ def train_runs(
             logging.info("Training %s, seed %d, in %s", run.name, run.seed, run.workdir)
             finish(index, train.train_and_evaluate(run.config, run.workdir), status)
         return [results[i] for i in range(len(runs))]
-    free_cores = common.cpus_available()[:parallel_runs]
+    free_cores = parallel.cpus_available()[:parallel_runs]
     with concurrent.futures.ProcessPoolExecutor(
         parallel_runs, mp_context=multiprocessing.get_context("spawn")
     ) as pool:

@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from benchmarks import common
-from mlres_jax import cli, datasets, models, plan, steps
+from mlres_jax import cli, datasets, models, parallel, plan, steps
 
 FLAGS = flags.FLAGS
 HOST_INDICES = "check, indices from the host"
@@ -89,7 +89,7 @@ def report_markdown(report: dict) -> str:
             f"- Median of {s['steps']} steps after {s['warmup']}; blocks = all blocks of the "
             "network; fixed and per block from a least-squares line through the depths. "
             "'check' is the whole step.",
-            f"- Machine: {common.machine_line(report['machine'])}.",
+            f"- Machine: {parallel.describe_environment(report['machine'])}.",
             "",
         ]
     )
@@ -134,7 +134,7 @@ def main(argv):
         "warmup": FLAGS.warmup,
     }
     depths = [sizes for sizes, _ in plan.cycle_networks(FLAGS.stage_sizes, 1.0, FLAGS.levels)]
-    machine = common.machine_info()
+    machine = parallel.environment()
     seconds = []
     for depth in depths:
         logging.info("Measuring %s", models.format_stage_sizes(depth))

@@ -25,7 +25,7 @@ import time
 from absl import flags
 
 from benchmarks import common
-from mlres_jax import cli
+from mlres_jax import cli, parallel
 
 FLAGS = flags.FLAGS
 
@@ -59,8 +59,6 @@ def measure(exchanges: int, warmup: int) -> list[float]:
 
 
 def _worker(spec: str) -> None:
-    from mlres_jax import parallel  # pylint: disable=import-outside-toplevel
-
     port, processes, process_id = (int(part) for part in spec.split(","))
     if processes > 1:
         parallel.initialize(f"localhost:{port}", processes, process_id)
@@ -116,7 +114,7 @@ def report_markdown(report: dict) -> str:
             f"- {report['exchanges']} timed calls of StopAgreement.should_stop per process "
             f"count{f' after {warmup} untimed' if warmup is not None else ''}, back to back; "
             "processes joined over localhost.",
-            f"- Machine: {common.machine_line(report['machine'])}.",
+            f"- Machine: {parallel.describe_environment(report['machine'])}.",
             "",
         ]
     )
@@ -127,7 +125,7 @@ def main(argv) -> None:
     if FLAGS.worker:
         _worker(FLAGS.worker)
         return
-    machine, results = common.machine_info(), []
+    machine, results = parallel.environment(), []
     for processes in FLAGS.processes:
         stats = common.percentiles([1e6 * s for s in _run(processes)])
         results.append({"processes": processes, "microseconds": stats})

@@ -58,7 +58,7 @@ from matplotlib.figure import Figure
 from ml_collections import config_flags
 
 from benchmarks import common, runs
-from mlres_jax import cli, configuration, models, multilevel, plan
+from mlres_jax import cli, configuration, models, multilevel, parallel, plan
 
 PRESETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
 FLAGS = flags.FLAGS
@@ -601,7 +601,7 @@ def report_markdown(report: dict) -> str:
         "- On par: mean test error at most the last-cycle model's mean plus its seeds' std. "
         "Jump: test error just after - just before a growth, in eval mode (negative is better).",
         f"- Runs side by side: {s['parallel_runs']} (times compare within this study only). "
-        f"Machine: {common.machine_line(report['machine'])}.",
+        f"Machine: {parallel.describe_environment(report['machine'])}.",
         f"- Runs made at {', '.join(f'commit {c}' for c in report['commits']) or 'no commit'}"
         f"{', ' + report['dates'] if report['dates'] else ''}.",
     ]
@@ -789,7 +789,7 @@ def run_study(
     names, seeds = list(names), list(seeds)
     planned = runs.plan_runs(config, model_overrides(config, names), seeds, output_dir)
     resolved = configuration.resolve(config)  # batch size etc. filled in
-    machine = common.machine_info()
+    machine = parallel.environment()
 
     def write(results, complete=False):
         report = build_report(resolved, names, seeds, results, machine, parallel_runs, complete)

@@ -536,7 +536,7 @@ def report_markdown(report: dict) -> str:
         f"- Peak mem: {peak_source}, high-water mark of the process so far "
         "(configurations ran smallest first). XLA mem: the compiled train "
         "step's arguments + outputs - donated + temporaries.",
-        f"- Machine: {common.machine_line(report['machine'])}.",
+        f"- Machine: {parallel.describe_environment(report['machine'])}.",
         *(
             []
             if report.get("complete", True)
@@ -613,7 +613,7 @@ def run_benchmark(settings: dict, on_measured=None) -> dict:
     Returns:
       The report (`build_report`).
     """
-    machine = common.machine_info()
+    machine = parallel.environment()
     levels = settings["levels"]
     measured = {}
     for layout in settings["layouts"]:

@@ -217,16 +217,28 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpus_available() -> list[int]:
+    """The CPU cores this process may run on (all of them where that is not known)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 def environment() -> dict:
-    """What runs this process, and when: devices, processes, code and library versions.
+    """What runs this process, and when: devices, CPUs, load, code and library versions.
+
+    The one record of the machine for runs (``summary.json``) and benchmarks
+    (their JSON's ``machine``).
 
     Returns:
       ``platform`` (e.g. ``"cpu"``, ``"gpu"``), ``device_kind`` (e.g.
       ``"NVIDIA H200"``), ``devices`` (global), ``local_devices``,
       ``processes``, ``host`` (process 0's host name when written by it),
-      ``cpu_model``, ``commit`` (`source_commit`), ``time_utc`` (now, ISO
-      8601), ``python`` and ``versions`` of jax, jaxlib, flax, optax,
-      orbax-checkpoint and numpy.
+      ``cpu_model``, ``cpu_count`` (``os.cpu_count``), ``cpus_available``
+      (those this process may run on), ``load_average_1_5_15_min`` (at the
+      call: other processes make timings noisy; None where unknown),
+      ``commit`` (`source_commit`), ``time_utc`` (now, ISO 8601), ``python``
+      and ``versions`` of jax, jaxlib, flax, optax, orbax-checkpoint and numpy.
     """
     device = jax.devices()[0]
     return {
@@ -237,6 +249,9 @@ def environment() -> dict:
         "processes": jax.process_count(),
         "host": socket.gethostname(),
         "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_available": len(cpus_available()),
+        "load_average_1_5_15_min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "commit": source_commit(),
         "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
@@ -247,17 +262,30 @@ def environment() -> dict:
     }
 
 
-def describe_environment(environment_record: dict) -> str:
-    """One line from `environment`: ``"2 cpu devices (cpu) in 2 processes; jax 0.10.2, ..."``."""
-    versions = ", ".join(
-        f"{name} {version}" for name, version in environment_record["versions"].items()
+def describe_environment(record: dict) -> str:
+    """One line from an `environment` record (a field it lacks is left out).
+
+    E.g. ``"2 cpu device(s) (cpu) in 1 process(es) on vm; AMD EPYC 7B13, 2 of 2
+    CPUs, load average 0.73 at start; Python 3.11.7, jax 0.10.2, ...; commit
+    ee07604feb08; 2026-12-01T23:56:52+00:00"``.
+    """
+    versions = ", ".join(f"{name} {version}" for name, version in record["versions"].items())
+    cpus = (
+        f", {record['cpus_available']} of {record['cpu_count']} CPUs"
+        if "cpu_count" in record
+        else ""
     )
-    return (
-        f"{environment_record['devices']} {environment_record['platform']} device(s) "
-        f"({environment_record['device_kind']}) in {environment_record['processes']} "
-        f"process(es) on {environment_record['host']}; Python "
-        f"{environment_record['python']}, {versions}"
-    )
+    load = record.get("load_average_1_5_15_min")
+    parts = [
+        f"{record['devices']} {record['platform']} device(s) ({record['device_kind']}) in "
+        f"{record['processes']} process(es) on {record['host']}",
+        f"{record.get('cpu_model', 'CPU unknown')}{cpus}"
+        + (f", load average {load[0]:.2f} at start" if load else ""),
+        f"Python {record['python']}, {versions}",
+        f"commit {record.get('commit') or 'unknown'}",
+        record["time_utc"],
+    ]
+    return "; ".join(parts)
 
 
 def is_main_process() -> bool:

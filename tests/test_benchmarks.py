@@ -119,10 +119,13 @@ def test_atomic_writes_leave_no_temporary_files(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["a.json", "a.md"]
 
 
-def test_machine_info_names_platform_and_cpus():
-    info = common.machine_info()
+def test_the_machine_record_names_platform_cpus_and_load():
+    info = parallel.environment()
     assert info["platform"] in ("cpu", "gpu", "tpu", "cuda", "rocm")
-    assert info["devices"] and info["cpu_count"] >= 1
+    assert 1 <= info["cpus_available"] <= info["cpu_count"] and info["devices"] >= 1
+    line = parallel.describe_environment(info)
+    assert f"{info['cpus_available']} of {info['cpu_count']} CPUs" in line
+    assert line.endswith(f"; {info['time_utc']}")
 
 
 # ---------------------------------------------------------------------------
@@ -602,7 +605,7 @@ def test_results_page_and_readme_headline_from_a_real_study_json(tiny_study, tmp
         table = study.results_table(report["stats"], report["models"])
         assert table in handle.read()  # the benchmark's own table, as it printed it
     assert table in page and table in readme.read_text()
-    assert f"Machine: {common.machine_line(report['machine'])}." in page
+    assert f"Machine: {parallel.describe_environment(report['machine'])}." in page
     assert f"at commit {report['machine']['commit']}" in page
     assert "](results/study.png)" in page
 
@@ -727,7 +730,7 @@ def _tiny_fashion_mnist(tmp_path) -> ml_collections.ConfigDict:
 
 
 def test_runs_side_by_side_match_runs_one_after_another(tmp_path, monkeypatch):
-    if len(common.cpus_available()) < 2:
+    if len(parallel.cpus_available()) < 2:
         pytest.skip("needs two CPU cores")
     config = _tiny_fashion_mnist(tmp_path)
     overrides = {"first_cycle": {"multilevel": False}, "multilevel": {}}

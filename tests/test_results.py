@@ -13,22 +13,24 @@ from mlres_jax import parallel, plan, reporting
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# What the benchmarks' `common.machine_info` records; values no machine has.
+# What a benchmark records (`parallel.environment`); values no machine has.
 MACHINE = {
-    "time_utc": "2031-02-03T04:05:06+00:00",
-    "commit": "0123456789ab",
     "platform": "cpu",
-    "devices": ["cpu:0"],
     "device_kind": "cpu",
-    "jax_version": "9.9.9",
-    "python_version": "3.99.0",
-    "os": "TestOS",
+    "devices": 1,
+    "local_devices": 1,
+    "processes": 1,
+    "host": "benchhost",
     "cpu_model": "Test CPU 9000",
     "cpu_count": 4,
     "cpus_available": 2,
     "load_average_1_5_15_min": [0.5, 0.25, 0.125],
+    "commit": "0123456789ab",
+    "time_utc": "2031-02-03T04:05:06+00:00",
+    "python": "3.99.0",
+    "versions": {"jax": "9.9.9"},
 }
-# What a run's `parallel.environment` records.
+# What a run recorded before runs recorded the CPUs and the load.
 ENVIRONMENT = {
     "platform": "cpu",
     "device_kind": "cpu",
@@ -152,8 +154,9 @@ def test_the_command_writes_the_page_from_the_json_it_finds(tmp_path):
     assert "| 2 | 1221.1 | 1054.2 | 1465.9 | 9231.3 |" in page
     assert "measured 2031-02-03T04:05:06+00:00 at commit 0123456789ab." in page
     assert (
-        "- Machine: cpu (cpu, 1 device(s)); Test CPU 9000, 2 CPUs, load average 0.50 "
-        "at start; jax 9.9.9; commit 0123456789ab; 2031-02-03T04:05:06+00:00."
+        "- Machine: 1 cpu device(s) (cpu) in 1 process(es) on benchhost; Test CPU 9000, "
+        "2 of 4 CPUs, load average 0.50 at start; Python 3.99.0, jax 9.9.9; "
+        "commit 0123456789ab; 2031-02-03T04:05:06+00:00."
     ) in page
     assert "[`stop_agreement.json`](results/stop_agreement.json)" in page
     # The files not there are named, and get no section.
@@ -181,8 +184,8 @@ def test_the_main_job_section_and_the_readme_headline(tmp_path):
     assert "## The main job: fashion_mnist, width 8, 2-2-2 → 4-4-4 → 8-8-8, 7 epochs" in page
     assert "measured 2031-05-06T07:08:09+00:00 at commit fedcba987654." in page
     assert (
-        "in 1 process(es) on testhost; Python 3.99.0, jax 9.9.9; CPU Test CPU 9000; "
-        "commit fedcba987654; written 2031-05-06T07:08:09+00:00."
+        "- Machine: 1 cpu device(s) (cpu) in 1 process(es) on testhost; Test CPU 9000; "
+        "Python 3.99.0, jax 9.9.9; commit fedcba987654; 2031-05-06T07:08:09+00:00."
     ) in page
     assert "Final test error 8.86 % on 10000 test images after 4200 steps" in page
     assert "](results/main_job_curves.png)" in page
