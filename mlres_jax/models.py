@@ -82,6 +82,24 @@ SCANNED_BLOCKS = "blocks"
 SCANNED_MODULE = "residual"
 
 
+def batch_norm(train: bool, dtype: Any) -> ModuleDef:
+    """The network's batch normalisation (the constants above), in train or eval mode.
+
+    Args:
+      train: normalise with the batch's statistics and update the running
+        ones; False: with the running statistics.
+      dtype: the computation's dtype (``float32`` or ``bfloat16``).
+    """
+    return functools.partial(
+        nn.BatchNorm,
+        use_running_average=not train,
+        momentum=BATCH_NORM_MOMENTUM,
+        epsilon=BATCH_NORM_EPSILON,
+        use_fast_variance=BATCH_NORM_FAST_VARIANCE,
+        dtype=dtype,
+    )
+
+
 def block_name(block_index: int) -> str:
     """Name of the block at 0-based position ``block_index`` within a stage."""
     return f"block{block_index + 1}"
@@ -129,14 +147,7 @@ class ResidualModule(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        norm = functools.partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=BATCH_NORM_MOMENTUM,
-            epsilon=BATCH_NORM_EPSILON,
-            use_fast_variance=BATCH_NORM_FAST_VARIANCE,
-            dtype=self.dtype,
-        )
+        norm = batch_norm(train, self.dtype)
         conv = functools.partial(
             self.conv,
             self.features,
@@ -296,14 +307,7 @@ class ResNet(nn.Module):
                 scanned_conv=self.scanned_conv,
                 name=stage_name(i),
             )(x, train)
-        x = nn.BatchNorm(
-            use_running_average=not train,
-            momentum=BATCH_NORM_MOMENTUM,
-            epsilon=BATCH_NORM_EPSILON,
-            use_fast_variance=BATCH_NORM_FAST_VARIANCE,
-            dtype=self.dtype,
-            name="final_norm",
-        )(x)
+        x = batch_norm(train, self.dtype)(name="final_norm")(x)
         x = nn.relu(x)
         x = jnp.mean(x, axis=(1, 2))
         logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
