@@ -44,7 +44,7 @@ test: install
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
-test-slow: install data
+test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
 BENCH_DIR ?= runs/bench

@@ -7,7 +7,7 @@ run is 6 epochs with the cycle boundaries at the paper's fractions of the run
 2.25 / 1.875 / 1.875 epochs = 1350 / 1125 / 1125 steps at batch 100, and the
 theoretical saving is the paper's: 1 - (2.25/4 + 1.875/2 + 1.875) / 6
 = 1 - 0.5625 = 43.75 %. The three models train 6 epochs of 2-2-2, 6 of 8-8-8
-and the multi-level run; how long that takes on a 2-core CPU is in
+and the multi-level run; how long the study takes on a 2-core CPU is in
 docs/benchmarks.md.
 
     python -m benchmarks.study --output_dir=runs/bench/study
