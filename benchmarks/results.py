@@ -73,9 +73,9 @@ def main_job_table(summary: dict) -> str:
     )
 
 
-def environment_line(environment: dict) -> str:
+def environment_line(environment: dict, brief: bool = False) -> str:
     """The machine of a run or benchmark (`parallel.describe_environment`); "not recorded"."""
-    return parallel.describe_environment(environment) if environment else "not recorded"
+    return parallel.describe_environment(environment, brief) if environment else "not recorded"
 
 
 def main_job_markdown(summary: dict) -> str:
@@ -237,6 +237,16 @@ def results_page(results_dir: str, page_dir: str) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+# Under the README's study table: what its names and columns mean.
+STUDY_TERMS = (
+    "`first_cycle` and `last_cycle` are fixed-depth networks with the first and the last "
+    "cycle's blocks at h = 1 (the paper's ResNet-14 and ResNet-50), trained for the same "
+    "epochs; `multilevel/RULE` grows under that growth rule, `one_more_level/RULE` starts one "
+    "level lower. On par, the cost model and the jumps: "
+    "[docs/benchmarks.md](docs/benchmarks.md#the-study-table-3-and-the-growth-rules-over-seeds)."
+)
+
+
 def headline(results_dir: str, page: str) -> str:
     """The README's results table: the study's if there is one, else the main job's.
 
@@ -254,13 +264,13 @@ def headline(results_dir: str, page: str) -> str:
             f"(`python -m benchmarks.study`"
             f"{'' if report['complete'] else ', not every run finished yet'})"
         )
-        machine = environment_line(report["machine"])
+        machine = environment_line(report["machine"], brief=True)
         table = study.results_table(report["stats"], report["models"])
-        table += f"\n\n{study.answer_line(report)}"
+        table += f"\n\n{study.answer_line(report)}\n\n{STUDY_TERMS}"
     elif "main_job.json" in reports:
         report = reports["main_job.json"]
         what = "The main job (`make run`), test error at the end of each cycle"
-        machine = environment_line(report.get("environment", {}))
+        machine = environment_line(report.get("environment", {}), brief=True)
         table = main_job_table(report)
     else:
         return (

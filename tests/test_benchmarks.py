@@ -126,6 +126,8 @@ def test_the_machine_record_names_platform_cpus_and_load():
     line = parallel.describe_environment(info)
     assert f"{info['cpus_available']} of {info['cpu_count']} CPUs" in line
     assert line.endswith(f"; {info['time_utc']}")
+    brief = parallel.describe_environment(info, brief=True)
+    assert line.startswith(brief) and brief.endswith(" CPUs")  # no load, versions, date
 
 
 # ---------------------------------------------------------------------------
@@ -605,6 +607,10 @@ def test_results_page_and_readme_headline_from_a_real_study_json(tiny_study, tmp
         table = study.results_table(report["stats"], report["models"])
         assert table in handle.read()  # the benchmark's own table, as it printed it
     assert table in page and table in readme.read_text()
+    # The README names the runs' commit and the machine in brief, and says what the names mean.
+    brief = parallel.describe_environment(report["machine"], brief=True)
+    assert f" on {brief}. All results: " in readme.read_text()
+    assert results.STUDY_TERMS in readme.read_text()
     assert f"Machine: {parallel.describe_environment(report['machine'])}." in page
     assert f"at commit {report['machine']['commit']}" in page
     assert "](results/study.png)" in page

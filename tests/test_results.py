@@ -195,7 +195,10 @@ def test_the_main_job_section_and_the_readme_headline(tmp_path):
     assert text.endswith(results.END + "\n\nAfter.\n")
     assert "old text" not in text and row1 in text
     assert "[docs/results.md](docs/results.md)" in text
-    assert "measured 2031-05-06T07:08:09+00:00 at commit fedcba987654 on " in text
+    assert (
+        "measured 2031-05-06T07:08:09+00:00 at commit fedcba987654 on 1 cpu device(s) (cpu) "
+        "in 1 process(es) on testhost; Test CPU 9000. All results: "
+    ) in text
     # Written again from the same JSON: the same files.
     results.write_pages(results_dir, str(tmp_path / "docs" / "results.md"), str(readme))
     assert readme.read_text() == text
