@@ -706,11 +706,13 @@ def study_figure(report: dict) -> Figure:
     figure = Figure(figsize=(12, 4.6), layout="constrained")
     FigureCanvasAgg(figure)
     left, right = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1.4, 1]})
+    colors = {}  # one colour per model in both panels
     for name, model_runs in report["runs"].items():
         curve = error_curves([r["history"] for r in model_runs])
         mean, std = 100 * np.asarray(curve["mean"]), 100 * np.asarray(curve["std"])
         (line,) = left.plot(curve["epoch"], mean, marker="o", markersize=2.5, label=name)
-        left.fill_between(curve["epoch"], mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        colors[name] = line.get_color()
+        left.fill_between(curve["epoch"], mean - std, mean + std, color=colors[name], alpha=0.2)
     for boundary in report["settings"]["cycle_boundaries"]:
         left.axvline(boundary, color="grey", linestyle="--", linewidth=0.8)
     left.set(xlabel="epoch", ylabel="test error (%)", title="Test error (mean ± std over seeds)")
@@ -725,6 +727,7 @@ def study_figure(report: dict) -> Figure:
             [100 * j["mean"] for j in jumps],
             width,
             yerr=[100 * (j["std"] or 0.0) for j in jumps],
+            color=colors.get(name),
             label=name,
         )
     right.axhline(0, color="black", linewidth=0.8)
