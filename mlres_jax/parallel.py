@@ -266,7 +266,7 @@ def describe_environment(record: dict, brief: bool = False) -> str:
     """One line from an `environment` record (a field it lacks is left out).
 
     E.g. ``"2 cpu device(s) (cpu) in 1 process(es) on vm; AMD EPYC 7B13, 2 of 2
-    CPUs, load average 0.73 at start; Python 3.11.7, jax 0.10.2, ...; commit
+    CPUs, load average 0.73; Python 3.11.7, jax 0.10.2, ...; commit
     ee07604feb08; 2026-12-01T23:56:52+00:00"``; with ``brief``, the devices
     and the CPU only (``"2 cpu device(s) (cpu) in 1 process(es) on vm; AMD EPYC
     7B13, 2 of 2 CPUs"``).
@@ -282,7 +282,7 @@ def describe_environment(record: dict, brief: bool = False) -> str:
         f"{record['devices']} {record['platform']} device(s) ({record['device_kind']}) in "
         f"{record['processes']} process(es) on {record['host']}",
         f"{record.get('cpu_model', 'CPU unknown')}{cpus}"
-        + (f", load average {load[0]:.2f} at start" if load and not brief else ""),
+        + (f", load average {load[0]:.2f}" if load and not brief else ""),
         f"Python {record['python']}, {versions}",
         f"commit {record.get('commit') or 'unknown'}",
         record["time_utc"],

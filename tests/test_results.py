@@ -155,7 +155,7 @@ def test_the_command_writes_the_page_from_the_json_it_finds(tmp_path):
     assert "measured 2031-02-03T04:05:06+00:00 at commit 0123456789ab." in page
     assert (
         "- Machine: 1 cpu device(s) (cpu) in 1 process(es) on benchhost; Test CPU 9000, "
-        "2 of 4 CPUs, load average 0.50 at start; Python 3.99.0, jax 9.9.9; "
+        "2 of 4 CPUs, load average 0.50; Python 3.99.0, jax 9.9.9; "
         "commit 0123456789ab; 2031-02-03T04:05:06+00:00."
     ) in page
     assert "[`stop_agreement.json`](results/stop_agreement.json)" in page
