@@ -257,11 +257,9 @@ def headline(results_dir: str, page: str) -> str:
     reports = read_reports(results_dir)
     if "study.json" in reports:
         report = reports["study.json"]
-        seeds = report["settings"]["seeds"]
         what = (
             f"The paper's Table 3 and the growth rules on {report['settings']['dataset']}, "
-            f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} "
-            f"(`python -m benchmarks.study`"
+            f"{study.seeds_label(report['settings']['seeds'])} (`python -m benchmarks.study`"
             f"{'' if report['complete'] else ', not every run finished yet'})"
         )
         machine = environment_line(report["machine"], brief=True)

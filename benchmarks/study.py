@@ -282,18 +282,28 @@ def aggregate(records: dict[str, list[dict]]) -> dict[str, dict]:
     return result
 
 
-def on_par(stats: dict[str, dict], name: str) -> bool | None:
-    """Whether a model's test error is on par with the last-cycle model's.
+def on_par_threshold(stats: dict[str, dict]) -> float | None:
+    """The highest mean test error on par with the last-cycle model's (a fraction).
 
-    On par: its mean test error over seeds is at most the last-cycle model's
-    mean plus the last-cycle model's sample std over seeds (its seeds'
-    spread); lower is on par too. None while the last-cycle model has fewer
-    than two seeds (no spread to compare with).
+    The last-cycle model's mean plus its sample std over seeds (its seeds'
+    spread). None while it has fewer than two seeds (no spread to compare
+    with).
     """
     reference = stats.get(REFERENCE, {}).get("test_error")
-    if not reference or reference["std"] is None or name not in stats:
+    if not reference or reference["std"] is None:
         return None
-    return stats[name]["test_error"]["mean"] <= reference["mean"] + reference["std"]
+    return reference["mean"] + reference["std"]
+
+
+def on_par(stats: dict[str, dict], name: str) -> bool | None:
+    """Whether a model's mean test error is at most `on_par_threshold` (lower is on par too).
+
+    None while the threshold is unknown or the model has not run.
+    """
+    threshold = on_par_threshold(stats)
+    if threshold is None or name not in stats:
+        return None
+    return stats[name]["test_error"]["mean"] <= threshold
 
 
 def answer(stats: dict[str, dict]) -> dict | None:
@@ -320,10 +330,11 @@ def answer(stats: dict[str, dict]) -> dict | None:
       mean test error (``reference_test_error``); and, when
       `PAPER_MODEL` has run, ``"against_paper"``: the model's measured
       saving, cost-model saving and test error minus the paper rule's
-      (positive saving is more time saved) and whether the paper's rule is
-      on par.
+      (positive saving is more time saved), whether the paper's rule is on
+      par and whether the model trains the paper rule's schedule.
     """
-    if not on_par(stats, REFERENCE):
+    threshold = on_par_threshold(stats)
+    if threshold is None:
         return None
     others = [n for n in stats if n != REFERENCE and "time_saved_train" in stats[n]]
     if not others:
@@ -340,7 +351,6 @@ def answer(stats: dict[str, dict]) -> dict | None:
         model = min(candidates, key=lambda name: (-saving(name), error(name)))
     else:
         model = min(others, key=error)
-    reference = stats[REFERENCE]["test_error"]
     result = {
         "on_par": bool(candidates),
         "model": model,
@@ -349,8 +359,8 @@ def answer(stats: dict[str, dict]) -> dict | None:
         "cost_model_saving": stats[model]["cost_model_saving"],
         "test_error": error(model),
         "same_schedule": [n for n in candidates if n != model and saving(n) == saving(model)],
-        "threshold": reference["mean"] + reference["std"],
-        "reference_test_error": reference["mean"],
+        "threshold": threshold,
+        "reference_test_error": stats[REFERENCE]["test_error"]["mean"],
     }
     paper = stats.get(PAPER_MODEL)
     if paper and "time_saved_train" in paper:
@@ -359,6 +369,7 @@ def answer(stats: dict[str, dict]) -> dict | None:
             "cost_model_saving": result["cost_model_saving"] - paper["cost_model_saving"],
             "test_error": result["test_error"] - paper["test_error"]["mean"],
             "paper_on_par": on_par(stats, PAPER_MODEL),
+            "same_schedule": saving(model) == saving(PAPER_MODEL),
         }
     return result
 
@@ -578,7 +589,7 @@ def answer_line(report: dict) -> str:
         paper = (
             f"the paper's rule ({PAPER_MODEL}, {'on' if against['paper_on_par'] else 'not on'} par)"
         )
-        if abs(against["cost_model_saving"]) < 1e-9:
+        if against["same_schedule"]:
             line += (
                 f"; {paper} trains the same networks for the same steps: against it "
                 f"{100 * against['test_error']:+.2f} points of test error, and a measured "
@@ -592,6 +603,11 @@ def answer_line(report: dict) -> str:
                 f"model, and {100 * against['test_error']:+.2f} points of test error"
             )
     return line + "."
+
+
+def seeds_label(seeds) -> str:
+    """``"seed 0"`` or ``"seeds 0, 1, 2"``, for titles."""
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
 
 
 def same_network_spread(runs_by_model: dict[str, list[dict]]) -> list[tuple]:
@@ -622,8 +638,7 @@ def report_markdown(report: dict) -> str:
     s = report["settings"]
     lines = [
         f"# The multi-level method on {s['dataset']}: {len(report['stats'])} models, width "
-        f"{s['width']}, {s['num_epochs']:g} epochs, seed{'s' if len(s['seeds']) > 1 else ''} "
-        f"{', '.join(map(str, s['seeds']))}",
+        f"{s['width']}, {s['num_epochs']:g} epochs, {seeds_label(s['seeds'])}",
         "",
         results_table(report["stats"], report["models"]),
         "",
@@ -741,10 +756,9 @@ def study_figure(report: dict) -> Figure:
     )
     if growing:
         right.legend(fontsize=7)
-    seeds = report["settings"]["seeds"]
     figure.suptitle(
-        f"{report['settings']['dataset']}: seed{'s' if len(seeds) > 1 else ''} "
-        f"{', '.join(map(str, seeds))}; dashed: the config's cycle boundaries"
+        f"{report['settings']['dataset']}: {seeds_label(report['settings']['seeds'])}; "
+        "dashed: the config's cycle boundaries"
     )
     return figure
 

@@ -309,6 +309,7 @@ def test_on_par_and_the_answer():
     assert best["time_saved"] == pytest.approx(0.4875)
     assert best["against_paper"]["time_saved"] == pytest.approx(0.0375)
     assert best["against_paper"]["cost_model_saving"] == pytest.approx(0.0)
+    assert best["against_paper"]["same_schedule"] is True
     assert best["against_paper"]["test_error"] == pytest.approx(-0.01)
     assert best["against_paper"]["paper_on_par"] is True
     line = study.answer_line({"answer": best})
@@ -325,6 +326,7 @@ def test_on_par_and_the_answer():
     assert best["model"] == "one_more_level/identity" and best["same_schedule"] == []
     assert best["cost_model_saving"] == pytest.approx(11 / 24)
     assert best["against_paper"]["cost_model_saving"] == pytest.approx(11 / 24 - 10 / 24)
+    assert best["against_paper"]["same_schedule"] is False
     assert best["time_saved"] == pytest.approx((0.3 + 1 - 700 / 1200) / 2)
     line = study.answer_line({"answer": best})
     assert "(multilevel/paper, on par) that is -9.2 points of measured time saved, +4.2 by" in line
