@@ -47,7 +47,9 @@ Usage (from the repository root)::
 
 from __future__ import annotations
 
+import csv
 import os
+import pathlib
 from collections.abc import Sequence
 
 import ml_collections
@@ -84,23 +86,11 @@ MODEL_NAMES = (
     ),
 )
 
-# Paper Tables 3 and 4 (GTX 1080, TensorFlow): (width, first-cycle blocks per
-# stage, data set) -> the fixed-depth model's name, its test error (%) and
-# minutes, the multi-level model's (the name with "-i") test error and minutes.
-PAPER_RESULTS = {
-    (16, (2, 2, 2), "cifar10"): ("ResNet-50", 7.58, 114, 7.10, 67),
-    (16, (2, 2, 2), "cifar100"): ("ResNet-50", 28.64, 115, 28.71, 68),
-    (16, (2, 2, 2), "stl10"): ("ResNet-50", 25.95, 114, 25.98, 68),
-    (16, (5, 5, 5), "cifar10"): ("ResNet-122", 6.47, 266, 6.56, 154),
-    (16, (5, 5, 5), "cifar100"): ("ResNet-122", 26.74, 266, 26.81, 154),
-    (16, (5, 5, 5), "stl10"): ("ResNet-122", 25.16, 266, 24.36, 162),
-    (32, (2, 2, 2), "cifar10"): ("WResNet-50", 5.87, 174, 5.95, 101),
-    (32, (2, 2, 2), "cifar100"): ("WResNet-50", 24.49, 173, 24.92, 101),
-    (32, (2, 2, 2), "stl10"): ("WResNet-50", 23.82, 222, 22.82, 131),
-    (32, (5, 5, 5), "cifar10"): ("WResNet-122", 5.38, 406, 5.46, 239),
-    (32, (5, 5, 5), "cifar100"): ("WResNet-122", 23.11, 406, 23.04, 237),
-    (32, (5, 5, 5), "stl10"): ("WResNet-122", 22.00, 516, 22.65, 307),
-}
+# Paper Tables 3 and 4 (GTX 1080, TensorFlow), one row per model and data set:
+# the fixed-depth model's name, test error (%) and minutes, and the multi-level
+# model's (the name with "-i"), keyed by width, first-cycle blocks per stage
+# and data set.
+PAPER_TABLES = pathlib.Path(__file__).with_name("paper_tables.csv")
 
 
 def model_overrides(config: ml_collections.ConfigDict, names: Sequence[str]) -> dict[str, dict]:
@@ -172,19 +162,24 @@ def paper_reference(config: ml_collections.ConfigDict) -> dict | None:
     """
     if config.num_epochs != 160 or tuple(config.cycle_boundaries) != (60, 110):
         return None
-    entry = PAPER_RESULTS.get((config.width, tuple(config.stage_sizes), config.dataset))
-    if entry is None:
+    key = (str(config.width), "-".join(map(str, config.stage_sizes)), config.dataset)
+    with open(PAPER_TABLES, newline="") as handle:
+        rows = csv.DictReader(handle)
+        row = next(
+            (r for r in rows if (r["width"], r["first_cycle_blocks"], r["dataset"]) == key), None
+        )
+    if row is None:
         return None
-    fixed_name, fixed_error, fixed_minutes, multi_error, multi_minutes = entry
+    fixed_minutes, multi_minutes = int(row["minutes"]), int(row["multilevel_minutes"])
     return {
         REFERENCE: {
-            "name": fixed_name,
-            "test_error_percent": fixed_error,
+            "name": row["model"],
+            "test_error_percent": float(row["test_error_percent"]),
             "minutes": fixed_minutes,
         },
         PAPER_MODEL: {
-            "name": f"{fixed_name}-i",
-            "test_error_percent": multi_error,
+            "name": f"{row['model']}-i",
+            "test_error_percent": float(row["multilevel_test_error_percent"]),
             "minutes": multi_minutes,
         },
         "time_saved": 1 - multi_minutes / fixed_minutes,

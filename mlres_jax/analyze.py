@@ -321,21 +321,15 @@ def _lesion_summary(baseline: float, removals: list[dict], shuffles: list[dict])
 def run_lesion(pairs: list[tuple[str, int]], options: Options) -> dict:
     """Sec. 3.3: test error with each block removed, and with shuffled stages."""
     loaded = _Loader(options).load(*_only_one(pairs, "lesion"))
-    common = dict(batch_size=loaded.batch_size)
-    baseline = measurements.error_rate(
-        loaded.model, loaded.variables, loaded.images, loaded.labels, **common
-    )
-    removals = measurements.removal_errors(
-        loaded.model, loaded.variables, loaded.images, loaded.labels, **common
-    )
+    network_and_data = (loaded.model, loaded.variables, loaded.images, loaded.labels)
+    batch_size = loaded.batch_size
+    baseline = measurements.error_rate(*network_and_data, batch_size=batch_size)
+    removals = measurements.removal_errors(*network_and_data, batch_size=batch_size)
     shuffles = measurements.shuffle_errors(
-        loaded.model,
-        loaded.variables,
-        loaded.images,
-        loaded.labels,
+        *network_and_data,
+        batch_size=batch_size,
         num_shuffles=options.num_shuffles,
         seed=options.seed,
-        **common,
     )
     summary = dict(
         _lesion_summary(baseline, removals, shuffles),

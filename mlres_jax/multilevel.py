@@ -34,7 +34,7 @@ serves for all of them. Other networks say where their blocks are with a
 `KeyLayout`, e.g. `flax_examples_layout` for the flat ``ResNetBlock_0``,
 ``ResNetBlock_1``, ... of flax's example ResNets, or a `ListLayout` for
 Flax NNX models, whose ``nnx.List`` of blocks is a mapping ``0, 1, ...`` in
-``nnx.state(model)`` (`bonsai_resnet_layout`, `transformer_layout`; an
+``nnx.state(model)`` (`BONSAI_RESNET`, `transformer_layout`; an
 ``nnx.State`` comes back as one, for ``nnx.update`` into the deeper model).
 A layout also says which leaves of a block its residual output is linear
 in, whether the first block of a stage is a transition (App. B: a
@@ -835,39 +835,21 @@ def _replace_at(node: Mapping, path: tuple, value) -> dict:
     return {**node, head: _replace_at(node[head], tuple(rest), value) if rest else value}
 
 
-def bonsai_resnet_layout(
-    residual_output: str | Sequence[str] = ("bn2/scale", "bn2/bias"),
-    stages: str = r"layer\d+/blocks",
-    *,
-    explicit_step_size: bool = False,
-) -> ListLayout:
-    """The layout of a ResNet written as jax-ml/bonsai writes one in Flax NNX.
-
-    ``bonsai/models/resnet/modeling.py``: every stage ``self.layer{i}`` keeps
-    its blocks in ``self.blocks = nnx.List()``, so the state has
-    ``layer{i}/blocks/{j}/conv{k}/kernel`` and ``.../bn{k}/{scale,bias,mean,var}``;
-    the first block of a stage downsamples (it holds a ``downsample``
-    module), a transition block as in the paper's App. B. Its bottleneck
-    block ends in ``bn2`` before the sum, so the residual output is linear in
-    ``bn2``'s scale and bias. It has no step size h.
-
-    Args:
-      residual_output: leaves the residual output is linear in (``("bn1/scale",
-        "bn1/bias")`` for a basic block of two convolutions).
-      stages: regular expression for the path of a stage's list of blocks.
-      explicit_step_size: True if the network multiplies every residual
-        output by a step size h that the caller halves at each growth.
-
-    Raises:
-      TypeError, ValueError: as `ListLayout`, for a bad ``residual_output``.
-    """
-    return ListLayout(
-        stages,
-        residual_output,
-        first_block_is_transition=True,
-        explicit_step_size=explicit_step_size,
-        label="bonsai_resnet_layout()",
-    )
+# A ResNet written as jax-ml/bonsai writes one in Flax NNX
+# (``bonsai/models/resnet/modeling.py``): every stage ``self.layer{i}`` keeps its
+# blocks in ``self.blocks = nnx.List()``, so the state has
+# ``layer{i}/blocks/{j}/conv{k}/kernel`` and ``.../bn{k}/{scale,bias,mean,var}``.
+# The first block of a stage downsamples (it holds a ``downsample`` module): a
+# transition block as in the paper's App. B. Its bottleneck block ends in ``bn2``
+# before the sum, so the residual output is linear in ``bn2``'s scale and bias
+# (for a basic block of two convolutions: ``dataclasses.replace(BONSAI_RESNET,
+# residual_output=("bn1/scale", "bn1/bias"))``). It has no step size h.
+BONSAI_RESNET = ListLayout(
+    r"layer\d+/blocks",
+    ("bn2/scale", "bn2/bias"),
+    first_block_is_transition=True,
+    label="BONSAI_RESNET",
+)
 
 
 def transformer_layout(
@@ -1547,8 +1529,8 @@ __all__ = [
     "ListLayout",
     "MOMENTUM_POLICIES",
     "NewBlock",
-    "bonsai_resnet_layout",
     "transformer_layout",
+    "BONSAI_RESNET",
     "SCANNED",
     "STAGES",
     "ScannedStageLayout",

@@ -19,7 +19,7 @@ from absl import flags
 
 from benchmarks import common, results, runs, step_cost, study, throughput
 from benchmarks.presets import cpu as cpu_preset
-from configs import default, fashion_mnist, resnet50, resnet50i, resnet122i
+from configs import default, fashion_mnist, resnet50, resnet50i, resnet122i, wrn122i
 from mlres_jax import configuration, files, parallel, plan, steps, train
 from tests import fake_data
 
@@ -230,6 +230,20 @@ def test_paper_reference_only_for_the_papers_setting():
     config.dataset = "cifar100"
     assert study.paper_reference(config)["multilevel/paper"]["test_error_percent"] == 28.71
     assert study.paper_reference(fashion_mnist.get_config()) is None
+    # Table 4's last row, WResNet-122(-i) on STL-10: 22.00 % in 516 min, 22.65 % in 307 min.
+    config = wrn122i.get_config()
+    config.dataset = "stl10"
+    reference = study.paper_reference(config)
+    assert reference["last_cycle"] == {
+        "name": "WResNet-122",
+        "test_error_percent": 22.0,
+        "minutes": 516,
+    }
+    assert reference["multilevel/paper"] == {
+        "name": "WResNet-122-i",
+        "test_error_percent": 22.65,
+        "minutes": 307,
+    }
 
 
 def _record(seed, error, train_seconds, wall_seconds, sizes=((8,),) * 3, jumps=()):

@@ -25,7 +25,7 @@ def test_nnx_doc_examples_run(capsys):
     # The last block prints the error of a layout that finds nothing, as the doc shows it.
     printed = capsys.readouterr().out
     assert printed.startswith(
-        "cannot interpolate: bonsai_resnet_layout() finds no stage of blocks in the tree; it looks "
+        "cannot interpolate: BONSAI_RESNET finds no stage of blocks in the tree; it looks "
         "for lists of blocks (keys 0, 1, ... as nnx.List keeps them) at paths matching "
         "'layer\\\\d+/blocks'; the tree's top-level keys are ['blocks', 'embed', 'final_norm', "
         "'head'] (under 'blocks': [0, 1, 2]; "

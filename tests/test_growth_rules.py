@@ -418,7 +418,9 @@ _LAYOUT_CONSTRUCTORS = {
     "ListLayout": lambda names: multilevel.ListLayout(
         "blocks", names, first_block_is_transition=False
     ),
-    "bonsai_resnet_layout": multilevel.bonsai_resnet_layout,
+    "BONSAI_RESNET": lambda names: dataclasses.replace(
+        multilevel.BONSAI_RESNET, residual_output=names
+    ),
     "transformer_layout": lambda names: multilevel.transformer_layout(names, blocks="layers"),
 }
 

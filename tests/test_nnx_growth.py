@@ -4,7 +4,7 @@ Both are found by `multilevel.ListLayout`.
 
 The models are written as their authors write them (`tests.nnx_models`); the
 rules, coarsening and momentum policies are `multilevel`'s, located by
-`multilevel.bonsai_resnet_layout` and `multilevel.transformer_layout`.
+`multilevel.BONSAI_RESNET` and `multilevel.transformer_layout`.
 """
 
 import functools
@@ -23,7 +23,7 @@ from tests import nnx_models
 from tests.networks import random_variables
 
 RULES = sorted(multilevel.GROWTH_RULES)
-RESNET_LAYOUT = multilevel.bonsai_resnet_layout()
+RESNET_LAYOUT = multilevel.BONSAI_RESNET
 TRANSFORMER_LAYOUT = multilevel.transformer_layout(nnx_models.TRANSFORMER_RESIDUAL_OUTPUT)
 
 
@@ -272,7 +272,7 @@ def test_one_block_stack_grows_but_one_block_resnet_stage_does_not():
     with pytest.raises(
         ValueError,
         match=r"cannot interpolate layer1/blocks "
-        r"\(bonsai_resnet_layout\(\)\).*at least 2 blocks",
+        r"\(BONSAI_RESNET\).*at least 2 blocks",
     ):
         multilevel.interpolate(nnx.state(_resnet((2, 1))), "paper", RESNET_LAYOUT)
 
@@ -681,7 +681,7 @@ def test_a_residual_output_leaf_only_some_blocks_have_is_refused():
         with pytest.raises(
             ValueError,
             match=(
-                r"under bonsai_resnet_layout\(\): block 0 \(0-based\) of stage 'layer1/blocks' "
+                r"under BONSAI_RESNET: block 0 \(0-based\) of stage 'layer1/blocks' "
                 r"has no leaf 'bn2/scale', which the layout names as part of the residual output "
                 r"and block 0 of stage 'layer0/blocks' has; it has, named 'scale': \['bn0/scale', "
                 r"'bn1/scale', 'downsample/bn/scale'\]; pass residual_output="
@@ -777,7 +777,7 @@ def test_an_nnx_optimizer_state_without_the_layouts_blocks_is_refused():
     optimizer = nnx.Optimizer(_transformer(3), optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
     with pytest.raises(
         ValueError,
-        match=r"cannot interpolate: bonsai_resnet_layout\(\) finds no "
+        match=r"cannot interpolate: BONSAI_RESNET finds no "
         r"stage.*top-level keys are \['opt_state', 'step'\]",
     ):
         multilevel.grow_optimizer_state(nnx.state(optimizer), "paper", "reset", RESNET_LAYOUT)
