@@ -112,3 +112,26 @@ def get_config() -> ml_collections.ConfigDict:
     config.progress_bar = True
 
     return config
+
+
+def paper_model(
+    width: int, stage_sizes: tuple[int, int, int], multilevel: bool, scan_blocks: bool = False
+) -> ml_collections.ConfigDict:
+    """The defaults with one model of the paper's Tables 3-4.
+
+    Args:
+      width: channels of the first stage (16 for ResNet, 32 for WResNet).
+      stage_sizes: blocks per stage; of the first cycle if ``multilevel``.
+      multilevel: True for the multi-level models (the names ending in -i):
+        the blocks double at epochs 60 and 110; False for a fixed depth.
+      scan_blocks: True for the 122-layer models (20 blocks per stage in their
+        last cycle): compile time flat in depth (why, and the measurement behind
+        this default: docs/paper-scale.md); --config.scan_blocks=False for the
+        unrolled layout.
+    """
+    config = get_config()
+    config.width = width
+    config.stage_sizes = stage_sizes
+    config.multilevel = multilevel
+    config.scan_blocks = scan_blocks
+    return config

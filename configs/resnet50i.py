@@ -10,8 +10,4 @@ from configs import default
 
 
 def get_config():
-    config = default.get_config()
-    config.width = 16
-    config.stage_sizes = (2, 2, 2)
-    config.multilevel = True
-    return config
+    return default.paper_model(width=16, stage_sizes=(2, 2, 2), multilevel=True)

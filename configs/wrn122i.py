@@ -10,12 +10,4 @@ from configs import default
 
 
 def get_config():
-    config = default.get_config()
-    config.width = 32
-    config.stage_sizes = (5, 5, 5)
-    config.multilevel = True
-    # Scanned blocks at this depth: compile time flat in depth (why, and the
-    # measurement behind this default: docs/paper-scale.md);
-    # --config.scan_blocks=False for the unrolled layout.
-    config.scan_blocks = True
-    return config
+    return default.paper_model(width=32, stage_sizes=(5, 5, 5), multilevel=True, scan_blocks=True)

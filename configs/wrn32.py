@@ -10,8 +10,4 @@ from configs import default
 
 
 def get_config():
-    config = default.get_config()
-    config.width = 32
-    config.stage_sizes = (5, 5, 5)
-    config.multilevel = False
-    return config
+    return default.paper_model(width=32, stage_sizes=(5, 5, 5), multilevel=False)

@@ -48,6 +48,8 @@ def test_paper_configs_resolve_to_paper_settings(name):
     assert (config.momentum, config.weight_decay) == (0.9, 2e-4)
     assert config.batch_size == 100
     assert config.crop_padding == 4
+    # The 122-layer models train scanned (docs/paper-scale.md), the others unrolled.
+    assert config.scan_blocks == name.startswith(("resnet122", "wrn122"))
 
 
 def test_stl10_derives_paper_batch_size_and_padding():
