@@ -43,7 +43,6 @@ from __future__ import annotations
 import itertools
 import os
 import resource
-import subprocess
 import sys
 from collections.abc import Callable, Sequence
 
@@ -748,9 +747,9 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
         "device_counts",
         "1",
         "Numbers of devices to measure each network on "
-        "(data parallel, the batch split over them), e.g. '1,2'. On a CPU with "
-        "fewer devices, the benchmark reruns itself with that many forced host "
-        "devices (--xla_force_host_platform_device_count).",
+        "(data parallel, the batch split over them), e.g. '1,2'. On a CPU the "
+        "benchmark makes that many host devices (jax_num_cpu_devices) unless "
+        "XLA_FLAGS sets --xla_force_host_platform_device_count.",
         integer(lower_bound=1),
         flag_values=flag_values,
     )
@@ -783,36 +782,19 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
         flags.register_multi_flags_validator(list(names), check, message, flag_values)
 
 
-def rerun_with_host_devices(count: int) -> None:
-    """Runs this benchmark again in a process with ``count`` forced CPU devices; exits.
-
-    JAX fixes the number of CPU devices when it starts, so more of them need
-    a new process (``--xla_force_host_platform_device_count``).
-    """
-    flag = f"--xla_force_host_platform_device_count={count}"
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip())
-    logging.info("Rerunning with %d host devices (%s)", count, flag)
-    sys.exit(
-        subprocess.run(
-            [sys.executable, "-m", "benchmarks.throughput", *sys.argv[1:]], env=env, check=False
-        ).returncode
-    )
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     settings = settings_from_flags()
     needed = max(settings["device_counts"])
+    if "force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        # CPU devices are fixed when JAX starts its backend, which no device query has done yet.
+        jax.config.update("jax_num_cpu_devices", needed)
     if jax.device_count() < needed:
-        if jax.default_backend() != "cpu" or "force_host_platform_device_count" in os.environ.get(
-            "XLA_FLAGS", ""
-        ):
-            raise common.BenchmarkError(
-                f"--device_counts={','.join(map(str, FLAGS.device_counts))} is not allowed: "
-                f"this machine has {jax.device_count()} {jax.default_backend()} devices"
-            )
-        rerun_with_host_devices(needed)
+        raise common.BenchmarkError(
+            f"--device_counts={','.join(map(str, FLAGS.device_counts))} is not allowed: "
+            f"this machine has {jax.device_count()} {jax.default_backend()} devices"
+        )
     report = run_benchmark(
         settings,
         on_measured=lambda report: common.write_outputs(

@@ -17,7 +17,7 @@ import time
 from tensorboardX import SummaryWriter
 
 
-def open_writer(workdir: str, resume_step: int | None) -> SummaryWriter:
+def open_writer(workdir: str, resume_step: int | None, write: bool = True) -> SummaryWriter:
     """The run's TensorBoard writer.
 
     Args:
@@ -25,6 +25,9 @@ def open_writer(workdir: str, resume_step: int | None) -> SummaryWriter:
       resume_step: the step of the checkpoint the run resumes from, or None
         for a new run. The events of later steps written before are purged
         (hidden by TensorBoard).
+      write: False for a writer that drops every event and creates no file
+        (tensorboardX's ``write_to_disk=False``): the writer of processes other
+        than the main one.
     """
     # tensorboardX names a file by the second it was opened and the host; the
     # suffix keeps a run resumed within the same second from overwriting it.
@@ -32,26 +35,5 @@ def open_writer(workdir: str, resume_step: int | None) -> SummaryWriter:
         logdir=workdir,
         filename_suffix=f".{os.getpid()}.{time.time_ns()}",
         purge_step=None if resume_step is None else resume_step + 1,
+        write_to_disk=write,
     )
-
-
-class NoEvents:
-    """A writer that writes nothing: the event writer of processes other than the main one."""
-
-    def add_scalar(self, *args, **kwargs) -> None:
-        """Drops the scalar."""
-
-    def add_text(self, *args, **kwargs) -> None:
-        """Drops the text."""
-
-    def flush(self) -> None:
-        """Nothing to flush."""
-
-    def close(self) -> None:
-        """Nothing to close."""
-
-    def __enter__(self) -> NoEvents:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        pass

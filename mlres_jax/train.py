@@ -930,11 +930,9 @@ def _open_event_writer(run: Run, progress: Progress):
 
     Only the main process writes events; the others get a writer that drops them.
     """
-    if not run.is_main:
-        return events.NoEvents()
     resumed = progress.state is not None
-    writer = events.open_writer(run.workdir, progress.step if resumed else None)
-    if not resumed:
+    writer = events.open_writer(run.workdir, progress.step if resumed else None, run.is_main)
+    if not resumed and run.is_main:
         writer.add_text("config", f"```\n{run.config}\n```", 0)
     return writer
 

@@ -66,3 +66,13 @@ def test_a_new_run_writes_no_purge(tmp_path):
     with events.open_writer(str(tmp_path), resume_step=None) as writer:
         writer.add_scalar("train/loss", 1.0, 1)
     assert scalar_steps(str(tmp_path)) == {"train/loss": [1]}
+
+
+def test_a_writer_that_does_not_write_creates_nothing(tmp_path):
+    # The writer of every process but the main one, also when resuming.
+    folder = tmp_path / "run"
+    with events.open_writer(str(folder), resume_step=6, write=False) as writer:
+        writer.add_scalar("train/loss", 1.0, 7)
+        writer.add_text("config", "x", 0)
+        writer.flush()
+    assert not folder.exists()
