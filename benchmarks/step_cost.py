@@ -20,7 +20,7 @@ Writes ``step_cost.json`` and ``step_cost.md`` to ``--output_dir``::
 from __future__ import annotations
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from benchmarks import common
 from mlres_jax import cli, datasets, models, parallel, plan, steps
@@ -121,8 +121,7 @@ def define_flags() -> None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    del argv  # run_command refuses arguments
     info = datasets.DATASETS[FLAGS.dataset]
     settings = {
         "width": FLAGS.width,

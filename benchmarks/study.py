@@ -54,7 +54,7 @@ from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from ml_collections import config_flags
@@ -904,8 +904,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    del argv  # run_command refuses arguments
     report = run_study(
         FLAGS.config,
         FLAGS.models,

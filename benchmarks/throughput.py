@@ -49,7 +49,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from benchmarks import common
 from mlres_jax import cli, configuration, cpu_backend, datasets, models, parallel, plan, steps
@@ -783,8 +783,7 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    del argv  # run_command refuses arguments
     settings = settings_from_flags()
     needed = max(settings["device_counts"])
     if "force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):

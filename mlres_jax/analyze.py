@@ -446,4 +446,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli.run_command(main, define_flags, verbosity=logging.WARNING)
+    cli.run_command(main, define_flags, verbosity=logging.WARNING, takes_arguments=True)

@@ -173,6 +173,7 @@ def run_command(
     define_flags: Callable[[], None],
     *,
     verbosity: int = logging.INFO,
+    takes_arguments: bool = False,
 ) -> None:
     """Defines the flags, quiets library logs, runs ``main`` and reports its errors.
 
@@ -181,11 +182,15 @@ def run_command(
       define_flags: defines the command's flags.
       verbosity: absl's logging level for the run (``logging.INFO`` or
         ``logging.WARNING``).
+      takes_arguments: False: arguments other than flags are refused
+        (`absl.app.UsageError`, status 1) before ``main`` runs.
     """
     define_flags()
     main_with_errors = with_one_line_errors(main)
 
     def main_with_logging(argv):
+        if not takes_arguments and len(argv) > 1:
+            raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
         logging.set_verbosity(verbosity)
         logging.get_absl_handler().addFilter(quiet_library_info)
         main_with_errors(argv)

@@ -11,7 +11,7 @@ doubled, h halved; paper Sec. 4.1, App. B) and writes a model checkpoint to
 import dataclasses
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 
 from mlres_jax import checkpoint, cli, errors, models, multilevel
 from mlres_jax import workdir as workdirs
@@ -89,8 +89,7 @@ def interpolate_checkpoint(
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    del argv  # run_command refuses arguments
     interpolate_checkpoint(FLAGS.workdir, FLAGS.output, FLAGS.step, FLAGS.rule)
 
 

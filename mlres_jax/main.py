@@ -18,7 +18,7 @@ a user's mistake into one line.
 
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from mlres_jax import cli, figures, parallel, reporting, train
@@ -58,8 +58,7 @@ def define_flags() -> None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    del argv  # run_command refuses arguments
     parallel.initialize(
         FLAGS.coordinator_address,
         FLAGS.num_processes,

@@ -82,3 +82,20 @@ def test_library_errors_are_one_line_and_their_info_is_dropped():
     own = _record(f"{os.sep}mlres_jax{os.sep}train.py", python_logging.ERROR, exc_info)
     assert cli.quiet_library_info(own)  # the project's own records keep their traceback
     assert "Traceback" in python_logging.Formatter().format(own)
+
+
+def test_a_command_refuses_arguments_before_it_runs(monkeypatch, capsys):
+    # Every command but analyze takes flags only; run_command refuses the rest
+    # (absl's usage error, status 1) before the command's main runs.
+    ran = []
+    monkeypatch.setattr(sys, "argv", ["command", "extra"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_command(ran.append, lambda: None)
+    assert exit_info.value.code == 1 and not ran
+    assert "Unexpected arguments: ['extra']" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["command", "curves"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_command(
+            lambda argv: ran.append(argv) or sys.exit(0), lambda: None, takes_arguments=True
+        )
+    assert exit_info.value.code == 0 and ran == [["command", "curves"]]
