@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
 import multiprocessing
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -107,21 +106,14 @@ def read_summary(workdir: str) -> dict | None:
 
 
 def config_differences(summary: dict, config: ml_collections.ConfigDict) -> list[str]:
-    """Config fields (but ``progress_bar``) that differ between a finished run and ``config``.
+    """Fields (but ``progress_bar``) that differ between a finished run and ``config``, as messages.
 
     A field the run's summary lacks, because it was added to the project
     later, counts with the value that gave the run's behaviour
-    (`checkpoint.with_added_fields`).
+    (`checkpoint.config_differences`).
     """
-
-    def comparable(fields):
-        plain = json.loads(json.dumps(fields))
-        plain.pop("progress_bar", None)
-        return plain
-
-    old = comparable(checkpoint.with_added_fields(summary.get("config", {})))
-    new = comparable(config.to_dict())
-    return sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+    saved = summary.get("config", {})
+    return checkpoint.config_differences(saved, config.to_dict(), ignore={"progress_bar"})
 
 
 def holds_files(folder: str) -> bool:
@@ -154,8 +146,8 @@ def check_runs(
         differences = summary and config_differences(summary, run.config)
         if resume and differences:
             raise common.BenchmarkError(
-                f"{run.workdir} holds a finished run of another config (differs in "
-                f"{', '.join(differences)}); choose another --output_dir"
+                f"{run.workdir} holds a finished run of another config ("
+                f"{'; '.join(differences)}); choose another --output_dir"
             )
     used = [run.workdir for run in runs if holds_files(run.workdir)]
     if used and not resume:

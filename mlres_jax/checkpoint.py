@@ -26,7 +26,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import jax
@@ -251,16 +251,21 @@ def with_added_fields(saved: dict) -> dict:
     return {**FIELDS_ADDED, **saved}
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """Fields (outside `SAFE_TO_CHANGE`) whose values differ, as messages.
+def config_differences(
+    saved: dict, current: dict, ignore: Collection[str] = SAFE_TO_CHANGE
+) -> list[str]:
+    """Fields (outside ``ignore``) whose values differ, as messages.
 
     Args:
-      saved: the checkpoint's config as a dict; fields it lacks because they
-        were added later count with their `FIELDS_ADDED` value.
+      saved: a config as a checkpoint's metadata or a ``summary.json`` stores
+        it; fields it lacks because they were added later count with their
+        `FIELDS_ADDED` value.
       current: this run's resolved config as a dict.
+      ignore: fields that may differ (default `SAFE_TO_CHANGE`: those a run
+        may resume with changed).
 
     Returns:
-      One ``"field: checkpoint X, now Y"`` line per differing field, sorted.
+      One ``"field: was X, now Y"`` line per differing field, sorted.
     """
 
     def normal(value):
@@ -269,11 +274,11 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     saved = with_added_fields(saved)
     lines = []
     for field in sorted(set(saved) | set(current)):
-        if field in SAFE_TO_CHANGE:
+        if field in ignore:
             continue
         old, new = normal(saved.get(field)), normal(current.get(field))
         if old != new:
-            lines.append(f"{field}: checkpoint {old!r}, now {new!r}")
+            lines.append(f"{field}: was {old!r}, now {new!r}")
     return lines
 
 

@@ -447,8 +447,13 @@ def test_a_finished_run_from_before_a_config_field_existed_is_reused_only_at_its
     }
     summary = {"config": old_config}
     assert runs.config_differences(summary, config) == []
+    config.progress_bar = not config.progress_bar  # display only: the run is still reused
+    assert runs.config_differences(summary, config) == []
     config.scan_blocks, config.compile_ahead = True, True
-    assert runs.config_differences(summary, config) == ["compile_ahead", "scan_blocks"]
+    assert runs.config_differences(summary, config) == [
+        "compile_ahead: was False, now True",
+        "scan_blocks: was False, now True",
+    ]
 
 
 def test_error_curves_give_mean_and_spread_per_epoch():
@@ -675,7 +680,9 @@ def test_study_resume_refuses_a_finished_run_of_another_config(tiny_study, monke
     _must_not_train(monkeypatch)
     config = _tiny_config()
     config.learning_rate_max = 0.1
-    with pytest.raises(common.BenchmarkError, match="differs in learning_rate_max"):
+    with pytest.raises(
+        common.BenchmarkError, match=r"another config \(learning_rate_max: was .*, now 0.1\)"
+    ):
         study.run_study(config, TINY_MODELS, [0], output_dir, resume=True)
 
 

@@ -414,8 +414,8 @@ def test_resume_with_different_model_is_refused(data_dir, reference, tmp_path):
     steps_before = checkpoint.Checkpointer(workdir, create=False).all_steps()
     with pytest.raises(
         checkpoint.CheckpointMismatchError,
-        match=r"learning_rate_max: checkpoint 0.5, now 0.3; "
-        r"width: checkpoint 2, now 4",
+        match=r"learning_rate_max: was 0.5, now 0.3; "
+        r"width: was 2, now 4",
     ):
         train.train_and_evaluate(
             _config(data_dir, num_epochs=1.0, cycle_boundaries=(), width=4, learning_rate_max=0.3),
@@ -441,10 +441,10 @@ def test_a_field_added_since_the_checkpoint_counts_with_its_old_behaviour():
     saved = {k: v for k, v in current.items() if k not in ("scan_blocks", "compute_dtype")}
     assert checkpoint.config_differences(saved, current) == []
     assert checkpoint.config_differences(saved, dict(current, scan_blocks=True)) == [
-        "scan_blocks: checkpoint False, now True"
+        "scan_blocks: was False, now True"
     ]
     assert checkpoint.config_differences(saved, dict(current, compute_dtype="bfloat16")) == [
-        "compute_dtype: checkpoint 'float32', now 'bfloat16'"
+        "compute_dtype: was 'float32', now 'bfloat16'"
     ]
     # Every added field is a field of the config (no typo hides one).
     assert set(checkpoint.FIELDS_ADDED) <= set(current)
