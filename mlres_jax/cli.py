@@ -27,7 +27,6 @@ import logging as python_logging
 import os
 import re
 import signal
-import sys
 from collections.abc import Callable, Sequence
 
 import ml_collections
@@ -54,21 +53,6 @@ def quiet_library_info(record: python_logging.LogRecord) -> bool:
     return record.levelno >= python_logging.WARNING
 
 
-def fail(message: str, exit_status: int = 2, *, at_once: bool = False) -> None:
-    """Ends the command with ``error: message`` on stderr and ``exit_status``.
-
-    With ``at_once``, ends the process without Python's clean-up (``os._exit``):
-    for a multi-process run whose peer is gone, where a normal exit would wait
-    in JAX's shutdown barrier for it and then abort.
-    """
-    sys.stdout.flush()
-    sys.stderr.write(f"error: {message}\n")
-    if at_once:
-        sys.stderr.flush()
-        os._exit(exit_status)
-    sys.exit(exit_status)
-
-
 def expand_home(value: str, where: str) -> str:
     """``value`` with a leading ``~`` or ``~user`` replaced by that home folder.
 
@@ -80,13 +64,13 @@ def expand_home(value: str, where: str) -> str:
       ``value`` itself unless it starts with ``~``.
 
     Raises:
-      SystemExit: through `fail`, if the home folder is not known here.
+      SystemExit: through `errors.fail`, if the home folder is not known here.
     """
     if not value.startswith("~"):
         return value
     expanded = os.path.expanduser(value)
     if expanded.startswith("~"):
-        fail(
+        errors.fail(
             f"{where}={value}: {value.split(os.sep)[0]!r} is not a home folder on this "
             "machine (no such user, or $HOME unset); give the path without '~'"
         )
@@ -123,21 +107,21 @@ def parse_flags(argv: list[str]) -> list[str]:
                 _expand_config_fields(FLAGS[name].value, f"--{name}")
         return remaining
     except flags.Error as error:
-        fail(f"{error}\nPass --helpfull to see the flags.")
+        errors.fail(f"{error}\nPass --helpfull to see the flags.")
     except (AttributeError, KeyError) as error:
         # ml_collections nests the KeyError's repr in the message: take the
         # field name and the "Did you mean" suggestion out of it.
         text = str(error)
         name = re.search(r"[A-Za-z_]\w*", text)
         suggestion = re.search(r'Did you mean "(\w+)"', text)
-        fail(
+        errors.fail(
             f"the config has no field '{name.group(0) if name else text}'"
             + (f"; did you mean '{suggestion.group(1)}'?" if suggestion else ".")
             + " The fields and what they mean are in configs/default.py"
         )
     except (TypeError, ValueError) as error:
         overrides = " ".join(a for a in argv[1:] if a.startswith("--config."))
-        fail(f"a --config override is not valid ({overrides}): {error}")
+        errors.fail(f"a --config override is not valid ({overrides}): {error}")
     return []  # not reached
 
 
@@ -154,11 +138,11 @@ def with_one_line_errors(main: Callable[[Sequence[str]], None]) -> Callable[[Seq
         try:
             main(argv)
         except errors.UserError as error:
-            fail(str(error), error.exit_status, at_once=error.exit_at_once)
+            errors.fail(str(error), error.exit_status, at_once=error.exit_at_once)
         except OSError as error:
-            fail(str(error))
+            errors.fail(str(error))
         except KeyboardInterrupt:
-            fail(
+            errors.fail(
                 "interrupted by Ctrl-C. Every file written so far is complete (result "
                 "files and checkpoints are written atomically); a training run "
                 "resumes from its last checkpoint when its command is run again.",

@@ -6,10 +6,13 @@ checkpoint of another run, a workdir in use, a diverged run, a stop
 request), as opposed to a bug. Every module raises a subclass of it with a
 message that says what is wrong and what to do; `mlres_jax.cli` turns every
 one of them, for every command, into ``error: <message>`` on stderr and the
-error's ``exit_status``. Anything else is a bug and keeps its traceback.
+error's ``exit_status`` (`fail`). Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
+
+import os
+import sys
 
 
 class UserError(Exception):
@@ -23,3 +26,18 @@ class UserError(Exception):
 
     exit_status = 2
     exit_at_once = False
+
+
+def fail(message: str, exit_status: int = 2, *, at_once: bool = False) -> None:
+    """Ends the command with ``error: message`` on stderr and ``exit_status``.
+
+    With ``at_once``, ends the process without Python's clean-up (``os._exit``):
+    for a multi-process run whose peer is gone, where a normal exit would wait
+    in JAX's shutdown barrier for it and then abort.
+    """
+    sys.stdout.flush()
+    sys.stderr.write(f"error: {message}\n")
+    if at_once:
+        sys.stderr.flush()
+        os._exit(exit_status)
+    sys.exit(exit_status)

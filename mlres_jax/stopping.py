@@ -33,9 +33,7 @@ peer is gone is reported the same way (`is_collective_failure`).
 from __future__ import annotations
 
 import itertools
-import os
 import signal
-import sys
 import threading
 import time
 
@@ -131,14 +129,12 @@ class StopRequest:
     def _handle(self, number: int, frame) -> None:  # pylint: disable=unused-argument
         name = signal.Signals(number).name
         if self.signal_number is not None:
-            sys.stdout.flush()
-            sys.stderr.write(
-                f"error: stopped at once by a second {name}, without a new "
-                f"checkpoint; {self.last_checkpoint()}. To resume, run the "
-                "same command again.\n"
+            errors.fail(  # at once, no cleanup: nothing left waits for a thread
+                f"stopped at once by a second {name}, without a new checkpoint; "
+                f"{self.last_checkpoint()}. To resume, run the same command again.",
+                128 + number,
+                at_once=True,
             )
-            sys.stderr.flush()
-            os._exit(128 + number)  # no cleanup: nothing left waits for a thread
         self.signal_number = number
         logging.warning(
             "%s received after step %d: the run stops at the next step and "
@@ -261,17 +257,16 @@ class StopAgreement:
             since = self._waiting_since
             lost = self._peers.lost(self._timeout) if since is not None else []
             if lost and self._waiting_since is not None:
-                sys.stdout.flush()
-                sys.stderr.write(
-                    f"error: process {jax.process_index()} waited for step "
+                errors.fail(
+                    f"process {jax.process_index()} waited for step "
                     f"{self.request.steps_done + 1} to finish, which needs every process of "
                     f"{self._processes}: process {', '.join(map(str, lost))} showed no sign "
                     f"of life for {self._timeout:g} s (it hangs, died or lost its host). This "
                     f"process stops too; {self.request.last_checkpoint()}. To resume, run the "
-                    "same command on every host again.\n"
+                    "same command on every host again.",
+                    PeerLostError.exit_status,
+                    at_once=True,
                 )
-                sys.stderr.flush()
-                os._exit(PeerLostError.exit_status)
 
     def _wait_for(self, key: str, peer: int) -> str:
         while True:
