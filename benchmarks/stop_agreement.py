@@ -20,7 +20,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 from absl import flags
 
@@ -48,14 +47,8 @@ def measure(exchanges: int, warmup: int) -> list[float]:
     from mlres_jax import stopping  # pylint: disable=import-outside-toplevel
 
     agreement = stopping.StopAgreement(stopping.StopRequest())
-    for _ in range(warmup):
-        agreement.should_stop()
-    seconds = []
-    for _ in range(exchanges):
-        start = time.perf_counter()
-        agreement.should_stop()
-        seconds.append(time.perf_counter() - start)
-    return seconds
+    common.time_calls(lambda _: agreement.should_stop(), warmup)
+    return common.time_calls(lambda _: agreement.should_stop(), exchanges)
 
 
 def _worker(spec: str) -> None:
