@@ -434,7 +434,7 @@ class Checkpointer:
             )
             raise CheckpointError(
                 f"saving the checkpoint of step {step} in {self.directory} failed "
-                f"({one_line(error)}). The run stops here"
+                f"({errors.one_line(error)}). The run stops here"
                 + (f" ({', '.join(removed)}, the unfinished save, was removed)" if removed else "")
                 + f"; {newest}. Make room in (or permission for) {workdir} and run the "
                 "same command again, or copy that folder to another disk and run the same "
@@ -544,7 +544,7 @@ class Checkpointer:
             raise
         except Exception as error:  # orbax raises many types for damaged files
             raise _Unreadable(
-                f"checkpoint of step {step} is unreadable ({one_line(error)})"
+                f"checkpoint of step {step} is unreadable ({errors.one_line(error)})"
             ) from error
         if result is None:
             raise _Unreadable(f"checkpoint of step {step} is unreadable (no tree metadata)")
@@ -567,27 +567,19 @@ class Checkpointer:
             logging.warning("Moved the unreadable checkpoint of step %d to %s", bad, target)
         self._manager.reload()
 
-    def restore_variables(self, step: int | None = None) -> tuple[dict, CheckpointMetadata]:
-        """Restores the model variables of a checkpoint, without a target.
+    def restore_variables(self, step: int) -> tuple[dict, CheckpointMetadata]:
+        """Restores the model variables of the checkpoint of ``step``, without a target.
 
         Args:
-          step: which checkpoint; the latest if None.
+          step: which checkpoint (one of `all_steps`; `load_model` checks it).
 
         Returns:
           ``({"params", "batch_stats"}`` on this process's first device,
           metadata)``, whatever the devices that wrote the checkpoint.
 
         Raises:
-          CheckpointError: if there is no such checkpoint or it is unreadable.
+          CheckpointError: if it is unreadable.
         """
-        steps = self.all_steps()
-        if not steps:
-            raise CheckpointError(f"no checkpoint in {self.directory}")
-        step = steps[-1] if step is None else step
-        if step not in steps:
-            raise CheckpointError(
-                f"no checkpoint of step {step} in {self.directory}; steps: {steps}"
-            )
         try:
             metadata = self.read_metadata(step)
             # A target on this process's first device: the checkpoint may have
@@ -604,7 +596,8 @@ class Checkpointer:
             raise
         except Exception as error:
             raise CheckpointError(
-                f"checkpoint of step {step} in {self.directory} is unreadable ({one_line(error)})"
+                f"checkpoint of step {step} in {self.directory} is unreadable "
+                f"({errors.one_line(error)})"
             ) from error
         tree = restored["state"]
         return {"params": tree["params"], "batch_stats": tree["batch_stats"]}, metadata
@@ -612,15 +605,6 @@ class Checkpointer:
     def close(self) -> None:
         """Releases orbax's resources (thread pools)."""
         self._manager.close()
-
-
-def one_line(error: BaseException, limit: int = 300) -> str:
-    """An exception as one line of at most about ``limit`` characters, with its type.
-
-    Libraries (orbax, TensorStore) put dumps of many lines into their errors.
-    """
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 def unfinished_saves(directory: str) -> list[str]:
@@ -693,7 +677,7 @@ def _restore_from_copy(workdir: str, step: int) -> tuple[dict, CheckpointMetadat
                     ) from None
                 raise CheckpointError(
                     f"checkpoint of step {step} in {checkpoint_dir(workdir)} "
-                    f"cannot be read ({one_line(error)})"
+                    f"cannot be read ({errors.one_line(error)})"
                 ) from None
             return None
 

@@ -41,3 +41,12 @@ def fail(message: str, exit_status: int = 2, *, at_once: bool = False) -> None:
         sys.stderr.flush()
         os._exit(exit_status)
     sys.exit(exit_status)
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception as one line of at most about ``limit`` characters, with its type.
+
+    Libraries (orbax, TensorStore) put dumps of many lines into their errors.
+    """
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"

@@ -305,9 +305,7 @@ def read_summary(path: str, whole: bool = True) -> dict:
             "writes it when it ends"
         ) from None
     except (OSError, ValueError) as error:  # JSONDecodeError, UnicodeDecodeError
-        raise SummaryError(
-            f"{path} cannot be read ({type(error).__name__}: {' '.join(str(error).split())[:200]})"
-        ) from None
+        raise SummaryError(f"{path} cannot be read ({errors.one_line(error, limit=200)})") from None
     problem = _summary_problem(summary, whole)
     if problem:
         raise SummaryError(f"{path} is not a run's summary: {problem}")

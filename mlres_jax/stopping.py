@@ -321,10 +321,9 @@ def peer_lost(error: Exception, request: StopRequest) -> PeerLostError:
     """
     while error.__cause__ is not None:  # the collective's own error, not a wrapper's
         error = error.__cause__
-    first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
     return PeerLostError(
         f"a step with the other processes failed after step {request.steps_done} "
-        f"({type(error).__name__}: {first_line}): another process of the run died or "
+        f"({errors.one_line(error)}): another process of the run died or "
         f"lost its host. This process stops too; {request.last_checkpoint()}. To resume, "
         "run the same command on every host again."
     )

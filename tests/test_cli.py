@@ -99,3 +99,10 @@ def test_a_command_refuses_arguments_before_it_runs(monkeypatch, capsys):
             lambda argv: ran.append(argv) or sys.exit(0), lambda: None, takes_arguments=True
         )
     assert exit_info.value.code == 0 and ran == [["command", "curves"]]
+
+
+def test_a_library_error_of_many_lines_becomes_one_line_with_its_type():
+    # orbax and TensorStore put dumps of many lines into their errors.
+    error = ValueError("cannot read\n   tensorstore:\n" + "x" * 400)
+    assert errors.one_line(error, limit=30) == "ValueError: cannot read tensorstore: xxxxx..."
+    assert errors.one_line(OSError("disk full")) == "OSError: disk full"
