@@ -931,7 +931,7 @@ def _open_event_writer(run: Run, progress: Progress):
     Only the main process writes events; the others get a writer that drops them.
     """
     resumed = progress.state is not None
-    writer = events.open_writer(run.workdir, progress.step if resumed else None, run.is_main)
+    writer = events.EventWriter(run.workdir, progress.step if resumed else None, run.is_main)
     if not resumed and run.is_main:
         writer.add_text("config", f"```\n{run.config}\n```", 0)
     return writer
