@@ -163,12 +163,20 @@ def check_runs(
         raise OSError(f"output folder {output_dir!r} is not writable")
 
 
-def _train_on_one_core(config, workdir: str, core: int, verbosity: int) -> dict:
-    """Trains one run in this (spawned) process, pinned to CPU core ``core``."""
+def _pin_to_one_core(cores, verbosity: int) -> None:
+    """Starts a spawned worker process: pinned to the next CPU core of ``cores`` (a queue)."""
+    core = cores.get()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {core})
     logging.set_verbosity(verbosity)
-    return train.train_and_evaluate(config, workdir)
+
+
+def _train(run: Run, on_one_core: bool = False) -> dict:
+    """Trains one run in this process (pinned to one core: a worker's); returns its summary."""
+    pinned = on_one_core and hasattr(os, "sched_getaffinity")
+    where = f" on CPU core {min(os.sched_getaffinity(0))}" if pinned else ""
+    logging.info("Training %s, seed %d, in %s%s", run.name, run.seed, run.workdir, where)
+    return train.train_and_evaluate(run.config, run.workdir)
 
 
 def train_runs(
@@ -219,35 +227,22 @@ def train_runs(
             todo.append((index, RESUMED if holds_files(run.workdir) else TRAINED))
     if parallel_runs == 1:
         for index, status in todo:
-            run = runs[index]
-            logging.info("Training %s, seed %d, in %s", run.name, run.seed, run.workdir)
-            finish(index, train.train_and_evaluate(run.config, run.workdir), status)
+            finish(index, _train(runs[index]), status)
         return [results[i] for i in range(len(runs))]
-    free_cores = parallel.cpus_available()[:parallel_runs]
+    spawn = multiprocessing.get_context("spawn")
+    cores = spawn.Queue()
+    for core in parallel.cpus_available()[:parallel_runs]:
+        cores.put(core)
     with concurrent.futures.ProcessPoolExecutor(
-        parallel_runs, mp_context=multiprocessing.get_context("spawn")
+        parallel_runs,
+        mp_context=spawn,
+        initializer=_pin_to_one_core,
+        initargs=(cores, logging.get_verbosity()),
     ) as pool:
-        running = {}
-        while todo or running:
-            while todo and free_cores:
-                (index, status), core = todo.pop(0), free_cores.pop(0)
-                run = runs[index]
-                logging.info(
-                    "Training %s, seed %d, in %s on CPU core %d",
-                    run.name,
-                    run.seed,
-                    run.workdir,
-                    core,
-                )
-                future = pool.submit(
-                    _train_on_one_core, run.config, run.workdir, core, logging.get_verbosity()
-                )
-                running[future] = (index, status, core)
-            done, _ = concurrent.futures.wait(
-                running, return_when=concurrent.futures.FIRST_COMPLETED
-            )
-            for future in done:
-                index, status, core = running.pop(future)
-                free_cores.append(core)
-                finish(index, future.result(), status)
+        futures = {
+            pool.submit(_train, runs[index], True): (index, status) for index, status in todo
+        }
+        for future in concurrent.futures.as_completed(futures):
+            index, status = futures[future]
+            finish(index, future.result(), status)
     return [results[i] for i in range(len(runs))]
