@@ -94,12 +94,7 @@ def main_job_markdown(summary: dict) -> str:
         f"{totals['compile_seconds']:.1f} s), evaluation {totals['eval_seconds']:.1f} s, "
         f"checkpoints {totals['checkpoint_seconds']:.1f} s; wall time of the last "
         f"invocation {totals['wall_seconds']:.1f} s.",
-        *(
-            f"- Growth at step {g['step']} ({models.format_stage_sizes(g['from_stage_sizes'])} "
-            f"→ {models.format_stage_sizes(g['to_stage_sizes'])}, {g['rule']} rule, momentum "
-            f"{g['momentum']}): {reporting.growth_line(g)}."
-            for g in summary.get("growths", [])
-        ),
+        *(f"- {reporting.growth_description(g)}." for g in summary.get("growths", [])),
         f"- Machine: {environment_line(summary.get('environment', {}))}.",
         "",
     ]

@@ -4,7 +4,7 @@ Plain data and text, no plotting (figures are in `mlres_jax.figures`):
 
 * `evaluation_record` and `evaluation_line`: one evaluation of the history;
 * `cycle_record`: one finished cycle;
-* `growth_record` and `growth_line`: one growth and its jump;
+* `growth_record`, `growth_description` and `growth_line`: one growth and its jump;
 * `run_summary`: the content of ``summary.json``, and `read_summary`, the
   one reader of that file, which refuses a damaged one in one line;
 * `summary_table`: the end-of-run table printed on stdout.
@@ -150,6 +150,16 @@ def growth_record(
             for name in GROWTH_METRICS
         },
     }
+
+
+def growth_description(record: dict) -> str:
+    """One growth in words: ``growth at step 2400 (2-2-2 -> 4-4-4, paper rule, momentum
+    interpolate): `` and its `growth_line`."""
+    return (
+        f"growth at step {record['step']} ({models.format_stage_sizes(record['from_stage_sizes'])}"
+        f" -> {models.format_stage_sizes(record['to_stage_sizes'])}, {record['rule']} rule, "
+        f"momentum {record['momentum']}): {growth_line(record)}"
+    )
 
 
 def growth_line(record: dict) -> str:
@@ -340,10 +350,5 @@ def summary_table(summary: dict) -> str:
     )
     if summary.get("environment"):
         lines.append(f"run on {parallel.describe_environment(summary['environment'])}")
-    for g in summary.get("growths", []):
-        lines.append(
-            f"growth at step {g['step']} ({models.format_stage_sizes(g['from_stage_sizes'])}"
-            f" -> {models.format_stage_sizes(g['to_stage_sizes'])}, {g['rule']} rule, "
-            f"momentum {g['momentum']}): {growth_line(g)}"
-        )
+    lines += [growth_description(g) for g in summary.get("growths", [])]
     return "\n".join(lines)
