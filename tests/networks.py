@@ -56,3 +56,26 @@ def zero_all_residuals(variables):
         return jnp.zeros_like(x) if "conv2" in names else x
 
     return dict(variables, params=jax.tree.map_with_path(zero, variables["params"]))
+
+
+def one_block_stage_refusal(stage: str, label: str, rule: str) -> str:
+    """What `multilevel.interpolate` says of a stage of one transition block (App. B).
+
+    The rules that grow a one-block stage (identity, transition_keeping) need
+    ``initial=``, the others refuse.
+    """
+    if rule in ("identity", "transition_keeping"):  # it can, given the fresh block to take
+        return (
+            f"cannot interpolate {stage} ({label}): the rule makes a block from nothing "
+            "(the stage has no block of its shapes: its one block is a transition), so it "
+            "needs initial=, the grown network freshly initialised (e.g. the deeper model's "
+            "init), to take that block from"
+        )
+    return (
+        f"cannot interpolate {stage} ({label}): the {rule!r} growth rule needs at least 2 "
+        "blocks in a stage whose first block is a transition, got a stage of 1: the layout has "
+        "first_block_is_transition=True, so the block inserted after the first is made from the "
+        "second, whose entries and shapes the later blocks share (paper App. B); the rules "
+        "['identity', 'transition_keeping'] grow a one-block stage; a network "
+        "whose blocks are all alike takes a layout with first_block_is_transition=False"
+    )

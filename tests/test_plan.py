@@ -12,12 +12,9 @@ from mlres_jax import plan
 ETA_MAX, ETA_MIN = 0.5, 0.001
 
 
-def _eq9(t_cur, t_total):
-    return ETA_MIN + 0.5 * (ETA_MAX - ETA_MIN) * (1 + math.cos(math.pi * t_cur / t_total))
-
-
-def test_paper_cycle_plan():
-    cycles = plan.plan_cycles(
+def _paper_plan(**changes):
+    """Paper Sec. 5.2: ResNet-50-i, 160 epochs, cycles restarted at 60 and 110; ``changes``."""
+    fields = dict(
         stage_sizes=(2, 2, 2),
         step_size=1.0,
         num_epochs=160,
@@ -25,18 +22,20 @@ def test_paper_cycle_plan():
         steps_per_epoch=500,
         multilevel=True,
     )
+    return plan.plan_cycles(**{**fields, **changes})
+
+
+def _eq9(t_cur, t_total):
+    return ETA_MIN + 0.5 * (ETA_MAX - ETA_MIN) * (1 + math.cos(math.pi * t_cur / t_total))
+
+
+def test_paper_cycle_plan():
+    cycles = _paper_plan()
     assert [c.stage_sizes for c in cycles] == [(2, 2, 2), (4, 4, 4), (8, 8, 8)]
     assert [c.step_size for c in cycles] == [1.0, 0.5, 0.25]
     assert [c.first_step for c in cycles] == [0, 30_000, 55_000]
     assert [c.num_steps for c in cycles] == [30_000, 25_000, 25_000]
-    baseline = plan.plan_cycles(
-        stage_sizes=(8, 8, 8),
-        step_size=1.0,
-        num_epochs=160,
-        cycle_boundaries=(60, 110),
-        steps_per_epoch=500,
-        multilevel=False,
-    )
+    baseline = _paper_plan(stage_sizes=(8, 8, 8), multilevel=False)
     assert {c.stage_sizes for c in baseline} == {(8, 8, 8)}
     assert [c.first_step for c in baseline] == [0, 30_000, 55_000]
 
@@ -54,25 +53,11 @@ def test_cycle_networks_double_the_blocks_and_halve_h():
 
 def test_cycle_without_steps_raises():
     with pytest.raises(ValueError, match="cycle 2 would have 0 steps"):
-        plan.plan_cycles(
-            stage_sizes=(2, 2, 2),
-            step_size=1.0,
-            num_epochs=3,
-            cycle_boundaries=(1.0, 1.0),
-            steps_per_epoch=4,
-            multilevel=True,
-        )
+        _paper_plan(num_epochs=3, cycle_boundaries=(1.0, 1.0), steps_per_epoch=4)
 
 
 def test_learning_rate_restarts_follow_eq9():
-    cycles = plan.plan_cycles(
-        stage_sizes=(2, 2, 2),
-        step_size=1.0,
-        num_epochs=160,
-        cycle_boundaries=(60, 110),
-        steps_per_epoch=1,
-        multilevel=True,
-    )
+    cycles = _paper_plan(steps_per_epoch=1)
     schedule = plan.learning_rate_schedule(cycles, ETA_MAX, ETA_MIN)
     expected = {
         0: ETA_MAX,  # start of cycle 1
