@@ -29,7 +29,8 @@ Writes ``throughput.json`` and ``throughput.md`` into ``--output_dir`` and
 prints the table. Usage (from the repository root)::
 
     python -m benchmarks.throughput                        # ResNet and WResNet, 3 depths
-    python -m benchmarks.throughput --families=8 --steps=10   # compare's CPU model
+    python -m benchmarks.throughput --families=8 --steps=10   # the study's CPU model
+    python -m benchmarks.throughput --device_counts=1,2    # 1 and 2 devices (host devices on a CPU)
     python -m benchmarks.throughput --dataset=cifar10 --cycle_epochs=60,50,50 \
         --steps=50 --warmup=5                              # paper sizes, on a GPU
 

@@ -145,7 +145,7 @@ class CheckpointMetadata:
 
     Attributes:
       step: global step (0-based count of steps taken) of the checkpoint.
-      dataset: the data set's name (``input_pipeline.DATASETS``).
+      dataset: the data set's name (``datasets.DATASETS``).
       width: filters of the first stage.
       num_classes: outputs of the network's head.
       image_shape: (H, W, C) of the images the network takes.
