@@ -169,13 +169,12 @@ def _pin_to_one_core(cores, verbosity: int) -> None:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {core})
     logging.set_verbosity(verbosity)
+    logging.info("This worker trains on CPU core %d", core)
 
 
-def _train(run: Run, on_one_core: bool = False) -> dict:
-    """Trains one run in this process (pinned to one core: a worker's); returns its summary."""
-    pinned = on_one_core and hasattr(os, "sched_getaffinity")
-    where = f" on CPU core {min(os.sched_getaffinity(0))}" if pinned else ""
-    logging.info("Training %s, seed %d, in %s%s", run.name, run.seed, run.workdir, where)
+def _train(run: Run) -> dict:
+    """Trains one run in this process; returns its summary."""
+    logging.info("Training %s, seed %d, in %s", run.name, run.seed, run.workdir)
     return train.train_and_evaluate(run.config, run.workdir)
 
 
@@ -239,9 +238,7 @@ def train_runs(
         initializer=_pin_to_one_core,
         initargs=(cores, logging.get_verbosity()),
     ) as pool:
-        futures = {
-            pool.submit(_train, runs[index], True): (index, status) for index, status in todo
-        }
+        futures = {pool.submit(_train, runs[index]): (index, status) for index, status in todo}
         for future in concurrent.futures.as_completed(futures):
             index, status = futures[future]
             finish(index, future.result(), status)

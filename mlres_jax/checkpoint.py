@@ -235,22 +235,6 @@ class CheckpointMetadata:
         )
 
 
-def with_added_fields(saved: dict) -> dict:
-    """A saved config with the fields added to the project since it was written.
-
-    A run written before a field existed behaved as `FIELDS_ADDED` says, so
-    it resumes (or is reused by a benchmark) under a config that sets the
-    field to that value, and differs from one that sets another.
-
-    Args:
-      saved: a config as a checkpoint's metadata or a ``summary.json`` stores it.
-
-    Returns:
-      A new dict: ``saved`` plus every missing field of `FIELDS_ADDED`.
-    """
-    return {**FIELDS_ADDED, **saved}
-
-
 def config_differences(
     saved: dict, current: dict, ignore: Collection[str] = SAFE_TO_CHANGE
 ) -> list[str]:
@@ -271,7 +255,8 @@ def config_differences(
     def normal(value):
         return list(value) if isinstance(value, tuple) else value
 
-    saved = with_added_fields(saved)
+    # A run written before a field existed behaved as FIELDS_ADDED says.
+    saved = {**FIELDS_ADDED, **saved}
     lines = []
     for field in sorted(set(saved) | set(current)):
         if field in ignore:
