@@ -60,7 +60,7 @@ from matplotlib.figure import Figure
 from ml_collections import config_flags
 
 from benchmarks import common, runs
-from mlres_jax import cli, configuration, models, multilevel, parallel, plan
+from mlres_jax import cli, configuration, files, models, multilevel, parallel, plan
 
 PRESETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
 FLAGS = flags.FLAGS
@@ -219,6 +219,16 @@ def run_record(result: runs.Result) -> dict:
     }
 
 
+def schedule(record: dict) -> tuple:
+    """What a run trains: ``((blocks per stage, steps), ...)`` per cycle.
+
+    Runs of one schedule (one multi-level schedule under several growth rules)
+    cost the same by the cost model (`cost_ratio`) and do the same work on
+    the machine: their train times differ by its timing noise only.
+    """
+    return tuple((tuple(c["stage_sizes"]), c["steps"]) for c in record["cycles"])
+
+
 def cost_ratio(record: dict, reference: dict) -> float:
     """The paper's cost model (Sec. 4.2): the run's cost over the reference model's.
 
@@ -244,6 +254,7 @@ def aggregate(records: dict[str, list[dict]]) -> dict[str, dict]:
       once the reference (`REFERENCE`) has run a seed the model has:
       ``time_saved_train`` and ``time_saved_wall`` (per seed, paired by seed,
       and their mean ± std), ``cost_model_saving`` (1 - `cost_ratio`);
+      ``schedule`` (`schedule`, of its first seed: the seeds share it);
       ``growth_jumps``: per growth, the test-error jump (after - before) as
       mean ± std.
     """
@@ -268,6 +279,7 @@ def aggregate(records: dict[str, list[dict]]) -> dict[str, dict]:
                 ]
                 stats[f"time_saved_{kind}"] = {**common.mean_std(per_seed), "per_seed": per_seed}
             stats["cost_model_saving"] = 1 - cost_ratio(*paired[0])
+        stats["schedule"] = files.json_compatible(schedule(model_runs[0]))  # as study.json has it
         growths = min(len(r["growths"]) for r in model_runs)
         stats["growth_jumps"] = [
             common.mean_std([r["growths"][k]["jump"]["test_error"] for r in model_runs])
@@ -320,8 +332,8 @@ def answer(stats: dict[str, dict]) -> dict | None:
       "cost_model_saving", "test_error", "same_schedule", "threshold"}``:
       whether ``model`` is on par (the best; else the closest), its measured
       saving as mean and std over seeds, its cost-model saving and mean test
-      error (fractions), the other on-par models of the same cost-model
-      saving, the highest mean test error that is on par and the reference's
+      error (fractions), the other on-par models of the same `schedule`,
+      the highest mean test error that is on par and the reference's
       mean test error (``reference_test_error``); and, when
       `PAPER_MODEL` has run, ``"against_paper"``: the model's measured
       saving, cost-model saving and test error minus the paper rule's
@@ -336,14 +348,14 @@ def answer(stats: dict[str, dict]) -> dict | None:
         return None
     candidates = [name for name in others if on_par(stats, name)]
 
-    def saving(name: str) -> float:
-        return round(stats[name]["cost_model_saving"], 9)  # equal schedules, equal savings
-
     def error(name: str) -> float:
         return stats[name]["test_error"]["mean"]
 
+    def same_schedule(name: str, other: str) -> bool:
+        return stats[name]["schedule"] == stats[other]["schedule"]
+
     if candidates:
-        model = min(candidates, key=lambda name: (-saving(name), error(name)))
+        model = min(candidates, key=lambda name: (-stats[name]["cost_model_saving"], error(name)))
     else:
         model = min(others, key=error)
     result = {
@@ -353,7 +365,7 @@ def answer(stats: dict[str, dict]) -> dict | None:
         "time_saved_std": stats[model]["time_saved_train"]["std"],
         "cost_model_saving": stats[model]["cost_model_saving"],
         "test_error": error(model),
-        "same_schedule": [n for n in candidates if n != model and saving(n) == saving(model)],
+        "same_schedule": [n for n in candidates if n != model and same_schedule(n, model)],
         "threshold": threshold,
         "reference_test_error": stats[REFERENCE]["test_error"]["mean"],
     }
@@ -364,7 +376,7 @@ def answer(stats: dict[str, dict]) -> dict | None:
             "cost_model_saving": result["cost_model_saving"] - paper["cost_model_saving"],
             "test_error": result["test_error"] - paper["test_error"]["mean"],
             "paper_on_par": on_par(stats, PAPER_MODEL),
-            "same_schedule": saving(model) == saving(PAPER_MODEL),
+            "same_schedule": same_schedule(model, PAPER_MODEL),
         }
     return result
 
@@ -619,7 +631,7 @@ def same_network_spread(runs_by_model: dict[str, list[dict]]) -> list[tuple]:
     groups: dict[tuple, list[tuple[str, float]]] = {}
     for name, model_runs in runs_by_model.items():
         for r in model_runs:
-            key = (r["seed"], tuple((tuple(c["stage_sizes"]), c["steps"]) for c in r["cycles"]))
+            key = (r["seed"], schedule(r))
             groups.setdefault(key, []).append((name, r["train_seconds"]))
     return [
         (key[0], [n for n, _ in group], min(t for _, t in group), max(t for _, t in group))

@@ -344,6 +344,13 @@ def test_on_par_and_the_answer():
     assert best["time_saved"] == pytest.approx((0.3 + 1 - 700 / 1200) / 2)
     line = study.answer_line({"answer": best})
     assert "(multilevel/paper, on par) that is -9.2 points of measured time saved, +4.2 by" in line
+    # Another schedule of the paper rule's cost (3, 3, 8 blocks: 14/24, as 2, 4, 8) is
+    # not the paper rule's schedule: its measured time is not the paper rule's plus noise.
+    same_cost = [_record(seed, 0.10, 640, 700, ((3,), (3,), (8,))) for seed in (0, 1)]
+    best = study.answer(study.aggregate({**_records(), "other/schedule": same_cost}))
+    assert best["model"] == "other/schedule"  # the lowest error among the 10/24 savings
+    assert best["cost_model_saving"] == pytest.approx(10 / 24)
+    assert best["same_schedule"] == [] and best["against_paper"]["same_schedule"] is False
     # None on par: the answer is the closest model, the one of the lowest error
     # (paper 13 % and 15 %: mean 14 %, over the 12.414 % allowed).
     records = _records()
